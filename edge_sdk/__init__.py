@@ -1,0 +1,21 @@
+"""fedaigc edge SDK: what a device app imports.
+
+    from edge_sdk import EdgeClient, DeviceConfig, LocalData
+    client = EdgeClient(DeviceConfig(data_dir="~/.fedaigc", profile="raspberry-pi-4"))
+
+The SDK never imports the aggregator.
+"""
+
+import os
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+
+from edge_sdk.client import PERSONAL, SHARED, EdgeClient, LocalData, Update  # noqa: E402
+from edge_sdk.config import PROFILES, DeviceConfig, DeviceProfile  # noqa: E402
+from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage  # noqa: E402
+from edge_sdk.memory import MemoryBudgetExceeded  # noqa: E402
+
+__all__ = [
+    "EdgeClient", "LocalData", "Update", "SHARED", "PERSONAL", "DeviceConfig", "DeviceProfile", "PROFILES",
+    "Refusal", "RefusedMessage", "RefusalCounter", "MemoryBudgetExceeded",
+]

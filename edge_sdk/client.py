@@ -1,0 +1,229 @@
+"""``EdgeClient``: everything a device app needs, usable fully offline.
+
+The client owns the device's identity keys, the frozen (optionally int8) base UNet with
+a *shared* adapter (the cluster's, aggregated across devices) and a *personal* adapter
+(never leaves the device), the prompt encoder and the adapter store. Networking lives
+elsewhere (``edge_sdk.session``): this object only turns local data into payloads and
+payloads into a better local model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import torch
+
+from edge_sdk.config import DeviceConfig
+from edge_sdk.identity import Identity, PublicIdentity, seal_to
+from edge_sdk.memory import MemoryBudgetExceeded, estimate_training_bytes
+from edge_sdk.quantize import quantize_base
+from edge_sdk.store import AdapterStore
+from edge_sdk.tensors import pack_tensors
+from models.lora import LoraSpec, add_adapter, adapter_names, get_adapter_state, set_adapter_state, set_mix
+from models.text import PromptEncoder
+from models.training import TrainConfig, evaluation_loss, train_denoiser
+from models.unet import generate as sample_images
+from models.unet import load_base_unet
+
+log = logging.getLogger("fedaigc.edge")
+
+SHARED = "shared"
+PERSONAL = "personal"
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A device's own training data: images in [0, 1] and the prompt the user gave for each."""
+
+    images: torch.Tensor
+    prompts: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[1:] != (1, 16, 16):
+            raise ValueError(f"images must have shape (n, 1, 16, 16), got {tuple(self.images.shape)}")
+        if len(self.prompts) != self.images.shape[0]:
+            raise ValueError(f"{self.images.shape[0]} images but {len(self.prompts)} prompts")
+        if len(self.prompts) == 0:
+            raise ValueError("local data is empty")
+
+    @classmethod
+    def from_persona(cls, persona) -> "LocalData":
+        return cls(persona.train_images, tuple(persona.train_prompts))
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a round produces: the shared adapter's change, and how much data made it."""
+
+    delta: dict[str, torch.Tensor]
+    samples: int
+    steps: int
+    loss_before: float
+    loss_after: float
+    base_version: int
+
+
+class EdgeClient:
+    def __init__(self, config: DeviceConfig) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(config.effective("threads"))
+        self.store = AdapterStore(self.data_dir / "adapters")
+        self.identity = self._load_or_create_identity()
+        self.aggregator: PublicIdentity | None = None
+        self.encoder = PromptEncoder()
+        self._encoding_cache: dict[str, np.ndarray] = {}
+        self.shared_spec = LoraSpec(rank=config.effective("lora_rank"))
+        self.unet = load_base_unet(config.base_model)
+        if config.effective("quantization") == "int8":
+            quantize_base(self.unet)
+        self.unet.requires_grad_(False)
+        add_adapter(self.unet, SHARED, self.shared_spec, seed=config.seed)
+        if config.personalization == "dual":
+            add_adapter(self.unet, PERSONAL, LoraSpec(rank=config.personal_rank), seed=config.seed + 1)
+            # B starts at zero, so a fresh personal adapter changes nothing until trained
+        self.shared_version = 0
+        self.load()
+
+    # ---------------------------------------------------------------- identity
+    @property
+    def device_id(self) -> str:
+        return self.config.device_id
+
+    def _load_or_create_identity(self) -> Identity:
+        path = self.data_dir / "identity.key"
+        if path.exists():
+            return Identity.load(path)
+        identity = Identity.generate()
+        identity.save(path)
+        return identity
+
+    def set_aggregator(self, aggregator: PublicIdentity) -> None:
+        """Accept the aggregator's public keys, checking the pinned fingerprint if one is set."""
+        pinned = self.config.aggregator_fingerprint
+        if pinned is not None and aggregator.fingerprint != pinned:
+            raise ValueError(f"aggregator key fingerprint {aggregator.fingerprint} does not match the pinned {pinned}")
+        self.aggregator = aggregator
+
+    def _require_aggregator(self) -> PublicIdentity:
+        if self.aggregator is None:
+            raise RuntimeError("the aggregator's public keys are not known yet; call set_aggregator() first")
+        return self.aggregator
+
+    # ---------------------------------------------------------------- prompts
+    def encode(self, prompts: Sequence[str]) -> np.ndarray:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._encoding_cache]
+        if missing:
+            for p, v in zip(missing, self.encoder.encode(missing)):
+                self._encoding_cache[p] = v
+        return np.stack([self._encoding_cache[p] for p in prompts])
+
+    def task_vector(self, prompts: Sequence[str], seed: int | None = None) -> np.ndarray:
+        """Mean prompt encoding, plus Gaussian noise of expected norm ``task_noise``, unit length."""
+        if not prompts:
+            raise ValueError("task_vector needs at least one prompt")
+        v = self.encode(prompts).astype(np.float64).mean(axis=0)
+        v /= max(np.linalg.norm(v), 1e-12)
+        sigma = self.config.task_noise
+        if sigma > 0:
+            rng = np.random.default_rng(seed)
+            v = v + rng.normal(0.0, sigma / np.sqrt(v.shape[0]), size=v.shape)
+            v /= max(np.linalg.norm(v), 1e-12)
+        return v.astype(np.float32)
+
+    def task_payload(self, prompts: Sequence[str]) -> bytes:
+        """The sealed task vector: only the aggregator's private key opens it; no prompt text inside."""
+        aggregator = self._require_aggregator()
+        vector = torch.from_numpy(self.task_vector(prompts))
+        return seal_to(aggregator.box_key, pack_tensors({"task": vector}))
+
+    # ---------------------------------------------------------------- training
+    def train_round(self, cluster_adapter: Mapping[str, torch.Tensor] | None, data: LocalData,
+                    steps: int | None = None, version: int = 0, seed: int | None = None) -> Update:
+        """Start from the cluster's shared adapter, train locally, return the shared part's delta."""
+        steps = self.config.effective("local_steps") if steps is None else steps
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+        if cluster_adapter is not None:
+            set_adapter_state(self.unet, SHARED, cluster_adapter)
+            self.shared_version = version
+        start = get_adapter_state(self.unet, SHARED)
+        active = {SHARED: 1.0} | ({PERSONAL: 1.0} if PERSONAL in adapter_names(self.unet) else {})
+        set_mix(self.unet, active)
+        batch = self.config.effective("batch_size")
+        self.check_memory(batch)
+        encodings = torch.from_numpy(self.encode(data.prompts))
+        eval_seed = self.config.seed if seed is None else seed
+        before = evaluation_loss(self.unet, data.images, encodings, seed=eval_seed)
+        params = [p for n, p in self.unet.named_parameters() if any(f".{a}." in n for a in active)]
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            train_denoiser(self.unet, params, data.images, encodings,
+                           TrainConfig(steps=steps, batch_size=batch, lr=self.config.lr, seed=eval_seed + version))
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+        after = evaluation_loss(self.unet, data.images, encodings, seed=eval_seed)
+        end = get_adapter_state(self.unet, SHARED)
+        self.save()
+        return Update({k: end[k] - start[k] for k in end}, len(data.prompts), steps, before, after, version)
+
+    def check_memory(self, batch_size: int) -> None:
+        """Fail before training if the step would not fit the profile's memory budget."""
+        budget = self.config.effective("memory_budget_mb") * 1024 * 1024
+        need = estimate_training_bytes(self.unet, batch_size)
+        if need > budget:
+            raise MemoryBudgetExceeded(
+                f"a training step at batch {batch_size} needs ~{need / 2**20:.1f} MB, over this device's "
+                f"memory budget of {budget / 2**20:.0f} MB (profile {self.config.profile!r}); "
+                f"lower batch_size or lora_rank, or raise memory_budget_mb"
+            )
+
+    def seal_update(self, update: Update) -> bytes:
+        """The update as the aggregator will receive it: Box-encrypted to its key."""
+        aggregator = self._require_aggregator()
+        body = msgpack.packb({
+            "tensors": pack_tensors(update.delta), "samples": update.samples, "steps": update.steps,
+            "loss_before": update.loss_before, "loss_after": update.loss_after, "base_version": update.base_version,
+        }, use_bin_type=True)
+        return self.identity.encrypt_to(aggregator.box_key, body)
+
+    # ---------------------------------------------------------------- inference
+    def set_adapter(self, name: str, tensors: Mapping[str, torch.Tensor], spec: LoraSpec | None = None) -> None:
+        """Hold another named adapter (e.g. another cluster's, for hybrid styles)."""
+        if name not in adapter_names(self.unet):
+            add_adapter(self.unet, name, spec or self.shared_spec)
+        set_adapter_state(self.unet, name, tensors)
+
+    def generate(self, prompt: str, n: int = 8, mix: Mapping[str, float] | None = None,
+                 seed: int = 0, steps: int = 20, guidance_scale: float = 2.0) -> torch.Tensor:
+        """``n`` images for ``prompt``; ``mix`` weights named adapters (default: shared + personal)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if mix is None:
+            mix = {SHARED: 1.0} | ({PERSONAL: 1.0} if PERSONAL in adapter_names(self.unet) else {})
+        set_mix(self.unet, mix)
+        encodings = torch.from_numpy(self.encode([prompt] * n))
+        return sample_images(self.unet, encodings, steps=steps, seed=seed, guidance_scale=guidance_scale)
+
+    # ---------------------------------------------------------------- persistence
+    def save(self) -> None:
+        self.store.save(SHARED, get_adapter_state(self.unet, SHARED), version=self.shared_version)
+        if PERSONAL in adapter_names(self.unet):
+            self.store.save(PERSONAL, get_adapter_state(self.unet, PERSONAL))
+
+    def load(self) -> None:
+        """Restore adapters saved by an earlier run (no-op on a fresh device)."""
+        for name in (SHARED, PERSONAL):
+            if name in adapter_names(self.unet) and self.store.exists(name):
+                tensors, version = self.store.load(name)
+                set_adapter_state(self.unet, name, tensors)
+                if name == SHARED:
+                    self.shared_version = version

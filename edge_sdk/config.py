@@ -1,0 +1,100 @@
+"""Device configuration: a named hardware profile plus the app's own overrides.
+
+A profile encodes what a class of device can afford (threads, a memory budget for the
+training step, LoRA rank, batch size, whether the frozen base is int8). ``DeviceConfig``
+starts from a profile and lets the app override any field; it validates everything up
+front so a bad setting fails at construction, not in the middle of a round.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from models.unet import BASE_MODEL_DIR
+
+QUANTIZATION_MODES = ("int8", "none")
+PERSONALIZATION_MODES = ("dual", "none")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    threads: int
+    memory_budget_mb: int  # for the training step: weights, adapters, gradients, optimizer, activations
+    lora_rank: int
+    batch_size: int
+    quantization: str
+    local_steps: int
+
+
+PROFILES: dict[str, DeviceProfile] = {
+    p.name: p
+    for p in (
+        DeviceProfile("raspberry-pi-4", "Raspberry Pi 4 class: 4 Cortex-A72 cores, 1 GB for training",
+                      threads=4, memory_budget_mb=1024, lora_rank=4, batch_size=16, quantization="int8", local_steps=20),
+        DeviceProfile("jetson-orin-nano", "Jetson Orin Nano class: 6 Cortex-A78AE cores, 8 GB shared",
+                      threads=6, memory_budget_mb=3072, lora_rank=8, batch_size=32, quantization="int8", local_steps=40),
+        DeviceProfile("apple-m", "Apple M-series class: 8+ cores, 16 GB unified memory",
+                      threads=8, memory_budget_mb=6144, lora_rank=8, batch_size=64, quantization="none", local_steps=40),
+        DeviceProfile("simulator", "a simulated device sharing a CI machine: 1 thread, small steps",
+                      threads=1, memory_budget_mb=1024, lora_rank=4, batch_size=16, quantization="int8", local_steps=20),
+    )
+}
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    data_dir: Path
+    device_id: str = field(default_factory=lambda: f"dev-{uuid.uuid4().hex[:12]}")
+    profile: str = "raspberry-pi-4"
+    threads: int | None = None
+    memory_budget_mb: int | None = None
+    lora_rank: int | None = None
+    batch_size: int | None = None
+    quantization: str | None = None
+    local_steps: int | None = None
+    lr: float = 3e-3
+    personalization: str = "dual"
+    personal_rank: int = 2
+    task_noise: float = 0.0  # std of Gaussian noise added to the normalised task vector
+    enrolment_token: str = ""
+    aggregator_fingerprint: str | None = None  # pin the aggregator's keys; None = trust on first use
+    base_model: Path = BASE_MODEL_DIR
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown device profile {self.profile!r}; known: {', '.join(PROFILES)}")
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "base_model", Path(self.base_model))
+        _positive("threads", self.effective("threads"))
+        _positive("memory_budget_mb", self.effective("memory_budget_mb"))
+        _positive("lora_rank", self.effective("lora_rank"))
+        _positive("batch_size", self.effective("batch_size"))
+        _positive("personal_rank", self.personal_rank)
+        if self.effective("local_steps") < 0 or not isinstance(self.effective("local_steps"), int):
+            raise ValueError(f"local_steps must be a non-negative integer, got {self.local_steps!r}")
+        if self.effective("quantization") not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, got {self.quantization!r}")
+        if self.personalization not in PERSONALIZATION_MODES:
+            raise ValueError(f"personalization must be one of {PERSONALIZATION_MODES}, got {self.personalization!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.task_noise < 0:
+            raise ValueError(f"task_noise must be >= 0, got {self.task_noise}")
+
+    def effective(self, name: str):
+        """The override if the app set one, else the profile's value."""
+        value = getattr(self, name)
+        return getattr(PROFILES[self.profile], name) if value is None else value
+
+    def with_overrides(self, **changes) -> "DeviceConfig":
+        return replace(self, **changes)
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

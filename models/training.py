@@ -1,0 +1,110 @@
+"""The denoising objective and one training loop, shared by pretraining, the centralized
+baseline and on-device LoRA rounds (which differ only in *which* parameters train)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from models.unet import denoise, to_model_range, train_scheduler
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    p_uncond: float = 0.1  # prompt dropout that makes classifier-free guidance possible
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+
+
+def diffusion_loss(
+    unet: torch.nn.Module,
+    images01: torch.Tensor,
+    encodings: torch.Tensor,
+    scheduler: DDPMScheduler,
+    generator: torch.Generator,
+    p_uncond: float = 0.0,
+) -> torch.Tensor:
+    """Epsilon-prediction MSE at uniformly drawn timesteps (the DDPM objective)."""
+    x0 = to_model_range(images01)
+    n = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+    xt = scheduler.add_noise(x0, noise, t)
+    if p_uncond > 0:
+        keep = (torch.rand(n, generator=generator) >= p_uncond).float()[:, None]
+        encodings = encodings * keep
+    return F.mse_loss(denoise(unet, xt, t, encodings), noise)
+
+
+@torch.no_grad()
+def evaluation_loss(unet: torch.nn.Module, images01: torch.Tensor, encodings: torch.Tensor,
+                    seed: int = 0, repeats: int = 8) -> float:
+    """The denoising loss under fixed noise and timesteps: comparable before and after training."""
+    was_training = unet.training
+    unet.eval()
+    generator = torch.Generator().manual_seed(seed)
+    scheduler = train_scheduler()
+    total = sum(diffusion_loss(unet, images01, encodings, scheduler, generator).item() for _ in range(repeats))
+    unet.train(was_training)
+    return total / repeats
+
+
+def train_denoiser(
+    unet: torch.nn.Module,
+    params: Iterable[torch.nn.Parameter],
+    images01: torch.Tensor,
+    encodings: torch.Tensor,
+    config: TrainConfig,
+    progress: bool = False,
+    description: str = "training",
+) -> list[float]:
+    """Train ``params`` of ``unet`` on (image, encoding) pairs; returns the loss of every step."""
+    if images01.shape[0] != encodings.shape[0]:
+        raise ValueError(f"{images01.shape[0]} images but {encodings.shape[0]} encodings")
+    if images01.shape[0] == 0:
+        raise ValueError("cannot train on an empty dataset")
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters were given")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    scheduler = train_scheduler()
+    n = images01.shape[0]
+    losses: list[float] = []
+    steps = range(config.steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=description, leave=False)
+    unet.train()
+    for _ in steps:
+        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
+        loss = diffusion_loss(unet, images01[idx], encodings[idx], scheduler, generator, config.p_uncond)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        if progress:
+            steps.set_postfix(loss=f"{losses[-1]:.4f}")
+    unet.eval()
+    return losses
