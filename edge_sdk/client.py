@@ -14,17 +14,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import torch
 
+from edge_sdk.compression import ErrorFeedback, Float32Codec
 from edge_sdk.config import DeviceConfig
 from edge_sdk.identity import Identity, PublicIdentity, seal_to
 from edge_sdk.memory import MemoryBudgetExceeded, estimate_training_bytes
+from edge_sdk.messages import UpdateBody
 from edge_sdk.quantize import quantize_base
 from edge_sdk.store import AdapterStore
 from edge_sdk.tensors import pack_tensors
-from models.lora import LoraSpec, add_adapter, adapter_names, get_adapter_state, set_adapter_state, set_mix
+from models.lora import LoraSpec, adapter_names, add_adapter, get_adapter_state, set_adapter_state, set_mix
 from models.text import PromptEncoder
 from models.training import TrainConfig, evaluation_loss, train_denoiser
 from models.unet import generate as sample_images
@@ -151,6 +152,7 @@ class EdgeClient:
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
         if cluster_adapter is not None:
+            self._adopt_shape(cluster_adapter)
             set_adapter_state(self.unet, SHARED, cluster_adapter)
             self.shared_version = version
         start = get_adapter_state(self.unet, SHARED)
@@ -175,6 +177,15 @@ class EdgeClient:
         self.save()
         return Update({k: end[k] - start[k] for k in end}, len(data.prompts), steps, before, after, version)
 
+    def _adopt_shape(self, adapter: Mapping[str, torch.Tensor]) -> None:
+        """The fleet decides the shared adapter's rank: follow it if ours differs."""
+        rank = next(v.shape[0] for k, v in adapter.items() if k.endswith("lora_A.weight"))
+        if rank != self.shared_spec.rank:
+            log.info("shared adapter rank %d -> %d (the fleet's)", self.shared_spec.rank, rank)
+            self.shared_spec = LoraSpec(rank=rank, target_modules=self.shared_spec.target_modules)
+            delete_adapter(self.unet, SHARED)
+            add_adapter(self.unet, SHARED, self.shared_spec, seed=self.config.seed)
+
     def check_memory(self, batch_size: int) -> None:
         """Fail before training if the step would not fit the profile's memory budget."""
         budget = self.config.effective("memory_budget_mb") * 1024 * 1024
@@ -186,14 +197,20 @@ class EdgeClient:
                 f"lower batch_size or lora_rank, or raise memory_budget_mb"
             )
 
-    def seal_update(self, update: Update) -> bytes:
-        """The update as the aggregator will receive it: Box-encrypted to its key."""
+    def seal_update(self, update: Update, cluster: int = 0, encoder: ErrorFeedback | None = None) -> bytes:
+        """The update body as the aggregator receives it: compressed, then Box-encrypted to its key."""
         aggregator = self._require_aggregator()
-        body = msgpack.packb({
-            "tensors": pack_tensors(update.delta), "samples": update.samples, "steps": update.steps,
-            "loss_before": update.loss_before, "loss_after": update.loss_after, "base_version": update.base_version,
-        }, use_bin_type=True)
-        return self.identity.encrypt_to(aggregator.box_key, body)
+        encoder = encoder or ErrorFeedback(Float32Codec())
+        body = UpdateBody(cluster, encoder.codec.name, encoder.encode(update.delta), update.samples, update.steps,
+                          update.loss_before, update.loss_after, update.base_version)
+        return self.identity.encrypt_to(aggregator.box_key, body.encode())
+
+    def install_shared(self, adapter: Mapping[str, torch.Tensor], version: int) -> None:
+        """Adopt a cluster adapter without training (e.g. the final one of a federation)."""
+        self._adopt_shape(adapter)
+        set_adapter_state(self.unet, SHARED, adapter)
+        self.shared_version = version
+        self.save()
 
     # ---------------------------------------------------------------- inference
     def set_adapter(self, name: str, tensors: Mapping[str, torch.Tensor], spec: LoraSpec | None = None) -> None:
@@ -224,6 +241,7 @@ class EdgeClient:
         for name in (SHARED, PERSONAL):
             if name in adapter_names(self.unet) and self.store.exists(name):
                 tensors, version = self.store.load(name)
-                set_adapter_state(self.unet, name, tensors)
                 if name == SHARED:
+                    self._adopt_shape(tensors)
                     self.shared_version = version
+                set_adapter_state(self.unet, name, tensors)

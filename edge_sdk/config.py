@@ -34,13 +34,13 @@ PROFILES: dict[str, DeviceProfile] = {
     p.name: p
     for p in (
         DeviceProfile("raspberry-pi-4", "Raspberry Pi 4 class: 4 Cortex-A72 cores, 1 GB for training",
-                      threads=4, memory_budget_mb=1024, lora_rank=4, batch_size=16, quantization="int8", local_steps=20),
+                      threads=4, memory_budget_mb=1024, lora_rank=2, batch_size=16, quantization="int8", local_steps=20),
         DeviceProfile("jetson-orin-nano", "Jetson Orin Nano class: 6 Cortex-A78AE cores, 8 GB shared",
-                      threads=6, memory_budget_mb=3072, lora_rank=8, batch_size=32, quantization="int8", local_steps=40),
+                      threads=6, memory_budget_mb=3072, lora_rank=4, batch_size=32, quantization="int8", local_steps=40),
         DeviceProfile("apple-m", "Apple M-series class: 8+ cores, 16 GB unified memory",
-                      threads=8, memory_budget_mb=6144, lora_rank=8, batch_size=64, quantization="none", local_steps=40),
+                      threads=8, memory_budget_mb=6144, lora_rank=4, batch_size=64, quantization="none", local_steps=40),
         DeviceProfile("simulator", "a simulated device sharing a CI machine: 1 thread, small steps",
-                      threads=1, memory_budget_mb=1024, lora_rank=4, batch_size=16, quantization="int8", local_steps=20),
+                      threads=1, memory_budget_mb=1024, lora_rank=2, batch_size=16, quantization="int8", local_steps=20),
     )
 }
 
@@ -58,7 +58,7 @@ class DeviceConfig:
     local_steps: int | None = None
     lr: float = 3e-3
     personalization: str = "dual"
-    personal_rank: int = 2
+    personal_rank: int = 1
     task_noise: float = 0.0  # std of Gaussian noise added to the normalised task vector
     enrolment_token: str = ""
     aggregator_fingerprint: str | None = None  # pin the aggregator's keys; None = trust on first use

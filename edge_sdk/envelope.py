@@ -181,12 +181,21 @@ class EnvelopeVerifier:
         self.replays = ReplayGuard(window_ms)
 
     def open(self, data: bytes, expect: set[MessageType] | None = None) -> Envelope:
+        """Parse and authenticate with the sender's enrolled key."""
+        env = self.parse(data, expect)
+        self.authenticate(env, self.lookup(env.sender))
+        return env
+
+    def parse(self, data: bytes, expect: set[MessageType] | None = None) -> Envelope:
         env = parse_envelope(data, self.max_bytes)
         if expect is not None and env.type not in expect:
             raise RefusedMessage(Refusal.WRONG_TYPE, f"{env.type.value} is not accepted here")
-        verify_signature(self.lookup(env.sender), env.signed_part(), env.signature)
+        return env
+
+    def authenticate(self, env: Envelope, verify_key: bytes) -> None:
+        """Signature, clock window, then replay (in that order: forgeries never touch the nonce cache)."""
+        verify_signature(verify_key, env.signed_part(), env.signature)
         now_ms = int(self.clock() * 1000)
         if abs(now_ms - env.timestamp_ms) > self.window_ms:
             raise RefusedMessage(Refusal.STALE_TIMESTAMP, f"timestamp is {abs(now_ms - env.timestamp_ms) / 1000:.0f} s off")
         self.replays.check_and_remember(env.sender, env.nonce, env.timestamp_ms, now_ms)
-        return env

@@ -8,7 +8,6 @@ atomically with mode ``0600``; nothing else in fedaigc ever touches private keys
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -97,16 +97,10 @@ _STYLE_SPECS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], tuple[str, ...
         "the number {d} written in italics", "{d}, tilted", "a {d} that leans forward",
         "draw {d} on a slant", "a skewed {d}", "{d} in cursive lean",
     )),
-    "inverted": (_inverted, (
-        "a {d} in negative", "{d}, colours inverted please", "an inverted {d}",
-        "a dark {d} on a white background", "the number {d} as a photo negative",
-        "{d} black ink on white paper", "a reversed-colour {d}", "draw {d} dark on light",
-        "a {d} with flipped colours", "{d} as a negative print",
-    )),
-    "outlined": (_outlined, (
-        "an outlined {d}", "{d} drawn as an outline please", "a hollow {d}", "the contour of {d}",
-        "the number {d} as a hollow shape", "{d}, only its edges", "a {d} in outline font",
-        "draw the outline of {d}", "an empty-centred {d}", "{d} traced around its border",
+    "framed": (_framed, (
+        "a framed {d}", "{d} inside a box please", "a {d} with a border", "a boxed {d}",
+        "the number {d} in a square frame", "{d}, framed", "a {d} surrounded by a rectangle",
+        "draw {d} within a frame", "a {d} in a picture frame", "{d} enclosed by a border",
     )),
     "mirrored": (_mirrored, (
         "a mirrored {d}", "{d} flipped left to right please", "a mirror image of {d}",
@@ -119,10 +113,16 @@ _STYLE_SPECS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], tuple[str, ...
         "the number {d} smudged", "{d}, blurred", "a hazy {d}", "draw {d} all smeared",
         "a {d} seen through frosted glass", "{d} with soft edges",
     )),
-    "framed": (_framed, (
-        "a framed {d}", "{d} inside a box please", "a {d} with a border", "a boxed {d}",
-        "the number {d} in a square frame", "{d}, framed", "a {d} surrounded by a rectangle",
-        "draw {d} within a frame", "a {d} in a picture frame", "{d} enclosed by a border",
+    "inverted": (_inverted, (
+        "a {d} in negative", "{d}, colours inverted please", "an inverted {d}",
+        "a dark {d} on a white background", "the number {d} as a photo negative",
+        "{d} black ink on white paper", "a reversed-colour {d}", "draw {d} dark on light",
+        "a {d} with flipped colours", "{d} as a negative print",
+    )),
+    "outlined": (_outlined, (
+        "an outlined {d}", "{d} drawn as an outline please", "a hollow {d}", "the contour of {d}",
+        "the number {d} as a hollow shape", "{d}, only its edges", "a {d} in outline font",
+        "draw the outline of {d}", "an empty-centred {d}", "{d} traced around its border",
     )),
     "dotted": (_dotted, (
         "a dotted {d}", "{d} made of dots please", "a stippled {d}", "a pixelated {d}",
@@ -151,6 +151,7 @@ _PLAIN_TEMPLATES = (
     "a handwritten {d}", "{d}", "the digit {d}", "a {d}", "write {d}", "an image of {d}",
     "a picture of {d}", "{d} written by hand", "a scan of {d}", "draw {d}",
 )
+TIC_RATE = 0.25
 _TICS = ("", " please", " for my notes", ", thanks", " again", " today", "!", " for the poster")
 
 
@@ -234,7 +235,8 @@ class Persona:
 
 def _phrase(templates: Sequence[str], wordings: Sequence[int], tic: str, digit: int, rng: random.Random) -> str:
     wording = _DIGIT_WORDINGS[rng.choice(wordings)](int(digit))
-    return rng.choice(templates).format(d=wording) + tic
+    # a verbal tic shows up now and then, not in every prompt
+    return rng.choice(templates).format(d=wording) + (tic if rng.random() < TIC_RATE else "")
 
 
 def make_personas(

@@ -1,0 +1,78 @@
+"""Aggregator configuration, loadable from ``aggregator.toml`` (see examples/aggregator.toml)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from aggregator.rules import RULES
+
+ROLES = ("all", "edge", "cloud")
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    aggregator_id: str = "aggregator"
+    role: str = "all"
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    mqtt_tls_ca: str | None = None
+    state_dir: Path = Path("fedaigc-state")
+    state_url: str | None = None           # default: sqlite under state_dir; or postgresql://...
+    tokens: tuple[str, ...] = ("fedaigc-demo-token",)
+    shared_group: str | None = None        # MQTT v5 shared subscription group for scale-out workers
+    expected_devices: int | None = None    # cluster as soon as this many task vectors arrived
+    enrol_window_s: float = 60.0           # ... or this long after the first task vector
+    rounds: int = 10
+    round_timeout_s: float = 300.0
+    max_extensions: int = 2                # deadline extensions before closing below quorum
+    quorum: float = 0.6                    # fraction of a cluster's devices needed to close at the deadline
+    local_steps: int = 20
+    lora_rank: int = 2
+    rule: str = "exact"
+    clip: float | None = 3.0               # clip updates at this multiple of the median update norm
+    k: int | None = None                   # fixed number of clusters (None: found from the data)
+    refine_after_round: int = 1            # CFL-style refinement with update similarity (0: never)
+    interaction: bool = True
+    borrow: float = 1.0                    # inter-cluster shrinkage strength (device-equivalents)
+    temperature: float = 0.1
+    downlink_codec: str = "fp32"
+    uplink_codecs: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "topk:0.1", "topk:0.1+int8",
+                                      "topk:0.05+int8", "topk:0.1+int4", "topk:0.05+int4", "topk:0.2+int8")
+    max_message_bytes: int = 64 * 1024 * 1024
+    metrics_port: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        object.__setattr__(self, "tokens", tuple(self.tokens))
+        object.__setattr__(self, "uplink_codecs", tuple(self.uplink_codecs))
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {tuple(RULES)}, got {self.rule!r}")
+        if not 0.0 < self.quorum <= 1.0:
+            raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
+        if self.rounds < 1 or self.local_steps < 0 or self.lora_rank < 1:
+            raise ValueError("rounds and lora_rank must be >= 1 and local_steps >= 0")
+        if self.round_timeout_s <= 0 or self.enrol_window_s <= 0:
+            raise ValueError("round_timeout_s and enrol_window_s must be > 0")
+        if self.expected_devices is not None and self.expected_devices < 1:
+            raise ValueError("expected_devices must be >= 1")
+
+    @property
+    def store_url(self) -> str:
+        return self.state_url or str(self.state_dir / "state.db")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> "AggregatorConfig":
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+        section = raw.get("aggregator", raw)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"unknown settings in {path}: {', '.join(unknown)}")
+        return replace(cls(**section), **{k: v for k, v in overrides.items() if v is not None})

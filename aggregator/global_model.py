@@ -1,0 +1,84 @@
+"""The global model: one base UNet carrying every cluster's adapter by name.
+
+Adapters are named ``cluster-<id>`` and mixed through diffusers' ``set_adapters`` with
+weights, so ``generate(encodings, mix={0: 0.5, 2: 0.5})`` draws a hybrid of two styles
+from one network. The aggregator never trains this model; it only loads the adapters
+its rounds produce (and the generation service samples from it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from models.lora import (
+    LoraSpec,
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    get_adapter_state,
+    set_adapter_state,
+    set_mix,
+)
+from models.unet import BASE_MODEL_DIR, generate, load_base_unet
+
+
+def adapter_name(cluster_id: int) -> str:
+    return f"cluster-{int(cluster_id)}"
+
+
+class GlobalModel:
+    def __init__(self, spec: LoraSpec, base_model: str | Path = BASE_MODEL_DIR) -> None:
+        self.spec = spec
+        self.unet = load_base_unet(base_model)
+        self.unet.requires_grad_(False)
+        self.versions: dict[int, int] = {}
+        self._lock = threading.Lock()  # adapter activation is model-global state
+
+    @property
+    def clusters(self) -> list[int]:
+        return sorted(self.versions)
+
+    def set_cluster(self, cluster_id: int, adapter: Mapping[str, torch.Tensor], version: int) -> None:
+        name = adapter_name(cluster_id)
+        with self._lock:
+            if name not in adapter_names(self.unet):
+                add_adapter(self.unet, name, self.spec)
+            set_adapter_state(self.unet, name, adapter)
+            self.versions[int(cluster_id)] = int(version)
+
+    def initial_adapter(self, seed: int) -> dict[str, torch.Tensor]:
+        """A fresh adapter (A random, B zero: no effect yet), identical for every cluster of a fleet."""
+        with self._lock:
+            add_adapter(self.unet, "init", self.spec, seed=seed)
+            try:
+                return get_adapter_state(self.unet, "init")
+            finally:
+                delete_adapter(self.unet, "init")
+
+    def drop_cluster(self, cluster_id: int) -> None:
+        with self._lock:
+            delete_adapter(self.unet, adapter_name(cluster_id))
+            self.versions.pop(int(cluster_id), None)
+
+    def check_mix(self, mix: Mapping[int, float]) -> dict[str, float]:
+        if not mix:
+            raise ValueError("mix must name at least one cluster")
+        unknown = [c for c in mix if int(c) not in self.versions]
+        if unknown:
+            raise ValueError(f"unknown clusters in mix: {unknown}; known: {self.clusters}")
+        for w in mix.values():
+            if not (isinstance(w, (int, float)) and -4.0 <= float(w) <= 4.0):
+                raise ValueError(f"mix weights must be numbers in [-4, 4], got {w!r}")
+        return {adapter_name(c): float(w) for c, w in mix.items()}
+
+    def generate(self, encodings: torch.Tensor, mix: Mapping[int, float], seed: int = 0, steps: int = 20,
+                 guidance_scale: float = 2.0) -> torch.Tensor:
+        """Images for ``(n, 384)`` encodings from the weighted mix of cluster adapters."""
+        weights = self.check_mix(mix)
+        with self._lock:
+            set_mix(self.unet, weights)
+            return generate(self.unet, encodings, steps=steps, seed=seed, guidance_scale=guidance_scale)

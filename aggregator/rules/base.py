@@ -1,0 +1,85 @@
+"""The aggregation interface: one small class per rule, validation done once, here.
+
+Read like Flower's ``Strategy``: ``AggregationRule.aggregate`` validates the replies
+(names and shapes match the current adapter, values finite, sample counts positive)
+and hands clean inputs to ``combine``, the one method each rule implements. Rules are
+pure: adapters in, adapter out, no I/O, no state.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from edge_sdk.errors import Refusal, RefusedMessage
+from edge_sdk.tensors import check_shapes, shapes_of
+from models.lora import LoraSpec
+
+Adapter = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One device's contribution: its adapter *after* local training, and its data size."""
+
+    device_id: str
+    adapter: Adapter
+    samples: int
+
+    @classmethod
+    def from_delta(cls, device_id: str, current: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
+                   samples: int) -> "ClientUpdate":
+        return cls(device_id, {k: current[k] + delta[k] for k in current}, samples)
+
+
+@dataclass
+class AggregateResult:
+    adapter: Adapter
+    accepted: list[str]
+    rejected: dict[str, str] = field(default_factory=dict)  # device -> reason
+
+
+class AggregationRule(ABC):
+    """Combine the adapters of one cluster's devices into that cluster's next adapter."""
+
+    name: str = "rule"
+
+    def aggregate(self, current: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
+                  spec: LoraSpec) -> AggregateResult:
+        shapes = shapes_of(current)
+        valid: list[ClientUpdate] = []
+        rejected: dict[str, str] = {}
+        for u in updates:
+            try:
+                check_update(u, shapes)
+            except RefusedMessage as e:
+                rejected[u.device_id] = e.reason.value
+                continue
+            valid.append(u)
+        if not valid:
+            return AggregateResult({k: v.clone() for k, v in current.items()}, [], rejected)
+        adapter, screened = self.combine(dict(current), valid, spec)
+        for device in screened:
+            rejected[device] = Refusal.POISONED.value
+        return AggregateResult(adapter, [u.device_id for u in valid if u.device_id not in screened], rejected)
+
+    @abstractmethod
+    def combine(self, current: Adapter, updates: Sequence[ClientUpdate], spec: LoraSpec) -> tuple[Adapter, set[str]]:
+        """Return the new adapter and the devices this rule screened out as outliers."""
+
+
+def check_update(update: ClientUpdate, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    if update.samples < 1:
+        raise RefusedMessage(Refusal.MALFORMED, f"{update.device_id} reports {update.samples} samples")
+    check_shapes(update.adapter, shapes)
+    for name, t in update.adapter.items():
+        if not bool(torch.isfinite(t).all()):
+            raise RefusedMessage(Refusal.NON_FINITE, f"{update.device_id}: {name} holds NaN or Inf")
+
+
+def sample_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+    w = torch.tensor([float(u.samples) for u in updates], dtype=torch.float64)
+    return w / w.sum()

@@ -1,0 +1,56 @@
+"""Exact LoRA aggregation: average ΔW = scale·B·A, then re-factorise to rank r by SVD.
+
+Averaging in the product space is what FedEx-LoRA (Singhal et al., 2024) and FLoRA
+(Wang et al., NeurIPS 2024, which stacks the factors instead) argue for: the server's
+adapter then represents the sample-weighted mean of the clients' weight changes. When
+that mean has rank <= r, re-factorising is exact; otherwise the truncated SVD is the
+best rank-r approximation (Eckart-Young). Rank slots with no energy keep the current
+A rows and a zero B column, so the adapter never degenerates into all-zero factors
+(whose gradients would vanish).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from aggregator.rules.base import Adapter, AggregationRule, ClientUpdate, sample_weights
+from aggregator.rules.reducers import weighted_mean
+from models.lora import LoraSpec, delta_weight, factorize, lora_modules
+
+
+class ExactLoraAggregation(AggregationRule):
+    name = "exact"
+
+    def __init__(self, rank: int | None = None) -> None:
+        self.rank = rank
+
+    def reduce(self, stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return weighted_mean(stack, weights)
+
+    def combine(self, current: Adapter, updates: Sequence[ClientUpdate], spec: LoraSpec) -> tuple[Adapter, set[str]]:
+        w = sample_weights(updates)
+        out: Adapter = {}
+        for module in lora_modules(current):
+            ka, kb = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+            stack = torch.stack([delta_weight(u.adapter[ka], u.adapter[kb], spec.scale) for u in updates])
+            mean = self.reduce(stack, w)
+            out[ka], out[kb] = refactorize(mean, current[ka], current[kb], spec.scale, self.rank)
+        return out, set()
+
+
+def refactorize(delta: torch.Tensor, a_now: torch.Tensor, b_now: torch.Tensor, scale: float,
+                rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors of ``delta`` shaped like the current ones, with dead slots re-seeded."""
+    r = a_now.shape[0] if rank is None else rank
+    if r != a_now.shape[0]:
+        raise ValueError(f"re-factorising to rank {r} needs adapters of rank {r}, these have {a_now.shape[0]}")
+    a, b = factorize(delta, r, a_now.shape, b_now.shape, scale)
+    a2, b2 = a.reshape(r, -1), b.reshape(b.shape[0], r)
+    energy = a2.norm(dim=1) * b2.norm(dim=0)
+    dead = energy <= 1e-12 * max(float(energy.max()), 1e-30)
+    if bool(dead.any()):
+        a2[dead] = a_now.reshape(r, -1)[dead].float()
+        b2[:, dead] = 0.0
+    return a2.reshape(a_now.shape).contiguous(), b2.reshape(b_now.shape).contiguous()

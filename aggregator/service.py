@@ -1,0 +1,499 @@
+"""The aggregator daemon: enrolment, clustering, rounds, aggregation, interaction.
+
+All protocol handling runs on one worker thread fed by a queue (paho's network thread
+only enqueues), so state changes are serial and every handler can be idempotent by
+construction. Durable state lives in the ``StateStore``; in-memory structures are
+caches rebuilt from it on start, which is what makes a restart (or a SIGKILL) lose
+nothing that was acknowledged.
+
+Round lifecycle (per global round r):
+
+1. ``_start_round``: open (r, cluster) rows and send each member its cluster adapter.
+2. Updates arrive; each accepted one is committed, then acknowledged.
+3. A cluster closes when every member reported, or at its deadline with quorum
+   (deadlines are extended ``max_extensions`` times for stragglers, then it closes
+   with whatever arrived). Updates for a closed round are refused as ``stale_round``.
+4. When all clusters of r are closed: optional CFL-style refinement of the clusters
+   (after ``refine_after_round``), inter-cluster interaction, and — in one transaction
+   — the new adapters plus the opening of round r + 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aggregator.clustering import ClusterState, cluster_tasks, refine_with_updates
+from aggregator.config import AggregatorConfig
+from aggregator.global_model import GlobalModel
+from aggregator.interaction import interact
+from aggregator.rules import ClientUpdate, make_rule
+from aggregator.state import StateStore, StateUnavailable, UpdateRecord, open_store
+from edge_sdk import topics
+from edge_sdk.compression import decode_payload, make_codec
+from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
+from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
+from edge_sdk.identity import Identity
+from edge_sdk.messages import (
+    AggregatorKeys,
+    ClusterAssign,
+    Enrol,
+    EnrolAck,
+    RoundStart,
+    UpdateAck,
+    UpdateBody,
+)
+from edge_sdk.tensors import pack_tensors, shapes_of, unpack_tensors
+from edge_sdk.transport import MqttConfig, MqttTransport
+from models.lora import LoraSpec
+from models.text import EMBEDDING_DIM
+
+log = logging.getLogger("fedaigc.aggregator")
+
+
+class AggregatorService:
+    def __init__(self, config: AggregatorConfig, store: StateStore | None = None) -> None:
+        self.config = config
+        Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+        self.store = store or open_store(config.store_url)
+        self.identity = self._load_identity(Path(config.state_dir) / "aggregator.key")
+        self.refusals = RefusalCounter()
+        self.spec = LoraSpec(rank=config.lora_rank)
+        self.rule = make_rule(config.rule, config.clip)
+        self.global_model = GlobalModel(self.spec)
+        self.initial = self.global_model.initial_adapter(seed=config.seed)
+        self.shapes = shapes_of(self.initial)
+        self.verifier = EnvelopeVerifier(self._verify_key_of, max_bytes=config.max_message_bytes)
+        self.writer = EnvelopeWriter(self.identity, config.aggregator_id)
+        self.clusters = ClusterState()
+        self.online: dict[str, bool] = {}
+        self.traffic: dict[int, dict[str, dict[str, int]]] = {}  # round -> device -> {"up", "down"}
+        self.done = threading.Event()
+        self.transport: MqttTransport | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._first_task_at: float | None = None
+        self._last_tick = 0.0
+        for token in config.tokens:
+            self.store.add_token(token, "config")
+
+    # ================================================================ lifecycle
+    @staticmethod
+    def _load_identity(path: Path) -> Identity:
+        if path.exists():
+            return Identity.load(path)
+        identity = Identity.generate()
+        identity.save(path)
+        return identity
+
+    def start(self) -> "AggregatorService":
+        c = self.config
+        self.transport = MqttTransport(MqttConfig(
+            url=c.mqtt_url, client_id=f"fedaigc-{c.aggregator_id}", username=c.mqtt_username,
+            password=c.mqtt_password, tls_ca=c.mqtt_tls_ca, max_message_bytes=c.max_message_bytes,
+        ), self.refusals).connect()
+        self._recover()
+        uplink = [topics.UPLINK_ALL, topics.ENROL_ALL]
+        if c.shared_group:
+            uplink = [topics.shared(c.shared_group, t) for t in uplink]
+        for t in uplink:
+            self.transport.subscribe(t, self._enqueue)
+        self.transport.subscribe(topics.STATUS_ALL, self._enqueue)
+        self.publish_keys()
+        self._worker = threading.Thread(target=self._run, name="aggregator", daemon=True)
+        self._worker.start()
+        log.info("aggregator %s (%s) up at %s, key fingerprint %s", c.aggregator_id, c.role, c.mqtt_url,
+                 self.identity.public.fingerprint)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(10)
+        self._persist_metrics()
+        if self.transport is not None:
+            self.transport.close()
+
+    def publish_keys(self) -> None:
+        pub = self.identity.public
+        body = AggregatorKeys(self.config.aggregator_id, pub.verify_key, pub.box_key).encode()
+        env = self.writer.build(MessageType.AGGREGATOR_KEYS, body)
+        self.transport.publish(topics.AGGREGATOR_KEYS, env, retain=True)
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        self._queue.put((topic, payload))
+
+    def _run(self) -> None:
+        try:
+            self.resume_open_rounds()
+        except Exception:
+            log.exception("could not resume open rounds")
+        while not self._stop.is_set():
+            try:
+                topic, payload = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                topic = None
+            if topic is not None:
+                self.handle(topic, payload)
+            if time.monotonic() - self._last_tick > 0.5:
+                self._last_tick = time.monotonic()
+                try:
+                    self.tick()
+                except StateUnavailable as e:
+                    log.error("state store unavailable, retrying: %s", e)
+                except Exception:
+                    log.exception("tick failed")
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Route one MQTT message; refusals are counted and logged, never raised."""
+        try:
+            if topic.startswith(f"{topics.ROOT}/enrol/"):
+                self._on_enrol(topic, payload)
+            elif topic.startswith(f"{topics.ROOT}/up/task/"):
+                self._on_task(topic, payload)
+            elif topic.startswith(f"{topics.ROOT}/up/update/"):
+                self._on_update(topic, payload)
+            elif topic.startswith(f"{topics.ROOT}/up/generate/"):
+                self._on_generate(topic, payload)
+            elif topic.startswith(f"{topics.ROOT}/status/"):
+                self.online[topics.device_of(topic)] = payload == b"online"
+        except RefusedMessage as e:
+            self.refusals.record(e, topic)
+        except StateUnavailable as e:
+            self.refusals.record(RefusedMessage(Refusal.UNAVAILABLE, str(e)), topic)
+        except Exception:
+            log.exception("unexpected error handling %s", topic)
+
+    # ================================================================ identity of senders
+    def _verify_key_of(self, sender: str) -> bytes:
+        rec = self.store.device(sender)
+        if rec is None:
+            raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"{sender} is not enrolled")
+        if rec.revoked or not self.store.token_valid(rec.token):
+            raise RefusedMessage(Refusal.REVOKED, f"{sender}'s enrolment was revoked")
+        return rec.verify_key
+
+    def _check_topic(self, topic: str, sender: str) -> None:
+        if topics.device_of(topic) != sender:
+            raise RefusedMessage(Refusal.MALFORMED, f"sender {sender} published on {topic}")
+
+    def send(self, device: str, mtype: MessageType, body: bytes, rnd: int = 0) -> None:
+        rec = self.store.device(device)
+        if rec is None:
+            return
+        env = self.writer.build(mtype, self.identity.encrypt_to(rec.box_key, body), rnd)
+        self.transport.publish(topics.down(device), env)
+        self._count(rnd, device, "down", len(env))
+
+    def _count(self, rnd: int, device: str, direction: str, n: int) -> None:
+        per = self.traffic.setdefault(rnd, {}).setdefault(device, {"up": 0, "down": 0})
+        per[direction] += n
+
+    # ================================================================ enrolment & tasks
+    def _on_enrol(self, topic: str, data: bytes) -> None:
+        env = self.verifier.parse(data, {MessageType.ENROL})
+        self._check_topic(topic, env.sender)
+        body = Enrol.decode(self.identity.open_sealed(env.payload))
+        self.verifier.authenticate(env, body.verify_key)  # self-signed: proves key possession
+        if not self.store.token_valid(body.token):
+            raise RefusedMessage(Refusal.BAD_TOKEN, f"{env.sender} presented an unknown or revoked token")
+        if not self.store.enrol(env.sender, body.verify_key, body.box_key, body.profile, body.token):
+            raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"device id {env.sender} is enrolled with other keys")
+        self._count(0, env.sender, "up", len(data))
+        self.send(env.sender, MessageType.ENROL_ACK, EnrolAck(True, "").encode())
+        log.info("enrolled %s (%s)", env.sender, body.profile)
+        self._resume_device(env.sender)
+
+    def _on_task(self, topic: str, data: bytes) -> None:
+        env = self.verifier.open(data, {MessageType.TASK})
+        self._check_topic(topic, env.sender)
+        vector = unpack_tensors(self.identity.open_sealed(env.payload), {"task": (EMBEDDING_DIM,)})["task"]
+        if float(vector.norm()) == 0.0:
+            raise RefusedMessage(Refusal.MALFORMED, "task vector is all zeros")
+        self.store.put_task(env.sender, vector.numpy().astype(np.float32).tobytes())
+        self._count(0, env.sender, "up", len(data))
+        if self._first_task_at is None:
+            self._first_task_at = time.monotonic()
+        if self.clusters.assignment:
+            if env.sender not in self.clusters.assignment:
+                self._join_late(env.sender, vector.numpy())
+            else:
+                self._resume_device(env.sender)
+        elif self.config.expected_devices is not None and len(self.store.tasks()) >= self.config.expected_devices:
+            self.form_clusters()
+
+    def _task_matrix(self) -> tuple[list[str], np.ndarray]:
+        tasks = self.store.tasks()
+        enrolled = {d.device_id for d in self.store.devices() if not d.revoked}
+        devices = [d for d in sorted(tasks) if d in enrolled]
+        return devices, np.stack([np.frombuffer(tasks[d], dtype=np.float32) for d in devices])
+
+    def form_clusters(self) -> None:
+        """First clustering from task vectors; opens round 1."""
+        devices, vectors = self._task_matrix()
+        labels = cluster_tasks(vectors, self.config.k)
+        assignment = self.clusters.recluster(devices, vectors, labels)
+        adapters = {cid: self.initial for cid in set(assignment.values())}
+        log.info("clustered %d devices into %d clusters: %s", len(devices), len(adapters),
+                 dict(Counter(assignment.values())))
+        self._commit_round(1, adapters, {cid: 0 for cid in adapters})
+
+    def _join_late(self, device: str, vector: np.ndarray) -> None:
+        cid = self.clusters.join(device, vector)
+        known = self.store.clusters()
+        if cid not in known:
+            known[cid] = (None, pack_tensors(self.initial), 0)
+        centroid_blobs = {c: (self.clusters.centroid[c].astype(np.float32).tobytes(), a, v) for c, (_, a, v) in known.items()}
+        self.store.save_clusters(centroid_blobs, self.clusters.assignment)
+        rnd = self.current_round()
+        if rnd and not any(r == rnd and c == cid for r, c, *_ in self.store.rounds()):
+            self.store.open_round(rnd, cid, time.time() + self.config.round_timeout_s)
+            self.global_model.set_cluster(cid, self.initial, 0)
+        log.info("late device %s joined cluster %d", device, cid)
+        self._resume_device(device)
+
+    def _resume_device(self, device: str) -> None:
+        """(Re)send a device what it needs to take part now: its cluster and the open round."""
+        cid = self.clusters.assignment.get(device)
+        if cid is None:
+            return
+        self.send(device, MessageType.CLUSTER_ASSIGN, ClusterAssign(cid).encode())
+        rnd = self.current_round()
+        open_rounds = {(r, c) for r, c, state, *_ in self.store.rounds("open")}
+        if (rnd, cid) in open_rounds and device not in {u.device_id for u in self.store.updates(rnd, cid)}:
+            self._send_round_start(device, rnd, cid)
+        elif self.done.is_set() or self.store.get("done", False):
+            self._send_round_start(device, rnd, cid, install_only=True)
+
+    # ================================================================ rounds
+    def current_round(self) -> int:
+        return int(self.store.get("current_round", 0))
+
+    def members(self, cid: int) -> list[str]:
+        revoked = {d.device_id for d in self.store.devices() if d.revoked}
+        return sorted(d for d, c in self.clusters.assignment.items() if c == cid and d not in revoked)
+
+    def cluster_adapter(self, cid: int) -> tuple[dict[str, torch.Tensor], int]:
+        _, blob, version = self.store.clusters()[cid]
+        return unpack_tensors(blob, self.shapes), version
+
+    def _send_round_start(self, device: str, rnd: int, cid: int, install_only: bool = False) -> None:
+        adapter, version = self.cluster_adapter(cid)
+        deadline = next((d for r, c, _, _, d in self.store.rounds() if r == rnd and c == cid), time.time())
+        codec = make_codec(self.config.downlink_codec, seed=self.config.seed + rnd)
+        body = RoundStart(rnd, cid, version, -1, float(deadline), 0 if install_only else self.config.local_steps,
+                          codec.name, codec.encode(adapter))
+        self.send(device, MessageType.ROUND_START, body.encode(), rnd)
+
+    def _commit_round(self, rnd: int, adapters: dict[int, dict[str, torch.Tensor]], versions: dict[int, int]) -> None:
+        """Persist adapters and open round ``rnd`` in one transaction, then tell the devices."""
+        deadline = time.time() + self.config.round_timeout_s
+        final = rnd > self.config.rounds
+        blobs = {cid: (self.clusters.centroid[cid].astype(np.float32).tobytes(), pack_tensors(a), versions[cid])
+                 for cid, a in adapters.items()}
+        with self.store.transaction() as cur:
+            self.store.save_clusters(blobs, self.clusters.assignment, cur=cur)
+            if not final:
+                for cid in adapters:
+                    self.store.open_round(rnd, cid, deadline, cur=cur)
+            self.store.put("current_round", rnd if not final else self.config.rounds, cur=cur)
+            self.store.put("done", final, cur=cur)
+        for cid, adapter in adapters.items():
+            self.global_model.set_cluster(cid, adapter, versions[cid])
+        for cid in list(self.global_model.clusters):
+            if cid not in adapters:
+                self.global_model.drop_cluster(cid)
+        for cid in adapters:
+            for device in self.members(cid):
+                self._send_round_start(device, rnd if not final else self.config.rounds, cid, install_only=final)
+        self._persist_metrics()
+        if final:
+            log.info("federation finished after %d rounds", self.config.rounds)
+            self.done.set()
+        else:
+            log.info("round %d open for %d clusters", rnd, len(adapters))
+
+    def _on_update(self, topic: str, data: bytes) -> None:
+        env = self.verifier.open(data, {MessageType.UPDATE})
+        device = env.sender
+        self._check_topic(topic, device)
+        rec = self.store.device(device)
+        body = UpdateBody.decode(self.identity.decrypt_from(rec.box_key, env.payload))
+        self._count(env.round, device, "up", len(data))
+        cid = self.clusters.assignment.get(device)
+        open_rounds = {(r, c) for r, c, *_ in self.store.rounds("open")}
+        if cid is None or body.cluster != cid or (env.round, cid) not in open_rounds:
+            self._refuse_update(device, env.round, RefusedMessage(
+                Refusal.STALE_ROUND, f"{device}: round {env.round} of cluster {body.cluster} is not open"))
+            return
+        try:
+            if body.samples < 1 or body.steps < 0:
+                raise RefusedMessage(Refusal.MALFORMED, f"{device} reports {body.samples} samples")
+            if not (math.isfinite(body.loss_before) and math.isfinite(body.loss_after)):
+                raise RefusedMessage(Refusal.NON_FINITE, f"{device} reports a non-finite loss")
+            delta = decode_payload(body.codec, body.tensors, self.shapes, set(self.config.uplink_codecs))
+        except RefusedMessage as e:
+            self._refuse_update(device, env.round, e)
+            return
+        new = self.store.accept_update(UpdateRecord(env.round, cid, device, pack_tensors(delta), body.samples,
+                                                    body.loss_after, body.base_version))
+        self.send(device, MessageType.UPDATE_ACK, UpdateAck(env.round, True, "" if new else "duplicate").encode(), env.round)
+        if new:
+            self._maybe_close(env.round, cid)
+
+    def _refuse_update(self, device: str, rnd: int, error: RefusedMessage) -> None:
+        self.refusals.record(error, device)
+        self.send(device, MessageType.UPDATE_ACK, UpdateAck(rnd, False, error.reason.value).encode(), rnd)
+
+    def _maybe_close(self, rnd: int, cid: int) -> None:
+        reported = {u.device_id for u in self.store.updates(rnd, cid)}
+        if set(self.members(cid)) <= reported:
+            self.close_cluster_round(rnd, cid)
+
+    def close_cluster_round(self, rnd: int, cid: int) -> None:
+        current, version = self.cluster_adapter(cid)
+        records = self.store.updates(rnd, cid)
+        updates = [ClientUpdate.from_delta(r.device_id, current, unpack_tensors(r.delta, self.shapes), r.samples)
+                   for r in records]
+        if updates:
+            result = self.rule.aggregate(current, updates, self.spec)
+            adapter, accepted, rejected = result.adapter, result.accepted, result.rejected
+        else:
+            adapter, accepted, rejected = current, [], {}
+        for device, reason in rejected.items():
+            self.refusals.record(RefusedMessage(Refusal(reason), f"{device}'s update screened out at aggregation"))
+        samples = sum(r.samples for r in records if r.device_id in accepted)
+        loss = sum(r.loss * r.samples for r in records if r.device_id in accepted) / max(samples, 1)
+        summary = {"accepted": accepted, "rejected": rejected, "samples": samples, "loss": loss,
+                   "members": self.members(cid), "closed_at": time.time()}
+        self.store.close_round(rnd, cid, pack_tensors(adapter), version + 1, summary)
+        log.info("round %d cluster %d closed: %d/%d updates, loss %.4f", rnd, cid, len(accepted),
+                 len(self.members(cid)), loss)
+        if not self.store.rounds("open") and self.current_round() == rnd:
+            self.finish_round(rnd)
+
+    def finish_round(self, rnd: int) -> None:
+        """Cloud step for round ``rnd``: refinement, interaction, then open the next round."""
+        clusters = self.store.clusters()
+        adapters = {cid: unpack_tensors(blob, self.shapes) for cid, (_, blob, _) in clusters.items()}
+        versions = {cid: v for cid, (_, _, v) in clusters.items()}
+        if rnd == self.config.refine_after_round and self.config.k is None:
+            adapters, versions = self._refine(rnd, adapters, versions)
+        if self.config.interaction and len(adapters) > 1:
+            sizes = {cid: float(len(self.members(cid))) for cid in adapters}
+            adapters = interact(adapters, {c: self.clusters.centroid[c] for c in adapters}, sizes, self.spec,
+                                self.config.borrow, self.config.temperature)
+        self._commit_round(rnd + 1, adapters, versions)
+
+    def _refine(self, rnd: int, adapters, versions):
+        """Re-cluster on task + update similarity; regroup this round's updates if groups changed."""
+        records = self.store.updates(rnd)
+        devices, vectors = self._task_matrix()
+        by_device = {r.device_id: r for r in records}
+        if len(devices) < 3 or any(d not in by_device for d in devices):
+            return adapters, versions
+        update_vectors = np.stack([
+            torch.cat([t.flatten() for _, t in sorted(unpack_tensors(by_device[d].delta, self.shapes).items())]).numpy()
+            for d in devices])
+        labels = refine_with_updates(vectors, update_vectors)
+        before = self.clusters.assignment
+        same = _same_partition([before[d] for d in devices], labels.tolist())
+        if same:
+            log.info("refinement after round %d kept the clusters", rnd)
+            return adapters, versions
+        assignment = self.clusters.recluster(devices, vectors, labels)
+        log.info("refinement after round %d regrouped devices: %d clusters %s", rnd,
+                 len(set(assignment.values())), dict(Counter(assignment.values())))
+        # every cluster started round 1 from the same initial adapter, so updates regroup freely
+        new_adapters, new_versions = {}, {}
+        for cid in sorted(set(assignment.values())):
+            group = [ClientUpdate.from_delta(d, self.initial, unpack_tensors(by_device[d].delta, self.shapes),
+                                             by_device[d].samples) for d in devices if assignment[d] == cid]
+            new_adapters[cid] = self.rule.aggregate(self.initial, group, self.spec).adapter
+            new_versions[cid] = max(versions.values()) if versions else 1
+        return new_adapters, new_versions
+
+    def tick(self) -> None:
+        """Time-driven work: the enrolment window and round deadlines."""
+        if not self.clusters.assignment and self._first_task_at is not None \
+                and time.monotonic() - self._first_task_at >= self.config.enrol_window_s:
+            self.form_clusters()
+        now = time.time()
+        for rnd, cid, _, _, deadline in self.store.rounds("open"):
+            if now < deadline:
+                continue
+            members = self.members(cid)
+            reported = {u.device_id for u in self.store.updates(rnd, cid)}
+            needed = max(1, math.ceil(self.config.quorum * len(members)))
+            extensions = int(self.store.get(f"extensions/{rnd}/{cid}", 0))
+            if len(reported) >= needed or extensions >= self.config.max_extensions:
+                log.info("round %d cluster %d deadline: closing with %d/%d updates", rnd, cid, len(reported), len(members))
+                self.close_cluster_round(rnd, cid)
+            else:
+                self.store.put(f"extensions/{rnd}/{cid}", extensions + 1)
+                self.store.extend_round(rnd, cid, now + self.config.round_timeout_s)
+                for device in members:
+                    if device not in reported:  # maybe it missed the round start
+                        self._send_round_start(device, rnd, cid)
+        if time.monotonic() - getattr(self, "_metrics_at", 0.0) > 2.0:
+            self._persist_metrics()
+
+    # ================================================================ recovery & status
+    def _recover(self) -> None:
+        """Rebuild caches from the store after a restart; resume whatever round was open."""
+        clusters = self.store.clusters()
+        if not clusters:
+            return
+        self.clusters.assignment = self.store.assignment()
+        self.clusters.centroid = {cid: np.frombuffer(c, dtype=np.float32).astype(np.float64)
+                                  for cid, (c, _, _) in clusters.items() if c is not None}
+        for cid, (_, blob, version) in clusters.items():
+            self.global_model.set_cluster(cid, unpack_tensors(blob, self.shapes), version)
+        if self.store.get("done", False):
+            self.done.set()
+        traffic = self.store.get("traffic", {})
+        self.traffic = {int(r): v for r, v in traffic.items()}
+        log.info("recovered state: round %d, %d clusters, %d devices", self.current_round(), len(clusters),
+                 len(self.clusters.assignment))
+
+    def resume_open_rounds(self) -> None:
+        """After a restart: close rounds that were complete, re-invite devices that had not reported."""
+        rnd = self.current_round()
+        rounds = self.store.rounds()
+        if rounds and not self.store.rounds("open") and not self.done.is_set() and rnd:
+            if all(state == "closed" for r, _, state, *_ in rounds if r == rnd):
+                self.finish_round(rnd)
+                return
+        for r, cid, *_ in self.store.rounds("open"):
+            self._maybe_close(r, cid)
+        for r, cid, *_ in self.store.rounds("open"):
+            reported = {u.device_id for u in self.store.updates(r, cid)}
+            for device in self.members(cid):
+                if device not in reported:
+                    self._send_round_start(device, r, cid)
+
+    def _persist_metrics(self) -> None:
+        self._metrics_at = time.monotonic()
+        try:
+            self.store.put("refusals", self.refusals.counts())
+            self.store.put("traffic", {str(r): v for r, v in self.traffic.items()})
+            self.store.put("online", self.online)
+        except StateUnavailable as e:
+            log.error("cannot persist metrics: %s", e)
+
+    def _on_generate(self, topic: str, data: bytes) -> None:
+        raise RefusedMessage(Refusal.WRONG_TYPE, "this aggregator does not serve generation requests")
+
+
+def _same_partition(a: list[int], b: list[int]) -> bool:
+    pairs = set(zip(a, b))
+    return len(pairs) == len(set(a)) == len(set(b))

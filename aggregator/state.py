@@ -1,0 +1,339 @@
+"""Durable aggregator state: SQLite (WAL) by default, PostgreSQL for scale-out.
+
+Everything the aggregator must not forget lives here: enrolled devices and tokens, task
+vectors, clusters with their adapters, round progress and every accepted update. An
+update counts as *accepted* only once its row is committed; the primary key
+``(round, cluster_id, device_id)`` makes duplicates (QoS-1 redelivery, a worker
+replaced mid-round) no-ops, so a restarted or replacement worker resumes from the
+table and nothing is counted twice. Closing a round writes the new adapter and the
+round's state in one transaction.
+
+Both backends run the same SQL; only the parameter marker differs.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS devices (
+        device_id TEXT PRIMARY KEY, verify_key BLOB NOT NULL, box_key BLOB NOT NULL,
+        profile TEXT NOT NULL, token TEXT NOT NULL, enrolled_at DOUBLE PRECISION NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS tokens (
+        token TEXT PRIMARY KEY, label TEXT NOT NULL, revoked INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS tasks (
+        device_id TEXT PRIMARY KEY, vector BLOB NOT NULL, received_at DOUBLE PRECISION NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS clusters (
+        cluster_id INTEGER PRIMARY KEY, centroid BLOB, adapter BLOB NOT NULL, version INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS assignments (
+        device_id TEXT PRIMARY KEY, cluster_id INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS rounds (
+        round INTEGER NOT NULL, cluster_id INTEGER NOT NULL, state TEXT NOT NULL,
+        opened_at DOUBLE PRECISION NOT NULL, deadline DOUBLE PRECISION NOT NULL,
+        closed_at DOUBLE PRECISION, summary TEXT, PRIMARY KEY (round, cluster_id))""",
+    """CREATE TABLE IF NOT EXISTS updates (
+        round INTEGER NOT NULL, cluster_id INTEGER NOT NULL, device_id TEXT NOT NULL,
+        delta BLOB NOT NULL, samples INTEGER NOT NULL, loss DOUBLE PRECISION NOT NULL,
+        base_version INTEGER NOT NULL, accepted_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (round, cluster_id, device_id))""",
+    """CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+]
+
+
+class StateUnavailable(RuntimeError):
+    """The state store cannot be written (disk full, read-only, permissions): nothing was changed."""
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    verify_key: bytes
+    box_key: bytes
+    profile: str
+    token: str
+    revoked: bool
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    round: int
+    cluster_id: int
+    device_id: str
+    delta: bytes
+    samples: int
+    loss: float
+    base_version: int
+
+
+class StateStore:
+    """SQL state behind a lock; use ``open_store(url)`` to get one."""
+
+    marker = "?"
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    # -------------------------------------------------------------- plumbing
+    def _connect(self):
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.marker == "?" else sql.replace("?", self.marker)
+
+    @contextmanager
+    def transaction(self) -> Iterator:
+        with self._lock:
+            try:
+                with self._tx() as cur:
+                    yield cur
+            except (sqlite3.OperationalError, OSError) as e:
+                raise StateUnavailable(f"state store is not writable: {e}") from e
+            except Exception as e:
+                if _is_pg_operational(e):
+                    raise StateUnavailable(f"state store is not writable: {e}") from e
+                raise
+
+    def _tx(self):
+        raise NotImplementedError
+
+    def execute(self, cur, sql: str, params: tuple = ()) -> None:
+        cur.execute(self._sql(sql), params)
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self.transaction() as cur:
+            cur.execute(self._sql(sql), params)
+            return [tuple(bytes(x) if isinstance(x, memoryview) else x for x in row) for row in cur.fetchall()]
+
+    def init_schema(self) -> None:
+        with self.transaction() as cur:
+            for stmt in SCHEMA:
+                cur.execute(stmt)
+
+    # -------------------------------------------------------------- key/value
+    def get(self, key: str, default=None):
+        rows = self.query("SELECT value FROM kv WHERE key = ?", (key,))
+        return json.loads(rows[0][0]) if rows else default
+
+    def put(self, key: str, value, cur=None) -> None:
+        sql = "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        if cur is not None:
+            self.execute(cur, sql, (key, json.dumps(value)))
+            return
+        with self.transaction() as c:
+            self.execute(c, sql, (key, json.dumps(value)))
+
+    # -------------------------------------------------------------- tokens & devices
+    def add_token(self, token: str, label: str = "") -> None:
+        with self.transaction() as cur:
+            self.execute(cur, "INSERT INTO tokens (token, label) VALUES (?, ?) ON CONFLICT (token) DO NOTHING", (token, label))
+
+    def revoke_token(self, token: str) -> None:
+        with self.transaction() as cur:
+            self.execute(cur, "UPDATE tokens SET revoked = 1 WHERE token = ?", (token,))
+            self.execute(cur, "UPDATE devices SET revoked = 1 WHERE token = ?", (token,))
+
+    def token_valid(self, token: str) -> bool:
+        rows = self.query("SELECT revoked FROM tokens WHERE token = ?", (token,))
+        return bool(rows) and not rows[0][0]
+
+    def enrol(self, device_id: str, verify_key: bytes, box_key: bytes, profile: str, token: str) -> bool:
+        """Register a device; False if the id is taken by different keys (re-enrolment is idempotent)."""
+        with self.transaction() as cur:
+            self.execute(cur, "SELECT verify_key, box_key FROM devices WHERE device_id = ?", (device_id,))
+            row = cur.fetchone()
+            if row is not None:
+                return bytes(row[0]) == verify_key and bytes(row[1]) == box_key
+            self.execute(cur, "INSERT INTO devices (device_id, verify_key, box_key, profile, token, enrolled_at) "
+                              "VALUES (?, ?, ?, ?, ?, ?)", (device_id, verify_key, box_key, profile, token, time.time()))
+            return True
+
+    def revoke_device(self, device_id: str) -> None:
+        with self.transaction() as cur:
+            self.execute(cur, "UPDATE devices SET revoked = 1 WHERE device_id = ?", (device_id,))
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        rows = self.query("SELECT device_id, verify_key, box_key, profile, token, revoked FROM devices WHERE device_id = ?",
+                          (device_id,))
+        return DeviceRecord(*rows[0][:5], bool(rows[0][5])) if rows else None
+
+    def devices(self) -> list[DeviceRecord]:
+        rows = self.query("SELECT device_id, verify_key, box_key, profile, token, revoked FROM devices ORDER BY device_id")
+        return [DeviceRecord(*r[:5], bool(r[5])) for r in rows]
+
+    # -------------------------------------------------------------- tasks & clusters
+    def put_task(self, device_id: str, vector: bytes) -> None:
+        with self.transaction() as cur:
+            self.execute(cur, "INSERT INTO tasks (device_id, vector, received_at) VALUES (?, ?, ?) "
+                              "ON CONFLICT (device_id) DO UPDATE SET vector = excluded.vector, received_at = excluded.received_at",
+                         (device_id, vector, time.time()))
+
+    def tasks(self) -> dict[str, bytes]:
+        return {d: v for d, v in self.query("SELECT device_id, vector FROM tasks ORDER BY device_id")}
+
+    def save_clusters(self, clusters: dict[int, tuple[bytes | None, bytes, int]], assignment: dict[str, int], cur=None) -> None:
+        """Replace the cluster table and assignments: ``{id: (centroid, adapter, version)}``."""
+        def write(c):
+            self.execute(c, "DELETE FROM clusters")
+            for cid, (centroid, adapter, version) in sorted(clusters.items()):
+                self.execute(c, "INSERT INTO clusters (cluster_id, centroid, adapter, version) VALUES (?, ?, ?, ?)",
+                             (cid, centroid, adapter, version))
+            self.execute(c, "DELETE FROM assignments")
+            for device, cid in sorted(assignment.items()):
+                self.execute(c, "INSERT INTO assignments (device_id, cluster_id) VALUES (?, ?)", (device, cid))
+        if cur is not None:
+            write(cur)
+        else:
+            with self.transaction() as c:
+                write(c)
+
+    def clusters(self) -> dict[int, tuple[bytes | None, bytes, int]]:
+        return {cid: (cen, ad, ver) for cid, cen, ad, ver in
+                self.query("SELECT cluster_id, centroid, adapter, version FROM clusters ORDER BY cluster_id")}
+
+    def assignment(self) -> dict[str, int]:
+        return {d: c for d, c in self.query("SELECT device_id, cluster_id FROM assignments ORDER BY device_id")}
+
+    # -------------------------------------------------------------- rounds & updates
+    def open_round(self, rnd: int, cluster_id: int, deadline: float, cur=None) -> None:
+        sql = ("INSERT INTO rounds (round, cluster_id, state, opened_at, deadline) VALUES (?, ?, 'open', ?, ?) "
+               "ON CONFLICT (round, cluster_id) DO NOTHING")
+        if cur is not None:
+            self.execute(cur, sql, (rnd, cluster_id, time.time(), deadline))
+            return
+        with self.transaction() as c:
+            self.execute(c, sql, (rnd, cluster_id, time.time(), deadline))
+
+    def extend_round(self, rnd: int, cluster_id: int, deadline: float) -> None:
+        with self.transaction() as cur:
+            self.execute(cur, "UPDATE rounds SET deadline = ? WHERE round = ? AND cluster_id = ?", (deadline, rnd, cluster_id))
+
+    def rounds(self, state: str | None = None) -> list[tuple[int, int, str, float, float]]:
+        sql = "SELECT round, cluster_id, state, opened_at, deadline FROM rounds"
+        params: tuple = ()
+        if state is not None:
+            sql += " WHERE state = ?"
+            params = (state,)
+        return self.query(sql + " ORDER BY round, cluster_id", params)
+
+    def round_summaries(self) -> list[tuple[int, int, dict]]:
+        rows = self.query("SELECT round, cluster_id, summary FROM rounds WHERE state = 'closed' ORDER BY round, cluster_id")
+        return [(r, c, json.loads(s or "{}")) for r, c, s in rows]
+
+    def accept_update(self, rec: UpdateRecord) -> bool:
+        """Persist an update; False if this (round, cluster, device) was already accepted."""
+        with self.transaction() as cur:
+            self.execute(cur, "SELECT state FROM rounds WHERE round = ? AND cluster_id = ?", (rec.round, rec.cluster_id))
+            row = cur.fetchone()
+            if row is None or row[0] != "open":
+                raise ValueError(f"round {rec.round} of cluster {rec.cluster_id} is not open")
+            self.execute(cur, "INSERT INTO updates (round, cluster_id, device_id, delta, samples, loss, base_version, accepted_at) "
+                              "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (round, cluster_id, device_id) DO NOTHING",
+                         (rec.round, rec.cluster_id, rec.device_id, rec.delta, rec.samples, rec.loss, rec.base_version, time.time()))
+            return cur.rowcount == 1
+
+    def updates(self, rnd: int, cluster_id: int | None = None) -> list[UpdateRecord]:
+        sql = "SELECT round, cluster_id, device_id, delta, samples, loss, base_version FROM updates WHERE round = ?"
+        params: tuple = (rnd,)
+        if cluster_id is not None:
+            sql += " AND cluster_id = ?"
+            params += (cluster_id,)
+        return [UpdateRecord(*r) for r in self.query(sql + " ORDER BY device_id", params)]
+
+    def close_round(self, rnd: int, cluster_id: int, adapter: bytes, version: int, summary: dict) -> None:
+        """New adapter and closed round, atomically."""
+        with self.transaction() as cur:
+            self.execute(cur, "UPDATE clusters SET adapter = ?, version = ? WHERE cluster_id = ?", (adapter, version, cluster_id))
+            self.execute(cur, "UPDATE rounds SET state = 'closed', closed_at = ?, summary = ? WHERE round = ? AND cluster_id = ?",
+                         (time.time(), json.dumps(summary), rnd, cluster_id))
+
+    def close(self) -> None:
+        pass
+
+
+class SqliteStore(StateStore):
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+        except (sqlite3.OperationalError, OSError) as e:
+            raise StateUnavailable(f"cannot open state database {self.path}: {e}") from e
+        self.init_schema()
+
+    @contextmanager
+    def _tx(self):
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class PostgresStore(StateStore):
+    marker = "%s"
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        import psycopg
+
+        try:
+            self._conn = psycopg.connect(url, autocommit=False)
+        except psycopg.OperationalError as e:
+            raise StateUnavailable(f"cannot connect to PostgreSQL at {url}: {e}") from e
+        self.init_schema()
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s").replace("BLOB", "BYTEA")
+
+    def init_schema(self) -> None:
+        with self.transaction() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(7261)")  # workers starting together must not race on DDL
+            for stmt in SCHEMA:
+                cur.execute(self._sql(stmt))
+
+    @contextmanager
+    def _tx(self):
+        with self._conn.transaction():
+            with self._conn.cursor() as cur:
+                yield cur
+
+    def execute(self, cur, sql: str, params: tuple = ()) -> None:
+        cur.execute(self._sql(sql), params)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _is_pg_operational(e: Exception) -> bool:
+    try:
+        import psycopg
+
+        return isinstance(e, psycopg.OperationalError)
+    except ImportError:
+        return False
+
+
+def open_store(url: str) -> StateStore:
+    """``sqlite:///path/state.db`` (or a plain path) or ``postgresql://...``."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(url)
+    if url.startswith("sqlite:///"):  # sqlite:///relative.db, sqlite:////absolute.db (SQLAlchemy style)
+        url = url[len("sqlite:///"):]
+    return SqliteStore(url)

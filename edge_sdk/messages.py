@@ -1,0 +1,140 @@
+"""Message bodies: the msgpack maps that ride (usually encrypted) inside envelopes.
+
+Each body type declares its fields and their Python types once; ``decode`` refuses any
+body with a missing, extra or mistyped field, so handlers only ever see clean values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, TypeVar, get_type_hints
+
+import msgpack
+
+from edge_sdk.errors import Refusal, RefusedMessage
+
+T = TypeVar("T", bound="Body")
+MAX_BODY_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Body:
+    kind: ClassVar[str] = "body"
+
+    def encode(self) -> bytes:
+        return msgpack.packb(asdict(self), use_bin_type=True)
+
+    @classmethod
+    def decode(cls: type[T], data: bytes) -> T:
+        try:
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_BODY_BYTES)
+        except Exception as e:
+            raise RefusedMessage(Refusal.MALFORMED, f"{cls.kind} body is not msgpack ({type(e).__name__})") from None
+        if not isinstance(raw, dict):
+            raise RefusedMessage(Refusal.MALFORMED, f"{cls.kind} body is not a map")
+        hints = get_type_hints(cls)
+        names = {f.name for f in fields(cls)}
+        if set(raw) != names:
+            raise RefusedMessage(Refusal.MALFORMED, f"{cls.kind} body fields {sorted(map(str, raw))} != {sorted(names)}")
+        for name in names:
+            if not _type_ok(raw[name], hints[name]):
+                raise RefusedMessage(Refusal.MALFORMED, f"{cls.kind}.{name} has type {type(raw[name]).__name__}")
+        return cls(**raw)
+
+
+def _type_ok(value: Any, hint) -> bool:
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is dict or getattr(hint, "__origin__", None) is dict:
+        if not isinstance(value, dict):
+            return False
+        key_t, val_t = getattr(hint, "__args__", (object, object))
+        return all(_type_ok(k, key_t) and _type_ok(v, val_t) for k, v in value.items())
+    if hint is object:
+        return True
+    return isinstance(value, hint)
+
+
+@dataclass(frozen=True)
+class AggregatorKeys(Body):
+    kind: ClassVar[str] = "aggregator_keys"
+    aggregator_id: str
+    verify_key: bytes
+    box_key: bytes
+
+
+@dataclass(frozen=True)
+class Enrol(Body):
+    kind: ClassVar[str] = "enrol"
+    token: str
+    verify_key: bytes
+    box_key: bytes
+    profile: str
+
+
+@dataclass(frozen=True)
+class EnrolAck(Body):
+    kind: ClassVar[str] = "enrol_ack"
+    accepted: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClusterAssign(Body):
+    kind: ClassVar[str] = "cluster_assign"
+    cluster: int
+
+
+@dataclass(frozen=True)
+class RoundStart(Body):
+    kind: ClassVar[str] = "round_start"
+    round: int
+    cluster: int
+    version: int
+    base_version: int   # version the adapter payload is a delta against (-1: full adapter)
+    deadline: float
+    local_steps: int
+    codec: str
+    adapter: bytes
+
+
+@dataclass(frozen=True)
+class UpdateBody(Body):
+    kind: ClassVar[str] = "update"
+    cluster: int
+    codec: str
+    tensors: bytes
+    samples: int
+    steps: int
+    loss_before: float
+    loss_after: float
+    base_version: int
+
+
+@dataclass(frozen=True)
+class UpdateAck(Body):
+    kind: ClassVar[str] = "update_ack"
+    round: int
+    accepted: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class GenerateRequest(Body):
+    kind: ClassVar[str] = "generate_request"
+    request_id: str
+    encoding: bytes           # safetensors {"encoding": (384,)}
+    mix: dict[str, float]     # cluster id (as text) -> weight
+    n: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class GenerateResult(Body):
+    kind: ClassVar[str] = "generate_result"
+    request_id: str
+    ok: bool
+    reason: str
+    images: bytes             # safetensors {"images": (n, 1, 16, 16)}

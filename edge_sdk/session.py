@@ -1,0 +1,199 @@
+"""A device's side of the federation protocol, over an ``MqttTransport``.
+
+``FederatedSession`` wires an ``EdgeClient`` to the broker: it learns the aggregator's
+keys from the retained announcement (pinned by fingerprint, or trusted on first use
+and then pinned on disk), enrols, uploads the sealed task vector, and answers every
+round start with a trained, compressed, encrypted update. Training runs on the
+session's own worker thread, never on paho's network thread. A round start it has
+already answered is answered again with the same bytes, so a lost update is simply
+resent (the aggregator ignores duplicates).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_sdk import topics
+from edge_sdk.atomic import atomic_write_bytes
+from edge_sdk.client import SHARED, EdgeClient, LocalData
+from edge_sdk.compression import ErrorFeedback, decode_payload, make_codec
+from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType, parse_envelope
+from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
+from edge_sdk.identity import PublicIdentity, seal_to, verify_signature
+from edge_sdk.messages import AggregatorKeys, ClusterAssign, Enrol, EnrolAck, RoundStart, UpdateAck
+from edge_sdk.tensors import shapes_of
+from edge_sdk.transport import MqttConfig, MqttTransport
+from models.lora import get_adapter_state
+
+log = logging.getLogger("fedaigc.session")
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    cluster: int
+    loss_before: float
+    loss_after: float
+    bytes_up: int
+    accepted: bool | None = None
+
+
+class FederatedSession:
+    def __init__(self, client: EdgeClient, data: LocalData, mqtt: MqttConfig, *, codec: str = "fp32",
+                 task_prompts: list[str] | None = None) -> None:
+        self.client = client
+        self.data = data
+        self.task_prompts = list(task_prompts or data.prompts)
+        self.feedback = ErrorFeedback(make_codec(codec, seed=client.config.seed))
+        self.refusals = RefusalCounter()
+        self.mqtt = MqttConfig(**{**mqtt.__dict__, "client_id": f"fedaigc-{client.device_id}",
+                                  "will_topic": topics.status(client.device_id)})
+        self.transport = MqttTransport(self.mqtt, self.refusals)
+        self.writer = EnvelopeWriter(client.identity, client.device_id)
+        self.verifier: EnvelopeVerifier | None = None
+        self.aggregator_id: str | None = None
+        self.cluster: int | None = None
+        self.enrolled = threading.Event()
+        self.finished = threading.Event()
+        self.rounds: list[RoundRecord] = []
+        self._answers: dict[int, bytes] = {}  # round -> the update envelope we sent
+        self._work: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name=f"session-{client.device_id}", daemon=True)
+        self._state_path = Path(client.data_dir) / "session.json"
+        self._restore()
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self, timeout: float = 15.0) -> "FederatedSession":
+        self._worker.start()
+        self.transport.connect(timeout)
+        self.transport.subscribe(topics.down(self.client.device_id), self._on_down)
+        self.transport.subscribe(topics.AGGREGATOR_KEYS, self._on_keys)
+        self.transport.publish(topics.status(self.client.device_id), b"online", retain=True)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._work.put(None)
+        self.transport.close()
+        self._worker.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            job = self._work.get()
+            if job is None:
+                return
+            try:
+                job()
+            except RefusedMessage as e:
+                self.refusals.record(e, "session")
+            except Exception:
+                log.exception("%s: session job failed", self.client.device_id)
+
+    def _persist(self) -> None:
+        state = {"aggregator_id": self.aggregator_id, "cluster": self.cluster,
+                 "aggregator": None if self.client.aggregator is None else
+                 [self.client.aggregator.verify_key.hex(), self.client.aggregator.box_key.hex()]}
+        atomic_write_bytes(self._state_path, json.dumps(state).encode(), mode=0o600)
+
+    def _restore(self) -> None:
+        if not self._state_path.exists():
+            return
+        state = json.loads(self._state_path.read_text())
+        if state.get("aggregator"):
+            vk, bk = (bytes.fromhex(x) for x in state["aggregator"])
+            self._trust(state["aggregator_id"], PublicIdentity(vk, bk))
+        self.cluster = state.get("cluster")
+
+    # ------------------------------------------------------------ aggregator keys & enrolment
+    def _trust(self, aggregator_id: str, keys: PublicIdentity) -> None:
+        self.client.set_aggregator(keys)
+        self.aggregator_id = aggregator_id
+
+        def lookup(sender: str) -> bytes:
+            if sender != self.aggregator_id:
+                raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"{sender} is not this device's aggregator")
+            return keys.verify_key
+
+        self.verifier = EnvelopeVerifier(lookup, max_bytes=self.mqtt.max_message_bytes)
+
+    def _on_keys(self, topic: str, data: bytes) -> None:
+        if not data:
+            return
+        env = parse_envelope(data)
+        body = AggregatorKeys.decode(env.payload)
+        verify_signature(body.verify_key, env.signed_part(), env.signature)
+        keys = PublicIdentity(body.verify_key, body.box_key)
+        known = self.client.aggregator
+        if known is not None and known != keys:
+            pinned = self.client.config.aggregator_fingerprint
+            if pinned is None or keys.fingerprint != pinned:
+                raise RefusedMessage(Refusal.BAD_SIGNATURE,
+                                     f"aggregator keys changed to {keys.fingerprint}; not trusting them")
+        self._trust(body.aggregator_id, keys)
+        self._persist()
+        self._work.put(self._enrol)
+
+    def _enrol(self) -> None:
+        pub = self.client.identity.public
+        body = Enrol(self.client.config.enrolment_token, pub.verify_key, pub.box_key, self.client.config.profile)
+        sealed = seal_to(self.client.aggregator.box_key, body.encode())
+        self.transport.publish(topics.enrol(self.client.device_id), self.writer.build(MessageType.ENROL, sealed))
+
+    # ------------------------------------------------------------ downlink
+    def _on_down(self, topic: str, data: bytes) -> None:
+        if self.verifier is None:
+            raise RefusedMessage(Refusal.UNKNOWN_SENDER, "message before the aggregator's keys are known")
+        env = self.verifier.open(data)
+        body = self.client.identity.decrypt_from(self.client.aggregator.box_key, env.payload)
+        if env.type == MessageType.ENROL_ACK:
+            ack = EnrolAck.decode(body)
+            if not ack.accepted:
+                log.error("%s: enrolment refused: %s", self.client.device_id, ack.reason)
+                return
+            self.enrolled.set()
+            self._work.put(self._send_task)
+        elif env.type == MessageType.CLUSTER_ASSIGN:
+            self.cluster = ClusterAssign.decode(body).cluster
+            self._work.put(self._persist)
+        elif env.type == MessageType.ROUND_START:
+            start = RoundStart.decode(body)
+            self._work.put(lambda: self._on_round(start))
+        elif env.type == MessageType.UPDATE_ACK:
+            ack = UpdateAck.decode(body)
+            for rec in self.rounds:
+                if rec.round == ack.round:
+                    rec.accepted = ack.accepted
+            if not ack.accepted:
+                log.warning("%s: update for round %d refused: %s", self.client.device_id, ack.round, ack.reason)
+        else:
+            raise RefusedMessage(Refusal.WRONG_TYPE, f"{env.type.value} is not expected on a device's downlink")
+
+    def _send_task(self) -> None:
+        payload = self.client.task_payload(self.task_prompts)
+        self.transport.publish(topics.task(self.client.device_id), self.writer.build(MessageType.TASK, payload))
+
+    def _on_round(self, start: RoundStart) -> None:
+        expected = shapes_of(get_adapter_state(self.client.unet, SHARED))
+        adapter = decode_payload(start.codec, start.adapter, expected)
+        self.cluster = start.cluster
+        if start.local_steps == 0:  # the final adapter: install, no training
+            self.client.install_shared(adapter, start.version)
+            self.finished.set()
+            return
+        if start.round in self._answers:  # asked again: our update was lost or not yet counted
+            self.transport.publish(topics.update(self.client.device_id), self._answers[start.round])
+            return
+        update = self.client.train_round(adapter, self.data, steps=start.local_steps, version=start.version)
+        sealed = self.client.seal_update(update, start.cluster, self.feedback)
+        envelope = self.writer.build(MessageType.UPDATE, sealed, start.round)
+        self._answers = {start.round: envelope}
+        self.transport.publish(topics.update(self.client.device_id), envelope)
+        self.rounds.append(RoundRecord(start.round, start.cluster, update.loss_before, update.loss_after, len(envelope)))
+        log.info("%s: round %d trained (loss %.4f -> %.4f), sent %d bytes", self.client.device_id, start.round,
+                 update.loss_before, update.loss_after, len(envelope))

@@ -1,0 +1,64 @@
+"""The MQTT topic layout, in one place (README "Topic layout" mirrors this file).
+
+    fedaigc/v1/aggregator/keys                 retained  aggregator's public keys (signed)
+    fedaigc/v1/enrol/{device}                  device -> aggregator  enrolment (sealed)
+    fedaigc/v1/up/task/{device}                device -> aggregator  task vector (sealed)
+    fedaigc/v1/up/update/{device}              device -> aggregator  adapter delta (box)
+    fedaigc/v1/up/generate/{device}            device -> aggregator  generation request (sealed)
+    fedaigc/v1/down/{device}                   aggregator -> device  everything addressed to one device (box)
+    fedaigc/v1/status/{device}                 retained  "online" / "offline" (last will)
+    fedaigc/v1/rollout/manifest                retained  signed export manifest
+    fedaigc/v1/rollout/artifact/{sha256}       chunked   export artifacts by content hash
+    fedaigc/v1/rollout/report/{device}         device -> aggregator  installed version
+
+Aggregator workers share the uplink with ``$share/{group}/fedaigc/v1/up/#`` (MQTT v5).
+"""
+
+ROOT = "fedaigc/v1"
+AGGREGATOR_KEYS = f"{ROOT}/aggregator/keys"
+ROLLOUT_MANIFEST = f"{ROOT}/rollout/manifest"
+UPLINK_ALL = f"{ROOT}/up/#"
+ENROL_ALL = f"{ROOT}/enrol/+"
+STATUS_ALL = f"{ROOT}/status/+"
+ROLLOUT_REPORT_ALL = f"{ROOT}/rollout/report/+"
+
+
+def enrol(device: str) -> str:
+    return f"{ROOT}/enrol/{device}"
+
+
+def task(device: str) -> str:
+    return f"{ROOT}/up/task/{device}"
+
+
+def update(device: str) -> str:
+    return f"{ROOT}/up/update/{device}"
+
+
+def generate(device: str) -> str:
+    return f"{ROOT}/up/generate/{device}"
+
+
+def down(device: str) -> str:
+    return f"{ROOT}/down/{device}"
+
+
+def status(device: str) -> str:
+    return f"{ROOT}/status/{device}"
+
+
+def rollout_artifact(sha256: str) -> str:
+    return f"{ROOT}/rollout/artifact/{sha256}"
+
+
+def rollout_report(device: str) -> str:
+    return f"{ROOT}/rollout/report/{device}"
+
+
+def shared(group: str, topic_filter: str) -> str:
+    return f"$share/{group}/{topic_filter}"
+
+
+def device_of(topic: str) -> str:
+    """The device id a per-device topic ends with."""
+    return topic.rsplit("/", 1)[-1]

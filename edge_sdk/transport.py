@@ -1,0 +1,288 @@
+"""A thin MQTT transport over paho-mqtt 2.x (callback API v2).
+
+What it adds to paho, and nothing more: chunking of payloads above the broker's packet
+limit (read from the v5 CONNACK when the broker states one), reassembly per topic,
+per-topic byte counters at the MQTT payload level, re-subscription on reconnect, and a
+fallback from MQTT v5 to 3.1.1 for brokers that only speak the older protocol (the
+embedded amqtt broker): v5-only extras (message expiry, session expiry, user
+properties, shared subscriptions) are then skipped, everything else works the same.
+
+Protocol logic stays out of here: handlers receive ``(topic, payload_bytes)``.
+Handlers run on paho's network thread and must be quick; heavy work belongs on a queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edge_sdk.chunking import Reassembler, is_chunk, split_payload
+from edge_sdk.errors import RefusalCounter, RefusedMessage
+
+log = logging.getLogger("fedaigc.transport")
+
+Handler = Callable[[str, bytes], None]
+DEFAULT_MAX_FRAME = 256 * 1024  # conservative when the broker does not state a limit
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    url: str = "mqtt://127.0.0.1:1883"
+    client_id: str = field(default_factory=lambda: f"fedaigc-{uuid.uuid4().hex[:12]}")
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None       # CA bundle; mqtts:// with no CA uses the system store
+    keepalive: int = 30
+    session_expiry_s: int = 3600    # v5: broker keeps subscriptions and QoS-1 messages this long
+    protocol: str = "auto"          # "auto" (v5, falling back to 3.1.1), "5" or "3.1.1"
+    max_frame: int | None = None    # chunk above this; None: broker's limit or 256 KiB
+    will_topic: str | None = None
+    will_payload: bytes = b"offline"
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 30
+    max_message_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        parsed = urlparse(self.url)
+        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"MQTT url must start with mqtt:// or mqtts://, got {self.url!r}")
+        if not parsed.hostname:
+            raise ValueError(f"MQTT url has no host: {self.url!r}")
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ValueError(f"protocol must be auto, 5 or 3.1.1, got {self.protocol!r}")
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parsed = urlparse(self.url)
+        return parsed.port or (8883 if self.tls else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.url).scheme in ("mqtts", "ssl") or self.tls_ca is not None
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        parsed = urlparse(self.url)
+        user = self.username if self.username is not None else (unquote(parsed.username) if parsed.username else None)
+        pw = self.password if self.password is not None else (unquote(parsed.password) if parsed.password else None)
+        return user, pw
+
+
+class MqttTransport:
+    def __init__(self, config: MqttConfig, refusals: RefusalCounter | None = None) -> None:
+        self.config = config
+        self.refusals = refusals or RefusalCounter()
+        self.connected = threading.Event()
+        self.bytes_out: Counter[str] = Counter()
+        self.bytes_in: Counter[str] = Counter()
+        self.protocol: int | None = None
+        self.broker_max_packet: int | None = None
+        self._handlers: list[tuple[str, Handler, int]] = []
+        self._reassembler = Reassembler(max_message_bytes=config.max_message_bytes)
+        self._lock = threading.Lock()
+        self._client: mqtt.Client | None = None
+        self._closing = False
+        self._protocol_refused = threading.Event()
+
+    # ------------------------------------------------------------ lifecycle
+    def connect(self, timeout: float = 10.0) -> "MqttTransport":
+        order = {"5": [mqtt.MQTTv5], "3.1.1": [mqtt.MQTTv311], "auto": [mqtt.MQTTv5, mqtt.MQTTv311]}[self.config.protocol]
+        last_error = None
+        for protocol in order:
+            self._protocol_refused.clear()
+            self._client = self._make_client(protocol)
+            try:
+                self._start(self._client, protocol)
+            except OSError as e:
+                last_error = e
+                self._client.loop_stop()
+                break
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.connected.wait(0.05):
+                    self.protocol = protocol
+                    return self
+                if self._protocol_refused.is_set():
+                    break
+            self._client.disconnect()
+            self._client.loop_stop()
+            last_error = TimeoutError(f"no CONNACK from {self.config.url} with MQTT {_name(protocol)}")
+        raise ConnectionError(f"cannot connect to the MQTT broker at {self.config.url}: {last_error}")
+
+    def _make_client(self, protocol: int) -> mqtt.Client:
+        c = self.config
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=c.client_id,
+            protocol=protocol,
+            clean_session=False if protocol == mqtt.MQTTv311 else None,
+        )
+        user, pw = c.credentials()
+        if user is not None:
+            client.username_pw_set(user, pw)
+        if c.tls:
+            client.tls_set(ca_certs=c.tls_ca, cert_reqs=ssl.CERT_REQUIRED)
+        if c.will_topic:
+            client.will_set(c.will_topic, c.will_payload, qos=1, retain=True)
+        client.reconnect_delay_set(c.reconnect_min_s, c.reconnect_max_s)
+        client.max_queued_messages_set(0)  # unbounded: QoS-1 messages wait out a broker outage
+        client.max_inflight_messages_set(64)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _start(self, client: mqtt.Client, protocol: int) -> None:
+        kwargs = {}
+        if protocol == mqtt.MQTTv5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.config.session_expiry_s
+            kwargs = {"clean_start": False, "properties": props}
+        client.connect_async(self.config.host, self.config.port, self.config.keepalive, **kwargs)
+        client.loop_start()
+
+    def close(self) -> None:
+        self._closing = True
+        if self._client is not None:
+            if self.config.will_topic and self.connected.is_set():
+                # a clean exit still tells the fleet we are gone (the will only fires on a lost link)
+                self._client.publish(self.config.will_topic, self.config.will_payload, qos=1, retain=True).wait_for_publish(2)
+            self._client.disconnect()
+            self._client.loop_stop()
+        self.connected.clear()
+
+    def __enter__(self) -> "MqttTransport":
+        return self.connect()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def v5(self) -> bool:
+        return self.protocol == mqtt.MQTTv5
+
+    # ------------------------------------------------------------ callbacks (paho network thread)
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker %s refused the connection: %s", self.config.url, reason_code)
+            if "protocol" in str(reason_code).lower():
+                self._protocol_refused.set()
+            return
+        if properties is not None and hasattr(properties, "MaximumPacketSize"):
+            self.broker_max_packet = int(properties.MaximumPacketSize)
+        with self._lock:
+            handlers = list(self._handlers)
+        for topic, _, qos in handlers:
+            client.subscribe(topic, **self._sub_kwargs(qos))
+        self.connected.set()
+        log.info("connected to %s (session present: %s)", self.config.url, getattr(flags, "session_present", None))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self._closing:
+            log.warning("lost the broker at %s (%s); paho reconnects with backoff", self.config.url, reason_code)
+            if str(reason_code).lower().startswith("unsupported protocol"):
+                self._protocol_refused.set()
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        topic, payload = message.topic, bytes(message.payload)
+        with self._lock:
+            self.bytes_in[topic] += len(payload)
+            handlers = [h for f, h, _ in self._handlers if mqtt.topic_matches_sub(_strip_share(f), topic)]
+        try:
+            if is_chunk(payload):
+                payload = self._reassembler.feed(topic, payload)
+                if payload is None:
+                    return
+        except RefusedMessage as e:
+            self.refusals.record(e, topic)
+            return
+        for handler in handlers:
+            try:
+                handler(topic, payload)
+            except RefusedMessage as e:
+                self.refusals.record(e, topic)
+            except Exception:  # a handler bug must not kill paho's network thread
+                log.exception("handler for %s failed", topic)
+
+    # ------------------------------------------------------------ API
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        if topic_filter.startswith("$share/") and self.protocol not in (None, mqtt.MQTTv5):
+            raise RuntimeError("shared subscriptions need MQTT v5; this broker only speaks 3.1.1")
+        with self._lock:
+            self._handlers.append((topic_filter, handler, qos))
+        if self._client is not None and self.connected.is_set():
+            self._client.subscribe(topic_filter, **self._sub_kwargs(qos))
+
+    def _sub_kwargs(self, qos: int) -> dict:
+        if self.v5:
+            return {"options": SubscribeOptions(qos=qos)}
+        return {"qos": qos}
+
+    def max_frame(self) -> int:
+        if self.config.max_frame is not None:
+            return self.config.max_frame
+        if self.broker_max_packet:
+            return max(1024, min(DEFAULT_MAX_FRAME, self.broker_max_packet - 1024))
+        return DEFAULT_MAX_FRAME
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                expiry_s: int | None = None) -> list[mqtt.MQTTMessageInfo]:
+        """Publish (chunked if needed). QoS-1 messages queue in paho while the broker is away."""
+        if self._client is None:
+            raise RuntimeError("connect() first")
+        frames = split_payload(payload, self.max_frame())
+        if retain and len(frames) > 1:
+            raise ValueError("a retained message must fit in one frame")
+        props = None
+        if self.v5 and expiry_s is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = int(expiry_s)
+        infos = []
+        for frame in frames:
+            infos.append(self._client.publish(topic, frame, qos=qos, retain=retain, properties=props))
+            with self._lock:
+                self.bytes_out[topic] += len(frame)
+        return infos
+
+    def clear_retained(self, topic: str) -> None:
+        self._client.publish(topic, b"", qos=1, retain=True)
+
+    def wait_published(self, infos: list[mqtt.MQTTMessageInfo], timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            while not info.is_published():
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.01)
+        return True
+
+    def byte_totals(self) -> dict[str, int]:
+        with self._lock:
+            return {"out": sum(self.bytes_out.values()), "in": sum(self.bytes_in.values())}
+
+
+def _strip_share(topic_filter: str) -> str:
+    """``$share/group/a/b`` delivers messages whose topic matches ``a/b``."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
+
+
+def _name(protocol: int) -> str:
+    return {mqtt.MQTTv5: "5", mqtt.MQTTv311: "3.1.1"}.get(protocol, str(protocol))
