@@ -14,6 +14,7 @@ event loop and crashes stay out of ours.
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import shutil
 import socket
@@ -70,6 +71,9 @@ class EmbeddedBroker:
                 f"listener {self.port} {self.host}\nallow_anonymous true\n"
                 f"persistence true\npersistence_location {self.state_dir}/\nautosave_interval 1\n"
                 "max_queued_messages 100000\nmessage_size_limit 0\n"
+                # run as whoever we are: mosquitto started as root would otherwise switch to a
+                # 'mosquitto' user that cannot write our state directory
+                f"user {getpass.getuser()}\n"
             )
             cmd = ["mosquitto", "-c", str(conf)]
         else:

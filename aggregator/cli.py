@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="rebuild the shipped base denoiser on unstyled public digits",
                        description="Train the unstyled base UNet from scratch (deterministic) and save it.")
     p.add_argument("--out", default=str(BASE_MODEL_DIR), help="directory to write (default: the shipped model)")
-    p.add_argument("--steps", type=int, default=6000, help="optimizer steps (default: 6000)")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: 3000)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--blocks", default="16,32", help="UNet block widths, comma-separated (default: 16,32)")

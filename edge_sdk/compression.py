@@ -165,6 +165,7 @@ class TopKCodec(Codec):
         for k, v in tensors.items():
             idx = self.select(v)
             index[f"{k}::idx"] = idx.to(torch.int32)
+            index[f"{k}::shape"] = torch.tensor(tuple(v.shape), dtype=torch.int64)
             picked[k] = v.flatten()[idx].reshape(1, -1)
         inner = self.values.encode(picked)
         return pack_tensors(index | {"::values": torch.frombuffer(bytearray(inner), dtype=torch.uint8)})
@@ -172,10 +173,12 @@ class TopKCodec(Codec):
     def decode(self, data, expected):
         raw = unpack_tensors(data, None, allow_int=True)
         names = set(raw) - {"::values"}
-        if "::values" not in raw or names != {f"{k}::idx" for k in expected}:
+        if "::values" not in raw or names != {f"{k}::{p}" for k in expected for p in ("idx", "shape")}:
             raise RefusedMessage(Refusal.BAD_TENSORS, "top-k payload names do not match the adapter")
         value_shapes = {}
         for k, shape in expected.items():
+            if raw[f"{k}::shape"].tolist() != list(shape):
+                raise RefusedMessage(Refusal.BAD_TENSORS, f"{k} has shape {raw[f'{k}::shape'].tolist()}, expected {list(shape)}")
             idx = raw[f"{k}::idx"]
             if idx.dtype != torch.int32 or idx.ndim != 1:
                 raise RefusedMessage(Refusal.BAD_TENSORS, f"{k}: indices must be a 1-d int32 tensor")

@@ -8,6 +8,7 @@ styles. Nothing here hand-rolls a LoRA layer: peft owns the layers, we own the b
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -56,7 +57,10 @@ def add_adapter(unet: torch.nn.Module, name: str, spec: LoraSpec, seed: int = 0)
     """Attach a fresh adapter ``name``; its initial A is deterministic for ``seed``."""
     if name in adapter_names(unet):
         raise ValueError(f"adapter {name!r} already exists")
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        # peft warns on every second adapter and on quantized bases; both are what we intend
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
         torch.manual_seed(seed)
         unet.add_adapter(spec.to_peft(), adapter_name=name)
 

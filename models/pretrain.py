@@ -33,7 +33,7 @@ class PretrainResult:
 
 def pretrain_base(
     config: UNetConfig = UNetConfig(),
-    train: TrainConfig = TrainConfig(steps=6000, batch_size=64, lr=2e-3, seed=0),
+    train: TrainConfig = TrainConfig(steps=3000, batch_size=64, lr=2e-3, seed=0),
     progress: bool = True,
 ) -> PretrainResult:
     """Train the base denoiser from scratch on unstyled public digits (deterministic)."""

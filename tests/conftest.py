@@ -1,0 +1,43 @@
+"""Shared fixtures: a real MQTT broker, seeded torch, quiet third-party loggers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+
+for noisy in ("amqtt", "transitions", "torchao", "httpx"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mqtt_url():
+    """The machine's Mosquitto at 127.0.0.1:1883 when it runs, else an embedded broker on a free port."""
+    from aggregator.broker import EmbeddedBroker, broker_listening
+
+    if broker_listening("127.0.0.1", 1883):
+        yield "mqtt://127.0.0.1:1883"
+        return
+    broker = EmbeddedBroker("127.0.0.1", free_port()).start()
+    try:
+        yield broker.url
+    finally:
+        broker.close()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+from models.data import STYLES, apply_style, make_personas, private_digits, public_digits, style_templates
+
+
+def test_there_are_at_least_eight_deterministic_styles():
+    assert len(STYLES) >= 8
+    x, _ = public_digits()
+    for style in STYLES:
+        a, b = apply_style(x[:5], style), apply_style(x[:5], style)
+        assert torch.equal(a, b)
+        assert a.shape == (5, 1, 16, 16) and 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+        assert not torch.equal(a, x[:5]), style
+
+
+def test_every_style_has_eight_paraphrases():
+    for style in STYLES:
+        assert len(set(style_templates(style))) >= 8
+
+
+def test_public_and_private_halves_are_disjoint_and_cover_the_dataset():
+    xp, yp = public_digits()
+    xq, yq = private_digits()
+    assert len(yp) + len(yq) == 1797
+    flat_p = {tuple(r.flatten().tolist()) for r in xp}
+    assert not any(tuple(r.flatten().tolist()) in flat_p for r in xq[:200])
+
+
+def test_personas_are_deterministic_for_a_seed():
+    a = make_personas(6, 3, seed=5)
+    b = make_personas(6, 3, seed=5)
+    c = make_personas(6, 3, seed=6)
+    assert [p.train_prompts for p in a] == [p.train_prompts for p in b]
+    assert all(torch.equal(p.train_images, q.train_images) for p, q in zip(a, b))
+    assert [p.train_prompts for p in a] != [p.train_prompts for p in c]
+
+
+def test_personas_have_one_style_skewed_digits_and_own_words():
+    personas = make_personas(8, 4, seed=0)
+    assert [p.style for p in personas] == [STYLES[i % 4] for i in range(8)]
+    for p in personas:
+        assert len(p.train_prompts) == len(p.train_images)
+        assert len(p.test_prompts) == len(p.test_images) > 0
+        for prompt, d in zip(p.train_prompts, p.train_digits.tolist()):
+            assert str(d) in prompt or DIGIT_WORDS[d] in prompt, prompt
+    peak = [float(torch.bincount(p.train_digits, minlength=10).max()) / (len(p.train_digits) / 10) for p in personas]
+    assert sum(peak) / len(peak) > 2.0  # skewed digit mixes, not uniform ones
+    same_style = [p for p in personas if p.style == personas[0].style]
+    shared = set(same_style[0].train_prompts) & set(same_style[1].train_prompts)
+    assert len(shared) < 0.25 * len(set(same_style[0].train_prompts))
+
+
+def test_uneven_groups_follow_sizes():
+    personas = make_personas(7, 3, seed=0, sizes=[4, 2, 1])
+    assert [p.style for p in personas] == [STYLES[0]] * 4 + [STYLES[1]] * 2 + [STYLES[2]]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"n_clients": 4, "n_styles": len(STYLES) + 1, "seed": 0},
+    {"n_clients": 0, "n_styles": 2, "seed": 0},
+    {"n_clients": 4, "n_styles": 2, "seed": 0, "sizes": [3, 3]},
+    {"n_clients": 2, "n_styles": 1, "seed": 0, "styles": ["no-such-style"]},
+])
+def test_bad_persona_arguments_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        make_personas(**kwargs)
+
+
+def test_unknown_style_raises_value_error():
+    with pytest.raises(ValueError, match="unknown style"):
+        apply_style(torch.zeros(1, 1, 16, 16), "sparkly")

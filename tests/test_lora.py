@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from models.lora import (
+    LoraSpec,
+    add_adapter,
+    delta_weight,
+    factorize,
+    get_adapter_state,
+    merge_adapters,
+    set_adapter_state,
+    set_mix,
+    trainable_share,
+)
+from models.text import PromptEncoder
+from models.unet import denoise, load_base_unet
+
+
+def _probe(unet):
+    torch.manual_seed(1)
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([100, 700])
+    enc = torch.from_numpy(PromptEncoder().encode(["a bold 2", "a thin 9"]))
+    with torch.no_grad():
+        return denoise(unet, x, t, enc)
+
+
+def _randomize(unet, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    state = get_adapter_state(unet, name)
+    set_adapter_state(unet, name, {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in state.items()})
+
+
+def test_adapter_is_under_five_percent_of_the_unet():
+    unet = load_base_unet()
+    add_adapter(unet, "a", LoraSpec())
+    assert 0 < trainable_share(unet, "a") < 0.05
+
+
+def test_fresh_adapter_changes_nothing_and_a_trained_one_changes_outputs():
+    unet = load_base_unet()
+    base = _probe(unet)
+    add_adapter(unet, "a", LoraSpec())
+    set_mix(unet, {"a": 1.0})
+    torch.testing.assert_close(_probe(unet), base)
+    _randomize(unet, "a", 0)
+    assert (_probe(unet) - base).abs().max() > 1e-3
+
+
+def test_adapter_state_round_trips_and_refuses_wrong_names():
+    unet = load_base_unet()
+    add_adapter(unet, "a", LoraSpec())
+    _randomize(unet, "a", 0)
+    state = get_adapter_state(unet, "a")
+    add_adapter(unet, "b", LoraSpec())
+    set_adapter_state(unet, "b", state)
+    assert all(torch.equal(state[k], get_adapter_state(unet, "b")[k]) for k in state)
+    with pytest.raises(ValueError):
+        set_adapter_state(unet, "b", {"nope.lora_A.weight": torch.zeros(1)})
+    with pytest.raises(ValueError):
+        set_adapter_state(unet, "b", {k: torch.zeros(3) for k in state})
+
+
+def test_weighted_mix_is_linear_in_the_adapter_weights():
+    unet = load_base_unet()
+    base = _probe(unet)
+    add_adapter(unet, "a", LoraSpec())
+    _randomize(unet, "a", 0)
+    set_mix(unet, {"a": 1.0})
+    full = _probe(unet) - base
+    set_mix(unet, {"a": 0.0})
+    torch.testing.assert_close(_probe(unet), base, atol=1e-6, rtol=0)
+    set_mix(unet, {"a": 0.5})
+    half = _probe(unet) - base
+    assert 0.2 < float(half.norm() / full.norm()) < 0.8
+
+
+def test_merging_an_adapter_keeps_outputs():
+    unet = load_base_unet()
+    add_adapter(unet, "a", LoraSpec())
+    _randomize(unet, "a", 3)
+    set_mix(unet, {"a": 1.0})
+    expected = _probe(unet)
+    merge_adapters(unet, {"a": 1.0})
+    torch.testing.assert_close(_probe(unet), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_factorize_recovers_a_low_rank_product():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 20, generator=g), torch.randn(12, 3, generator=g)
+    delta = delta_weight(a, b, 0.5)
+    a2, b2 = factorize(delta, 3, a.shape, b.shape, 0.5)
+    torch.testing.assert_close(delta_weight(a2, b2, 0.5), delta, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [{"rank": 0}, {"rank": -1}, {"rank": 2.5}, {"alpha": 0.0}, {"target_modules": ()}])
+def test_bad_lora_spec_raises_value_error(bad):
+    with pytest.raises(ValueError):
+        LoraSpec(**bad)

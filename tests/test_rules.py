@@ -1,0 +1,116 @@
+"""The maths of the aggregation rules, on tiny tensors."""
+
+import pytest
+import torch
+
+from aggregator.rules import ClientUpdate, ExactLoraAggregation, ExactMedian, ExactTrimmedMean, FedAvgLora, NormClipping
+from aggregator.rules.clipping import update_norm
+from models.lora import LoraSpec, delta_weight
+
+SPEC = LoraSpec(rank=4, target_modules=("m",))
+
+
+def adapter(a, b):
+    return {"m.lora_A.weight": a, "m.lora_B.weight": b}
+
+
+def block_client(slot, seed):
+    """A rank-2 update living in rank slots [2*slot, 2*slot+2): two such clients share no slots."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.zeros(4, 6), torch.zeros(5, 4)
+    a[2 * slot:2 * slot + 2] = torch.randn(2, 6, generator=g)
+    b[:, 2 * slot:2 * slot + 2] = torch.randn(5, 2, generator=g)
+    return adapter(a, b)
+
+
+def product(ad):
+    return delta_weight(ad["m.lora_A.weight"], ad["m.lora_B.weight"], SPEC.scale)
+
+
+CURRENT = adapter(torch.zeros(4, 6), torch.zeros(5, 4))
+CLIENTS = [ClientUpdate("c0", block_client(0, 1), 30), ClientUpdate("c1", block_client(1, 2), 10)]
+TRUE_MEAN = (30 * product(CLIENTS[0].adapter) + 10 * product(CLIENTS[1].adapter)) / 40
+
+
+def test_exact_aggregation_reproduces_the_weighted_mean_of_products():
+    out = ExactLoraAggregation().aggregate(CURRENT, CLIENTS, SPEC).adapter
+    torch.testing.assert_close(product(out), TRUE_MEAN, atol=1e-5, rtol=1e-5)
+
+
+def test_naive_fedavg_of_factors_does_not():
+    out = FedAvgLora().aggregate(CURRENT, CLIENTS, SPEC).adapter
+    assert (product(out) - TRUE_MEAN).norm() > 0.3 * TRUE_MEAN.norm()
+
+
+def test_exact_is_the_best_rank_r_approximation_when_the_mean_has_higher_rank():
+    g = torch.Generator().manual_seed(0)
+    clients = [ClientUpdate(f"c{i}", adapter(torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g)), 1)
+               for i in range(3)]
+    mean = sum(product(c.adapter) for c in clients) / 3
+    out = product(ExactLoraAggregation().aggregate(CURRENT, clients, SPEC).adapter)
+    s = torch.linalg.svdvals(mean)
+    torch.testing.assert_close((out - mean).norm(), s[4:].norm(), atol=1e-4, rtol=1e-4)
+
+
+def test_exact_keeps_rank_slots_alive_when_the_mean_is_zero():
+    init = adapter(torch.randn(4, 6), torch.zeros(5, 4))
+    out = ExactLoraAggregation().aggregate(init, [ClientUpdate("c", init, 5)], SPEC).adapter
+    assert out["m.lora_A.weight"].norm() > 0  # B = 0 but A survives, so training can restart
+    assert out["m.lora_B.weight"].abs().max() == 0
+
+
+def test_weights_follow_sample_counts():
+    a = ClientUpdate("a", adapter(torch.ones(4, 6), torch.ones(5, 4)), 3)
+    b = ClientUpdate("b", adapter(torch.zeros(4, 6), torch.zeros(5, 4)), 1)
+    out = FedAvgLora().aggregate(CURRENT, [a, b], SPEC).adapter
+    torch.testing.assert_close(out["m.lora_A.weight"], torch.full((4, 6), 0.75))
+
+
+def test_invalid_updates_are_rejected_with_a_reason_and_the_rest_aggregated():
+    nan = ClientUpdate("nan", adapter(torch.full((4, 6), float("nan")), torch.zeros(5, 4)), 1)
+    shape = ClientUpdate("shape", adapter(torch.zeros(3, 6), torch.zeros(5, 3)), 1)
+    result = ExactLoraAggregation().aggregate(CURRENT, CLIENTS + [nan, shape], SPEC)
+    assert result.rejected == {"nan": "non_finite", "shape": "bad_tensors"}
+    assert sorted(result.accepted) == ["c0", "c1"]
+
+
+def honest(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base_a, base_b = torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g)
+    return [ClientUpdate(f"h{i}", adapter(base_a + 0.05 * torch.randn(4, 6, generator=g),
+                                           base_b + 0.05 * torch.randn(5, 4, generator=g)), 10) for i in range(n)]
+
+
+@pytest.mark.parametrize("rule", [NormClipping(ExactLoraAggregation()), ExactMedian(), ExactTrimmedMean(0.2)])
+@pytest.mark.parametrize("attack", ["scaled", "nan"])
+def test_a_poisoned_update_cannot_move_the_robust_aggregate_far(rule, attack):
+    clients = honest(8)
+    clean = product(ExactLoraAggregation().aggregate(CURRENT, clients, SPEC).adapter)
+    victim = clients[0].adapter
+    if attack == "scaled":
+        bad = {k: v * 100 for k, v in victim.items()}
+    else:
+        bad = {k: torch.full_like(v, float("nan")) for k, v in victim.items()}
+    poisoned = product(rule.aggregate(CURRENT, clients + [ClientUpdate("evil", bad, 10)], SPEC).adapter)
+    assert (poisoned - clean).norm() <= 0.15 * clean.norm()  # the stated bound: 15% of the clean aggregate
+
+
+def test_plain_mean_is_moved_by_the_same_attack():
+    clients = honest(8)
+    clean = product(ExactLoraAggregation().aggregate(CURRENT, clients, SPEC).adapter)
+    bad = {k: v * 100 for k, v in clients[0].adapter.items()}
+    poisoned = product(ExactLoraAggregation().aggregate(CURRENT, clients + [ClientUpdate("evil", bad, 10)], SPEC).adapter)
+    assert (poisoned - clean).norm() > clean.norm()
+
+
+def test_clipping_screens_out_a_huge_update_and_clips_moderate_ones():
+    clients = honest(6)
+    huge = ClientUpdate("huge", {k: v * 1000 for k, v in clients[0].adapter.items()}, 10)
+    result = NormClipping(ExactLoraAggregation(), multiple=2.0, screen_multiple=10.0).aggregate(CURRENT, clients + [huge], SPEC)
+    assert result.rejected == {"huge": "poisoned"}
+    assert update_norm(CURRENT, huge.adapter) > 100 * update_norm(CURRENT, clients[1].adapter)
+
+
+def test_trimmed_mean_refuses_a_bad_beta():
+    with pytest.raises(ValueError):
+        ExactTrimmedMean(0.5)
