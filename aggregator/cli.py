@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 
@@ -25,10 +28,79 @@ def _pretrain(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     result.unet.save_pretrained(out, safe_serialization=True)
-    summary = {"out": str(out), "steps": args.steps, "seconds": round(result.seconds, 1),
+    summary = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+               "seconds": round(result.seconds, 1),
                "final_loss": sum(result.losses[-100:]) / max(1, len(result.losses[-100:]))}
     (out / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _train_central(args: argparse.Namespace) -> int:
+    from models.pretrain import central_report
+
+    print(json.dumps(central_report(args.clients, args.styles, args.seed, args.steps), indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from aggregator.demo import run_demo
+    from aggregator.simulation import FleetConfig
+
+    cfg = FleetConfig(devices=args.devices, styles=args.styles, rounds=args.rounds, local_steps=args.local_steps,
+                      seed=args.seed, mqtt_url=args.mqtt_url, codec=args.codec, processes=args.processes)
+    summary = run_demo(cfg, Path(args.out))
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote {args.out}/ in {summary['total_seconds']} s")
+    return 0
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from aggregator.broker import ensure_broker
+
+    broker = ensure_broker(args.mqtt_url, kind=args.kind)
+    if broker is None:
+        print(f"a broker already answers at {args.mqtt_url}; nothing to start")
+        return 0
+    print(f"embedded {broker.kind} broker at {broker.url}; Ctrl-C stops it")
+    _wait_for_signal()
+    broker.close()
+    return 0
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def _aggregator(args: argparse.Namespace) -> int:
+    from aggregator.broker import ensure_broker
+    from aggregator.config import AggregatorConfig
+    from aggregator.service import AggregatorService
+
+    overrides = {"role": args.role, "mqtt_url": args.mqtt_url, "state_url": args.state}
+    if args.config:
+        config = AggregatorConfig.from_toml(args.config, **overrides)
+    else:
+        config = AggregatorConfig(**{k: v for k, v in overrides.items() if v is not None})
+    broker = ensure_broker(config.mqtt_url) if args.start_broker else None
+    service = AggregatorService(config).start()
+    print(f"aggregator {config.aggregator_id} ({config.role}) running; key fingerprint "
+          f"{service.identity.public.fingerprint}; Ctrl-C stops it", file=sys.stderr)
+    _wait_for_signal()
+    service.stop()
+    if broker is not None:
+        broker.close()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from aggregator.status import read_status, render_status
+
+    status = read_status(args.state)
+    print(json.dumps(status, indent=2, default=str) if args.json else render_status(status))
     return 0
 
 
@@ -36,7 +108,44 @@ def build_parser() -> argparse.ArgumentParser:
     from models.unet import BASE_MODEL_DIR
 
     parser = argparse.ArgumentParser(prog="fedaigc", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="run a real federation on this machine and write demo-out/",
+                       description="Start (or find) a broker, an aggregator and simulated devices; run the "
+                                   "rounds; write grids, a hybrid grid, a convergence plot and a report.")
+    p.add_argument("--devices", type=int, default=12)
+    p.add_argument("--styles", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--local-steps", type=int, default=20)
+    p.add_argument("--codec", default="fp32", help="uplink codec: fp32, fp16, int8, int4, topk:F[+int8]")
+    p.add_argument("--processes", type=int, default=2, help="device worker processes (default: 2)")
+    p.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883",
+                   help="broker to use; an embedded one is started there if nothing answers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="demo-out")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("broker", help="run the embedded MQTT broker unless one already answers",
+                       description="Start mosquitto (if installed) or amqtt at --mqtt-url when nothing listens there.")
+    p.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
+    p.add_argument("--kind", choices=["auto", "mosquitto", "amqtt"], default="auto")
+    p.set_defaults(func=_broker)
+
+    p = sub.add_parser("aggregator", help="run the aggregator daemon",
+                       description="Run the aggregator (roles: edge, cloud, all) until SIGINT/SIGTERM.")
+    p.add_argument("--config", help="aggregator.toml (see examples/aggregator.toml)")
+    p.add_argument("--role", choices=["all", "edge", "cloud"])
+    p.add_argument("--mqtt-url")
+    p.add_argument("--state", help="state store: a SQLite path or postgresql://...")
+    p.add_argument("--start-broker", action="store_true", help="start an embedded broker if none answers")
+    p.set_defaults(func=_aggregator)
+
+    p = sub.add_parser("status", help="show rounds, clusters, devices, refusals and bytes from the state store",
+                       description="Read the aggregator's state store and print its status.")
+    p.add_argument("--state", default="fedaigc-state/state.db", help="SQLite path or postgresql://...")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_status)
 
     p = sub.add_parser("pretrain", help="rebuild the shipped base denoiser on unstyled public digits",
                        description="Train the unstyled base UNet from scratch (deterministic) and save it.")
@@ -47,12 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", default="16,32", help="UNet block widths, comma-separated (default: 16,32)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("train-central", help="train one adapter per style on pooled persona data (upper bound)",
+                       description="Centralized baseline: one LoRA per style on all personas' data; prints quality.")
+    p.add_argument("--clients", type=int, default=12)
+    p.add_argument("--styles", type=int, default=4)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_train_central)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("amqtt", "transitions", "torchao", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     return int(args.func(args) or 0)
 
 

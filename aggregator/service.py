@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,8 @@ class AggregatorService:
         self.online: dict[str, bool] = {}
         self.traffic: dict[int, dict[str, dict[str, int]]] = {}  # round -> device -> {"up", "down"}
         self.done = threading.Event()
+        # called as listener(completed_round, {cluster: adapter}) once a round's adapters are committed
+        self.round_listeners: list[Callable[[int, dict[int, dict[str, torch.Tensor]]], None]] = []
         self.transport: MqttTransport | None = None
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -315,6 +318,8 @@ class AggregatorService:
         for cid in adapters:
             for device in self.members(cid):
                 self._send_round_start(device, rnd if not final else self.config.rounds, cid, install_only=final)
+        for listener in self.round_listeners:
+            listener(rnd - 1, {cid: {k: v.clone() for k, v in a.items()} for cid, a in adapters.items()})
         self._persist_metrics()
         if final:
             log.info("federation finished after %d rounds", self.config.rounds)

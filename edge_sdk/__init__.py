@@ -6,10 +6,7 @@
 The SDK never imports the aggregator.
 """
 
-import os
-
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
-
+import models  # noqa: F401,E402  (quiet torchao before anything imports it)
 from edge_sdk.client import PERSONAL, SHARED, EdgeClient, LocalData, Update  # noqa: E402
 from edge_sdk.config import PROFILES, DeviceConfig, DeviceProfile  # noqa: E402
 from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage  # noqa: E402

@@ -162,7 +162,8 @@ class EdgeClient:
         self.check_memory(batch)
         encodings = torch.from_numpy(self.encode(data.prompts))
         eval_seed = self.config.seed if seed is None else seed
-        before = evaluation_loss(self.unet, data.images, encodings, seed=eval_seed)
+        probe = slice(0, 64)  # a fixed probe of the local data keeps the before/after loss cheap and comparable
+        before = evaluation_loss(self.unet, data.images[probe], encodings[probe], seed=eval_seed, repeats=4)
         params = [p for n, p in self.unet.named_parameters() if any(f".{a}." in n for a in active)]
         for p in params:
             p.requires_grad_(True)
@@ -172,7 +173,7 @@ class EdgeClient:
         finally:
             for p in params:
                 p.requires_grad_(False)
-        after = evaluation_loss(self.unet, data.images, encodings, seed=eval_seed)
+        after = evaluation_loss(self.unet, data.images[probe], encodings[probe], seed=eval_seed, repeats=4)
         end = get_adapter_state(self.unet, SHARED)
         self.save()
         return Update({k: end[k] - start[k] for k in end}, len(data.prompts), steps, before, after, version)

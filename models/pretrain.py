@@ -89,3 +89,24 @@ def train_central(
         for p in params:
             p.requires_grad_(False)
     return unet
+
+
+def central_report(clients: int = 12, styles: int = 4, seed: int = 0, steps: int = 400,
+                   samples: int = 64, progress: bool = True) -> dict:
+    """Per-style quality of the base model and of centrally trained adapters (the upper bound)."""
+    from models.data import make_personas
+    from models.evaluate import evaluate_personas
+    from models.unet import BASE_MODEL_DIR
+
+    personas = make_personas(clients, styles, seed=seed)
+    unet = train_central(BASE_MODEL_DIR, personas, train=TrainConfig(steps=steps, batch_size=32, lr=3e-3, seed=seed),
+                         progress=progress)
+    report: dict = {"clients": clients, "styles": styles, "steps": steps, "seed": seed, "per_style": {}}
+    for style in sorted({p.style for p in personas}):
+        group = [p for p in personas if p.style == style]
+        set_mix(unet, {})
+        base = evaluate_personas(unet, group, samples=samples, seed=seed)
+        set_mix(unet, {style: 1.0})
+        central = evaluate_personas(unet, group, samples=samples, seed=seed)
+        report["per_style"][style] = {"base": base, "central": central}
+    return report

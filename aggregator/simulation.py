@@ -1,0 +1,308 @@
+"""A simulated fleet on one machine: real ``EdgeClient`` devices, a real aggregator, a real broker.
+
+Devices live in worker processes (one torch thread each), each with its own keys, data
+directory and MQTT session; the aggregator runs in this process. Everything crosses
+the broker exactly as in production, so the bytes counted are bytes on the wire. The
+aggregator's round listener feeds an evaluator thread that scores every committed
+round (per cluster, on the members' held-out prompts) while the next round trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from aggregator.config import AggregatorConfig
+from aggregator.global_model import GlobalModel, adapter_name
+from aggregator.service import AggregatorService
+from models.evaluate import evaluate_personas
+from models.lora import set_mix
+
+log = logging.getLogger("fedaigc.simulation")
+
+TOKEN = "fedaigc-simulation-token"
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    devices: int = 12
+    styles: int = 4
+    rounds: int = 8
+    local_steps: int = 20
+    seed: int = 0
+    sizes: tuple[int, ...] | None = None    # devices per style (uneven groups)
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    codec: str = "fp32"
+    task_noise: float = 0.0
+    personalization: str = "dual"
+    processes: int = 2
+    eval_samples: int = 32                  # per cluster and round
+    eval_steps: int = 10
+    final_eval_samples: int = 64
+    round_timeout_s: float = 300.0
+    state_dir: Path | None = None
+
+
+@dataclass
+class FederationResult:
+    config: dict
+    seconds: float
+    curves: dict[int, dict[int, dict[str, float]]] = field(default_factory=dict)  # round -> cluster -> metrics
+    final: dict[int, dict[str, float]] = field(default_factory=dict)             # cluster -> metrics
+    assignment: dict[str, int] = field(default_factory=dict)
+    true_style: dict[str, str] = field(default_factory=dict)
+    text_assignment: dict[str, int] = field(default_factory=dict)
+    devices: dict[str, dict] = field(default_factory=dict)                       # per-device report
+    traffic: dict[int, dict[str, dict[str, int]]] = field(default_factory=dict)
+    refusals: dict[str, int] = field(default_factory=dict)
+    round_seconds: list[float] = field(default_factory=list)
+    losses: dict[int, float] = field(default_factory=dict)
+    adapters: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def ari(self, which: str = "final") -> float:
+        from sklearn.metrics import adjusted_rand_score
+
+        assignment = self.assignment if which == "final" else self.text_assignment
+        devices = sorted(assignment)
+        return float(adjusted_rand_score([self.true_style[d] for d in devices], [assignment[d] for d in devices]))
+
+    def bytes_total(self, upto_round: int | None = None) -> int:
+        return sum(v["up"] + v["down"] for r, per in self.traffic.items() if upto_round is None or r <= upto_round
+                   for v in per.values())
+
+
+def _personas(cfg: FleetConfig):
+    from models.data import make_personas
+
+    return make_personas(cfg.devices, cfg.styles, seed=cfg.seed, sizes=list(cfg.sizes) if cfg.sizes else None)
+
+
+def _device_worker(cfg: FleetConfig, indices: list[int], ids: list[str], root: str, events: mp.Queue) -> None:
+    """One worker process hosting several devices until the federation finishes."""
+    logging.basicConfig(level=logging.WARNING)
+    from edge_sdk import DeviceConfig, EdgeClient, LocalData
+    from edge_sdk.session import FederatedSession
+    from edge_sdk.transport import MqttConfig
+    from models.evaluate import evaluate
+    from models.text import PromptEncoder
+
+    torch.set_num_threads(1)
+    personas = _personas(cfg)
+    sessions = []
+    for i, device_id in zip(indices, ids):
+        client = EdgeClient(DeviceConfig(
+            data_dir=Path(root) / device_id, device_id=device_id, profile="simulator", enrolment_token=TOKEN,
+            local_steps=cfg.local_steps, task_noise=cfg.task_noise, personalization=cfg.personalization,
+            seed=cfg.seed + i))
+        session = FederatedSession(client, LocalData.from_persona(personas[i]), MqttConfig(url=cfg.mqtt_url),
+                                   codec=cfg.codec)
+        sessions.append((i, session.start()))
+    events.put(("ready", ids))
+    for _, s in sessions:
+        s.finished.wait()
+    for i, s in sessions:
+        p = personas[i]
+        prompts = list(p.test_prompts)
+        enc = torch.from_numpy(PromptEncoder().encode(prompts))
+        from edge_sdk.client import PERSONAL, SHARED
+        from models.lora import adapter_names, set_mix
+        from models.unet import generate
+
+        report = {"style": p.style, "rounds": [asdict(r) for r in s.rounds], "bytes": s.transport.byte_totals()}
+        for label, mix in (("base", {}), ("shared", {SHARED: 1.0}),
+                           ("personal", {SHARED: 1.0} | ({PERSONAL: 1.0} if PERSONAL in adapter_names(s.client.unet) else {}))):
+            set_mix(s.client.unet, mix)
+            images = generate(s.client.unet, enc, steps=cfg.eval_steps, seed=cfg.seed)
+            report[label] = evaluate(images, p.test_digits, p.style)
+        events.put(("report", s.client.device_id, report))
+        s.stop()
+    events.put(("exit", ids))
+
+
+class Fleet:
+    """Start devices in worker processes against a running aggregator; collect their reports."""
+
+    def __init__(self, cfg: FleetConfig, root: Path) -> None:
+        self.cfg = cfg
+        self.root = root
+        tag = uuid.uuid4().hex[:6]
+        self.ids = [f"dev{i:03d}-{tag}" for i in range(cfg.devices)]
+        self.events: mp.Queue = mp.get_context("spawn").Queue()
+        self.procs: list[mp.Process] = []
+        self.reports: dict[str, dict] = {}
+
+    def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        n = max(1, min(self.cfg.processes, self.cfg.devices))
+        for w in range(n):
+            idx = list(range(w, self.cfg.devices, n))
+            p = ctx.Process(target=_device_worker, args=(self.cfg, idx, [self.ids[i] for i in idx], str(self.root),
+                                                         self.events), daemon=True)
+            p.start()
+            self.procs.append(p)
+
+    def collect(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        exited = 0
+        while exited < len(self.procs) and time.monotonic() < deadline:
+            try:
+                kind, *rest = self.events.get(timeout=1.0)
+            except queue.Empty:
+                if not any(p.is_alive() for p in self.procs):
+                    break
+                continue
+            if kind == "report":
+                self.reports[rest[0]] = rest[1]
+            elif kind == "exit":
+                exited += 1
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
+
+
+class RoundEvaluator:
+    """Scores each committed round's cluster adapters on the members' held-out prompts."""
+
+    def __init__(self, service: AggregatorService, cfg: FleetConfig, persona_of: dict[str, object]) -> None:
+        self.service = service
+        self.cfg = cfg
+        self.persona_of = persona_of
+        self.curves: dict[int, dict[int, dict[str, float]]] = {}
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._model = None
+
+    def start(self) -> "RoundEvaluator":
+        self.service.round_listeners.append(lambda rnd, adapters: self._queue.put((rnd, adapters,
+                                                                                    dict(self.service.clusters.assignment))))
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        self._model = GlobalModel(self.service.spec)
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            rnd, adapters, assignment = item
+            self.curves[rnd] = self.score(adapters, assignment, self.cfg.eval_samples, self.cfg.eval_steps)
+
+    def score(self, adapters, assignment, samples: int, steps: int) -> dict[int, dict[str, float]]:
+        out = {}
+        for cid, adapter in adapters.items():
+            members = [self.persona_of[d] for d, c in assignment.items() if c == cid and d in self.persona_of]
+            if not members:
+                continue
+            self._model.set_cluster(cid, adapter, 0)
+            with self._model._lock:
+                set_mix(self._model.unet, {adapter_name(cid): 1.0})
+                # a cluster may hold several styles while clustering is wrong: score each member's own style
+                by_style: dict[str, list] = {}
+                for p in members:
+                    by_style.setdefault(p.style, []).append(p)
+                parts = [(len(g), evaluate_personas(self._model.unet, g, samples=max(8, samples * len(g) // len(members)),
+                                                    seed=self.cfg.seed, steps=steps)) for g in by_style.values()]
+            total = sum(n for n, _ in parts)
+            out[cid] = {k: sum(n * m[k] for n, m in parts) / total for k in parts[0][1]}
+            out[cid]["devices"] = len(members)
+        return out
+
+    def drain(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self._queue.put(None)
+        self._thread.join(max(1.0, deadline - time.monotonic()))
+
+
+def run_federation(cfg: FleetConfig, aggregator: dict | None = None, progress: bool = True) -> FederationResult:
+    """Run one federation end to end and return what happened, measured."""
+    from aggregator.broker import ensure_broker
+
+    started = time.monotonic()
+    broker = ensure_broker(cfg.mqtt_url)
+    root = Path(cfg.state_dir) if cfg.state_dir else Path(tempfile.mkdtemp(prefix="fedaigc-fleet-"))
+    root.mkdir(parents=True, exist_ok=True)
+    personas = _personas(cfg)
+    agg_cfg = AggregatorConfig(**({
+        "aggregator_id": f"agg-{uuid.uuid4().hex[:6]}", "mqtt_url": cfg.mqtt_url, "state_dir": root / "aggregator",
+        "tokens": (TOKEN,), "expected_devices": cfg.devices, "rounds": cfg.rounds, "local_steps": cfg.local_steps,
+        "round_timeout_s": cfg.round_timeout_s, "seed": cfg.seed,
+    } | (aggregator or {})))
+    service = AggregatorService(agg_cfg)
+    fleet = Fleet(cfg, root / "devices")
+    persona_of = dict(zip(fleet.ids, personas))
+    evaluator = RoundEvaluator(service, cfg, persona_of).start()
+    text_assignment: dict[str, int] = {}
+    original_form = service.form_clusters
+
+    def form_and_record() -> None:
+        original_form()
+        text_assignment.update(service.clusters.assignment)
+
+    service.form_clusters = form_and_record
+    round_times: list[float] = []
+    try:
+        service.start()
+        fleet.start()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.rounds, desc=f"federation ({cfg.devices} devices)", unit="round")
+        last, last_t = 0, time.monotonic()
+        while not service.done.wait(0.5):
+            rnd = service.current_round() - 1 if not service.done.is_set() else cfg.rounds
+            if rnd > last:
+                round_times += [time.monotonic() - last_t] * (rnd - last)
+                last_t = time.monotonic()
+                if bar is not None:
+                    bar.update(rnd - last)
+                last = rnd
+            if not any(p.is_alive() for p in fleet.procs) and fleet.procs:
+                raise RuntimeError("all device processes died; see their logs")
+        if cfg.rounds > last:
+            round_times += [time.monotonic() - last_t] * (cfg.rounds - last)
+            if bar is not None:
+                bar.update(cfg.rounds - last)
+        if bar is not None:
+            bar.close()
+        fleet.collect(timeout=600)
+        evaluator.drain()
+        final_adapters = {cid: service.cluster_adapter(cid)[0] for cid in service.store.clusters()}
+        final = evaluator.score(final_adapters, dict(service.clusters.assignment), cfg.final_eval_samples, 20)
+        losses = {}
+        for rnd, cid, summary in service.store.round_summaries():
+            losses.setdefault(rnd, []).append((summary.get("samples", 0), summary.get("loss", 0.0)))
+        result = FederationResult(
+            config=asdict(cfg) | {"aggregator": {k: str(v) for k, v in (aggregator or {}).items()}},
+            seconds=time.monotonic() - started,
+            curves=evaluator.curves, final=final, assignment=dict(service.clusters.assignment),
+            true_style={d: p.style for d, p in persona_of.items()}, text_assignment=text_assignment,
+            devices=fleet.reports, traffic=service.traffic, refusals=service.refusals.counts(),
+            round_seconds=round_times,
+            losses={r: sum(n * lo for n, lo in v) / max(1, sum(n for n, _ in v)) for r, v in losses.items()},
+            adapters=final_adapters,
+        )
+        return result
+    finally:
+        service.stop()
+        fleet.stop()
+        if broker is not None:
+            broker.close()
+        if cfg.state_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
