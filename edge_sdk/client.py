@@ -25,7 +25,15 @@ from edge_sdk.messages import UpdateBody
 from edge_sdk.quantize import quantize_base
 from edge_sdk.store import AdapterStore
 from edge_sdk.tensors import pack_tensors
-from models.lora import LoraSpec, adapter_names, add_adapter, get_adapter_state, set_adapter_state, set_mix
+from models.lora import (
+    LoraSpec,
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    get_adapter_state,
+    set_adapter_state,
+    set_mix,
+)
 from models.text import PromptEncoder
 from models.training import TrainConfig, evaluation_loss, train_denoiser
 from models.unet import generate as sample_images
