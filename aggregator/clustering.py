@@ -84,6 +84,8 @@ def cluster_similarity(sim: np.ndarray, k: int | None = None, *, tolerance: floa
 def cluster_tasks(task_vectors: np.ndarray, k: int | None = None, *, tolerance: float = 0.1,
                   k_max: int | None = None) -> np.ndarray:
     """Integer labels, one per device (row); ``k=None`` finds the number of groups."""
+    if k is None and similarity_matrix(task_vectors, center=False).min() >= 0.98:
+        return np.zeros(len(task_vectors), dtype=np.int64)  # all alike: centring would only amplify noise
     return cluster_similarity(similarity_matrix(task_vectors), k, tolerance=tolerance, k_max=k_max)
 
 

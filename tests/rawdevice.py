@@ -1,0 +1,109 @@
+"""A protocol-level test device: real keys, real envelopes, real broker, no model.
+
+Lets tests drive the aggregator message by message (and misbehave on purpose) in
+milliseconds instead of training a UNet for every step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import numpy as np
+import torch
+
+from edge_sdk import topics
+from edge_sdk.compression import make_codec
+from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType, parse_envelope
+from edge_sdk.identity import Identity, PublicIdentity, seal_to, verify_signature
+from edge_sdk.messages import AggregatorKeys, Enrol, RoundStart, UpdateAck, UpdateBody
+from edge_sdk.tensors import pack_tensors
+from edge_sdk.transport import MqttConfig, MqttTransport
+
+
+class RawDevice:
+    def __init__(self, mqtt_url: str, device_id: str | None = None, token: str = "fedaigc-demo-token") -> None:
+        self.id = device_id or f"raw-{uuid.uuid4().hex[:8]}"
+        self.identity = Identity.generate()
+        self.token = token
+        self.writer = EnvelopeWriter(self.identity, self.id)
+        self.transport = MqttTransport(MqttConfig(url=mqtt_url, client_id=f"fedaigc-{self.id}"))
+        self.aggregator: PublicIdentity | None = None
+        self.aggregator_id = None
+        self.inbox: list = []
+        self.cond = threading.Condition()
+
+    def start(self, timeout: float = 10) -> "RawDevice":
+        self.transport.connect()
+        self.transport.subscribe(topics.AGGREGATOR_KEYS, self._on_keys)
+        self.transport.subscribe(topics.down(self.id), self._on_down)
+        deadline = time.monotonic() + timeout
+        while self.aggregator is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.aggregator is not None, "no aggregator keys received"
+        return self
+
+    def stop(self) -> None:
+        self.transport.close()
+
+    def _on_keys(self, topic, data):
+        if not data:
+            return
+        env = parse_envelope(data)
+        body = AggregatorKeys.decode(env.payload)
+        verify_signature(body.verify_key, env.signed_part(), env.signature)
+        self.aggregator = PublicIdentity(body.verify_key, body.box_key)
+        self.aggregator_id = body.aggregator_id
+        self.verifier = EnvelopeVerifier(lambda s: body.verify_key)
+
+    def _on_down(self, topic, data):
+        env = self.verifier.open(data)
+        body = self.identity.decrypt_from(self.aggregator.box_key, env.payload)
+        with self.cond:
+            self.inbox.append((env, body))
+            self.cond.notify_all()
+
+    def wait_for(self, mtype: MessageType, count: int = 1, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = [(e, b) for e, b in self.inbox if e.type == mtype]
+                if len(found) >= count:
+                    return found
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.id}: no {count} x {mtype.value} in {timeout} s")
+                self.cond.wait(0.1)
+
+    def round_start(self, index: int = -1, timeout: float = 30) -> RoundStart:
+        found = self.wait_for(MessageType.ROUND_START, timeout=timeout)
+        return RoundStart.decode(found[index][1])
+
+    def acks(self) -> list[UpdateAck]:
+        return [UpdateAck.decode(b) for e, b in self.inbox if e.type == MessageType.UPDATE_ACK]
+
+    # ------------------------------------------------------------ sending
+    def send(self, topic: str, envelope: bytes) -> None:
+        self.transport.wait_published(self.transport.publish(topic, envelope))
+
+    def enrol(self) -> None:
+        pub = self.identity.public
+        body = Enrol(self.token, pub.verify_key, pub.box_key, "raw").encode()
+        self.send(topics.enrol(self.id), self.writer.build(MessageType.ENROL, seal_to(self.aggregator.box_key, body)))
+
+    def send_task(self, vector: np.ndarray) -> None:
+        v = torch.from_numpy(np.asarray(vector, dtype=np.float32))
+        payload = seal_to(self.aggregator.box_key, pack_tensors({"task": v / v.norm()}))
+        self.send(topics.task(self.id), self.writer.build(MessageType.TASK, payload))
+
+    def update_envelope(self, start: RoundStart, delta: dict[str, torch.Tensor], codec: str = "fp32",
+                        samples: int = 10, round: int | None = None) -> bytes:
+        body = UpdateBody(start.cluster, codec, make_codec(codec, seed=0).encode(delta), samples, 5, 1.0, 0.5,
+                          start.version)
+        sealed = self.identity.encrypt_to(self.aggregator.box_key, body.encode())
+        return self.writer.build(MessageType.UPDATE, sealed, start.round if round is None else round)
+
+    def join(self, vector: np.ndarray) -> None:
+        self.enrol()
+        self.wait_for(MessageType.ENROL_ACK)
+        self.send_task(vector)

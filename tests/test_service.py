@@ -1,0 +1,163 @@
+"""The aggregator daemon over a real broker, driven by protocol-level test devices."""
+
+import time
+import uuid
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from aggregator.config import AggregatorConfig
+from aggregator.service import AggregatorService
+from edge_sdk import topics
+from edge_sdk.compression import make_codec
+from edge_sdk.envelope import MessageType, parse_envelope
+from tests.rawdevice import RawDevice
+
+
+def wait_until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+def make_service(tmp_path, mqtt_url, **kwargs):
+    cfg = AggregatorConfig(**({"aggregator_id": f"agg-{uuid.uuid4().hex[:6]}", "mqtt_url": mqtt_url,
+                               "state_dir": tmp_path / "agg", "expected_devices": 2, "rounds": 2,
+                               "round_timeout_s": 60, "refine_after_round": 0} | kwargs))
+    return AggregatorService(cfg).start()
+
+
+def adapter_of(start, shapes=None):
+    return make_codec(start.codec).decode(start.adapter, shapes) if shapes else None
+
+
+@pytest.fixture
+def fleet(tmp_path, mqtt_url):
+    """An aggregator with two raw devices in one cluster, round 1 open."""
+    service = make_service(tmp_path, mqtt_url)
+    devices = [RawDevice(mqtt_url).start() for _ in range(2)]
+    v = np.random.default_rng(0).normal(size=384)
+    for d in devices:
+        d.join(v)
+    starts = [d.round_start() for d in devices]
+    yield service, devices, starts
+    for d in devices:
+        d.stop()
+    service.stop()
+
+
+def small_delta(service, scale=0.01, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) * scale for k, s in service.shapes.items()}
+
+
+def test_round_start_carries_the_cluster_adapter(fleet):
+    service, devices, starts = fleet
+    adapter = make_codec(starts[0].codec).decode(starts[0].adapter, service.shapes)
+    assert starts[0].round == 1 and starts[0].local_steps == service.config.local_steps
+    assert all(torch.equal(adapter[k], service.initial[k]) for k in adapter)
+
+
+def test_a_duplicate_update_is_applied_once(fleet):
+    service, devices, starts = fleet
+    env = devices[0].update_envelope(starts[0], small_delta(service))
+    devices[0].send(topics.update(devices[0].id), env)
+    devices[0].send(topics.update(devices[0].id), env)  # QoS-1 style redelivery of the same bytes
+    wait_until(lambda: len(service.store.updates(1)) == 1)
+    time.sleep(0.5)
+    assert len(service.store.updates(1)) == 1
+    assert service.refusals["replayed"] == 1
+
+
+def test_the_round_closes_when_every_member_reported_and_the_next_opens(fleet):
+    service, devices, starts = fleet
+    for i, (d, s) in enumerate(zip(devices, starts)):
+        d.send(topics.update(d.id), d.update_envelope(s, small_delta(service, seed=i)))
+    wait_until(lambda: service.current_round() == 2)
+    assert {u.device_id for u in service.store.updates(1)} == {d.id for d in devices}
+    nxt = devices[0].round_start(index=-1)
+    assert nxt.round == 2 and nxt.version == 1
+
+
+def refused(service, reason, action, timeout=15):
+    before = service.refusals[reason]
+    action()
+    wait_until(lambda: service.refusals[reason] > before, timeout)
+
+
+def test_each_refusal_reason_is_provoked_and_counted(fleet, mqtt_url):
+    service, (dev, other), starts = fleet
+    start = starts[0]
+    up = topics.update(dev.id)
+    good = dev.update_envelope(start, small_delta(service))
+
+    stranger = RawDevice(mqtt_url).start()
+    refused(service, "unknown_sender", lambda: stranger.send(topics.update(stranger.id), stranger.update_envelope(start, small_delta(service))))
+
+    env = parse_envelope(good)
+    forged = msgpack.packb([env.version, env.type.value, env.sender, env.round, env.seq, env.nonce, env.timestamp_ms,
+                            env.payload, bytes(64)])
+    refused(service, "bad_signature", lambda: dev.send(up, forged))
+
+    tampered_body = bytearray(env.payload)
+    tampered_body[40] ^= 1
+    tampered = dev.writer.build(MessageType.UPDATE, bytes(tampered_body), start.round)  # signed, but the box fails
+    refused(service, "tampered", lambda: dev.send(up, tampered))
+
+    wrong_version = msgpack.packb([99, env.type.value, env.sender, env.round, env.seq, env.nonce, env.timestamp_ms,
+                                   env.payload, env.signature])
+    refused(service, "wrong_version", lambda: dev.send(up, wrong_version))
+    refused(service, "malformed", lambda: dev.send(up, b"\x93garbage"))
+    refused(service, "stale_round", lambda: dev.send(up, dev.update_envelope(start, small_delta(service), round=7)))
+
+    nan = {k: torch.full_like(v, float("nan")) for k, v in small_delta(service).items()}
+    refused(service, "non_finite", lambda: dev.send(up, dev.update_envelope(start, nan)))
+    wrong = {k + "x": v for k, v in small_delta(service).items()}
+    refused(service, "bad_tensors", lambda: dev.send(up, dev.update_envelope(start, wrong)))
+
+    service.verifier.max_bytes = 1000
+    refused(service, "oversized", lambda: dev.send(up, good))
+    service.verifier.max_bytes = service.config.max_message_bytes
+
+    intruder = RawDevice(mqtt_url, token="not-a-token").start()
+    refused(service, "bad_token", intruder.enrol)
+
+    dev.send(up, good)
+    refused(service, "replayed", lambda: dev.send(up, good))
+
+    service.store.revoke_device(other.id)
+    refused(service, "revoked", lambda: other.send(topics.update(other.id), other.update_envelope(starts[1], small_delta(service))))
+    for d in (stranger, intruder):
+        d.stop()
+    # every refusal was also reported back to the device where it could be authenticated
+    assert {a.reason for a in dev.acks() if not a.accepted} >= {"stale_round", "non_finite", "bad_tensors"}
+
+
+def test_a_restarted_daemon_resumes_the_round_and_loses_nothing(tmp_path, mqtt_url):
+    service = make_service(tmp_path, mqtt_url, expected_devices=3, aggregator_id="agg-restart")
+    devices = [RawDevice(mqtt_url).start() for _ in range(3)]
+    v = np.random.default_rng(0).normal(size=384)
+    for d in devices:
+        d.join(v)
+    starts = [d.round_start() for d in devices]
+    for i in range(2):
+        devices[i].send(topics.update(devices[i].id), devices[i].update_envelope(starts[i], small_delta(service, seed=i)))
+    wait_until(lambda: len(service.store.updates(1)) == 2)
+    service.stop()  # the daemon goes away mid-round with two accepted updates
+
+    again = make_service(tmp_path, mqtt_url, expected_devices=3, aggregator_id="agg-restart")
+    try:
+        assert again.identity.public == service.identity.public  # same keys: devices keep trusting it
+        assert again.current_round() == 1 and len(again.store.updates(1)) == 2
+        devices[2].send(topics.update(devices[2].id), devices[2].update_envelope(starts[2], small_delta(service, seed=2)))
+        wait_until(lambda: again.current_round() == 2)
+        summary = again.store.round_summaries()[0][2]
+        assert sorted(summary["accepted"]) == sorted(d.id for d in devices)  # all three, each once
+    finally:
+        for d in devices:
+            d.stop()
+        again.stop()
