@@ -43,6 +43,8 @@ class AggregatorConfig:
                                       "topk:0.05+int8", "topk:0.1+int4", "topk:0.05+int4", "topk:0.2+int8")
     max_message_bytes: int = 64 * 1024 * 1024
     metrics_port: int | None = None
+    serve_max_batch: int = 64              # generation service: images per batched sampling call
+    serve_max_wait_s: float = 0.05         # ... and how long to wait for batch-mates
     seed: int = 0
 
     def __post_init__(self) -> None:

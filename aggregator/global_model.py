@@ -76,9 +76,9 @@ class GlobalModel:
         return {adapter_name(c): float(w) for c, w in mix.items()}
 
     def generate(self, encodings: torch.Tensor, mix: Mapping[int, float], seed: int = 0, steps: int = 20,
-                 guidance_scale: float = 2.0) -> torch.Tensor:
+                 guidance_scale: float = 2.0, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Images for ``(n, 384)`` encodings from the weighted mix of cluster adapters."""
         weights = self.check_mix(mix)
         with self._lock:
             set_mix(self.unet, weights)
-            return generate(self.unet, encodings, steps=steps, seed=seed, guidance_scale=guidance_scale)
+            return generate(self.unet, encodings, steps=steps, seed=seed, guidance_scale=guidance_scale, noise=noise)

@@ -37,6 +37,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.global_model import GlobalModel
 from aggregator.interaction import interact
 from aggregator.rules import ClientUpdate, make_rule
+from aggregator.serve import GenerationService, Request
 from aggregator.state import StateStore, StateUnavailable, UpdateRecord, open_store
 from edge_sdk import topics
 from edge_sdk.compression import decode_payload, make_codec
@@ -48,6 +49,8 @@ from edge_sdk.messages import (
     ClusterAssign,
     Enrol,
     EnrolAck,
+    GenerateRequest,
+    GenerateResult,
     RoundStart,
     UpdateAck,
     UpdateBody,
@@ -77,6 +80,9 @@ class AggregatorService:
         self.clusters = ClusterState()
         self.online: dict[str, bool] = {}
         self.traffic: dict[int, dict[str, dict[str, int]]] = {}  # round -> device -> {"up", "down"}
+        self._traffic_lock = threading.Lock()
+        self.generation = GenerationService(self.global_model, self._reply_generation,
+                                            max_batch=config.serve_max_batch, max_wait_s=config.serve_max_wait_s)
         self.done = threading.Event()
         # called as listener(completed_round, {cluster: adapter}) once a round's adapters are committed
         self.round_listeners: list[Callable[[int, dict[int, dict[str, torch.Tensor]]], None]] = []
@@ -114,6 +120,7 @@ class AggregatorService:
         self.publish_keys()
         self._worker = threading.Thread(target=self._run, name="aggregator", daemon=True)
         self._worker.start()
+        self.generation.start()
         log.info("aggregator %s (%s) up at %s, key fingerprint %s", c.aggregator_id, c.role, c.mqtt_url,
                  self.identity.public.fingerprint)
         return self
@@ -122,6 +129,7 @@ class AggregatorService:
         self._stop.set()
         if self._worker is not None:
             self._worker.join(10)
+            self.generation.stop()
         self._persist_metrics()
         if self.transport is not None:
             self.transport.close()
@@ -198,8 +206,9 @@ class AggregatorService:
         self._count(rnd, device, "down", len(env))
 
     def _count(self, rnd: int, device: str, direction: str, n: int) -> None:
-        per = self.traffic.setdefault(rnd, {}).setdefault(device, {"up": 0, "down": 0})
-        per[direction] += n
+        with self._traffic_lock:  # the generation thread replies too
+            per = self.traffic.setdefault(rnd, {}).setdefault(device, {"up": 0, "down": 0})
+            per[direction] += n
 
     # ================================================================ enrolment & tasks
     def _on_enrol(self, topic: str, data: bytes) -> None:
@@ -496,7 +505,26 @@ class AggregatorService:
             log.error("cannot persist metrics: %s", e)
 
     def _on_generate(self, topic: str, data: bytes) -> None:
-        raise RefusedMessage(Refusal.WRONG_TYPE, "this aggregator does not serve generation requests")
+        env = self.verifier.open(data, {MessageType.GENERATE_REQUEST})
+        self._check_topic(topic, env.sender)
+        body = GenerateRequest.decode(self.identity.open_sealed(env.payload))
+        encoding = unpack_tensors(body.encoding, {"encoding": (EMBEDDING_DIM,)})["encoding"]
+        try:
+            mix = {int(c): float(w) for c, w in body.mix.items()}
+        except ValueError:
+            raise RefusedMessage(Refusal.MALFORMED, f"mix keys must be cluster ids, got {list(body.mix)[:3]}") from None
+        self._count(0, env.sender, "up", len(data))
+        request = Request(env.sender, body.request_id, encoding, mix, body.n, body.seed, time.monotonic())
+        try:
+            self.generation.submit(request)
+        except ValueError as e:
+            self._reply_generation(request, None, str(e))
+            raise RefusedMessage(Refusal.MALFORMED, f"generation request from {env.sender}: {e}") from None
+
+    def _reply_generation(self, request: Request, images: torch.Tensor | None, reason: str) -> None:
+        payload = b"" if images is None else pack_tensors({"images": images})
+        body = GenerateResult(request.request_id, images is not None, reason, payload)
+        self.send(request.device, MessageType.GENERATE_RESULT, body.encode())
 
 
 def _same_partition(a: list[int], b: list[int]) -> bool:

@@ -15,8 +15,11 @@ import json
 import logging
 import queue
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from edge_sdk import topics
 from edge_sdk.atomic import atomic_write_bytes
@@ -25,8 +28,17 @@ from edge_sdk.compression import ErrorFeedback, decode_payload, make_codec
 from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType, parse_envelope
 from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.identity import PublicIdentity, seal_to, verify_signature
-from edge_sdk.messages import AggregatorKeys, ClusterAssign, Enrol, EnrolAck, RoundStart, UpdateAck
-from edge_sdk.tensors import shapes_of
+from edge_sdk.messages import (
+    AggregatorKeys,
+    ClusterAssign,
+    Enrol,
+    EnrolAck,
+    GenerateRequest,
+    GenerateResult,
+    RoundStart,
+    UpdateAck,
+)
+from edge_sdk.tensors import pack_tensors, shapes_of, unpack_tensors
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import get_adapter_state
 
@@ -66,6 +78,8 @@ class FederatedSession:
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name=f"session-{client.device_id}", daemon=True)
         self._state_path = Path(client.data_dir) / "session.json"
+        self._results: dict[str, list] = {}
+        self._results_lock = threading.Lock()
         self._restore()
 
     # ------------------------------------------------------------ lifecycle
@@ -164,6 +178,13 @@ class FederatedSession:
         elif env.type == MessageType.ROUND_START:
             start = RoundStart.decode(body)
             self._work.put(lambda: self._on_round(start))
+        elif env.type == MessageType.GENERATE_RESULT:
+            result = GenerateResult.decode(body)
+            with self._results_lock:
+                waiter = self._results.get(result.request_id)
+            if waiter is not None:
+                waiter[1] = result
+                waiter[0].set()
         elif env.type == MessageType.UPDATE_ACK:
             ack = UpdateAck.decode(body)
             for rec in self.rounds:
@@ -173,6 +194,33 @@ class FederatedSession:
                 log.warning("%s: update for round %d refused: %s", self.client.device_id, ack.round, ack.reason)
         else:
             raise RefusedMessage(Refusal.WRONG_TYPE, f"{env.type.value} is not expected on a device's downlink")
+
+    def generate_remote(self, prompt: str, mix: dict[int, float], n: int = 4, seed: int = 0,
+                        timeout: float = 60.0) -> torch.Tensor:
+        """Ask the aggregator's global model for images (for devices too weak to sample locally).
+
+        Only the sealed prompt *encoding* leaves the device, never the prompt text.
+        """
+        request_id = uuid.uuid4().hex
+        encoding = torch.from_numpy(self.client.encode([prompt])[0])
+        body = GenerateRequest(request_id, pack_tensors({"encoding": encoding}),
+                               {str(c): float(w) for c, w in mix.items()}, n, seed)
+        waiter = [threading.Event(), None]
+        with self._results_lock:
+            self._results[request_id] = waiter
+        try:
+            sealed = seal_to(self.client.aggregator.box_key, body.encode())
+            self.transport.publish(topics.generate(self.client.device_id),
+                                   self.writer.build(MessageType.GENERATE_REQUEST, sealed))
+            if not waiter[0].wait(timeout):
+                raise TimeoutError(f"no generation result within {timeout} s")
+        finally:
+            with self._results_lock:
+                self._results.pop(request_id, None)
+        result: GenerateResult = waiter[1]
+        if not result.ok:
+            raise RuntimeError(f"the aggregator could not generate: {result.reason}")
+        return unpack_tensors(result.images)["images"]
 
     def _send_task(self) -> None:
         payload = self.client.task_payload(self.task_prompts)

@@ -138,8 +138,12 @@ def generate(
     sampler: str = "ddim",
     batch_size: int = 256,
     denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample ``(n, 1, 16, 16)`` images in [0, 1], one per encoding row; same seed, same images.
+
+    ``noise`` (n, 1, 16, 16) replaces the seeded starting noise, so callers that batch
+    unrelated requests can keep each request's samples independent of its batch-mates.
 
     ``denoiser(x, t, encodings)`` replaces the eager UNet call (an exported program, say)
     while keeping this exact sampling loop, so backends differ only in the network.
@@ -154,7 +158,10 @@ def generate(
     call = denoiser or (lambda x, t, e: denoise(unet, x, t, e))
     size = unet.config.sample_size
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((encodings.shape[0], 1, size, size), generator=generator)
+    if noise is None:
+        noise = torch.randn((encodings.shape[0], 1, size, size), generator=generator)
+    elif tuple(noise.shape) != (encodings.shape[0], 1, size, size):
+        raise ValueError(f"noise must have shape {(encodings.shape[0], 1, size, size)}, got {tuple(noise.shape)}")
     outputs = []
     for start in range(0, encodings.shape[0], batch_size):
         enc = encodings[start:start + batch_size]
