@@ -4,7 +4,6 @@ import threading
 import time
 import uuid
 
-import numpy as np
 import pytest
 import torch
 

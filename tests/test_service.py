@@ -13,7 +13,7 @@ from aggregator.service import AggregatorService
 from edge_sdk import topics
 from edge_sdk.compression import make_codec
 from edge_sdk.envelope import MessageType, parse_envelope
-from tests.rawdevice import RawDevice
+from edge_sdk.lite import LiteDevice
 
 
 def wait_until(predicate, timeout=30.0):
@@ -39,7 +39,7 @@ def adapter_of(start, shapes=None):
 def fleet(tmp_path, mqtt_url):
     """An aggregator with two raw devices in one cluster, round 1 open."""
     service = make_service(tmp_path, mqtt_url)
-    devices = [RawDevice(mqtt_url).start() for _ in range(2)]
+    devices = [LiteDevice(mqtt_url).start() for _ in range(2)]
     v = np.random.default_rng(0).normal(size=384)
     for d in devices:
         d.join(v)
@@ -79,6 +79,7 @@ def test_the_round_closes_when_every_member_reported_and_the_next_opens(fleet):
         d.send(topics.update(d.id), d.update_envelope(s, small_delta(service, seed=i)))
     wait_until(lambda: service.current_round() == 2)
     assert {u.device_id for u in service.store.updates(1)} == {d.id for d in devices}
+    devices[0].wait_for(MessageType.ROUND_START, count=2)
     nxt = devices[0].round_start(index=-1)
     assert nxt.round == 2 and nxt.version == 1
 
@@ -95,7 +96,7 @@ def test_each_refusal_reason_is_provoked_and_counted(fleet, mqtt_url):
     up = topics.update(dev.id)
     good = dev.update_envelope(start, small_delta(service))
 
-    stranger = RawDevice(mqtt_url).start()
+    stranger = LiteDevice(mqtt_url).start()
     refused(service, "unknown_sender", lambda: stranger.send(topics.update(stranger.id), stranger.update_envelope(start, small_delta(service))))
 
     env = parse_envelope(good)
@@ -123,7 +124,7 @@ def test_each_refusal_reason_is_provoked_and_counted(fleet, mqtt_url):
     refused(service, "oversized", lambda: dev.send(up, good))
     service.verifier.max_bytes = service.config.max_message_bytes
 
-    intruder = RawDevice(mqtt_url, token="not-a-token").start()
+    intruder = LiteDevice(mqtt_url, token="not-a-token").start()
     refused(service, "bad_token", intruder.enrol)
 
     dev.send(up, good)
@@ -139,7 +140,7 @@ def test_each_refusal_reason_is_provoked_and_counted(fleet, mqtt_url):
 
 def test_a_restarted_daemon_resumes_the_round_and_loses_nothing(tmp_path, mqtt_url):
     service = make_service(tmp_path, mqtt_url, expected_devices=3, aggregator_id="agg-restart")
-    devices = [RawDevice(mqtt_url).start() for _ in range(3)]
+    devices = [LiteDevice(mqtt_url).start() for _ in range(3)]
     v = np.random.default_rng(0).normal(size=384)
     for d in devices:
         d.join(v)

@@ -1,7 +1,9 @@
-"""A protocol-level test device: real keys, real envelopes, real broker, no model.
+"""A device without a diffusion model: keys, envelopes and the broker, nothing else.
 
-Lets tests drive the aggregator message by message (and misbehave on purpose) in
-milliseconds instead of training a UNet for every step.
+Two users: devices too weak to run the UNet (they enrol, send a task vector and ask the
+aggregator's generation service for images), and load generators and tests, which drive
+the aggregator message by message (and misbehave on purpose) at thousands of devices
+per process instead of training a UNet for every update.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from edge_sdk import topics
 from edge_sdk.compression import make_codec
 from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType, parse_envelope
 from edge_sdk.identity import Identity, PublicIdentity, seal_to, verify_signature
-from edge_sdk.messages import AggregatorKeys, Enrol, RoundStart, UpdateAck, UpdateBody
-from edge_sdk.tensors import pack_tensors
+from edge_sdk.messages import AggregatorKeys, Enrol, GenerateRequest, GenerateResult, RoundStart, UpdateAck, UpdateBody
+from edge_sdk.tensors import pack_tensors, unpack_tensors
 from edge_sdk.transport import MqttConfig, MqttTransport
 
 
-class RawDevice:
+class LiteDevice:
     def __init__(self, mqtt_url: str, device_id: str | None = None, token: str = "fedaigc-demo-token") -> None:
-        self.id = device_id or f"raw-{uuid.uuid4().hex[:8]}"
+        self.id = device_id or f"lite-{uuid.uuid4().hex[:8]}"
         self.identity = Identity.generate()
         self.token = token
         self.writer = EnvelopeWriter(self.identity, self.id)
@@ -34,7 +36,7 @@ class RawDevice:
         self.inbox: list = []
         self.cond = threading.Condition()
 
-    def start(self, timeout: float = 10) -> "RawDevice":
+    def start(self, timeout: float = 10) -> "LiteDevice":
         self.transport.connect()
         self.transport.subscribe(topics.AGGREGATOR_KEYS, self._on_keys)
         self.transport.subscribe(topics.down(self.id), self._on_down)
@@ -88,7 +90,7 @@ class RawDevice:
 
     def enrol(self) -> None:
         pub = self.identity.public
-        body = Enrol(self.token, pub.verify_key, pub.box_key, "raw").encode()
+        body = Enrol(self.token, pub.verify_key, pub.box_key, "lite").encode()
         self.send(topics.enrol(self.id), self.writer.build(MessageType.ENROL, seal_to(self.aggregator.box_key, body)))
 
     def send_task(self, vector: np.ndarray) -> None:
@@ -102,6 +104,29 @@ class RawDevice:
                           start.version)
         sealed = self.identity.encrypt_to(self.aggregator.box_key, body.encode())
         return self.writer.build(MessageType.UPDATE, sealed, start.round if round is None else round)
+
+    def generate(self, encoding: np.ndarray, mix: dict[int, float], n: int = 1, seed: int = 0,
+                 timeout: float = 120.0) -> torch.Tensor:
+        """Images from the aggregator's generation service for a (384,) prompt encoding."""
+        rid = uuid.uuid4().hex
+        enc = torch.from_numpy(np.asarray(encoding, dtype=np.float32))
+        body = GenerateRequest(rid, pack_tensors({"encoding": enc}), {str(c): float(w) for c, w in mix.items()}, n, seed)
+        sealed = seal_to(self.aggregator.box_key, body.encode())
+        self.send(topics.generate(self.id), self.writer.build(MessageType.GENERATE_REQUEST, sealed))
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for i, (env, raw) in enumerate(self.inbox):
+                    if env.type == MessageType.GENERATE_RESULT:
+                        result = GenerateResult.decode(raw)
+                        if result.request_id == rid:
+                            del self.inbox[i]
+                            if not result.ok:
+                                raise RuntimeError(f"generation refused: {result.reason}")
+                            return unpack_tensors(result.images)["images"]
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no generation result within {timeout} s")
+                self.cond.wait(0.05)
 
     def join(self, vector: np.ndarray) -> None:
         self.enrol()
