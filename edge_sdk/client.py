@@ -92,6 +92,8 @@ class EdgeClient:
         self.unet = load_base_unet(config.base_model)
         if config.effective("quantization") == "int8":
             quantize_base(self.unet)
+        if config.effective("gradient_checkpointing"):
+            self.unet.enable_gradient_checkpointing()
         self.unet.requires_grad_(False)
         add_adapter(self.unet, SHARED, self.shared_spec, seed=config.seed)
         if config.personalization == "dual":
