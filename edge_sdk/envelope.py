@@ -5,7 +5,9 @@ An envelope is a msgpack array::
     [version, type, sender, round, seq, nonce(16 B), timestamp_ms, payload, signature(64 B)]
 
 The Ed25519 signature covers the msgpack encoding of the first eight fields, so the
-header (who, what, which round, when) is bound to the ciphertext it carries. Payload
+header (who, what, which round, when) is bound to the ciphertext it carries. Only the
+canonical (shortest) msgpack spelling is accepted: re-encoding a parsed envelope must
+give back the received bytes, so no one can re-spell a signed envelope into new bytes. Payload
 confidentiality is the caller's: a ``SealedBox`` for task vectors, a ``Box`` for
 adapters, plain bytes only for public announcements.
 
@@ -133,7 +135,12 @@ def parse_envelope(data: bytes, max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES) -> 
         mtype = MessageType(mtype)
     except ValueError:
         raise RefusedMessage(Refusal.WRONG_TYPE, f"unknown message type {mtype[:40]!r}") from None
-    return Envelope(version, mtype, sender, rnd, seq, nonce, ts, payload, sig)
+    env = Envelope(version, mtype, sender, rnd, seq, nonce, ts, payload, sig)
+    if env.to_bytes() != bytes(data):
+        # msgpack can spell one value several ways (uint64 vs int64, str8 vs fixstr); only the
+        # canonical spelling is accepted, so a signed envelope has exactly one valid byte form
+        raise RefusedMessage(Refusal.MALFORMED, "envelope is not canonically encoded")
+    return env
 
 
 def _is_uint(x) -> bool:

@@ -142,3 +142,11 @@ def test_mutated_envelopes_are_refused_or_identical(mutations, cut):
     except RefusedMessage:
         return
     assert data == VALID  # the only way through is to be the untouched original
+
+
+def test_a_re_spelled_but_equal_envelope_is_refused():
+    data = EnvelopeWriter(ALICE, "alice").build(MessageType.TASK, b"x")
+    seq_marker = data.index(b"\xcf")  # the 64-bit sequence number is spelled as uint64 ...
+    respelled = data[:seq_marker] + b"\xd3" + data[seq_marker + 1:]  # ... int64 means the same value
+    assert msgpack.unpackb(respelled) == msgpack.unpackb(data)
+    assert refusal_of(lambda: verifier().open(respelled)) == Refusal.MALFORMED
