@@ -9,6 +9,7 @@ from pathlib import Path
 from aggregator.rules import RULES
 
 ROLES = ("all", "edge", "cloud")
+CLUSTERING_MODES = ("tasks", "single", "ifca")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class AggregatorConfig:
     lora_rank: int = 2
     rule: str = "exact"
     clip: float | None = 3.0               # clip updates at this multiple of the median update norm
-    k: int | None = None                   # fixed number of clusters (None: found from the data)
+    clustering: str = "tasks"              # "tasks" (ours), "single" (one shared adapter: FedAvg), "ifca"
+    k: int | None = None                   # fixed number of clusters (None: found from the data; ifca: required)
     refine_after_round: int = 1            # CFL-style refinement with update similarity (0: never)
     interaction: bool = True
     borrow: float = 1.0                    # inter-cluster shrinkage strength (device-equivalents)
@@ -53,6 +55,10 @@ class AggregatorConfig:
         object.__setattr__(self, "uplink_codecs", tuple(self.uplink_codecs))
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.clustering not in CLUSTERING_MODES:
+            raise ValueError(f"clustering must be one of {CLUSTERING_MODES}, got {self.clustering!r}")
+        if self.clustering == "ifca" and not (self.k and self.k >= 2):
+            raise ValueError("ifca clustering needs k >= 2 clusters")
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {tuple(RULES)}, got {self.rule!r}")
         if not 0.0 < self.quorum <= 1.0:

@@ -83,12 +83,13 @@ def write_outputs(result: FederationResult, cfg: FleetConfig, out: Path) -> dict
 def plot_convergence(result: FederationResult, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     rounds = sorted(result.curves)
-    clusters = sorted({c for r in rounds for c in result.curves[r]})
-    for cid in clusters:
-        xs = [r for r in rounds if cid in result.curves[r]]
-        axes[0].plot(xs, [result.curves[r][cid]["style_acc"] for r in xs], marker="o", label=f"cluster {cid}")
-        axes[1].plot(xs, [result.curves[r][cid]["frechet"] for r in xs], marker="o", label=f"cluster {cid}")
-    axes[0].set(xlabel="round", ylabel="style accuracy", title="style accuracy (global model)", ylim=(-0.02, 1.02))
+    styles = sorted({s for r in rounds for s in result.curves[r]["styles"]})
+    for style in styles:
+        xs = [r for r in rounds if style in result.curves[r]["styles"]]
+        axes[0].plot(xs, [result.curves[r]["styles"][style]["style_acc"] for r in xs], marker="o", label=style)
+        axes[1].plot(xs, [result.curves[r]["styles"][style]["frechet"] for r in xs], marker="o", label=style)
+    axes[0].set(xlabel="round", ylabel="style accuracy", title="style accuracy (devices' cluster adapters)",
+                ylim=(-0.02, 1.02))
     axes[1].set(xlabel="round", ylabel="Fréchet distance", title="Fréchet distance (lower is better)", yscale="log")
     lr = sorted(result.losses)
     axes[2].plot(lr, [result.losses[r] for r in lr], marker="o", color="black")
@@ -108,7 +109,8 @@ def summarize(result: FederationResult) -> dict:
         "seconds": round(result.seconds, 1),
         "ari_text": round(result.ari("text"), 3),
         "ari_final": round(result.ari("final"), 3),
-        "clusters": {str(c): {k: round(v, 4) for k, v in m.items()} for c, m in result.final.items()},
+        "styles": {s: {k: round(v, 4) for k, v in m.items()} for s, m in result.final["styles"].items()},
+        "clusters": result.final["clusters"],
         "device_style_acc_base": round(sum(base) / max(1, len(base)), 3),
         "device_style_acc_personal": round(sum(personal) / max(1, len(personal)), 3),
         "bytes_up": up,
@@ -126,11 +128,13 @@ def report_markdown(result: FederationResult, s: dict, cfg: FleetConfig) -> str:
         "## Clustering", "",
         f"- adjusted Rand index vs the true styles: **{s['ari_text']}** from encrypted task vectors alone, "
         f"**{s['ari_final']}** after refinement with first-round update similarity", "",
-        "## Quality of each cluster's adapter (global model, members' held-out prompts)", "",
-        "| cluster | devices | style acc | digit acc | Fréchet |", "|---|---|---|---|---|",
+        "Clusters (true styles of their devices): " + "; ".join(
+            f"{c}: " + ", ".join(f"{n} {st}" for st, n in comp.items()) for c, comp in result.final["clusters"].items()),
+        "", "## Quality per style of the cluster adapters (global model, devices' held-out prompts)", "",
+        "| style | devices | style acc | digit acc | Fréchet |", "|---|---|---|---|---|",
     ]
-    for c, m in sorted(result.final.items()):
-        lines.append(f"| {c} | {int(m['devices'])} | {m['style_acc']:.2f} | {m['digit_acc']:.2f} | {m['frechet']:.0f} |")
+    for st, m in sorted(result.final["styles"].items()):
+        lines.append(f"| {st} | {int(m['devices'])} | {m['style_acc']:.2f} | {m['digit_acc']:.2f} | {m['frechet']:.0f} |")
     lines += [
         "", "## Devices (shared + personal adapter, own test prompts)", "",
         f"- style accuracy: base model {s['device_style_acc_base']:.2f} -> personalised "

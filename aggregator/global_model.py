@@ -50,14 +50,19 @@ class GlobalModel:
             set_adapter_state(self.unet, name, adapter)
             self.versions[int(cluster_id)] = int(version)
 
-    def initial_adapter(self, seed: int) -> dict[str, torch.Tensor]:
-        """A fresh adapter (A random, B zero: no effect yet), identical for every cluster of a fleet."""
+    def initial_adapter(self, seed: int, b_std: float = 0.0) -> dict[str, torch.Tensor]:
+        """A fresh adapter, deterministic for ``seed``: A random, B zero (no effect yet) unless
+        ``b_std`` > 0 asks for small random B too (IFCA's k starting points must differ)."""
         with self._lock:
             add_adapter(self.unet, "init", self.spec, seed=seed)
             try:
-                return get_adapter_state(self.unet, "init")
+                state = get_adapter_state(self.unet, "init")
             finally:
                 delete_adapter(self.unet, "init")
+        if b_std > 0:
+            g = torch.Generator().manual_seed(seed)
+            state = {k: torch.randn(v.shape, generator=g) * b_std if ".lora_B." in k else v for k, v in state.items()}
+        return state
 
     def drop_cluster(self, cluster_id: int) -> None:
         with self._lock:

@@ -249,12 +249,25 @@ class AggregatorService:
         devices = [d for d in sorted(tasks) if d in enrolled]
         return devices, np.stack([np.frombuffer(tasks[d], dtype=np.float32) for d in devices])
 
+    @property
+    def ifca(self) -> bool:
+        return self.config.clustering == "ifca"
+
     def form_clusters(self) -> None:
-        """First clustering from task vectors; opens round 1."""
+        """First grouping (task clustering, one group, or IFCA's k candidates); opens round 1."""
         devices, vectors = self._task_matrix()
-        labels = cluster_tasks(vectors, self.config.k)
+        if self.config.clustering == "tasks":
+            labels = cluster_tasks(vectors, self.config.k)
+        elif self.config.clustering == "single":
+            labels = np.zeros(len(devices), dtype=np.int64)
+        else:  # ifca: membership is each device's choice per round; start spread round-robin
+            labels = np.arange(len(devices)) % self.config.k
         assignment = self.clusters.recluster(devices, vectors, labels)
-        adapters = {cid: self.initial for cid in set(assignment.values())}
+        if self.ifca:  # IFCA needs distinct starting points to break the symmetry between clusters
+            adapters = {cid: self.global_model.initial_adapter(self.config.seed + cid, b_std=1e-2)
+                        for cid in set(assignment.values())}
+        else:
+            adapters = {cid: self.initial for cid in set(assignment.values())}
         log.info("clustered %d devices into %d clusters: %s", len(devices), len(adapters),
                  dict(Counter(assignment.values())))
         self._commit_round(1, adapters, {cid: 0 for cid in adapters})
@@ -280,11 +293,14 @@ class AggregatorService:
             return
         self.send(device, MessageType.CLUSTER_ASSIGN, ClusterAssign(cid).encode())
         rnd = self.current_round()
-        open_rounds = {(r, c) for r, c, state, *_ in self.store.rounds("open")}
-        if (rnd, cid) in open_rounds and device not in {u.device_id for u in self.store.updates(rnd, cid)}:
-            self._send_round_start(device, rnd, cid)
-        elif self.done.is_set() or self.store.get("done", False):
+        if self.done.is_set() or self.store.get("done", False):
             self._send_round_start(device, rnd, cid, install_only=True)
+            return
+        if device in {u.device_id for u in self.store.updates(rnd)}:
+            return
+        for r, c, *_ in self.store.rounds("open"):
+            if r == rnd and (c == cid or self.ifca):
+                self._send_round_start(device, rnd, c)
 
     # ================================================================ rounds
     def current_round(self) -> int:
@@ -294,6 +310,13 @@ class AggregatorService:
         revoked = {d.device_id for d in self.store.devices() if d.revoked}
         return sorted(d for d, c in self.clusters.assignment.items() if c == cid and d not in revoked)
 
+    def recipients(self, cid: int) -> list[str]:
+        """Who gets cluster ``cid``'s round start: its members, or everyone under IFCA."""
+        if not self.ifca:
+            return self.members(cid)
+        revoked = {d.device_id for d in self.store.devices() if d.revoked}
+        return sorted(d for d in self.clusters.assignment if d not in revoked)
+
     def cluster_adapter(self, cid: int) -> tuple[dict[str, torch.Tensor], int]:
         _, blob, version = self.store.clusters()[cid]
         return unpack_tensors(blob, self.shapes), version
@@ -302,8 +325,9 @@ class AggregatorService:
         adapter, version = self.cluster_adapter(cid)
         deadline = next((d for r, c, _, _, d in self.store.rounds() if r == rnd and c == cid), time.time())
         codec = make_codec(self.config.downlink_codec, seed=self.config.seed + rnd)
+        choices = len(self.store.clusters()) if self.ifca and not install_only else 1
         body = RoundStart(rnd, cid, version, -1, float(deadline), 0 if install_only else self.config.local_steps,
-                          codec.name, codec.encode(adapter))
+                          choices, codec.name, codec.encode(adapter))
         self.send(device, MessageType.ROUND_START, body.encode(), rnd)
 
     def _commit_round(self, rnd: int, adapters: dict[int, dict[str, torch.Tensor]], versions: dict[int, int]) -> None:
@@ -325,7 +349,7 @@ class AggregatorService:
             if cid not in adapters:
                 self.global_model.drop_cluster(cid)
         for cid in adapters:
-            for device in self.members(cid):
+            for device in (self.members(cid) if final else self.recipients(cid)):
                 self._send_round_start(device, rnd if not final else self.config.rounds, cid, install_only=final)
         for listener in self.round_listeners:
             listener(rnd - 1, {cid: {k: v.clone() for k, v in a.items()} for cid, a in adapters.items()})
@@ -344,6 +368,8 @@ class AggregatorService:
         body = UpdateBody.decode(self.identity.decrypt_from(rec.box_key, env.payload))
         self._count(env.round, device, "up", len(data))
         cid = self.clusters.assignment.get(device)
+        if self.ifca and cid is not None:
+            cid = body.cluster  # under IFCA the device picks its cluster every round
         open_rounds = {(r, c) for r, c, *_ in self.store.rounds("open")}
         if cid is None or body.cluster != cid or (env.round, cid) not in open_rounds:
             self._refuse_update(device, env.round, RefusedMessage(
@@ -358,8 +384,14 @@ class AggregatorService:
         except RefusedMessage as e:
             self._refuse_update(device, env.round, e)
             return
+        if self.ifca and any(u.device_id == device for u in self.store.updates(env.round) if u.cluster_id != cid):
+            self._refuse_update(device, env.round, RefusedMessage(
+                Refusal.STALE_ROUND, f"{device} already chose another cluster in round {env.round}"))
+            return
         new = self.store.accept_update(UpdateRecord(env.round, cid, device, pack_tensors(delta), body.samples,
                                                     body.loss_after, body.base_version))
+        if self.ifca:
+            self.clusters.assignment[device] = cid
         self.send(device, MessageType.UPDATE_ACK, UpdateAck(env.round, True, "" if new else "duplicate").encode(), env.round)
         if new:
             self._maybe_close(env.round, cid)
@@ -369,6 +401,13 @@ class AggregatorService:
         self.send(device, MessageType.UPDATE_ACK, UpdateAck(rnd, False, error.reason.value).encode(), rnd)
 
     def _maybe_close(self, rnd: int, cid: int) -> None:
+        if self.ifca:  # every device answers exactly one of the k clusters: close them together
+            reported = {u.device_id for u in self.store.updates(rnd)}
+            if set(self.recipients(cid)) <= reported:
+                for r, c, *_ in self.store.rounds("open"):
+                    if r == rnd:
+                        self.close_cluster_round(rnd, c)
+            return
         reported = {u.device_id for u in self.store.updates(rnd, cid)}
         if set(self.members(cid)) <= reported:
             self.close_cluster_round(rnd, cid)
@@ -400,7 +439,7 @@ class AggregatorService:
         clusters = self.store.clusters()
         adapters = {cid: unpack_tensors(blob, self.shapes) for cid, (_, blob, _) in clusters.items()}
         versions = {cid: v for cid, (_, _, v) in clusters.items()}
-        if rnd == self.config.refine_after_round and self.config.k is None:
+        if rnd == self.config.refine_after_round and self.config.k is None and self.config.clustering == "tasks":
             adapters, versions = self._refine(rnd, adapters, versions)
         if self.config.interaction and len(adapters) > 1:
             sizes = {cid: float(len(self.members(cid))) for cid in adapters}
@@ -445,8 +484,8 @@ class AggregatorService:
         for rnd, cid, _, _, deadline in self.store.rounds("open"):
             if now < deadline:
                 continue
-            members = self.members(cid)
-            reported = {u.device_id for u in self.store.updates(rnd, cid)}
+            members = self.recipients(cid) if self.ifca else self.members(cid)
+            reported = {u.device_id for u in self.store.updates(rnd, None if self.ifca else cid)}
             needed = max(1, math.ceil(self.config.quorum * len(members)))
             extensions = int(self.store.get(f"extensions/{rnd}/{cid}", 0))
             if len(reported) >= needed or extensions >= self.config.max_extensions:
@@ -490,8 +529,8 @@ class AggregatorService:
         for r, cid, *_ in self.store.rounds("open"):
             self._maybe_close(r, cid)
         for r, cid, *_ in self.store.rounds("open"):
-            reported = {u.device_id for u in self.store.updates(r, cid)}
-            for device in self.members(cid):
+            reported = {u.device_id for u in self.store.updates(r, None if self.ifca else cid)}
+            for device in self.recipients(cid):
                 if device not in reported:
                     self._send_round_start(device, r, cid)
 

@@ -25,7 +25,7 @@ import torch
 from aggregator.config import AggregatorConfig
 from aggregator.global_model import GlobalModel, adapter_name
 from aggregator.service import AggregatorService
-from models.evaluate import evaluate_personas
+from models.evaluate import evaluate, sample_for_personas
 from models.lora import set_mix
 
 log = logging.getLogger("fedaigc.simulation")
@@ -79,6 +79,35 @@ class FederationResult:
     def bytes_total(self, upto_round: int | None = None) -> int:
         return sum(v["up"] + v["down"] for r, per in self.traffic.items() if upto_round is None or r <= upto_round
                    for v in per.values())
+
+
+def score_styles(model_of, assignment: dict, persona_of: dict, samples: int, seed: int, steps: int) -> dict:
+    """``{"styles": {style: metrics}, "clusters": {group: {style: devices}}}`` for any grouping.
+
+    ``model_of(group)`` returns the network (adapters set) that the devices of ``group`` use;
+    a style's ``samples`` images are split over its groups in proportion to its devices there
+    and judged together.
+    """
+    per_style: dict[str, int] = {}
+    for d in assignment:
+        per_style[persona_of[d].style] = per_style.get(persona_of[d].style, 0) + 1
+    images: dict[str, list] = {}
+    composition: dict = {}
+    for group in sorted(set(assignment.values()), key=str):
+        members = [persona_of[d] for d, g in assignment.items() if g == group]
+        by_style: dict[str, list] = {}
+        for p in members:
+            by_style.setdefault(p.style, []).append(p)
+        composition[str(group)] = {style: len(g) for style, g in by_style.items()}
+        unet = model_of(group)
+        for style, g in by_style.items():
+            k = max(1, round(samples * len(g) / per_style[style]))
+            images.setdefault(style, []).append(sample_for_personas(unet, g, k, seed, steps))
+    styles = {}
+    for style, parts in images.items():
+        styles[style] = evaluate(torch.cat([i for i, _ in parts]), torch.cat([d for _, d in parts]), style)
+        styles[style]["devices"] = per_style[style]
+    return {"styles": styles, "clusters": composition}
 
 
 def _personas(cfg: FleetConfig):
@@ -200,25 +229,21 @@ class RoundEvaluator:
             rnd, adapters, assignment = item
             self.curves[rnd] = self.score(adapters, assignment, self.cfg.eval_samples, self.cfg.eval_steps)
 
-    def score(self, adapters, assignment, samples: int, steps: int) -> dict[int, dict[str, float]]:
-        out = {}
-        for cid, adapter in adapters.items():
-            members = [self.persona_of[d] for d, c in assignment.items() if c == cid and d in self.persona_of]
-            if not members:
-                continue
-            self._model.set_cluster(cid, adapter, 0)
-            with self._model._lock:
-                set_mix(self._model.unet, {adapter_name(cid): 1.0})
-                # a cluster may hold several styles while clustering is wrong: score each member's own style
-                by_style: dict[str, list] = {}
-                for p in members:
-                    by_style.setdefault(p.style, []).append(p)
-                parts = [(len(g), evaluate_personas(self._model.unet, g, samples=max(8, samples * len(g) // len(members)),
-                                                    seed=self.cfg.seed, steps=steps)) for g in by_style.values()]
-            total = sum(n for n, _ in parts)
-            out[cid] = {k: sum(n * m[k] for n, m in parts) / total for k in parts[0][1]}
-            out[cid]["devices"] = len(members)
-        return out
+    def score(self, adapters, assignment, samples: int, steps: int) -> dict:
+        """Quality per true style of what each device gets (its cluster's adapter), on held-out prompts.
+
+        Every style is judged on ``samples`` images however its devices are spread over
+        clusters, so the Fréchet distance (which depends on sample count) compares fairly
+        across methods that cluster differently.
+        """
+        def model_of(cid):
+            self._model.set_cluster(cid, adapters[cid], 0)
+            set_mix(self._model.unet, {adapter_name(cid): 1.0})
+            return self._model.unet
+
+        with self._model._lock:
+            return score_styles(model_of, {d: c for d, c in assignment.items() if c in adapters}, self.persona_of,
+                                samples, self.cfg.seed, steps)
 
     def drain(self, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout

@@ -188,6 +188,15 @@ class EdgeClient:
         self.save()
         return Update({k: end[k] - start[k] for k in end}, len(data.prompts), steps, before, after, version)
 
+    def local_loss(self, adapter: Mapping[str, torch.Tensor], data: LocalData) -> float:
+        """The denoising loss of our data under a candidate shared adapter (IFCA's cluster choice)."""
+        self._adopt_shape(adapter)
+        set_adapter_state(self.unet, SHARED, adapter)
+        set_mix(self.unet, {SHARED: 1.0} | ({PERSONAL: 1.0} if PERSONAL in adapter_names(self.unet) else {}))
+        encodings = torch.from_numpy(self.encode(data.prompts))
+        probe = slice(0, 64)
+        return evaluation_loss(self.unet, data.images[probe], encodings[probe], seed=self.config.seed, repeats=4)
+
     def _adopt_shape(self, adapter: Mapping[str, torch.Tensor]) -> None:
         """The fleet decides the shared adapter's rank: follow it if ours differs."""
         rank = next(v.shape[0] for k, v in adapter.items() if k.endswith("lora_A.weight"))

@@ -96,6 +96,7 @@ class RoundStart(Body):
     base_version: int   # version the adapter payload is a delta against (-1: full adapter)
     deadline: float
     local_steps: int
+    choices: int        # > 1: one of several candidate adapters this round; train the best-fitting (IFCA)
     codec: str
     adapter: bytes
 

@@ -79,6 +79,7 @@ class FederatedSession:
         self._worker = threading.Thread(target=self._run, name=f"session-{client.device_id}", daemon=True)
         self._state_path = Path(client.data_dir) / "session.json"
         self._results: dict[str, list] = {}
+        self._candidates: dict[int, dict[int, tuple]] = {}  # round -> cluster -> (start, adapter) under IFCA
         self._results_lock = threading.Lock()
         self._restore()
 
@@ -237,6 +238,14 @@ class FederatedSession:
         if start.round in self._answers:  # asked again: our update was lost or not yet counted
             self.transport.publish(topics.update(self.client.device_id), self._answers[start.round])
             return
+        if start.choices > 1:  # IFCA: wait for every candidate, then train the one that fits our data best
+            candidates = self._candidates.setdefault(start.round, {})
+            candidates[start.cluster] = (start, adapter)
+            if len(candidates) < start.choices:
+                return
+            losses = {c: self.client.local_loss(a, self.data) for c, (_, a) in candidates.items()}
+            start, adapter = candidates[min(losses, key=losses.get)]
+            self._candidates = {}
         update = self.client.train_round(adapter, self.data, steps=start.local_steps, version=start.version)
         sealed = self.client.seal_update(update, start.cluster, self.feedback)
         envelope = self.writer.build(MessageType.UPDATE, sealed, start.round)

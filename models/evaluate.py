@@ -220,6 +220,27 @@ def evaluate(images: torch.Tensor, digits, style: str) -> dict[str, float]:
     return load_evaluator().evaluate(images, digits, style)
 
 
+def sample_for_personas(
+    unet: torch.nn.Module,
+    personas,
+    samples: int = 64,
+    seed: int = 0,
+    steps: int = 20,
+    guidance_scale: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, target digits): what ``unet`` (active adapters as set) draws for the personas'
+    held-out test prompts, cycled to ``samples`` images in all."""
+    from models.text import PromptEncoder
+    from models.unet import generate
+
+    prompts = [pr for p in personas for pr in p.test_prompts]
+    digits = torch.cat([p.test_digits for p in personas])
+    order = torch.arange(samples) % len(prompts)
+    encodings = torch.from_numpy(PromptEncoder().encode([prompts[i] for i in order.tolist()]))
+    images = generate(unet, encodings, steps=steps, seed=seed, guidance_scale=guidance_scale)
+    return images, digits[order]
+
+
 def evaluate_personas(
     unet: torch.nn.Module,
     personas,
@@ -228,20 +249,9 @@ def evaluate_personas(
     steps: int = 20,
     guidance_scale: float = 2.0,
 ) -> dict[str, float]:
-    """Quality of what ``unet`` (with its currently active adapters) draws for these personas.
-
-    Prompts are the personas' held-out test prompts, cycled to ``samples`` images in all;
-    the personas must share one style (evaluate each style group separately).
-    """
-    from models.text import PromptEncoder
-    from models.unet import generate
-
+    """Quality of what ``unet`` draws for personas that share one style (see ``sample_for_personas``)."""
     styles = {p.style for p in personas}
     if len(styles) != 1:
         raise ValueError(f"evaluate_personas needs personas of one style, got {sorted(styles)}")
-    prompts = [pr for p in personas for pr in p.test_prompts]
-    digits = torch.cat([p.test_digits for p in personas])
-    order = torch.arange(samples) % len(prompts)
-    encodings = torch.from_numpy(PromptEncoder().encode([prompts[i] for i in order.tolist()]))
-    images = generate(unet, encodings, steps=steps, seed=seed, guidance_scale=guidance_scale)
-    return evaluate(images, digits[order], styles.pop())
+    images, digits = sample_for_personas(unet, personas, samples, seed, steps, guidance_scale)
+    return evaluate(images, digits, styles.pop())
