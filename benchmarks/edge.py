@@ -140,13 +140,13 @@ def time_modes(size: str, steps: int) -> dict:
 def quality_after_one_round(steps: int) -> dict:
     """Style/digit accuracy of the demo UNet after one local round of each mode on one persona."""
     from models.evaluate import evaluate_personas
-    from models.training import TrainConfig, train_denoiser
+    from models.training import LORA_LR, TrainConfig, train_denoiser
 
     out = {}
     for m in MODES:
         persona, images, enc = data(SIZES["small"]["batch"])
         unet, params = build("small", m)
-        train_denoiser(unet, params, images, enc, TrainConfig(steps=steps, batch_size=16, lr=3e-3 if "lora" in m else 1e-3))
+        train_denoiser(unet, params, images, enc, TrainConfig(steps=steps, batch_size=16, lr=LORA_LR if "lora" in m else 1e-3))
         out[m] = evaluate_personas(unet, [persona], samples=32, seed=0, steps=10)
     return out
 

@@ -9,7 +9,10 @@ left out. Modes:
 
 * ``none``  - one shared adapter per cluster, nothing personal;
 * ``dual``  - a shared adapter (aggregated) plus a rank-1 personal adapter (never leaves
-  the device), trained jointly.
+  the device), trained jointly;
+* ``residual`` - the shared adapter trains alone for the round's steps, then the personal
+  adapter trains for half as many on top of it (shared frozen): it can only fit what the
+  cluster adapter leaves unexplained.
 
 Reports, per mode and round: the cluster adapters' quality (what the global model and
 other members get) and each device's own quality (shared + personal, its test prompts).
@@ -38,6 +41,7 @@ from models.evaluate import evaluate_personas  # noqa: E402
 from models.lora import LoraSpec, adapter_names, get_adapter_state, set_mix  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("none", "dual", "residual")
 
 
 def run_mode(mode: str, devices: int, styles: int, rounds: int, steps: int, seed: int, samples: int) -> dict:
@@ -94,15 +98,15 @@ def main() -> None:
     rounds = 3 if args.quick else args.rounds
     started = time.monotonic()
     runs = [run_mode(mode, args.devices, args.styles, rounds, args.steps, seed, 32)
-            for seed in seeds for mode in ("none", "dual")]
+            for seed in seeds for mode in MODES]
     final = {m: {k: float(np.mean([r["curve"][-1][k] for r in runs if r["mode"] == m])) for k in runs[0]["curve"][-1]}
-             for m in ("none", "dual")}
+             for m in MODES}
     result = {"devices": args.devices, "styles": args.styles, "rounds": rounds, "local_steps": args.steps,
               "seeds": seeds, "runs": runs, "final": final, "seconds": time.monotonic() - started}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "personalization.json").write_text(json.dumps(result, indent=2) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
-    for mode, color in (("none", "tab:blue"), ("dual", "tab:orange")):
+    for mode, color in zip(MODES, ("tab:blue", "tab:orange", "tab:green")):
         for r in (r for r in runs if r["mode"] == mode):
             xs = range(1, len(r["curve"]) + 1)
             axes[0].plot(xs, [c["cluster_style_acc"] for c in r["curve"]], color=color, alpha=0.7,

@@ -96,7 +96,7 @@ class EdgeClient:
             self.unet.enable_gradient_checkpointing()
         self.unet.requires_grad_(False)
         add_adapter(self.unet, SHARED, self.shared_spec, seed=config.seed)
-        if config.personalization == "dual":
+        if config.personalization in ("dual", "residual"):
             add_adapter(self.unet, PERSONAL, LoraSpec(rank=config.personal_rank), seed=config.seed + 1)
             # B starts at zero, so a fresh personal adapter changes nothing until trained
         self.shared_version = 0
@@ -166,23 +166,23 @@ class EdgeClient:
             set_adapter_state(self.unet, SHARED, cluster_adapter)
             self.shared_version = version
         start = get_adapter_state(self.unet, SHARED)
-        active = {SHARED: 1.0} | ({PERSONAL: 1.0} if PERSONAL in adapter_names(self.unet) else {})
-        set_mix(self.unet, active)
         batch = self.config.effective("batch_size")
         self.check_memory(batch)
         encodings = torch.from_numpy(self.encode(data.prompts))
         eval_seed = self.config.seed if seed is None else seed
         probe = slice(0, 64)  # a fixed probe of the local data keeps the before/after loss cheap and comparable
+        set_mix(self.unet, self.default_mix())
         before = evaluation_loss(self.unet, data.images[probe], encodings[probe], seed=eval_seed, repeats=4)
-        params = [p for n, p in self.unet.named_parameters() if any(f".{a}." in n for a in active)]
-        for p in params:
-            p.requires_grad_(True)
-        try:
-            train_denoiser(self.unet, params, data.images, encodings,
-                           TrainConfig(steps=steps, batch_size=batch, lr=self.config.lr, seed=eval_seed + version))
-        finally:
-            for p in params:
-                p.requires_grad_(False)
+        mode = self.config.personalization
+        if mode == "dual":  # shared and personal adapters learn together
+            self._train([SHARED, PERSONAL], self.default_mix(), data.images, encodings, steps, eval_seed + version)
+        else:  # the shared adapter learns alone, so it carries everything the cluster can share ...
+            self._train([SHARED], {SHARED: 1.0}, data.images, encodings, steps, eval_seed + version)
+            if mode == "residual":  # ... and the personal adapter then fits only what it could not
+                personal_steps = max(1, steps // 2) if steps else 0
+                self._train([PERSONAL], self.default_mix(), data.images, encodings, personal_steps,
+                            eval_seed + version + 1)
+        set_mix(self.unet, self.default_mix())
         after = evaluation_loss(self.unet, data.images[probe], encodings[probe], seed=eval_seed, repeats=4)
         end = get_adapter_state(self.unet, SHARED)
         self.save()
@@ -192,7 +192,7 @@ class EdgeClient:
         """The denoising loss of our data under a candidate shared adapter (IFCA's cluster choice)."""
         self._adopt_shape(adapter)
         set_adapter_state(self.unet, SHARED, adapter)
-        set_mix(self.unet, {SHARED: 1.0} | ({PERSONAL: 1.0} if PERSONAL in adapter_names(self.unet) else {}))
+        set_mix(self.unet, self.default_mix())
         encodings = torch.from_numpy(self.encode(data.prompts))
         probe = slice(0, 64)
         return evaluation_loss(self.unet, data.images[probe], encodings[probe], seed=self.config.seed, repeats=4)
@@ -205,6 +205,26 @@ class EdgeClient:
             self.shared_spec = LoraSpec(rank=rank, target_modules=self.shared_spec.target_modules)
             delete_adapter(self.unet, SHARED)
             add_adapter(self.unet, SHARED, self.shared_spec, seed=self.config.seed)
+
+    def default_mix(self) -> dict[str, float]:
+        """Shared adapter, plus the personal one where this device has it."""
+        return {SHARED: 1.0} | ({PERSONAL: 1.0} if PERSONAL in adapter_names(self.unet) else {})
+
+    def _train(self, names: list[str], mix: dict[str, float], images: torch.Tensor, encodings: torch.Tensor,
+               steps: int, seed: int) -> None:
+        if steps == 0:
+            return
+        set_mix(self.unet, mix)
+        params = [p for n, p in self.unet.named_parameters() if any(f".{a}." in n for a in names)]
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            train_denoiser(self.unet, params, images, encodings,
+                           TrainConfig(steps=steps, batch_size=self.config.effective("batch_size"), lr=self.config.lr,
+                                       seed=seed))
+        finally:
+            for p in params:
+                p.requires_grad_(False)
 
     def check_memory(self, batch_size: int) -> None:
         """Fail before training if the step would not fit the profile's memory budget."""
@@ -245,7 +265,7 @@ class EdgeClient:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if mix is None:
-            mix = {SHARED: 1.0} | ({PERSONAL: 1.0} if PERSONAL in adapter_names(self.unet) else {})
+            mix = self.default_mix()
         set_mix(self.unet, mix)
         encodings = torch.from_numpy(self.encode([prompt] * n))
         return sample_images(self.unet, encodings, steps=steps, seed=seed, guidance_scale=guidance_scale)

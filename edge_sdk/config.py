@@ -12,10 +12,11 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from models.training import LORA_LR
 from models.unet import BASE_MODEL_DIR
 
 QUANTIZATION_MODES = ("int8", "none")
-PERSONALIZATION_MODES = ("dual", "none")
+PERSONALIZATION_MODES = ("residual", "dual", "none")
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,8 @@ class DeviceConfig:
     quantization: str | None = None
     local_steps: int | None = None
     gradient_checkpointing: bool | None = None
-    lr: float = 3e-3
-    personalization: str = "dual"
+    lr: float = LORA_LR
+    personalization: str = "residual"
     personal_rank: int = 1
     task_noise: float = 0.0  # std of Gaussian noise added to the normalised task vector
     enrolment_token: str = ""

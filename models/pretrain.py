@@ -18,7 +18,7 @@ import torch
 from models.data import Persona, plain_prompts, public_digits
 from models.lora import LoraSpec, add_adapter, set_mix
 from models.text import PromptEncoder
-from models.training import TrainConfig, train_denoiser
+from models.training import LORA_LR, TrainConfig, train_denoiser
 from models.unet import UNetConfig, build_unet
 
 PROMPTS_PER_IMAGE = 4
@@ -69,7 +69,7 @@ def train_central(
     base_path: str | Path,
     personas: Sequence[Persona],
     spec: LoraSpec = LoraSpec(),
-    train: TrainConfig = TrainConfig(steps=600, batch_size=32, lr=3e-3, seed=0),
+    train: TrainConfig = TrainConfig(steps=600, batch_size=32, lr=LORA_LR, seed=0),
     progress: bool = True,
 ) -> torch.nn.Module:
     """One adapter per style (named after the style) trained on all personas of that style."""
@@ -99,7 +99,7 @@ def central_report(clients: int = 12, styles: int = 4, seed: int = 0, steps: int
     from models.unet import BASE_MODEL_DIR
 
     personas = make_personas(clients, styles, seed=seed)
-    unet = train_central(BASE_MODEL_DIR, personas, train=TrainConfig(steps=steps, batch_size=32, lr=3e-3, seed=seed),
+    unet = train_central(BASE_MODEL_DIR, personas, train=TrainConfig(steps=steps, batch_size=32, lr=LORA_LR, seed=seed),
                          progress=progress)
     report: dict = {"clients": clients, "styles": styles, "steps": steps, "seed": seed, "per_style": {}}
     for style in sorted({p.style for p in personas}):

@@ -13,7 +13,7 @@ from models.data import STYLES, make_personas
 from models.lora import LoraSpec, get_adapter_state
 from models.pretrain import train_central
 from models.text import PromptEncoder
-from models.training import TrainConfig
+from models.training import LORA_LR, TrainConfig
 from models.unet import BASE_MODEL_DIR
 
 A, B, C = "framed", "slanted", "thin"
@@ -22,7 +22,7 @@ A, B, C = "framed", "slanted", "thin"
 @pytest.fixture(scope="module")
 def model():
     personas = make_personas(6, 3, seed=0, styles=[A, B, C])
-    central = train_central(BASE_MODEL_DIR, personas, train=TrainConfig(steps=150, batch_size=16, lr=3e-3), progress=False)
+    central = train_central(BASE_MODEL_DIR, personas, train=TrainConfig(steps=150, batch_size=16, lr=LORA_LR), progress=False)
     g = GlobalModel(LoraSpec())
     for cid, style in enumerate((A, B, C)):
         g.set_cluster(cid, get_adapter_state(central, style), 1)
