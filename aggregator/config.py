@@ -41,6 +41,7 @@ class AggregatorConfig:
     borrow: float = 1.0                    # inter-cluster shrinkage strength (device-equivalents)
     temperature: float = 0.1
     downlink_codec: str = "fp32"
+    downlink_deltas: bool = True           # send adapters as deltas against what each device holds
     uplink_codecs: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "topk:0.1", "topk:0.1+int8",
                                       "topk:0.05+int8", "topk:0.1+int4", "topk:0.05+int4", "topk:0.2+int8")
     max_message_bytes: int = 64 * 1024 * 1024

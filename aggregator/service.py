@@ -34,19 +34,21 @@ import torch
 
 from aggregator.clustering import ClusterState, cluster_tasks, refine_with_updates
 from aggregator.config import AggregatorConfig
+from aggregator.downlink import DownlinkMirror
 from aggregator.global_model import GlobalModel
 from aggregator.interaction import interact
 from aggregator.rules import ClientUpdate, make_rule
 from aggregator.serve import GenerationService, Request
 from aggregator.state import StateStore, StateUnavailable, UpdateRecord, open_store
 from edge_sdk import topics
-from edge_sdk.compression import decode_payload, make_codec
+from edge_sdk.compression import decode_payload
 from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.identity import Identity
 from edge_sdk.messages import (
     AggregatorKeys,
     ClusterAssign,
+    DeviceStatus,
     Enrol,
     EnrolAck,
     GenerateRequest,
@@ -81,6 +83,7 @@ class AggregatorService:
         self.online: dict[str, bool] = {}
         self.traffic: dict[int, dict[str, dict[str, int]]] = {}  # round -> device -> {"up", "down"}
         self._traffic_lock = threading.Lock()
+        self.downlink = DownlinkMirror(config.downlink_codec, deltas=config.downlink_deltas)
         self.generation = GenerationService(self.global_model, self._reply_generation,
                                             max_batch=config.serve_max_batch, max_wait_s=config.serve_max_wait_s)
         self.done = threading.Event()
@@ -175,6 +178,8 @@ class AggregatorService:
                 self._on_update(topic, payload)
             elif topic.startswith(f"{topics.ROOT}/up/generate/"):
                 self._on_generate(topic, payload)
+            elif topic.startswith(f"{topics.ROOT}/up/status/"):
+                self._on_device_status(topic, payload)
             elif topic.startswith(f"{topics.ROOT}/status/"):
                 self.online[topics.device_of(topic)] = payload == b"online"
         except RefusedMessage as e:
@@ -324,10 +329,12 @@ class AggregatorService:
     def _send_round_start(self, device: str, rnd: int, cid: int, install_only: bool = False) -> None:
         adapter, version = self.cluster_adapter(cid)
         deadline = next((d for r, c, _, _, d in self.store.rounds() if r == rnd and c == cid), time.time())
-        codec = make_codec(self.config.downlink_codec, seed=self.config.seed + rnd)
         choices = len(self.store.clusters()) if self.ifca and not install_only else 1
-        body = RoundStart(rnd, cid, version, -1, float(deadline), 0 if install_only else self.config.local_steps,
-                          choices, codec.name, codec.encode(adapter))
+        # under IFCA a device receives k candidates at once; deltas against one held adapter do not apply
+        payload = (self.downlink.payload(device, cid, version, adapter) if not self.ifca else
+                   DownlinkMirror(self.config.downlink_codec, deltas=False).payload(device, cid, version, adapter))
+        body = RoundStart(rnd, cid, version, self.spec.rank, payload.base_cluster, payload.base_version, float(deadline),
+                          0 if install_only else self.config.local_steps, choices, payload.codec, payload.data)
         self.send(device, MessageType.ROUND_START, body.encode(), rnd)
 
     def _commit_round(self, rnd: int, adapters: dict[int, dict[str, torch.Tensor]], versions: dict[int, int]) -> None:
@@ -388,6 +395,10 @@ class AggregatorService:
             self._refuse_update(device, env.round, RefusedMessage(
                 Refusal.STALE_ROUND, f"{device} already chose another cluster in round {env.round}"))
             return
+        start = self.downlink.confirm(device, cid, body.base_version)
+        if start is not None:  # the device started from its (possibly lossy) copy: rebase onto ours
+            current, _ = self.cluster_adapter(cid)
+            delta = {k: start[k] + delta[k] - current[k] for k in delta}
         new = self.store.accept_update(UpdateRecord(env.round, cid, device, pack_tensors(delta), body.samples,
                                                     body.loss_after, body.base_version))
         if self.ifca:
@@ -542,6 +553,18 @@ class AggregatorService:
             self.store.put("online", self.online)
         except StateUnavailable as e:
             log.error("cannot persist metrics: %s", e)
+
+    def _on_device_status(self, topic: str, data: bytes) -> None:
+        env = self.verifier.open(data, {MessageType.STATUS})
+        self._check_topic(topic, env.sender)
+        rec = self.store.device(env.sender)
+        status = DeviceStatus.decode(self.identity.decrypt_from(rec.box_key, env.payload))
+        if status.state == "need_full":
+            log.info("%s lost its adapter copy; sending full adapters from now on", env.sender)
+            self.downlink.forget(env.sender)
+            self._resume_device(env.sender)
+        else:
+            raise RefusedMessage(Refusal.MALFORMED, f"unknown device status {status.state[:40]!r}")
 
     def _on_generate(self, topic: str, data: bytes) -> None:
         env = self.verifier.open(data, {MessageType.GENERATE_REQUEST})

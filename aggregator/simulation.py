@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
 import shutil
 import tempfile
@@ -118,7 +119,8 @@ def _personas(cfg: FleetConfig):
 
 def _device_worker(cfg: FleetConfig, indices: list[int], ids: list[str], root: str, events: mp.Queue) -> None:
     """One worker process hosting several devices until the federation finishes."""
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=os.environ.get("FEDAIGC_DEVICE_LOG", "WARNING"),
+                        format="%(asctime)s %(processName)s %(name)s: %(message)s")
     from edge_sdk import DeviceConfig, EdgeClient, LocalData
     from edge_sdk.session import FederatedSession
     from edge_sdk.transport import MqttConfig
@@ -213,6 +215,7 @@ class RoundEvaluator:
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._model = None
+        self._error: BaseException | None = None
 
     def start(self) -> "RoundEvaluator":
         self.service.round_listeners.append(lambda rnd, adapters: self._queue.put((rnd, adapters,
@@ -221,13 +224,14 @@ class RoundEvaluator:
         return self
 
     def _run(self) -> None:
-        self._model = GlobalModel(self.service.spec)
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            rnd, adapters, assignment = item
-            self.curves[rnd] = self.score(adapters, assignment, self.cfg.eval_samples, self.cfg.eval_steps)
+        try:
+            self._model = GlobalModel(self.service.spec)
+            while (item := self._queue.get()) is not None:
+                rnd, adapters, assignment = item
+                self.curves[rnd] = self.score(adapters, assignment, self.cfg.eval_samples, self.cfg.eval_steps)
+        except BaseException as exc:  # surfaced by drain(): a dead evaluator must not look like a slow one
+            log.exception("round evaluation failed")
+            self._error = exc
 
     def score(self, adapters, assignment, samples: int, steps: int) -> dict:
         """Quality per true style of what each device gets (its cluster's adapter), on held-out prompts.
@@ -246,11 +250,12 @@ class RoundEvaluator:
                                 samples, self.cfg.seed, steps)
 
     def drain(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while not self._queue.empty() and time.monotonic() < deadline:
-            time.sleep(0.2)
         self._queue.put(None)
-        self._thread.join(max(1.0, deadline - time.monotonic()))
+        self._thread.join(timeout)
+        if self._error is not None:
+            raise RuntimeError("round evaluation failed") from self._error
+        if self._thread.is_alive():
+            raise TimeoutError(f"round evaluation still running after {timeout} s")
 
 
 def run_federation(cfg: FleetConfig, aggregator: dict | None = None, progress: bool = True) -> FederationResult:

@@ -93,7 +93,9 @@ class RoundStart(Body):
     round: int
     cluster: int
     version: int
-    base_version: int   # version the adapter payload is a delta against (-1: full adapter)
+    rank: int           # the fleet's shared-adapter rank
+    base_cluster: int   # the adapter payload is a delta against (base_cluster, base_version); -1: full
+    base_version: int
     deadline: float
     local_steps: int
     choices: int        # > 1: one of several candidate adapters this round; train the best-fitting (IFCA)
@@ -112,6 +114,13 @@ class UpdateBody(Body):
     loss_before: float
     loss_after: float
     base_version: int
+
+
+@dataclass(frozen=True)
+class DeviceStatus(Body):
+    kind: ClassVar[str] = "device_status"
+    state: str          # "need_full": the device cannot apply a delta and asks for a full adapter
+    round: int
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from edge_sdk.identity import PublicIdentity, seal_to, verify_signature
 from edge_sdk.messages import (
     AggregatorKeys,
     ClusterAssign,
+    DeviceStatus,
     Enrol,
     EnrolAck,
     GenerateRequest,
@@ -40,7 +41,7 @@ from edge_sdk.messages import (
 )
 from edge_sdk.tensors import pack_tensors, shapes_of, unpack_tensors
 from edge_sdk.transport import MqttConfig, MqttTransport
-from models.lora import get_adapter_state
+from models.lora import get_adapter_state, shapes_at_rank
 
 log = logging.getLogger("fedaigc.session")
 
@@ -80,6 +81,7 @@ class FederatedSession:
         self._state_path = Path(client.data_dir) / "session.json"
         self._results: dict[str, list] = {}
         self._candidates: dict[int, dict[int, tuple]] = {}  # round -> cluster -> (start, adapter) under IFCA
+        self.held: tuple[int, int, dict[str, torch.Tensor]] | None = None  # (cluster, version, adapter) as received
         self._results_lock = threading.Lock()
         self._restore()
 
@@ -228,8 +230,22 @@ class FederatedSession:
         self.transport.publish(topics.task(self.client.device_id), self.writer.build(MessageType.TASK, payload))
 
     def _on_round(self, start: RoundStart) -> None:
-        expected = shapes_of(get_adapter_state(self.client.unet, SHARED))
-        adapter = decode_payload(start.codec, start.adapter, expected)
+        expected = shapes_at_rank(shapes_of(get_adapter_state(self.client.unet, SHARED)), start.rank)
+        decoded = decode_payload(start.codec, start.adapter, expected)
+        if start.base_version < 0:
+            adapter = decoded
+        elif self.held is not None and (self.held[0], self.held[1]) == (start.base_cluster, start.base_version):
+            adapter = {k: self.held[2][k] + decoded[k] for k in decoded}
+        else:  # a delta against an adapter we no longer hold (restarted, or a message was lost)
+            log.info("%s: cannot apply a delta against %s; asking for a full adapter", self.client.device_id,
+                     (start.base_cluster, start.base_version))
+            sealed = self.client.identity.encrypt_to(self.client.aggregator.box_key,
+                                                     DeviceStatus("need_full", start.round).encode())
+            self.transport.publish(topics.device_status(self.client.device_id),
+                                   self.writer.build(MessageType.STATUS, sealed, start.round))
+            return
+        if start.choices == 1:
+            self.held = (start.cluster, start.version, adapter)
         self.cluster = start.cluster
         if start.local_steps == 0:  # the final adapter: install, no training
             self.client.install_shared(adapter, start.version)

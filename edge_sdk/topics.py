@@ -5,6 +5,7 @@
     fedaigc/v1/up/task/{device}                device -> aggregator  task vector (sealed)
     fedaigc/v1/up/update/{device}              device -> aggregator  adapter delta (box)
     fedaigc/v1/up/generate/{device}            device -> aggregator  generation request (sealed)
+    fedaigc/v1/up/status/{device}              device -> aggregator  signed status (e.g. "need a full adapter")
     fedaigc/v1/down/{device}                   aggregator -> device  everything addressed to one device (box)
     fedaigc/v1/status/{device}                 retained  "online" / "offline" (last will)
     fedaigc/v1/rollout/manifest                retained  signed export manifest
@@ -37,6 +38,10 @@ def update(device: str) -> str:
 
 def generate(device: str) -> str:
     return f"{ROOT}/up/generate/{device}"
+
+
+def device_status(device: str) -> str:
+    return f"{ROOT}/up/status/{device}"
 
 
 def down(device: str) -> str:

@@ -134,6 +134,19 @@ def lora_modules(state: Mapping[str, torch.Tensor]) -> list[str]:
     return modules
 
 
+def shapes_at_rank(shapes: Mapping[str, tuple[int, ...]], rank: int) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of the same adapter at another rank (A's first, B's second dimension)."""
+    out = {}
+    for k, shape in shapes.items():
+        shape = list(shape)
+        if k.endswith("lora_A.weight"):
+            shape[0] = rank
+        elif k.endswith("lora_B.weight"):
+            shape[1] = rank
+        out[k] = tuple(shape)
+    return out
+
+
 def delta_weight(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """ΔW = scale · B · A as a 2-D matrix (convolutions flattened to out x in·k·k)."""
     return scale * (b.reshape(b.shape[0], -1).double() @ a.reshape(a.shape[0], -1).double())

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from aggregator.downlink import DownlinkMirror
+from edge_sdk.compression import make_codec
+
+
+def adapter(seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return {"m.lora_A.weight": torch.randn(2, 8, generator=g) * scale, "m.lora_B.weight": torch.randn(6, 2, generator=g) * scale}
+
+
+SHAPES = {k: tuple(v.shape) for k, v in adapter(0).items()}
+
+
+def device_apply(held, payload):
+    decoded = make_codec(payload.codec).decode(payload.data, SHAPES)
+    return decoded if payload.base_version < 0 else {k: held[k] + decoded[k] for k in decoded}
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "int8", "topk:0.25+int8"])
+def test_device_reconstruction_matches_the_mirror_exactly(codec):
+    m = DownlinkMirror(codec)
+    first = m.payload("d", 0, 1, adapter(1))
+    held = device_apply(None, first)
+    assert first.base_version == -1
+    assert m.confirm("d", 0, 1) is not None
+    second = m.payload("d", 0, 2, {k: v + 0.01 for k, v in adapter(1).items()})
+    assert (second.base_cluster, second.base_version) == (0, 1)
+    new = device_apply(held, second)
+    mirrored = m.confirm("d", 0, 2)
+    assert all(torch.equal(new[k], mirrored[k]) for k in new)
+
+
+def test_a_delta_is_much_smaller_than_the_adapter_under_sparsification():
+    m = DownlinkMirror("topk:0.1+int8")
+    full = m.payload("d", 0, 1, adapter(1))
+    m.confirm("d", 0, 1)
+    delta = m.payload("d", 0, 2, {k: v + 0.001 * torch.randn_like(v) for k, v in adapter(1).items()})
+    assert delta.base_version == 1 and len(delta.data) <= len(full.data)
+
+
+def test_resending_before_confirmation_gives_identical_bytes():
+    m = DownlinkMirror("int8")
+    m.payload("d", 0, 1, adapter(1))
+    m.confirm("d", 0, 1)
+    target = adapter(2)
+    assert m.payload("d", 0, 2, target).data == m.payload("d", 0, 2, target).data
+
+
+def test_unconfirmed_starts_are_not_trusted_and_forget_resets():
+    m = DownlinkMirror("fp32")
+    m.payload("d", 0, 1, adapter(1))
+    assert m.confirm("d", 3, 9) is None  # the device says it trained from something we never sent
+    m.confirm("d", 0, 1)
+    m.forget("d")
+    assert m.payload("d", 0, 2, adapter(2)).base_version == -1
