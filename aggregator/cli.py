@@ -104,6 +104,30 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = ("clustering", "protocol", "edge", "personalization", "central", "serve", "federation", "comm",
+              "privacy", "export", "load")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Each benchmark is a module run from the repo root, so it also works as ``python -m benchmarks.NAME``."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    names = [n for n in BENCHMARKS if (root / "benchmarks" / f"{n}.py").exists()]
+    if not (root / "benchmarks").is_dir():
+        print("benchmarks/ ships with the source checkout, not the wheel", file=sys.stderr)
+        return 2
+    todo = names if args.name == "all" else [args.name]
+    if args.name != "all" and args.name not in names:
+        print(f"unknown benchmark {args.name!r}; available: {', '.join(names)}", file=sys.stderr)
+        return 2
+    for name in todo:
+        code = subprocess.call([sys.executable, "-m", f"benchmarks.{name}", *args.args], cwd=root)
+        if code:
+            return code
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from models.unet import BASE_MODEL_DIR
 
@@ -164,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_train_central)
+
+    p = sub.add_parser("bench", help="run a benchmark (writes benchmarks/results/NAME.json and PNGs)",
+                       description="Run benchmarks/NAME.py; arguments after NAME go to the benchmark "
+                                   "(e.g. fedaigc bench federation --quick; fedaigc bench federation --help).")
+    p.add_argument("name", choices=[*BENCHMARKS, "all"], help="which benchmark, or all of them in turn")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -211,6 +211,8 @@ class AggregatorService:
         self._count(rnd, device, "down", len(env))
 
     def _count(self, rnd: int, device: str, direction: str, n: int) -> None:
+        """Account ``n`` message bytes as the MQTT payload bytes they cost (envelope and chunk headers)."""
+        n = self.transport.wire_bytes(n)
         with self._traffic_lock:  # the generation thread replies too
             per = self.traffic.setdefault(rnd, {}).setdefault(device, {"up": 0, "down": 0})
             per[direction] += n

@@ -46,6 +46,13 @@ def split_payload(payload: bytes, max_frame: int) -> list[bytes]:
     return [_HEADER.pack(MAGIC, msg_id, i, count, digest) + payload[i * size:(i + 1) * size] for i in range(count)]
 
 
+def wire_size(payload_len: int, max_frame: int) -> int:
+    """Bytes ``split_payload`` puts on the wire for a payload of this length (chunk headers included)."""
+    if payload_len <= max_frame:
+        return payload_len
+    return payload_len + HEADER_BYTES * -(-payload_len // (max_frame - HEADER_BYTES))
+
+
 @dataclass
 class _Partial:
     count: int

@@ -28,7 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_sdk.chunking import Reassembler, is_chunk, split_payload
+from edge_sdk.chunking import Reassembler, is_chunk, split_payload, wire_size
 from edge_sdk.errors import RefusalCounter, RefusedMessage
 
 log = logging.getLogger("fedaigc.transport")
@@ -271,6 +271,10 @@ class MqttTransport:
                     return False
                 time.sleep(0.01)
         return True
+
+    def wire_bytes(self, payload_len: int) -> int:
+        """MQTT payload bytes a message of this length costs through this connection (chunking included)."""
+        return wire_size(payload_len, self.max_frame())
 
     def byte_totals(self) -> dict[str, int]:
         with self._lock:

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_sdk.chunking import HEADER_BYTES, Reassembler, is_chunk, split_payload
+from edge_sdk.chunking import HEADER_BYTES, Reassembler, is_chunk, split_payload, wire_size
 from edge_sdk.errors import Refusal, RefusedMessage
 
 
@@ -65,3 +65,10 @@ def test_twenty_megabytes_split_and_rejoin():
     r = Reassembler()
     out = [o for f in split_payload(payload, 256 * 1024) if (o := r.feed("t", f)) is not None]
     assert out == [payload]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 20_000), frame=st.integers(HEADER_BYTES + 1, 4096))
+def test_wire_size_is_what_the_frames_weigh(n, frame):
+    payload = b"\x01" * n
+    assert wire_size(n, frame) == sum(len(f) for f in split_payload(payload, frame))
