@@ -82,6 +82,7 @@ class AggregatorService:
         self.clusters = ClusterState()
         self.online: dict[str, bool] = {}
         self.traffic: dict[int, dict[str, dict[str, int]]] = {}  # round -> device -> {"up", "down"}
+        self.privacy: dict[int, dict[str, dict]] = {}  # round -> device -> {"epsilon", "delta"} as reported
         self._traffic_lock = threading.Lock()
         self.downlink = DownlinkMirror(config.downlink_codec, deltas=config.downlink_deltas)
         self.generation = GenerationService(self.global_model, self._reply_generation,
@@ -389,6 +390,9 @@ class AggregatorService:
                 raise RefusedMessage(Refusal.MALFORMED, f"{device} reports {body.samples} samples")
             if not (math.isfinite(body.loss_before) and math.isfinite(body.loss_after)):
                 raise RefusedMessage(Refusal.NON_FINITE, f"{device} reports a non-finite loss")
+            if not (body.epsilon == -1.0 or body.epsilon >= 0) or not (body.dp_delta == 0 or 0 < body.dp_delta < 1):
+                raise RefusedMessage(Refusal.MALFORMED,
+                                     f"{device} reports epsilon {body.epsilon} at delta {body.dp_delta}")
             delta = decode_payload(body.codec, body.tensors, self.shapes, set(self.config.uplink_codecs))
         except RefusedMessage as e:
             self._refuse_update(device, env.round, e)
@@ -403,11 +407,17 @@ class AggregatorService:
             delta = {k: start[k] + delta[k] - current[k] for k in delta}
         new = self.store.accept_update(UpdateRecord(env.round, cid, device, pack_tensors(delta), body.samples,
                                                     body.loss_after, body.base_version))
+        self._record_privacy(env.round, device, body)
         if self.ifca:
             self.clusters.assignment[device] = cid
         self.send(device, MessageType.UPDATE_ACK, UpdateAck(env.round, True, "" if new else "duplicate").encode(), env.round)
         if new:
             self._maybe_close(env.round, cid)
+
+    def _record_privacy(self, rnd: int, device: str, body: UpdateBody) -> None:
+        """The DP budget a device says it has spent (its own accounting: the aggregator cannot verify noise)."""
+        epsilon = None if math.isinf(body.epsilon) else float(body.epsilon)  # None: no finite bound (JSON has no inf)
+        self.privacy.setdefault(rnd, {})[device] = {"epsilon": epsilon, "delta": float(body.dp_delta)}
 
     def _refuse_update(self, device: str, rnd: int, error: RefusedMessage) -> None:
         self.refusals.record(error, device)
@@ -528,6 +538,7 @@ class AggregatorService:
             self.done.set()
         traffic = self.store.get("traffic", {})
         self.traffic = {int(r): v for r, v in traffic.items()}
+        self.privacy = {int(r): v for r, v in self.store.get("privacy", {}).items()}
         log.info("recovered state: round %d, %d clusters, %d devices", self.current_round(), len(clusters),
                  len(self.clusters.assignment))
 
@@ -552,6 +563,7 @@ class AggregatorService:
         try:
             self.store.put("refusals", self.refusals.counts())
             self.store.put("traffic", {str(r): v for r, v in self.traffic.items()})
+            self.store.put("privacy", {str(r): v for r, v in self.privacy.items()})
             self.store.put("online", self.online)
         except StateUnavailable as e:
             log.error("cannot persist metrics: %s", e)

@@ -50,8 +50,33 @@ def render_status(s: dict) -> str:
     open_rounds = [r for r in s["rounds"] if r["state"] == "open"]
     if open_rounds:
         lines.append("open: " + ", ".join(f"round {r['round']} cluster {r['cluster']}" for r in open_rounds))
-    if s["privacy"]:
-        lines.append("privacy: " + ", ".join(f"{k} {v}" for k, v in s["privacy"].items()))
+    lines += privacy_lines(s["privacy"])
     if s["versions"]:
         lines.append("versions: " + ", ".join(f"{k}: {v}" for k, v in sorted(s["versions"].items())))
     return "\n".join(lines)
+
+
+def privacy_lines(privacy: dict, last: int = 3) -> list[str]:
+    """The DP budget devices report, for the last rounds: ``{round: {device: {"epsilon", "delta"}}}``.
+
+    Epsilon is per device and cumulative (what the aggregator could learn about that device's
+    data so far); -1 means the update came without DP, None that it has no finite bound.
+    """
+    lines = []
+    for rnd in sorted(privacy, key=int)[-last:]:
+        reports = privacy[rnd].values()
+        off = sum(1 for r in reports if r["epsilon"] == -1)
+        unbounded = sum(1 for r in reports if r["epsilon"] is None)
+        finite = sorted(r["epsilon"] for r in reports if r["epsilon"] is not None and r["epsilon"] >= 0)
+        parts = []
+        if finite:
+            deltas = sorted({r["delta"] for r in reports if r["epsilon"] is not None and r["epsilon"] >= 0})
+            spread = f"{finite[0]:.2f}" if finite[0] == finite[-1] else f"{finite[0]:.2f}-{finite[-1]:.2f}"
+            parts.append(f"epsilon {spread} at delta {'/'.join(f'{d:g}' for d in deltas)} "
+                         f"({len(finite)} device{'s' if len(finite) != 1 else ''})")
+        if unbounded:
+            parts.append(f"epsilon inf ({unbounded} device{'s' if unbounded != 1 else ''}: no finite bound)")
+        if off:
+            parts.append(f"{off} without DP")
+        lines.append(f"privacy round {rnd}: " + "; ".join(parts))
+    return lines

@@ -61,7 +61,7 @@ class Pipeline:
                                 _unknown(s), window_ms=10**12)
 
     def send_update(self, tensors) -> bytes:
-        body = UpdateBody(0, "fp32", pack_tensors(tensors), 60, 20, 0.5, 0.4, 3).encode()
+        body = UpdateBody(0, "fp32", pack_tensors(tensors), 60, 20, 0.5, 0.4, 3, -1.0, 0.0).encode()
         return self.writer.build(MessageType.UPDATE, self.device.encrypt_to(self.aggregator.public.box_key, body), 1)
 
     def receive(self, verifier: EnvelopeVerifier, data: bytes):

@@ -10,6 +10,7 @@ payloads into a better local model.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_sdk.atomic import atomic_write_bytes
 from edge_sdk.compression import ErrorFeedback, Float32Codec
 from edge_sdk.config import DeviceConfig
 from edge_sdk.identity import Identity, PublicIdentity, seal_to
 from edge_sdk.memory import MemoryBudgetExceeded, estimate_training_bytes
 from edge_sdk.messages import UpdateBody
+from edge_sdk.privacy import (
+    PrivacyLedger,
+    fleet_rotation,
+    keyed_rng,
+    privatize_update,
+    sample_prompts,
+    task_vector_from_encodings,
+)
 from edge_sdk.quantize import quantize_base
 from edge_sdk.store import AdapterStore
 from edge_sdk.tensors import pack_tensors
@@ -75,6 +85,8 @@ class Update:
     loss_before: float
     loss_after: float
     base_version: int
+    epsilon: float = -1.0   # privacy spent by this device once the update is out (-1: sent without DP)
+    dp_delta: float = 0.0   # the delta that epsilon is stated at
 
 
 class EdgeClient:
@@ -86,6 +98,8 @@ class EdgeClient:
         self.store = AdapterStore(self.data_dir / "adapters")
         self.identity = self._load_or_create_identity()
         self.aggregator: PublicIdentity | None = None
+        self.privacy = PrivacyLedger(self.data_dir / "privacy.json")
+        self._rotation = None if config.fleet_secret is None else fleet_rotation(config.fleet_secret)
         self.encoder = PromptEncoder()
         self._encoding_cache: dict[str, np.ndarray] = {}
         self.shared_spec = LoraSpec(rank=config.effective("lora_rank"))
@@ -115,6 +129,13 @@ class EdgeClient:
         identity.save(path)
         return identity
 
+    def _task_key(self) -> bytes:
+        """The device-local key of the task vector's random draws (never leaves the device)."""
+        path = self.data_dir / "privacy.key"
+        if not path.exists():
+            atomic_write_bytes(path, secrets.token_bytes(32), mode=0o600)
+        return path.read_bytes()
+
     def set_aggregator(self, aggregator: PublicIdentity) -> None:
         """Accept the aggregator's public keys, checking the pinned fingerprint if one is set."""
         pinned = self.config.aggregator_fingerprint
@@ -136,17 +157,17 @@ class EdgeClient:
         return np.stack([self._encoding_cache[p] for p in prompts])
 
     def task_vector(self, prompts: Sequence[str], seed: int | None = None) -> np.ndarray:
-        """Mean prompt encoding, plus Gaussian noise of expected norm ``task_noise``, unit length."""
+        """The defended task vector (``edge_sdk.privacy``): the mean encoding of ``task_prompt_count`` of the
+        prompts, plus noise of expected norm ``task_noise``, unit length, rotated if a fleet secret is set.
+
+        The draws (which prompts, which noise) are keyed by a device-local secret and the set of
+        prompts, so sending the same prompts again sends the same vector; ``seed`` overrides the key.
+        """
         if not prompts:
             raise ValueError("task_vector needs at least one prompt")
-        v = self.encode(prompts).astype(np.float64).mean(axis=0)
-        v /= max(np.linalg.norm(v), 1e-12)
-        sigma = self.config.task_noise
-        if sigma > 0:
-            rng = np.random.default_rng(seed)
-            v = v + rng.normal(0.0, sigma / np.sqrt(v.shape[0]), size=v.shape)
-            v /= max(np.linalg.norm(v), 1e-12)
-        return v.astype(np.float32)
+        rng = keyed_rng(self._task_key(), prompts) if seed is None else np.random.default_rng(seed)
+        chosen = sample_prompts(sorted(prompts), self.config.task_prompt_count, rng)
+        return task_vector_from_encodings(self.encode(chosen), self.config.task_noise, rng, self._rotation)
 
     def task_payload(self, prompts: Sequence[str]) -> bytes:
         """The sealed task vector: only the aggregator's private key opens it; no prompt text inside."""
@@ -186,7 +207,12 @@ class EdgeClient:
         after = evaluation_loss(self.unet, data.images[probe], encodings[probe], seed=eval_seed, repeats=4)
         end = get_adapter_state(self.unet, SHARED)
         self.save()
-        return Update({k: end[k] - start[k] for k in end}, len(data.prompts), steps, before, after, version)
+        delta = {k: end[k] - start[k] for k in end}
+        dp = self.config.update_dp
+        if dp is not None:  # clipped and noised here: the raw delta never leaves this method
+            delta, _ = privatize_update(delta, dp)
+        epsilon = self.privacy.record(dp)  # persisted before the update can leave
+        return Update(delta, len(data.prompts), steps, before, after, version, epsilon, dp.delta if dp else 0.0)
 
     def local_loss(self, adapter: Mapping[str, torch.Tensor], data: LocalData) -> float:
         """The denoising loss of our data under a candidate shared adapter (IFCA's cluster choice)."""
@@ -240,9 +266,11 @@ class EdgeClient:
     def seal_update(self, update: Update, cluster: int = 0, encoder: ErrorFeedback | None = None) -> bytes:
         """The update body as the aggregator receives it: compressed, then Box-encrypted to its key."""
         aggregator = self._require_aggregator()
+        if self.config.update_dp is not None and update.epsilon < 0:
+            raise ValueError("DP is on but this update was not privatized by train_round(); refusing to send it")
         encoder = encoder or ErrorFeedback(Float32Codec())
         body = UpdateBody(cluster, encoder.codec.name, encoder.encode(update.delta), update.samples, update.steps,
-                          update.loss_before, update.loss_after, update.base_version)
+                          update.loss_before, update.loss_after, update.base_version, update.epsilon, update.dp_delta)
         return self.identity.encrypt_to(aggregator.box_key, body.encode())
 
     def install_shared(self, adapter: Mapping[str, torch.Tensor], version: int) -> None:

@@ -9,9 +9,11 @@ front so a bad setting fails at construction, not in the middle of a round.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from edge_sdk.privacy import MIN_SECRET_BYTES, DPConfig
 from models.training import LORA_LR
 from models.unet import BASE_MODEL_DIR
 
@@ -66,7 +68,12 @@ class DeviceConfig:
     lr: float = LORA_LR
     personalization: str = "residual"
     personal_rank: int = 1
-    task_noise: float = 0.0  # std of Gaussian noise added to the normalised task vector
+    # privacy (edge_sdk/privacy.py; defaults as chosen by benchmarks/privacy.py, except the secret)
+    task_noise: float = 0.6  # expected norm of Gaussian noise added to the normalised task vector
+    task_prompt_count: int | None = None  # prompts averaged into the task vector (None: all of them)
+    fleet_secret: bytes | None = field(default=None, repr=False)  # >= 16 random bytes every device of the fleet
+    #   shares and the aggregator never gets: rotates task vectors so a public-encoder attack misses; None: off
+    update_dp: DPConfig | None = None  # clip + Gaussian noise on every shared-adapter delta before it leaves
     enrolment_token: str = ""
     aggregator_fingerprint: str | None = None  # pin the aggregator's keys; None = trust on first use
     base_model: Path = BASE_MODEL_DIR
@@ -90,8 +97,17 @@ class DeviceConfig:
             raise ValueError(f"personalization must be one of {PERSONALIZATION_MODES}, got {self.personalization!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.task_noise < 0:
+        if not 0 <= self.task_noise < float("inf"):
             raise ValueError(f"task_noise must be >= 0, got {self.task_noise}")
+        if self.task_prompt_count is not None:
+            _positive("task_prompt_count", self.task_prompt_count)
+        if self.fleet_secret is not None and (not isinstance(self.fleet_secret, bytes)
+                                              or len(self.fleet_secret) < MIN_SECRET_BYTES):
+            raise ValueError(f"fleet_secret must be None or at least {MIN_SECRET_BYTES} random bytes")
+        if isinstance(self.update_dp, Mapping):  # e.g. from a TOML table
+            object.__setattr__(self, "update_dp", DPConfig.from_dict(self.update_dp))
+        if self.update_dp is not None and not isinstance(self.update_dp, DPConfig):
+            raise ValueError(f"update_dp must be a DPConfig or None, got {type(self.update_dp).__name__}")
 
     def effective(self, name: str):
         """The override if the app set one, else the profile's value."""

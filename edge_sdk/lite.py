@@ -99,9 +99,10 @@ class LiteDevice:
         self.send(topics.task(self.id), self.writer.build(MessageType.TASK, payload))
 
     def update_envelope(self, start: RoundStart, delta: dict[str, torch.Tensor], codec: str = "fp32",
-                        samples: int = 10, round: int | None = None) -> bytes:
+                        samples: int = 10, round: int | None = None, epsilon: float = -1.0,
+                        dp_delta: float = 0.0) -> bytes:
         body = UpdateBody(start.cluster, codec, make_codec(codec, seed=0).encode(delta), samples, 5, 1.0, 0.5,
-                          start.version)
+                          start.version, epsilon, dp_delta)
         sealed = self.identity.encrypt_to(self.aggregator.box_key, body.encode())
         return self.writer.build(MessageType.UPDATE, sealed, start.round if round is None else round)
 

@@ -114,6 +114,8 @@ class UpdateBody(Body):
     loss_before: float
     loss_after: float
     base_version: int
+    epsilon: float      # DP budget the device has spent once this update is out: -1 sent without DP, inf no bound
+    dp_delta: float     # ... stated at this delta (0 with DP off)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ Two things leave a device, and each gets its own defence, applied on the device:
   the delta is compressed and encrypted: the Gaussian mechanism on one device's
   contribution (DP-FedAvg, McMahan et al., ICLR 2018, with the noise added locally
   because the aggregator sees every update on its own). ``PrivacyAccountant`` wraps
-  opacus' RDP accountant so a device can persist and report the epsilon it has spent.
+  opacus' RDP accountant; ``PrivacyLedger`` persists it in the device's data dir, with
+  a count of updates sent without DP, so a device can report the epsilon it has spent.
 
 Randomness: with ``rng=None`` / ``generator=None`` each call draws a fresh seed from the
 OS (``secrets``), because noise an attacker can predict protects nothing. Pass a seeded
@@ -37,6 +38,8 @@ perfect DP sampler (Mironov, CCS 2012); that caveat is standard and applies here
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
 import math
 import numbers
 import secrets
@@ -44,14 +47,18 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from edge_sdk.atomic import atomic_write_bytes
+
 TASK_DIM = 384
 MIN_SECRET_BYTES = 16
 _ROTATION_DOMAIN = b"fedaigc/fleet-rotation/v1"
+_KEYED_RNG_DOMAIN = b"fedaigc/task-vector-draws/v1"
 # opacus' default orders stop at 63; strong privacy (large multipliers, few rounds) wants higher ones
 _RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
                                        + [80, 96, 128, 192, 256, 384, 512, 1024])
@@ -124,6 +131,23 @@ def task_vector_from_encodings(encodings: np.ndarray, noise: float = 0.0, rng: n
     if e.ndim != 2 or e.shape[0] == 0:
         raise PrivacyConfigError(f"encodings must be a non-empty (n, d) array, got shape {e.shape}")
     return defend_task_vector(e.mean(axis=0), noise, rng, rotation)
+
+
+def keyed_rng(key: bytes, prompts: Sequence[str]) -> np.random.Generator:
+    """A generator keyed by a device-local secret and the set of prompts: the same prompts, the same draws.
+
+    Why: a device re-sends its task vector on every (re)enrolment; with fresh noise each
+    time, an aggregator holding n copies could average the noise down by sqrt(n). Keyed
+    draws make a re-send an exact copy, and stay unpredictable to anyone without the key.
+    """
+    if not isinstance(key, bytes | bytearray) or len(key) < MIN_SECRET_BYTES:
+        raise PrivacyConfigError(f"key must be at least {MIN_SECRET_BYTES} bytes")
+    if isinstance(prompts, str):
+        raise PrivacyConfigError("keyed_rng() takes a sequence of prompts, not a single string")
+    mac = hmac.new(bytes(key), _KEYED_RNG_DOMAIN, hashlib.sha256)
+    for p in sorted(prompts):
+        mac.update(hashlib.sha256(p.encode()).digest())
+    return np.random.default_rng(int.from_bytes(mac.digest(), "big"))
 
 
 def fleet_rotation(secret: bytes, dim: int = TASK_DIM) -> np.ndarray:
@@ -352,6 +376,71 @@ class PrivacyAccountant:
                 acc._rdp.step(noise_multiplier=z, sample_rate=q)
                 acc._epsilons.append(acc.epsilon())
         return acc
+
+
+class PrivacyLedger:
+    """Everything one device has released, on disk: the accountant of its DP updates, and a count of the rest.
+
+    ``record(cfg)`` is called once for every update that will leave the device, *before*
+    it leaves, and persists before returning, so a crash can only over-count. It returns
+    the epsilon to report with that update: ``-1`` for an update sent without DP
+    (``cfg=None``), else ``epsilon()``. An update sent without DP has no guarantee, so
+    once there is one, ``epsilon()`` is ``inf`` for good: turning DP on later does not
+    retroactively protect what the aggregator already saw. Deleting the file resets the
+    ledger; that is the operator's call, never the SDK's. opacus is imported only when
+    the ledger holds a DP round.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.unprotected = 0
+        self.accountant: PrivacyAccountant | None = None
+        if self.path.exists():
+            data = json.loads(self.path.read_text())
+            if data.get("version") != self.VERSION:
+                raise PrivacyConfigError(f"{self.path}: unsupported ledger version {data.get('version')!r}")
+            self.unprotected = int(data["unprotected_updates"])
+            if data.get("accountant") is not None:
+                self.accountant = PrivacyAccountant.from_dict(data["accountant"])
+
+    @property
+    def rounds(self) -> int:
+        """Updates recorded so far, with DP or without."""
+        return self.unprotected + (self.accountant.rounds if self.accountant else 0)
+
+    @property
+    def delta(self) -> float:
+        """The delta ``epsilon()`` is stated at (0 while no DP round is recorded)."""
+        return self.accountant.delta if self.accountant else 0.0
+
+    def record(self, cfg: DPConfig | None) -> float:
+        """Account one released update (``cfg``: its DP setting, None without DP); returns the epsilon to report."""
+        if cfg is None:
+            self.unprotected += 1
+            self._save()
+            return -1.0
+        if not isinstance(cfg, DPConfig):
+            raise PrivacyConfigError(f"cfg must be a DPConfig or None, got {type(cfg).__name__}")
+        if self.accountant is None:
+            self.accountant = PrivacyAccountant(cfg.delta)
+        elif self.accountant.delta != cfg.delta:  # the history is what was released; delta only states it
+            self.accountant = PrivacyAccountant.from_dict({**self.accountant.to_dict(), "delta": cfg.delta})
+        self.accountant.step(cfg)
+        self._save()
+        return self.epsilon()
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at ``delta``: 0 before any update, ``inf`` once one went out without DP."""
+        if self.unprotected:
+            return math.inf
+        return self.accountant.epsilon() if self.accountant else 0.0
+
+    def _save(self) -> None:
+        state = {"version": self.VERSION, "unprotected_updates": self.unprotected,
+                 "accountant": self.accountant.to_dict() if self.accountant else None}
+        atomic_write_bytes(self.path, json.dumps(state).encode(), mode=0o600)
 
 
 # ------------------------------------------------------------------------------------------ helpers

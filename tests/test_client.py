@@ -44,7 +44,7 @@ def test_sealed_task_payload_opens_only_with_the_aggregator_key_and_holds_no_tex
 
 def test_noise_knob_moves_the_task_vector_by_the_configured_amount(tmp_path):
     prompts = list(PERSONA.train_prompts)
-    clean = EdgeClient(DeviceConfig(data_dir=tmp_path / "a", profile="simulator")).task_vector(prompts)
+    clean = EdgeClient(DeviceConfig(data_dir=tmp_path / "a", profile="simulator", task_noise=0.0)).task_vector(prompts)
     for sigma in (0.1, 0.5):
         noisy = EdgeClient(DeviceConfig(data_dir=tmp_path / f"n{sigma}", profile="simulator", task_noise=sigma))
         moves = [np.linalg.norm(noisy.task_vector(prompts, seed=s) - clean) for s in range(50)]
