@@ -89,7 +89,10 @@ def load_base_unet(path: str | Path = BASE_MODEL_DIR) -> UNet2DConditionModel:
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no UNet at {path}; rebuild it with `fedaigc pretrain --out {path}`")
-    unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True)
+    # low_cpu_mem_usage=False: the default builds the model under accelerate's init_empty_weights,
+    # which patches parameter registration process-wide, so a LoRA layer another thread creates
+    # meanwhile lands on the meta device and silently ignores its weights
+    unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
     unet.eval()
     return unet
 
