@@ -78,15 +78,16 @@ def _wait_for_signal() -> None:
 def _aggregator(args: argparse.Namespace) -> int:
     from aggregator.broker import ensure_broker
     from aggregator.config import AggregatorConfig
+    from aggregator.hierarchy import CloudAggregator
     from aggregator.service import AggregatorService
 
-    overrides = {"role": args.role, "mqtt_url": args.mqtt_url, "state_url": args.state}
+    overrides = {"role": args.role, "mqtt_url": args.mqtt_url, "state_url": args.state, "cloud_url": args.cloud_url}
     if args.config:
         config = AggregatorConfig.from_toml(args.config, **overrides)
     else:
         config = AggregatorConfig(**{k: v for k, v in overrides.items() if v is not None})
     broker = ensure_broker(config.mqtt_url) if args.start_broker else None
-    service = AggregatorService(config).start()
+    service = (CloudAggregator(config) if config.role == "cloud" else AggregatorService(config)).start()
     print(f"aggregator {config.aggregator_id} ({config.role}) running; key fingerprint "
           f"{service.identity.public.fingerprint}; Ctrl-C stops it", file=sys.stderr)
     _wait_for_signal()
@@ -159,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("aggregator", help="run the aggregator daemon",
                        description="Run the aggregator (roles: edge, cloud, all) until SIGINT/SIGTERM.")
     p.add_argument("--config", help="aggregator.toml (see examples/aggregator.toml)")
-    p.add_argument("--role", choices=["all", "edge", "cloud"])
+    p.add_argument("--role", choices=["all", "edge", "cloud"],
+                   help="all: one tier (default); edge: serve devices and report clusters to the cloud at "
+                        "--cloud-url; cloud: mix the clusters of every edge")
+    p.add_argument("--cloud-url", help="the cloud aggregator's broker (role edge)")
     p.add_argument("--mqtt-url")
     p.add_argument("--state", help="state store: a SQLite path or postgresql://...")
     p.add_argument("--start-broker", action="store_true", help="start an embedded broker if none answers")

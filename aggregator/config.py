@@ -46,6 +46,13 @@ class AggregatorConfig:
                                       "topk:0.05+int8", "topk:0.1+int4", "topk:0.05+int4", "topk:0.2+int8")
     max_message_bytes: int = 64 * 1024 * 1024
     metrics_port: int | None = None
+    # two tiers: an "edge" reports its clusters to the cloud aggregator at cloud_url each round
+    cloud_url: str | None = None
+    cloud_token: str = "fedaigc-demo-token"
+    cloud_fingerprint: str | None = None   # pin the cloud's keys; None = trust on first use
+    cloud_timeout_s: float = 60.0          # then the edge carries on with local interaction
+    cloud_codec: str = "fp32"              # edge -> cloud cluster adapters
+    expected_edges: int | None = None      # "cloud": mix as soon as this many edges reported a round
     serve_max_batch: int = 64              # generation service: images per batched sampling call
     serve_max_wait_s: float = 0.05         # ... and how long to wait for batch-mates
     seed: int = 0
@@ -70,6 +77,10 @@ class AggregatorConfig:
             raise ValueError("round_timeout_s and enrol_window_s must be > 0")
         if self.expected_devices is not None and self.expected_devices < 1:
             raise ValueError("expected_devices must be >= 1")
+        if (self.role == "edge") != (self.cloud_url is not None):
+            raise ValueError("role 'edge' needs cloud_url (the cloud aggregator's broker), and only it uses one")
+        if self.expected_edges is not None and self.expected_edges < 1:
+            raise ValueError("expected_edges must be >= 1")
 
     @property
     def store_url(self) -> str:

@@ -36,6 +36,7 @@ from aggregator.clustering import ClusterState, cluster_tasks, refine_with_updat
 from aggregator.config import AggregatorConfig
 from aggregator.downlink import DownlinkMirror
 from aggregator.global_model import GlobalModel
+from aggregator.hierarchy import CloudLink
 from aggregator.interaction import interact
 from aggregator.rules import ClientUpdate, make_rule
 from aggregator.serve import GenerationService, Request
@@ -63,6 +64,9 @@ from models.lora import LoraSpec
 from models.text import EMBEDDING_DIM
 
 log = logging.getLogger("fedaigc.aggregator")
+
+
+CLOUD_MIX_TOPIC = "internal/cloud-mix"  # how the cloud link hands a mix to the worker thread
 
 
 class AggregatorService:
@@ -96,6 +100,8 @@ class AggregatorService:
         self._worker: threading.Thread | None = None
         self._first_task_at: float | None = None
         self._last_tick = 0.0
+        self.cloud: CloudLink | None = None
+        self._awaiting_cloud: tuple[int, dict, dict, float] | None = None  # round, adapters, versions, since
         for token in config.tokens:
             self.store.add_token(token, "config")
 
@@ -122,6 +128,9 @@ class AggregatorService:
             self.transport.subscribe(t, self._enqueue)
         self.transport.subscribe(topics.STATUS_ALL, self._enqueue)
         self.publish_keys()
+        if c.role == "edge":
+            self.cloud = CloudLink(c.aggregator_id, self.identity, c.cloud_url, c.cloud_token, c.cloud_fingerprint,
+                                   c.cloud_codec, self.shapes, self._on_cloud_mix, self.refusals).start()
         self._worker = threading.Thread(target=self._run, name="aggregator", daemon=True)
         self._worker.start()
         self.generation.start()
@@ -135,6 +144,8 @@ class AggregatorService:
             self._worker.join(10)
             self.generation.stop()
         self._persist_metrics()
+        if self.cloud is not None:
+            self.cloud.close()
         if self.transport is not None:
             self.transport.close()
 
@@ -171,7 +182,9 @@ class AggregatorService:
     def handle(self, topic: str, payload: bytes) -> None:
         """Route one MQTT message; refusals are counted and logged, never raised."""
         try:
-            if topic.startswith(f"{topics.ROOT}/enrol/"):
+            if topic == CLOUD_MIX_TOPIC:
+                self._apply_cloud_mix(*payload)
+            elif topic.startswith(f"{topics.ROOT}/enrol/"):
                 self._on_enrol(topic, payload)
             elif topic.startswith(f"{topics.ROOT}/up/task/"):
                 self._on_task(topic, payload)
@@ -464,11 +477,28 @@ class AggregatorService:
         versions = {cid: v for cid, (_, _, v) in clusters.items()}
         if rnd == self.config.refine_after_round and self.config.k is None and self.config.clustering == "tasks":
             adapters, versions = self._refine(rnd, adapters, versions)
-        if self.config.interaction and len(adapters) > 1:
-            sizes = {cid: float(len(self.members(cid))) for cid in adapters}
-            adapters = interact(adapters, {c: self.clusters.centroid[c] for c in adapters}, sizes, self.spec,
-                                self.config.borrow, self.config.temperature)
-        self._commit_round(rnd + 1, adapters, versions)
+        if self.cloud is not None and self.cloud.report(rnd, adapters, self.clusters.centroid,
+                                                        {c: len(self.members(c)) for c in adapters}):
+            self._awaiting_cloud = (rnd, adapters, versions, time.monotonic())
+            return  # the cloud's mix (or its timeout) opens the next round
+        self._commit_round(rnd + 1, self._interact_locally(adapters), versions)
+
+    def _interact_locally(self, adapters: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+        if not (self.config.interaction and len(adapters) > 1):
+            return adapters
+        sizes = {cid: float(len(self.members(cid))) for cid in adapters}
+        return interact(adapters, {c: self.clusters.centroid[c] for c in adapters}, sizes, self.spec,
+                        self.config.borrow, self.config.temperature)
+
+    def _on_cloud_mix(self, rnd: int, adapters: dict[int, dict[str, torch.Tensor]]) -> None:
+        self._queue.put((CLOUD_MIX_TOPIC, (rnd, adapters)))
+
+    def _apply_cloud_mix(self, rnd: int, adapters: dict[int, dict[str, torch.Tensor]]) -> None:
+        waiting = self._awaiting_cloud
+        if waiting is None or waiting[0] != rnd or set(adapters) != set(waiting[1]):
+            raise RefusedMessage(Refusal.STALE_ROUND, f"cloud mix for round {rnd} does not match what this edge awaits")
+        self._awaiting_cloud = None
+        self._commit_round(rnd + 1, adapters, waiting[2])
 
     def _refine(self, rnd: int, adapters, versions):
         """Re-cluster on task + update similarity; regroup this round's updates if groups changed."""
@@ -499,7 +529,12 @@ class AggregatorService:
         return new_adapters, new_versions
 
     def tick(self) -> None:
-        """Time-driven work: the enrolment window and round deadlines."""
+        """Time-driven work: the enrolment window, round deadlines, a silent cloud."""
+        if self._awaiting_cloud is not None and time.monotonic() - self._awaiting_cloud[3] > self.config.cloud_timeout_s:
+            rnd, adapters, versions, _ = self._awaiting_cloud
+            log.warning("no cloud mix for round %d within %.0f s; interacting locally", rnd, self.config.cloud_timeout_s)
+            self._awaiting_cloud = None
+            self._commit_round(rnd + 1, self._interact_locally(adapters), versions)
         if not self.clusters.assignment and self._first_task_at is not None \
                 and time.monotonic() - self._first_task_at >= self.config.enrol_window_s:
             self.form_clusters()

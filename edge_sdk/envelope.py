@@ -51,6 +51,8 @@ class MessageType(str, Enum):
     GENERATE_RESULT = "generate_result"    # aggregator -> device: encrypted images
     STATUS = "status"                      # device -> aggregator: online / version report
     ROLLOUT_MANIFEST = "rollout_manifest"  # aggregator -> devices: signed export manifest
+    EDGE_REPORT = "edge_report"            # edge aggregator -> cloud: a round's cluster adapters
+    CLOUD_MIX = "cloud_mix"                # cloud -> edge aggregator: its clusters after interaction
 
 
 @dataclass(frozen=True)

@@ -150,3 +150,23 @@ class GenerateResult(Body):
     ok: bool
     reason: str
     images: bytes             # safetensors {"images": (n, 1, 16, 16)}
+
+
+@dataclass(frozen=True)
+class EdgeReport(Body):
+    """An edge aggregator's round, as the cloud sees it: cluster adapters, never device updates."""
+    kind: ClassVar[str] = "edge_report"
+    round: int
+    clusters: list      # cluster ids (ints), in the order of the rows below
+    devices: list       # devices per cluster (ints)
+    centroids: bytes    # float32 (len(clusters), 384): task centroids, for similarity-weighted mixing
+    codec: str
+    adapters: bytes     # codec-encoded tensors named "{cluster}/{lora key}"
+
+
+@dataclass(frozen=True)
+class CloudMix(Body):
+    kind: ClassVar[str] = "cloud_mix"
+    round: int
+    codec: str
+    adapters: bytes     # the edge's clusters after cross-edge interaction, named like EdgeReport's

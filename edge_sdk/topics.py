@@ -11,6 +11,10 @@
     fedaigc/v1/rollout/manifest                retained  signed export manifest
     fedaigc/v1/rollout/artifact/{sha256}       chunked   export artifacts by content hash
     fedaigc/v1/rollout/report/{device}         device -> aggregator  installed version
+    fedaigc/v1/cloud/keys                      retained  cloud aggregator's public keys (signed)
+    fedaigc/v1/cloud/enrol/{edge}              edge -> cloud  edge aggregator enrolment (sealed)
+    fedaigc/v1/cloud/up/{edge}                 edge -> cloud  cluster adapters + centroids of a round (box)
+    fedaigc/v1/cloud/down/{edge}               cloud -> edge  the edge's clusters after cross-edge interaction (box)
 
 Aggregator workers share the uplink with ``$share/{group}/fedaigc/v1/up/#`` (MQTT v5).
 """
@@ -22,6 +26,21 @@ UPLINK_ALL = f"{ROOT}/up/#"
 ENROL_ALL = f"{ROOT}/enrol/+"
 STATUS_ALL = f"{ROOT}/status/+"
 ROLLOUT_REPORT_ALL = f"{ROOT}/rollout/report/+"
+CLOUD_KEYS = f"{ROOT}/cloud/keys"
+CLOUD_ENROL_ALL = f"{ROOT}/cloud/enrol/+"
+CLOUD_UP_ALL = f"{ROOT}/cloud/up/+"
+
+
+def cloud_enrol(edge: str) -> str:
+    return f"{ROOT}/cloud/enrol/{edge}"
+
+
+def cloud_up(edge: str) -> str:
+    return f"{ROOT}/cloud/up/{edge}"
+
+
+def cloud_down(edge: str) -> str:
+    return f"{ROOT}/cloud/down/{edge}"
 
 
 def enrol(device: str) -> str:

@@ -1,0 +1,314 @@
+"""Two tiers: edge aggregators serve devices, a cloud aggregator lets their clusters meet.
+
+Devices exchange only with their edge aggregator (usually at the same site, on its own
+broker). After each round an edge sends the cloud its *cluster* adapters with their task
+centroids and sizes, never a device's update or task vector; the cloud runs the same
+inter-cluster interaction the single-tier aggregator runs locally, over the clusters of
+every edge, and sends each edge its clusters back. So a task group split over sites learns
+from all of them, and the wide-area link carries k adapters per edge per round instead of
+one per device.
+
+If the cloud does not answer within ``cloud_timeout_s`` the edge carries on with local
+interaction only (logged); rounds never stall on the wide-area link.
+
+The link is the device protocol one level up: the cloud publishes signed keys (retained),
+an edge enrols with a token, reports are Box-encrypted and signed envelopes, replays and
+unknown senders are refused the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aggregator.interaction import interact
+from aggregator.state import open_store
+from edge_sdk import topics
+from edge_sdk.compression import decode_payload, make_codec
+from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType, parse_envelope
+from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
+from edge_sdk.identity import Identity, PublicIdentity, seal_to, verify_signature
+from edge_sdk.messages import AggregatorKeys, CloudMix, EdgeReport, Enrol, EnrolAck
+from edge_sdk.transport import MqttConfig, MqttTransport
+from models.lora import LoraSpec
+from models.text import EMBEDDING_DIM
+
+log = logging.getLogger("fedaigc.hierarchy")
+
+Adapter = dict[str, torch.Tensor]
+
+
+def pack_clusters(adapters: Mapping[int, Adapter]) -> dict[str, torch.Tensor]:
+    return {f"{cid}/{k}": v for cid, a in adapters.items() for k, v in a.items()}
+
+
+def unpack_clusters(tensors: Mapping[str, torch.Tensor]) -> dict[int, Adapter]:
+    out: dict[int, Adapter] = {}
+    for name, v in tensors.items():
+        cid, key = name.split("/", 1)
+        out.setdefault(int(cid), {})[key] = v
+    return out
+
+
+def cluster_shapes(clusters: list[int], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    return {f"{cid}/{k}": s for cid in clusters for k, s in shapes.items()}
+
+
+def load_identity(path: Path) -> Identity:
+    if path.exists():
+        return Identity.load(path)
+    identity = Identity.generate()
+    identity.save(path)
+    return identity
+
+
+class CloudLink:
+    """An edge aggregator's connection to the cloud: enrol, report rounds, receive mixes.
+
+    Mixes are handed to ``deliver(round, adapters)`` from paho's thread; the edge service
+    queues them onto its own worker so all state changes stay single-threaded.
+    """
+
+    def __init__(self, edge_id: str, identity: Identity, url: str, token: str, fingerprint: str | None,
+                 codec: str, shapes: Mapping[str, tuple[int, ...]], deliver: Callable[[int, dict[int, Adapter]], None],
+                 refusals: RefusalCounter) -> None:
+        self.edge_id, self.identity, self.token, self.fingerprint = edge_id, identity, token, fingerprint
+        self.codec, self.shapes, self.deliver, self.refusals = codec, dict(shapes), deliver, refusals
+        self.writer = EnvelopeWriter(identity, edge_id)
+        self.transport = MqttTransport(MqttConfig(url=url, client_id=f"fedaigc-{edge_id}-cloudlink"), refusals)
+        self.cloud: PublicIdentity | None = None
+        self.cloud_id: str | None = None
+        self.verifier: EnvelopeVerifier | None = None
+        self.enrolled = threading.Event()
+        self.bytes = {"up": 0, "down": 0}
+        self._expected: dict[int, list[int]] = {}  # round -> cluster ids reported
+
+    def start(self, timeout: float = 15.0) -> "CloudLink":
+        self.transport.connect(timeout)
+        self.transport.subscribe(topics.cloud_down(self.edge_id), self._on_down)
+        self.transport.subscribe(topics.CLOUD_KEYS, self._on_keys)
+        return self
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def _on_keys(self, topic: str, data: bytes) -> None:
+        if not data:
+            return
+        env = parse_envelope(data)
+        body = AggregatorKeys.decode(env.payload)
+        verify_signature(body.verify_key, env.signed_part(), env.signature)
+        keys = PublicIdentity(body.verify_key, body.box_key)
+        if self.fingerprint is not None and keys.fingerprint != self.fingerprint:
+            raise RefusedMessage(Refusal.BAD_SIGNATURE, f"cloud keys {keys.fingerprint} are not the pinned ones")
+        if self.cloud is not None and keys != self.cloud:
+            raise RefusedMessage(Refusal.BAD_SIGNATURE, "cloud keys changed; restart the edge to trust new ones")
+        self.cloud, self.cloud_id = keys, body.aggregator_id
+        self.verifier = EnvelopeVerifier(self._cloud_key)
+        pub = self.identity.public
+        sealed = seal_to(keys.box_key, Enrol(self.token, pub.verify_key, pub.box_key, "edge-aggregator").encode())
+        self._publish(topics.cloud_enrol(self.edge_id), self.writer.build(MessageType.ENROL, sealed))
+
+    def _cloud_key(self, sender: str) -> bytes:
+        if sender != self.cloud_id:
+            raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"{sender} is not this edge's cloud")
+        return self.cloud.verify_key
+
+    def _publish(self, topic: str, env: bytes) -> None:
+        self.transport.publish(topic, env)
+        self.bytes["up"] += self.transport.wire_bytes(len(env))
+
+    def report(self, rnd: int, adapters: Mapping[int, Adapter], centroids: Mapping[int, np.ndarray],
+               devices: Mapping[int, int]) -> bool:
+        """Send a round's clusters; False when the cloud is not reachable yet (the edge goes on alone)."""
+        if not self.enrolled.is_set():
+            return False
+        ids = sorted(adapters)
+        body = EdgeReport(rnd, ids, [int(devices[c]) for c in ids],
+                          np.stack([centroids[c] for c in ids]).astype(np.float32).tobytes(), self.codec,
+                          make_codec(self.codec, seed=rnd).encode(pack_clusters({c: adapters[c] for c in ids})))
+        self._expected[rnd] = ids
+        self._publish(topics.cloud_up(self.edge_id),
+                      self.writer.build(MessageType.EDGE_REPORT, self.identity.encrypt_to(self.cloud.box_key,
+                                                                                          body.encode()), rnd))
+        return True
+
+    def _on_down(self, topic: str, data: bytes) -> None:
+        if self.verifier is None:
+            raise RefusedMessage(Refusal.UNKNOWN_SENDER, "message before the cloud's keys are known")
+        self.bytes["down"] += self.transport.wire_bytes(len(data))
+        env = self.verifier.open(data, {MessageType.ENROL_ACK, MessageType.CLOUD_MIX})
+        body = self.identity.decrypt_from(self.cloud.box_key, env.payload)
+        if env.type == MessageType.ENROL_ACK:
+            ack = EnrolAck.decode(body)
+            if ack.accepted:
+                self.enrolled.set()
+                log.info("edge %s enrolled at cloud %s", self.edge_id, self.cloud_id)
+            else:
+                log.error("cloud refused edge %s: %s", self.edge_id, ack.reason)
+            return
+        mix = CloudMix.decode(body)
+        ids = self._expected.pop(mix.round, None)
+        if ids is None:
+            raise RefusedMessage(Refusal.STALE_ROUND, f"cloud mix for round {mix.round}, which is not awaited")
+        adapters = unpack_clusters(decode_payload(mix.codec, mix.adapters, cluster_shapes(ids, self.shapes)))
+        self.deliver(mix.round, adapters)
+
+
+class CloudAggregator:
+    """The cloud tier: enrols edge aggregators and mixes their clusters each round."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+        self.store = open_store(config.store_url)
+        self.identity = load_identity(Path(config.state_dir) / "cloud.key")
+        self.spec = LoraSpec(rank=config.lora_rank)
+        self.refusals = RefusalCounter()
+        self.verifier = EnvelopeVerifier(self._edge_key, max_bytes=config.max_message_bytes)
+        self.writer = EnvelopeWriter(self.identity, config.aggregator_id)
+        self.reports: dict[int, dict[str, tuple[EdgeReport, dict[int, Adapter]]]] = {}
+        self.first_report_at: dict[int, float] = {}
+        self.mixed_rounds: list[int] = []
+        self.traffic: dict[int, dict[str, dict[str, int]]] = {}  # round -> edge -> {"up", "down"}
+        self.transport: MqttTransport | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        for token in config.tokens:
+            self.store.add_token(token, "config")
+
+    def start(self) -> "CloudAggregator":
+        c = self.config
+        self.transport = MqttTransport(MqttConfig(url=c.mqtt_url, client_id=f"fedaigc-{c.aggregator_id}",
+                                                  username=c.mqtt_username, password=c.mqtt_password,
+                                                  tls_ca=c.mqtt_tls_ca, max_message_bytes=c.max_message_bytes),
+                                       self.refusals).connect()
+        for t in (topics.CLOUD_ENROL_ALL, topics.CLOUD_UP_ALL):
+            self.transport.subscribe(t, lambda topic, payload: self._queue.put((topic, payload)))
+        pub = self.identity.public
+        keys = AggregatorKeys(c.aggregator_id, pub.verify_key, pub.box_key).encode()
+        self.transport.publish(topics.CLOUD_KEYS, self.writer.build(MessageType.AGGREGATOR_KEYS, keys), retain=True)
+        self._worker = threading.Thread(target=self._run, name="cloud", daemon=True)
+        self._worker.start()
+        log.info("cloud aggregator %s up at %s, key fingerprint %s", c.aggregator_id, c.mqtt_url, pub.fingerprint)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(10)
+        if self.transport is not None:
+            self.transport.close()
+        self.store.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                topic, payload = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                topic = None
+            try:
+                if topic is not None:
+                    self.handle(topic, payload)
+                self._close_late_rounds()
+            except RefusedMessage as e:
+                self.refusals.record(e, topic or "cloud")
+            except Exception:
+                log.exception("cloud: unexpected error handling %s", topic)
+
+    def _edge_key(self, sender: str) -> bytes:
+        rec = self.store.device(sender)
+        if rec is None:
+            raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"edge {sender} is not enrolled")
+        if rec.revoked or not self.store.token_valid(rec.token):
+            raise RefusedMessage(Refusal.REVOKED, f"edge {sender}'s enrolment was revoked")
+        return rec.verify_key
+
+    def _count(self, rnd: int, edge: str, direction: str, n: int) -> None:
+        per = self.traffic.setdefault(rnd, {}).setdefault(edge, {"up": 0, "down": 0})
+        per[direction] += self.transport.wire_bytes(n)
+
+    def _send(self, edge: str, mtype: MessageType, body: bytes, rnd: int = 0) -> None:
+        rec = self.store.device(edge)
+        env = self.writer.build(mtype, self.identity.encrypt_to(rec.box_key, body), rnd)
+        self.transport.publish(topics.cloud_down(edge), env)
+        self._count(rnd, edge, "down", len(env))
+
+    def handle(self, topic: str, data: bytes) -> None:
+        edge = topics.device_of(topic)
+        if topic.startswith(f"{topics.ROOT}/cloud/enrol/"):
+            env = self.verifier.parse(data, {MessageType.ENROL})
+            body = Enrol.decode(self.identity.open_sealed(env.payload))
+            self.verifier.authenticate(env, body.verify_key)
+            if env.sender != edge:
+                raise RefusedMessage(Refusal.MALFORMED, f"sender {env.sender} published on {topic}")
+            if not self.store.token_valid(body.token):
+                raise RefusedMessage(Refusal.BAD_TOKEN, f"edge {edge} presented an unknown or revoked token")
+            if not self.store.enrol(edge, body.verify_key, body.box_key, body.profile, body.token):
+                raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"edge id {edge} is enrolled with other keys")
+            self._count(0, edge, "up", len(data))
+            self._send(edge, MessageType.ENROL_ACK, EnrolAck(True, "").encode())
+            log.info("enrolled edge aggregator %s", edge)
+            return
+        env = self.verifier.open(data, {MessageType.EDGE_REPORT})
+        if env.sender != edge:
+            raise RefusedMessage(Refusal.MALFORMED, f"sender {env.sender} published on {topic}")
+        report = EdgeReport.decode(self.identity.decrypt_from(self.store.device(edge).box_key, env.payload))
+        self._count(report.round, edge, "up", len(data))
+        ids = report.clusters
+        if (not ids or len(ids) != len(report.devices) or len(set(ids)) != len(ids)
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*ids, *report.devices])
+                or len(report.centroids) != 4 * EMBEDDING_DIM * len(ids)):
+            raise RefusedMessage(Refusal.MALFORMED, f"edge {edge}'s report for round {report.round} is inconsistent")
+        if report.round in self.mixed_rounds:
+            raise RefusedMessage(Refusal.STALE_ROUND, f"round {report.round} was already mixed")
+        shapes = {k: tuple(v.shape) for k, v in self._template().items()}
+        adapters = unpack_clusters(decode_payload(report.codec, report.adapters, cluster_shapes(ids, shapes),
+                                                  set(self.config.uplink_codecs)))
+        self.reports.setdefault(report.round, {})[edge] = (report, adapters)
+        self.first_report_at.setdefault(report.round, time.monotonic())
+        if len(self.reports[report.round]) >= (self.config.expected_edges or 1):
+            self.mix(report.round)
+
+    def _template(self) -> Adapter:
+        if not hasattr(self, "_shape_template"):
+            from aggregator.global_model import GlobalModel
+
+            self._shape_template = GlobalModel(self.spec).initial_adapter(seed=0)
+        return self._shape_template
+
+    def _close_late_rounds(self) -> None:
+        for rnd, t0 in list(self.first_report_at.items()):
+            if rnd not in self.mixed_rounds and time.monotonic() - t0 > self.config.round_timeout_s:
+                log.warning("cloud round %d: mixing the %d edges that reported in time", rnd, len(self.reports[rnd]))
+                self.mix(rnd)
+
+    def mix(self, rnd: int) -> None:
+        """Interaction over every edge's clusters; each edge gets its own clusters back."""
+        reports = self.reports.pop(rnd)
+        self.first_report_at.pop(rnd, None)
+        self.mixed_rounds.append(rnd)
+        adapters, centroids, sizes = {}, {}, {}
+        for edge, (report, per_cluster) in sorted(reports.items()):
+            rows = np.frombuffer(report.centroids, dtype=np.float32).reshape(len(report.clusters), EMBEDDING_DIM)
+            for cid, devices, centroid in zip(report.clusters, report.devices, rows):
+                key = len(adapters)
+                adapters[key], centroids[key], sizes[key] = per_cluster[cid], centroid.astype(np.float64), float(devices)
+        mixed = (interact(adapters, centroids, sizes, self.spec, self.config.borrow, self.config.temperature)
+                 if self.config.interaction else adapters)
+        key = 0
+        for edge, (report, _) in sorted(reports.items()):
+            mine = {}
+            for cid in report.clusters:
+                mine[cid], key = mixed[key], key + 1
+            data = make_codec(self.config.downlink_codec, seed=rnd).encode(pack_clusters(mine))
+            self._send(edge, MessageType.CLOUD_MIX, CloudMix(rnd, self.config.downlink_codec, data).encode(), rnd)
+        log.info("cloud round %d: mixed %d clusters from %d edges", rnd, len(adapters), len(reports))
