@@ -139,8 +139,11 @@ def _device_worker(cfg: FleetConfig, indices: list[int], ids: list[str], root: s
                                    codec=cfg.codec)
         sessions.append((i, session.start()))
     events.put(("ready", ids))
+    parent = os.getppid()
     for _, s in sessions:
-        s.finished.wait()
+        while not s.finished.wait(1.0):
+            if os.getppid() != parent:  # the fleet's owner died (e.g. SIGKILL): do not linger as an orphan
+                os._exit(1)
     for i, s in sessions:
         p = personas[i]
         prompts = list(p.test_prompts)
