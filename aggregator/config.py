@@ -24,6 +24,7 @@ class AggregatorConfig:
     state_url: str | None = None           # default: sqlite under state_dir; or postgresql://...
     tokens: tuple[str, ...] = ("fedaigc-demo-token",)
     shared_group: str | None = None        # MQTT v5 shared subscription group for scale-out workers
+    worker_id: str | None = None           # one per worker of a shared group (its MQTT session); a replacement reuses it
     expected_devices: int | None = None    # cluster as soon as this many task vectors arrived
     enrol_window_s: float = 60.0           # ... or this long after the first task vector
     rounds: int = 10

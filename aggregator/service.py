@@ -100,6 +100,8 @@ class AggregatorService:
         self._worker: threading.Thread | None = None
         self._first_task_at: float | None = None
         self._last_tick = 0.0
+        self._leader = False
+        self._synced: tuple | None = None  # (current_round, done) a non-leading worker last loaded
         self.cloud: CloudLink | None = None
         self._awaiting_cloud: tuple[int, dict, dict, float] | None = None  # round, adapters, versions, since
         for token in config.tokens:
@@ -117,7 +119,8 @@ class AggregatorService:
     def start(self) -> "AggregatorService":
         c = self.config
         self.transport = MqttTransport(MqttConfig(
-            url=c.mqtt_url, client_id=f"fedaigc-{c.aggregator_id}", username=c.mqtt_username,
+            url=c.mqtt_url, client_id=f"fedaigc-{c.aggregator_id}" + (f"-{c.worker_id}" if c.worker_id else ""),
+            username=c.mqtt_username,
             password=c.mqtt_password, tls_ca=c.mqtt_tls_ca, max_message_bytes=c.max_message_bytes,
         ), self.refusals).connect()
         self._recover()
@@ -160,7 +163,8 @@ class AggregatorService:
 
     def _run(self) -> None:
         try:
-            self.resume_open_rounds()
+            if self.is_leader():
+                self.resume_open_rounds()
         except Exception:
             log.exception("could not resume open rounds")
         while not self._stop.is_set():
@@ -261,7 +265,8 @@ class AggregatorService:
                 self._join_late(env.sender, vector.numpy())
             else:
                 self._resume_device(env.sender)
-        elif self.config.expected_devices is not None and len(self.store.tasks()) >= self.config.expected_devices:
+        elif self.config.expected_devices is not None and self.store.task_count() >= self.config.expected_devices \
+                and self.is_leader():
             self.form_clusters()
 
     def _task_matrix(self) -> tuple[list[str], np.ndarray]:
@@ -317,7 +322,7 @@ class AggregatorService:
         if self.done.is_set() or self.store.get("done", False):
             self._send_round_start(device, rnd, cid, install_only=True)
             return
-        if device in {u.device_id for u in self.store.updates(rnd)}:
+        if device in self.store.reported(rnd):
             return
         for r, c, *_ in self.store.rounds("open"):
             if r == rnd and (c == cid or self.ifca):
@@ -328,24 +333,30 @@ class AggregatorService:
         return int(self.store.get("current_round", 0))
 
     def members(self, cid: int) -> list[str]:
-        revoked = {d.device_id for d in self.store.devices() if d.revoked}
+        revoked = self.store.revoked_devices()
         return sorted(d for d, c in self.clusters.assignment.items() if c == cid and d not in revoked)
 
     def recipients(self, cid: int) -> list[str]:
         """Who gets cluster ``cid``'s round start: its members, or everyone under IFCA."""
         if not self.ifca:
             return self.members(cid)
-        revoked = {d.device_id for d in self.store.devices() if d.revoked}
+        revoked = self.store.revoked_devices()
         return sorted(d for d in self.clusters.assignment if d not in revoked)
 
     def cluster_adapter(self, cid: int) -> tuple[dict[str, torch.Tensor], int]:
         _, blob, version = self.store.clusters()[cid]
         return unpack_tensors(blob, self.shapes), version
 
-    def _send_round_start(self, device: str, rnd: int, cid: int, install_only: bool = False) -> None:
+    def _round_context(self, rnd: int, cid: int) -> tuple[dict[str, torch.Tensor], int, float, int]:
+        """What every round start of (rnd, cid) shares: read once per batch of devices, not per device."""
         adapter, version = self.cluster_adapter(cid)
         deadline = next((d for r, c, _, _, d in self.store.rounds() if r == rnd and c == cid), time.time())
-        choices = len(self.store.clusters()) if self.ifca and not install_only else 1
+        return adapter, version, deadline, len(self.store.clusters())
+
+    def _send_round_start(self, device: str, rnd: int, cid: int, install_only: bool = False,
+                          context: tuple | None = None) -> None:
+        adapter, version, deadline, n_clusters = context or self._round_context(rnd, cid)
+        choices = n_clusters if self.ifca and not install_only else 1
         # under IFCA a device receives k candidates at once; deltas against one held adapter do not apply
         payload = (self.downlink.payload(device, cid, version, adapter) if not self.ifca else
                    DownlinkMirror(self.config.downlink_codec, deltas=False).payload(device, cid, version, adapter))
@@ -372,8 +383,10 @@ class AggregatorService:
             if cid not in adapters:
                 self.global_model.drop_cluster(cid)
         for cid in adapters:
+            context = self._round_context(rnd if not final else self.config.rounds, cid)
             for device in (self.members(cid) if final else self.recipients(cid)):
-                self._send_round_start(device, rnd if not final else self.config.rounds, cid, install_only=final)
+                self._send_round_start(device, rnd if not final else self.config.rounds, cid, install_only=final,
+                                       context=context)
         for listener in self.round_listeners:
             listener(rnd - 1, {cid: {k: v.clone() for k, v in a.items()} for cid, a in adapters.items()})
         self._persist_metrics()
@@ -384,6 +397,8 @@ class AggregatorService:
             log.info("round %d open for %d clusters", rnd, len(adapters))
 
     def _on_update(self, topic: str, data: bytes) -> None:
+        if not self._leader:
+            self._sync()
         env = self.verifier.open(data, {MessageType.UPDATE})
         device = env.sender
         self._check_topic(topic, device)
@@ -410,7 +425,7 @@ class AggregatorService:
         except RefusedMessage as e:
             self._refuse_update(device, env.round, e)
             return
-        if self.ifca and any(u.device_id == device for u in self.store.updates(env.round) if u.cluster_id != cid):
+        if self.ifca and device in self.store.reported(env.round) - self.store.reported(env.round, cid):
             self._refuse_update(device, env.round, RefusedMessage(
                 Refusal.STALE_ROUND, f"{device} already chose another cluster in round {env.round}"))
             return
@@ -437,36 +452,42 @@ class AggregatorService:
         self.send(device, MessageType.UPDATE_ACK, UpdateAck(rnd, False, error.reason.value).encode(), rnd)
 
     def _maybe_close(self, rnd: int, cid: int) -> None:
+        if not self.is_leader():
+            return  # the leading worker's tick sees the round complete
         if self.ifca:  # every device answers exactly one of the k clusters: close them together
-            reported = {u.device_id for u in self.store.updates(rnd)}
+            reported = self.store.reported(rnd)
             if set(self.recipients(cid)) <= reported:
                 for r, c, *_ in self.store.rounds("open"):
                     if r == rnd:
                         self.close_cluster_round(rnd, c)
             return
-        reported = {u.device_id for u in self.store.updates(rnd, cid)}
-        if set(self.members(cid)) <= reported:
+        members = self.members(cid)  # ids only, counted first: this runs once per accepted update
+        if self.store.reported_count(rnd, cid) >= len(members) and set(members) <= self.store.reported(rnd, cid):
             self.close_cluster_round(rnd, cid)
 
     def close_cluster_round(self, rnd: int, cid: int) -> None:
         current, version = self.cluster_adapter(cid)
-        records = self.store.updates(rnd, cid)
-        updates = [ClientUpdate.from_delta(r.device_id, current, unpack_tensors(r.delta, self.shapes), r.samples)
-                   for r in records]
-        if updates:
-            result = self.rule.aggregate(current, updates, self.spec)
-            adapter, accepted, rejected = result.adapter, result.accepted, result.rejected
-        else:
-            adapter, accepted, rejected = current, [], {}
+        members = self.members(cid)
+        with self.store.closing_round(rnd, cid) as closing:
+            if closing is None:  # closed already (before a restart, or by another worker)
+                return
+            cur, records = closing  # no update can be accepted for (rnd, cid) until this commits
+            updates = [ClientUpdate.from_delta(r.device_id, current, unpack_tensors(r.delta, self.shapes), r.samples)
+                       for r in records]
+            if updates:
+                result = self.rule.aggregate(current, updates, self.spec)
+                adapter, accepted, rejected = result.adapter, result.accepted, result.rejected
+            else:
+                adapter, accepted, rejected = current, [], {}
+            samples = sum(r.samples for r in records if r.device_id in accepted)
+            loss = sum(r.loss * r.samples for r in records if r.device_id in accepted) / max(samples, 1)
+            summary = {"accepted": accepted, "rejected": rejected, "samples": samples, "loss": loss,
+                       "members": members, "closed_at": time.time()}
+            self.store.close_round(rnd, cid, pack_tensors(adapter), version + 1, summary, cur=cur)
         for device, reason in rejected.items():
             self.refusals.record(RefusedMessage(Refusal(reason), f"{device}'s update screened out at aggregation"))
-        samples = sum(r.samples for r in records if r.device_id in accepted)
-        loss = sum(r.loss * r.samples for r in records if r.device_id in accepted) / max(samples, 1)
-        summary = {"accepted": accepted, "rejected": rejected, "samples": samples, "loss": loss,
-                   "members": self.members(cid), "closed_at": time.time()}
-        self.store.close_round(rnd, cid, pack_tensors(adapter), version + 1, summary)
         log.info("round %d cluster %d closed: %d/%d updates, loss %.4f", rnd, cid, len(accepted),
-                 len(self.members(cid)), loss)
+                 len(members), loss)
         if not self.store.rounds("open") and self.current_round() == rnd:
             self.finish_round(rnd)
 
@@ -528,22 +549,52 @@ class AggregatorService:
             new_versions[cid] = max(versions.values()) if versions else 1
         return new_adapters, new_versions
 
+    def is_leader(self) -> bool:
+        """Whether this worker forms clusters, closes rounds and opens the next. Alone on SQLite it
+        always is; PostgreSQL workers of one aggregator_id elect one by an advisory lock, and the
+        first to ask after the leader died takes over (see ``tick``)."""
+        if not self._leader and self.store.try_lead(self.config.aggregator_id):
+            self._leader = True
+        return self._leader
+
+    def _sync(self) -> None:
+        """A worker that does not lead follows the leader's rounds and clusters through the store."""
+        now = (self.current_round(), bool(self.store.get("done", False)))
+        if now != self._synced:
+            self._synced = now
+            self._recover()
+
     def tick(self) -> None:
         """Time-driven work: the enrolment window, round deadlines, a silent cloud."""
+        led = self._leader
+        if not self.is_leader():
+            self._sync()
+            if time.monotonic() - getattr(self, "_metrics_at", 0.0) > 2.0:
+                self._persist_metrics()
+            return
+        if not led:  # took over from a leader that died: its open round goes on from the store
+            log.info("worker %s now leads aggregator %s", self.config.worker_id, self.config.aggregator_id)
+            self._recover()
+            self.resume_open_rounds()
         if self._awaiting_cloud is not None and time.monotonic() - self._awaiting_cloud[3] > self.config.cloud_timeout_s:
             rnd, adapters, versions, _ = self._awaiting_cloud
             log.warning("no cloud mix for round %d within %.0f s; interacting locally", rnd, self.config.cloud_timeout_s)
             self._awaiting_cloud = None
             self._commit_round(rnd + 1, self._interact_locally(adapters), versions)
-        if not self.clusters.assignment and self._first_task_at is not None \
-                and time.monotonic() - self._first_task_at >= self.config.enrol_window_s:
-            self.form_clusters()
+        if not self.clusters.assignment:
+            tasks = self.store.task_count()  # other workers may have received them
+            if tasks and self._first_task_at is None:
+                self._first_task_at = time.monotonic()
+            if (self.config.expected_devices is not None and tasks >= self.config.expected_devices) or (
+                    self._first_task_at is not None and time.monotonic() - self._first_task_at >= self.config.enrol_window_s):
+                self.form_clusters()
         now = time.time()
         for rnd, cid, _, _, deadline in self.store.rounds("open"):
             if now < deadline:
+                self._maybe_close(rnd, cid)  # complete through updates other workers accepted
                 continue
             members = self.recipients(cid) if self.ifca else self.members(cid)
-            reported = {u.device_id for u in self.store.updates(rnd, None if self.ifca else cid)}
+            reported = self.store.reported(rnd, None if self.ifca else cid)
             needed = max(1, math.ceil(self.config.quorum * len(members)))
             extensions = int(self.store.get(f"extensions/{rnd}/{cid}", 0))
             if len(reported) >= needed or extensions >= self.config.max_extensions:
@@ -552,9 +603,10 @@ class AggregatorService:
             else:
                 self.store.put(f"extensions/{rnd}/{cid}", extensions + 1)
                 self.store.extend_round(rnd, cid, now + self.config.round_timeout_s)
+                context = self._round_context(rnd, cid)
                 for device in members:
                     if device not in reported:  # maybe it missed the round start
-                        self._send_round_start(device, rnd, cid)
+                        self._send_round_start(device, rnd, cid, context=context)
         if time.monotonic() - getattr(self, "_metrics_at", 0.0) > 2.0:
             self._persist_metrics()
 
@@ -588,10 +640,11 @@ class AggregatorService:
         for r, cid, *_ in self.store.rounds("open"):
             self._maybe_close(r, cid)
         for r, cid, *_ in self.store.rounds("open"):
-            reported = {u.device_id for u in self.store.updates(r, None if self.ifca else cid)}
+            reported = self.store.reported(r, None if self.ifca else cid)
+            context = self._round_context(r, cid)
             for device in self.recipients(cid):
                 if device not in reported:
-                    self._send_round_start(device, r, cid)
+                    self._send_round_start(device, r, cid, context=context)
 
     def _persist_metrics(self) -> None:
         self._metrics_at = time.monotonic()

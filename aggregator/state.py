@@ -17,6 +17,7 @@ import json
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ class StateStore:
     """SQL state behind a lock; use ``open_store(url)`` to get one."""
 
     marker = "?"
+    share_row = update_row = ""  # PostgreSQL row locks; SQLite's BEGIN IMMEDIATE already serialises writers
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -178,6 +180,12 @@ class StateStore:
     def tasks(self) -> dict[str, bytes]:
         return {d: v for d, v in self.query("SELECT device_id, vector FROM tasks ORDER BY device_id")}
 
+    def task_count(self) -> int:
+        return int(self.query("SELECT COUNT(*) FROM tasks")[0][0])
+
+    def revoked_devices(self) -> set[str]:
+        return {d for (d,) in self.query("SELECT device_id FROM devices WHERE revoked = 1")}
+
     def save_clusters(self, clusters: dict[int, tuple[bytes | None, bytes, int]], assignment: dict[str, int], cur=None) -> None:
         """Replace the cluster table and assignments: ``{id: (centroid, adapter, version)}``."""
         def write(c):
@@ -228,9 +236,14 @@ class StateStore:
         return [(r, c, json.loads(s or "{}")) for r, c, s in rows]
 
     def accept_update(self, rec: UpdateRecord) -> bool:
-        """Persist an update; False if this (round, cluster, device) was already accepted."""
+        """Persist an update; False if this (round, cluster, device) was already accepted.
+
+        The round row is locked until commit, so a worker closing the round (``closing_round``)
+        either sees this update or makes it fail as not open: never accepted-but-not-aggregated.
+        """
         with self.transaction() as cur:
-            self.execute(cur, "SELECT state FROM rounds WHERE round = ? AND cluster_id = ?", (rec.round, rec.cluster_id))
+            self.execute(cur, "SELECT state FROM rounds WHERE round = ? AND cluster_id = ?" + self.share_row,
+                         (rec.round, rec.cluster_id))
             row = cur.fetchone()
             if row is None or row[0] != "open":
                 raise ValueError(f"round {rec.round} of cluster {rec.cluster_id} is not open")
@@ -247,12 +260,47 @@ class StateStore:
             params += (cluster_id,)
         return [UpdateRecord(*r) for r in self.query(sql + " ORDER BY device_id", params)]
 
-    def close_round(self, rnd: int, cluster_id: int, adapter: bytes, version: int, summary: dict) -> None:
-        """New adapter and closed round, atomically."""
+    def reported(self, rnd: int, cluster_id: int | None = None) -> set[str]:
+        """Devices with an accepted update in ``rnd`` (ids only: cheap enough to ask per update)."""
+        sql, params = "SELECT device_id FROM updates WHERE round = ?", (rnd,)
+        if cluster_id is not None:
+            sql, params = sql + " AND cluster_id = ?", (rnd, cluster_id)
+        return {d for (d,) in self.query(sql, params)}
+
+    def reported_count(self, rnd: int, cluster_id: int) -> int:
+        return int(self.query("SELECT COUNT(*) FROM updates WHERE round = ? AND cluster_id = ?", (rnd, cluster_id))[0][0])
+
+    @contextmanager
+    def closing_round(self, rnd: int, cluster_id: int) -> Iterator[tuple | None]:
+        """One transaction to close (rnd, cluster): yields ``(cur, updates)``, or ``None`` if it is
+        not open (another worker closed it). The round row stays locked until the caller's
+        ``close_round(..., cur=cur)`` commits, so no update can be accepted in between."""
         with self.transaction() as cur:
-            self.execute(cur, "UPDATE clusters SET adapter = ?, version = ? WHERE cluster_id = ?", (adapter, version, cluster_id))
-            self.execute(cur, "UPDATE rounds SET state = 'closed', closed_at = ?, summary = ? WHERE round = ? AND cluster_id = ?",
+            self.execute(cur, "SELECT state FROM rounds WHERE round = ? AND cluster_id = ?" + self.update_row,
+                         (rnd, cluster_id))
+            row = cur.fetchone()
+            if row is None or row[0] != "open":
+                yield None
+                return
+            self.execute(cur, "SELECT round, cluster_id, device_id, delta, samples, loss, base_version FROM updates "
+                              "WHERE round = ? AND cluster_id = ? ORDER BY device_id", (rnd, cluster_id))
+            yield cur, [UpdateRecord(*(bytes(x) if isinstance(x, memoryview) else x for x in r)) for r in cur.fetchall()]
+
+    def close_round(self, rnd: int, cluster_id: int, adapter: bytes, version: int, summary: dict, cur=None) -> None:
+        """New adapter and closed round, atomically."""
+        def write(c):
+            self.execute(c, "UPDATE clusters SET adapter = ?, version = ? WHERE cluster_id = ?", (adapter, version, cluster_id))
+            self.execute(c, "UPDATE rounds SET state = 'closed', closed_at = ?, summary = ? WHERE round = ? AND cluster_id = ?",
                          (time.time(), json.dumps(summary), rnd, cluster_id))
+        if cur is not None:
+            write(cur)
+            return
+        with self.transaction() as c:
+            write(c)
+
+    def try_lead(self, name: str) -> bool:
+        """Whether this store's holder leads the workers named ``name`` (one store per worker)."""
+        return True
 
     def close(self) -> None:
         pass
@@ -277,10 +325,13 @@ class SqliteStore(StateStore):
         cur.execute("BEGIN IMMEDIATE")
         try:
             yield cur
+            cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            # also when COMMIT itself fails (disk full): left open, the transaction would make
+            # every later BEGIN fail; SQLite may already have rolled back on its own
+            if self._conn.in_transaction:
+                cur.execute("ROLLBACK")
             raise
-        cur.execute("COMMIT")
 
     def close(self) -> None:
         self._conn.close()
@@ -288,6 +339,7 @@ class SqliteStore(StateStore):
 
 class PostgresStore(StateStore):
     marker = "%s"
+    share_row, update_row = " FOR SHARE", " FOR UPDATE"
 
     def __init__(self, url: str) -> None:
         super().__init__()
@@ -316,6 +368,12 @@ class PostgresStore(StateStore):
 
     def execute(self, cur, sql: str, params: tuple = ()) -> None:
         cur.execute(self._sql(sql), params)
+
+    def try_lead(self, name: str) -> bool:
+        """A session advisory lock: held until this connection ends, so a killed leader's lock
+        is released by the server and the next worker to ask takes over."""
+        key = zlib.crc32(f"fedaigc-leader/{name}".encode()) - 2**31
+        return bool(self.query("SELECT pg_try_advisory_lock(?)", (key,))[0][0])
 
     def close(self) -> None:
         self._conn.close()

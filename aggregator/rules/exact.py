@@ -34,10 +34,22 @@ class ExactLoraAggregation(AggregationRule):
         out: Adapter = {}
         for module in lora_modules(current):
             ka, kb = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
-            stack = torch.stack([delta_weight(u.adapter[ka], u.adapter[kb], spec.scale) for u in updates])
-            mean = self.reduce(stack, w)
+            a = torch.stack([u.adapter[ka].reshape(u.adapter[ka].shape[0], -1) for u in updates]).double()
+            b = torch.stack([u.adapter[kb].reshape(u.adapter[kb].shape[0], -1) for u in updates]).double()
+            mean = self.reduce_factors(a, b, w, spec.scale)
             out[ka], out[kb] = refactorize(mean, current[ka], current[kb], spec.scale, self.rank)
         return out, set()
+
+    def reduce_factors(self, a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
+        """Reduce the clients' ΔW_i = scale·B_i·A_i from factors stacked on dim 0 (A: n x r x in, B: n x out x r).
+
+        The weighted mean is one product of the concatenated factors, Σ w_i B_i A_i = [w_1 B_1 … w_n B_n]·[A_1; …; A_n],
+        so no per-client ΔW is built (thousands of clients); other reducers get the n x out x in stack.
+        """
+        if type(self).reduce is not ExactLoraAggregation.reduce:
+            return self.reduce(scale * torch.bmm(b, a), weights)
+        wb = b * (weights / weights.sum()).to(b.dtype)[:, None, None]
+        return scale * (wb.permute(1, 0, 2).reshape(b.shape[1], -1) @ a.reshape(-1, a.shape[2]))
 
 
 def refactorize(delta: torch.Tensor, a_now: torch.Tensor, b_now: torch.Tensor, scale: float,

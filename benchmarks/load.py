@@ -1,0 +1,382 @@
+"""Load: N model-free devices deliver one round of updates to the aggregator daemon over the real broker.
+
+    python -m benchmarks.load [--quick] [--sizes 100,500,2000] [--codec int8]
+
+For each N the aggregator runs as its own process (``python -m aggregator.cli aggregator``,
+SQLite state, one cluster, quorum 1.0) so its RSS and CPU are measured alone. N
+``LiteDevice`` s with real Ed25519/X25519 keys, each with its own MQTT connection, spread
+over a few device processes, enrol, send a task vector and wait for their round start.
+Then every device publishes one boxed, signed update encoded with ``--codec`` (int8 by
+default, ~34 KB envelopes for the rank-2 adapter) as fast as the broker takes them.
+
+Measured per N: ``seconds_to_aggregate`` (first update published -> round closed, i.e.
+every update committed and the aggregate written), ``accepted`` (rows in the state store),
+``lost`` (published with a PUBACK but not accepted; must be 0), ``updates_per_s``,
+``p95_ms`` (publish -> commit of the update row, same machine clock), aggregator
+``rss_mb`` (peak) and CPU, refusals. Writes benchmarks/results/load.json and load.png.
+
+The broker is shared with whatever else runs on it: devices pin the keys of the aggregator
+started here (read from its key file) rather than trusting the retained keys topic, and
+refusals may include other people's traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+DEVICES_PER_PROCESS = 300  # paho select()s its sockets: ~340 clients fill FD_SETSIZE (3 fds each)
+
+
+# ---------------------------------------------------------------------------------------- devices
+def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_key: bytes, aggregator_id: str,
+                    codec: str, seed: int) -> None:
+    """Runs in a child process: drives ``ids`` through enrolment, then one update each on command."""
+    import torch
+
+    from edge_sdk import topics
+    from edge_sdk.envelope import EnvelopeVerifier, MessageType
+    from edge_sdk.identity import PublicIdentity
+    from edge_sdk.lite import LiteDevice
+    from edge_sdk.messages import RoundStart, UpdateAck
+
+    keys = PublicIdentity(verify_key, box_key)
+
+    class PinnedDevice(LiteDevice):
+        """Trusts exactly the aggregator started by this benchmark; records when its ack arrives."""
+
+        def __init__(self, device_id: str) -> None:
+            super().__init__(mqtt_url, device_id)
+            self.aggregator, self.aggregator_id = keys, aggregator_id
+            self.verifier = EnvelopeVerifier(lambda sender: keys.verify_key)
+            self.acked_at: float | None = None
+            self.ack_ok = False
+
+        def _on_keys(self, topic, data):  # the shared broker's retained keys may be someone else's
+            pass
+
+        def _on_down(self, topic, data):
+            super()._on_down(topic, data)
+            env, body = self.inbox[-1]
+            if env.type == MessageType.UPDATE_ACK and self.acked_at is None:
+                self.acked_at = time.time()
+                self.ack_ok = UpdateAck.decode(body).accepted
+
+    def wait_all(devices, mtype, timeout):
+        deadline = time.monotonic() + timeout
+        done = 0
+        for d in devices:
+            d.wait_for(mtype, timeout=max(0.1, deadline - time.monotonic()))
+            done += 1
+            if done % 100 == 0:
+                conn.send(("progress", 100))
+        conn.send(("progress", done % 100))
+
+    devices = []
+    try:
+        for i, device_id in enumerate(ids):
+            devices.append(PinnedDevice(device_id).start())
+            if (i + 1) % 100 == 0:
+                conn.send(("progress", 100))
+        conn.send(("progress", len(ids) % 100))
+        conn.send(("connected", len(devices)))
+        rng = np.random.default_rng(seed)
+        base = rng.normal(size=384)
+        for d in devices:
+            d.enrol()
+        wait_all(devices, MessageType.ENROL_ACK, 300)
+        for d in devices:
+            d.send_task(base + 0.01 * rng.normal(size=384))
+        conn.send(("enrolled", len(devices)))
+        wait_all(devices, MessageType.ROUND_START, 600)
+        starts = [RoundStart.decode(d.wait_for(MessageType.ROUND_START)[0][1]) for d in devices]
+        shapes = None
+        envelopes = []
+        for i, (d, start) in enumerate(zip(devices, starts)):
+            if shapes is None:
+                shapes = _shapes_from_start(start)
+            g = torch.Generator().manual_seed(seed * 100_003 + i)
+            delta = {k: torch.randn(s, generator=g) * 0.01 for k, s in shapes.items()}
+            envelopes.append(d.update_envelope(start, delta, codec=codec))
+        conn.send(("ready", [len(e) for e in envelopes]))
+        assert conn.recv() == "go"
+        published_at, infos = [], []
+        for d, env in zip(devices, envelopes):
+            published_at.append(time.time())
+            infos.append(d.transport.publish(topics.update(d.id), env))
+        pubacked = [d.transport.wait_published(i, timeout=120) for d, i in zip(devices, infos)]
+        conn.send(("published", len(devices)))
+        deadline = time.monotonic() + float(conn.recv())  # how long to wait for acks
+        while time.monotonic() < deadline and any(d.acked_at is None for d in devices):
+            time.sleep(0.05)
+        conn.send(("acks", [(d.id, published_at[i], pubacked[i], d.acked_at, d.ack_ok) for i, d in enumerate(devices)]))
+        conn.recv()  # "stop"
+    except Exception as e:  # report, do not hang the parent
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        for d in devices:
+            try:
+                d.stop()
+            except Exception:
+                pass
+
+
+def _shapes_from_start(start) -> dict[str, tuple[int, ...]]:
+    """The adapter's tensor shapes, from the full adapter in the first round start."""
+    from edge_sdk.tensors import unpack_tensors
+
+    if start.codec != "fp32" or start.base_version >= 0:
+        raise RuntimeError(f"expected a full fp32 adapter in the first round start, got {start.codec}")
+    return {k: tuple(v.shape) for k, v in unpack_tensors(start.adapter).items()}
+
+
+# ---------------------------------------------------------------------------------------- aggregator
+def _start_aggregator(tmp: Path, mqtt_url: str, n: int, aggregator_id: str) -> subprocess.Popen:
+    config = tmp / "aggregator.toml"
+    config.write_text(
+        "[aggregator]\n"
+        f'aggregator_id = "{aggregator_id}"\nmqtt_url = "{mqtt_url}"\nstate_dir = "{tmp / "state"}"\n'
+        f"expected_devices = {n}\nenrol_window_s = 3600\nclustering = \"single\"\nrounds = 1\n"
+        "round_timeout_s = 3600\nquorum = 1.0\nrefine_after_round = 0\ninteraction = false\n"
+    )
+    log = open(tmp / "aggregator.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "aggregator.cli", "aggregator", "--config", str(config)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while b"running" not in (tmp / "aggregator.log").read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("aggregator did not start:\n" + (tmp / "aggregator.log").read_text()[-3000:])
+        time.sleep(0.2)
+    return proc
+
+
+def _round_state(db: Path) -> tuple[str | None, float | None]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as c:
+        row = c.execute("SELECT state, closed_at FROM rounds WHERE round = 1 AND cluster_id = 0").fetchone()
+    return (row[0], row[1]) if row else (None, None)
+
+
+class _Sampler(threading.Thread):
+    """Aggregator RSS and CPU every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.rss: list[float] = []
+        self.stop = threading.Event()
+        self.cpu_start = sum(self.proc.cpu_times()[:2])
+        self.cpu_end = self.cpu_start
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.rss.append(self.proc.memory_info().rss / 2**20)
+                self.cpu_end = sum(self.proc.cpu_times()[:2])
+            except psutil.Error:
+                return
+            time.sleep(0.2)
+
+
+def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float) -> dict:
+    from edge_sdk.identity import Identity
+
+    run = uuid.uuid4().hex[:6]
+    aggregator_id = f"load-{run}"
+    with tempfile.TemporaryDirectory(prefix="fedaigc-load-") as tmp_name:
+        tmp = Path(tmp_name)
+        proc = _start_aggregator(tmp, mqtt_url, n, aggregator_id)
+        db = tmp / "state" / "state.db"
+        keys = Identity.load(tmp / "state" / "aggregator.key").public
+        ids = [f"ld{run}-{i:05d}" for i in range(n)]
+        procs = max(1, math.ceil(n / DEVICES_PER_PROCESS))
+        ctx = mp.get_context("spawn")
+        workers = []
+        for p in range(procs):
+            parent, child = ctx.Pipe()
+            w = ctx.Process(target=_device_process, daemon=True,
+                            args=(child, mqtt_url, ids[p::procs], keys.verify_key, keys.box_key, aggregator_id,
+                                  codec, seed * 1000 + p))
+            w.start()
+            workers.append((w, parent))
+        result: dict = {"devices": n, "device_processes": procs, "codec": codec}
+        started = time.monotonic()
+
+        def collect(kind: str, bar: tqdm | None = None, limit: float = timeout) -> list:
+            out = []
+            for _, conn in workers:
+                while True:
+                    if not conn.poll(max(0.0, limit - (time.monotonic() - started))):
+                        raise TimeoutError(f"N={n}: no '{kind}' from a device process within {limit:.0f} s")
+                    msg = conn.recv()
+                    if msg[0] == "error":
+                        raise RuntimeError(f"device process failed: {msg[1]}")
+                    if msg[0] == "progress":
+                        if bar is not None:
+                            bar.update(msg[1])
+                        continue
+                    if msg[0] != kind:
+                        raise RuntimeError(f"expected {kind}, got {msg[0]}")
+                    out.append(msg[1])
+                    break
+            return out
+
+        try:
+            with tqdm(total=3 * n, desc=f"N={n} connect+enrol+round start", unit="dev") as bar:
+                collect("connected", bar)
+                result["connect_s"] = time.monotonic() - started
+                collect("enrolled", bar)
+                result["enrol_s"] = time.monotonic() - started - result["connect_s"]
+                sizes = sum(collect("ready", bar), [])
+            result["setup_s"] = time.monotonic() - started
+            result["update_envelope_bytes"] = int(np.mean(sizes))
+            sampler = _Sampler(proc.pid)
+            sampler.start()
+            t0 = time.time()
+            for _, conn in workers:
+                conn.send("go")
+            closed_at = None
+            with tqdm(total=n, desc=f"N={n} updates accepted", unit="upd") as bar:
+                seen = 0
+                while time.time() - t0 < timeout:
+                    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as c:
+                        count = c.execute("SELECT COUNT(*) FROM updates WHERE round = 1").fetchone()[0]
+                    bar.update(count - seen)
+                    seen = count
+                    state, closed_at = _round_state(db)
+                    if state == "closed":
+                        break
+                    time.sleep(0.25)
+            sampler.stop.set()
+            collect("published", limit=time.monotonic() - started + 120)
+            for _, conn in workers:
+                conn.send(str(30.0 if closed_at else 5.0))
+            acks = sum(collect("acks", limit=time.monotonic() - started + 60), [])
+            for _, conn in workers:
+                conn.send("stop")
+        finally:
+            proc.send_signal(signal.SIGTERM)  # the daemon persists its refusal counters on the way out
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            for w, _ in workers:
+                w.join(30)
+                if w.is_alive():
+                    w.kill()
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+            rows = c.execute("SELECT device_id, accepted_at FROM updates WHERE round = 1").fetchall()
+            refusals = c.execute("SELECT value FROM kv WHERE key = 'refusals'").fetchone()
+            summary = c.execute("SELECT summary FROM rounds WHERE round = 1").fetchone()
+        accepted_at = dict(rows)
+        published = {d: (t, ok) for d, t, ok, _, _ in acks}
+        latencies = [accepted_at[d] - published[d][0] for d in accepted_at if d in published]
+        pubacked = [d for d, (_, ok) in published.items() if ok]
+        lost = [d for d in pubacked if d not in accepted_at]
+        first = min(t for t, _ in published.values())
+        last_accept = max(accepted_at.values()) if accepted_at else first
+        summary = json.loads(summary[0]) if summary and summary[0] else {}
+        result.update({
+            "seconds_to_aggregate": (closed_at - first) if closed_at else None,
+            "aggregate_ms": (closed_at - last_accept) * 1000 if closed_at else None,
+            "round_closed": closed_at is not None,
+            "accepted": len(accepted_at),
+            "in_aggregate": len(summary.get("accepted", [])),
+            "published": len(pubacked),
+            "lost": len(lost),
+            "acks_received": sum(1 for *_, t, ok in acks if t is not None and ok),
+            "updates_per_s": len(accepted_at) / max(1e-9, last_accept - first),
+            "p50_ms": float(np.percentile(latencies, 50) * 1000) if latencies else None,
+            "p95_ms": float(np.percentile(latencies, 95) * 1000) if latencies else None,
+            "rss_mb": max(sampler.rss) if sampler.rss else None,
+            "aggregator_cpu_s": sampler.cpu_end - sampler.cpu_start,
+            "aggregator_cpu_percent": 100 * (sampler.cpu_end - sampler.cpu_start) / max(1e-9, time.time() - t0),
+            "refusals": json.loads(refusals[0]) if refusals else {},
+            "bytes_uploaded": int(np.sum(sizes)),
+        })
+        return result
+
+
+def plot(results: dict, path: Path) -> None:
+    ns = sorted(int(k) for k in results)
+    r = [results[str(n)] for n in ns]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    axes[0].plot(ns, [x["seconds_to_aggregate"] or np.nan for x in r], marker="o")
+    axes[0].axhline(60, color="red", linestyle="--", linewidth=1, label="target (N=2000)")
+    axes[0].set(xscale="log", xlabel="devices", ylabel="s", title="publish -> round aggregated")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(ns, [x["updates_per_s"] for x in r], marker="o")
+    axes[1].set(xscale="log", xlabel="devices", ylabel="updates / s", title="accepted updates / s")
+    axes[2].plot(ns, [x["p95_ms"] or np.nan for x in r], marker="o", label="p95")
+    axes[2].plot(ns, [x["p50_ms"] or np.nan for x in r], marker="o", label="p50")
+    axes[2].set(xscale="log", yscale="log", xlabel="devices", ylabel="ms", title="publish -> accepted")
+    axes[2].legend(fontsize=8)
+    axes[3].plot(ns, [x["rss_mb"] or np.nan for x in r], marker="o")
+    axes[3].set(xscale="log", xlabel="devices", ylabel="MB", title="aggregator peak RSS")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 100 only")
+    parser.add_argument("--sizes", default=None, help="comma-separated device counts (default 100,500,2000)")
+    parser.add_argument("--codec", default="int8", help="uplink codec of the updates")
+    parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS / "load.json"))
+    args = parser.parse_args()
+    sizes = [int(s) for s in (args.sizes or ("100" if args.quick else "100,500,2000")).split(",")]
+    from aggregator.broker import ensure_broker
+
+    broker = ensure_broker(args.mqtt_url)
+    out = Path(args.out)
+    results: dict = json.loads(out.read_text()) if out.exists() and args.sizes else {}
+    try:
+        for n in sizes:
+            r = run_size(n, args.mqtt_url, args.codec, args.seed, args.timeout)
+            results[str(n)] = r
+            print(json.dumps({str(n): {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}}),
+                  flush=True)
+    finally:
+        if broker is not None:
+            broker.close()
+    meta = {"cpus": os.cpu_count(), "mqtt_url": args.mqtt_url, "python": sys.version.split()[0]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results["meta"] = meta
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    plot({k: v for k, v in results.items() if k != "meta"}, out.with_suffix(".png"))
+    big = results.get("2000")
+    if big:
+        ok = big["round_closed"] and big["seconds_to_aggregate"] < 60 and big["lost"] == 0
+        print(f"N=2000: {big['seconds_to_aggregate']:.1f} s to aggregate, lost {big['lost']}: "
+              f"{'meets' if ok else 'misses'} the < 60 s / zero-lost target")
+
+
+if __name__ == "__main__":
+    main()

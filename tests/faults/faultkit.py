@@ -1,0 +1,186 @@
+"""What the fault tests share: an own broker, devices that behave like the real session, daemons as processes.
+
+Faults are injected for real: broker and aggregator are separate processes that the tests
+stop, SIGKILL and restart; devices are ``LiteDevice`` s (real keys and envelopes, no model)
+that, like ``edge_sdk.session``, re-send their stored answer when re-invited to a round.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from edge_sdk import topics
+from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
+from edge_sdk.identity import PublicIdentity
+from edge_sdk.lite import LiteDevice
+from edge_sdk.messages import RoundStart, UpdateAck
+from edge_sdk.tensors import unpack_tensors
+from edge_sdk.transport import MqttConfig, MqttTransport
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout} s")
+        time.sleep(0.05)
+
+
+def delta_for(shapes: dict[str, tuple[int, ...]], seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) * scale for k, s in sorted(shapes.items())}
+
+
+class FaultDevice(LiteDevice):
+    """A LiteDevice that, like the real session, answers a repeated round start with its stored
+    answer; optionally pinned to one aggregator's keys (on a shared broker)."""
+
+    def __init__(self, mqtt_url: str, device_id: str | None = None, keys: PublicIdentity | None = None,
+                 aggregator_id: str | None = None) -> None:
+        super().__init__(mqtt_url, device_id)
+        self.mqtt_url = mqtt_url
+        self.answers: dict[int, bytes] = {}
+        self.pinned = keys is not None
+        if keys is not None:
+            self.aggregator, self.aggregator_id = keys, aggregator_id
+            self.verifier = EnvelopeVerifier(lambda sender: keys.verify_key)
+
+    def _on_keys(self, topic, data):
+        if not self.pinned:
+            super()._on_keys(topic, data)
+
+    def _on_down(self, topic, data):
+        super()._on_down(topic, data)
+        env, body = self.inbox[-1]
+        if env.type == MessageType.ROUND_START:
+            start = RoundStart.decode(body)
+            if start.round in self.answers and start.local_steps > 0:  # re-invited: our update was not counted
+                self.transport.publish(topics.update(self.id), self.answers[start.round])
+
+    def starts(self) -> list[RoundStart]:
+        with self.cond:
+            return [RoundStart.decode(b) for e, b in self.inbox if e.type == MessageType.ROUND_START]
+
+    def start_of(self, rnd: int, timeout: float = 30.0) -> RoundStart:
+        found: list[RoundStart] = []
+        wait_until(lambda: bool(found.extend(s for s in self.starts() if s.round == rnd) or found), timeout,
+                   f"{self.id}: round start {rnd}")
+        return found[0]
+
+    def answer(self, start: RoundStart, delta: dict[str, torch.Tensor], wait: bool = False, **kwargs) -> bytes:
+        """Build, remember and publish this device's update for ``start`` (QoS 1, queued while offline)."""
+        env = self.update_envelope(start, delta, **kwargs)
+        self.answers[start.round] = env
+        infos = self.transport.publish(topics.update(self.id), env)
+        if wait:
+            self.transport.wait_published(infos)
+        return env
+
+    def acks_for(self, rnd: int) -> list[UpdateAck]:
+        with self.cond:
+            return [a for a in self.acks() if a.round == rnd]
+
+    def accepted(self, rnd: int) -> bool:
+        return any(a.accepted for a in self.acks_for(rnd))
+
+    def reconnect(self) -> None:
+        """Drop the connection and come back with a new one (same id and keys)."""
+        self.transport.close()
+        self.transport = MqttTransport(MqttConfig(url=self.mqtt_url, client_id=f"fedaigc-{self.id}"))
+        self.transport.connect()
+        self.transport.subscribe(topics.AGGREGATOR_KEYS, self._on_keys)
+        self.transport.subscribe(topics.down(self.id), self._on_down)
+
+    def rewrite(self) -> None:
+        """A new envelope writer (fresh sequence), as after a device restart."""
+        self.writer = EnvelopeWriter(self.identity, self.id)
+
+
+def adapter_of(start: RoundStart) -> dict[str, torch.Tensor]:
+    assert start.codec == "fp32" and start.base_version < 0, "expected a full fp32 adapter"
+    return unpack_tensors(start.adapter)
+
+
+def write_config(path: Path, **settings) -> Path:
+    lines = ["[aggregator]"]
+    for k, v in settings.items():
+        if isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            lines.append(f"{k} = {v}")
+        else:
+            lines.append(f'{k} = "{v}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class DaemonProcess:
+    """``python -m aggregator.cli aggregator --config ...`` (or another module) as a child process.
+
+    Output goes through a pipe (not a file: a file-size limit on the child must not hit its log).
+    """
+
+    def __init__(self, config: Path, runner: tuple[str, ...] = ("-m", "aggregator.cli", "aggregator"),
+                 extra: tuple[str, ...] = ()) -> None:
+        self.cmd = [sys.executable, *runner, "--config", str(config), *extra]
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, ready: str = "running", timeout: float = 90.0) -> "DaemonProcess":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                     text=True, errors="replace")
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        wait_until(lambda: any(ready in line for line in self.lines) or self.proc.poll() is not None, timeout,
+                   f"daemon start ({' '.join(self.cmd[1:4])})")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+        return self
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no handler runs, nothing is flushed."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def sqlite_rows(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Read the daemon's SQLite state from outside (read-only; WAL lets us read while it writes)."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as c:
+        return c.execute(sql, params).fetchall()
