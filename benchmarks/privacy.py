@@ -26,8 +26,9 @@ several noise multipliers at a clip norm calibrated to the median first-round up
 norm of the no-DP run; reports the cluster adapters' style/digit accuracy against the
 epsilon each device has spent.
 
-Writes benchmarks/results/privacy.json, privacy.png and privacy_dp.png. Each part
-overwrites only its own keys, so the parts can run as separate commands.
+Writes benchmarks/results/privacy.json and privacy.png (a panel per measured part, drawn
+from the JSON). Each part overwrites only its own keys, so the parts can run as separate
+commands.
 """
 
 from __future__ import annotations
@@ -384,13 +385,29 @@ def _json_eps(eps: float) -> float | None:
 # ------------------------------------------------------------------------------------------ plots
 
 
-def plot_attacks(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path) -> None:
+    """privacy.png: the attack panels (if measured) and the DP panel (if measured), from the JSON alone."""
+    panels = (2 if "settings" in result else 0) + (1 if "dp" in result else 0)
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    if "settings" in result:
+        plot_attacks(result, axes[:2])
+        axes[1].sharey(axes[0])
+    if "dp" in result:
+        plot_dp(result["dp"], axes[-1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_attacks(result: dict, axes) -> None:
     rows, default = result["settings"], result["default"]
     noises = sorted({r["noise"] for r in rows})
     cmap = plt.get_cmap("viridis")
     colour = {n: cmap(i / max(1, len(noises) - 1)) for i, n in enumerate(noises)}
     markers = {1: "^", 5: "s", "all": "o"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, key, xlabel in ((axes[0], "top1_recovery", "exact-prompt recovery, top-1"),
                             (axes[1], "style", "style inferred by the aggregator")):
         for r in rows:
@@ -410,34 +427,25 @@ def plot_attacks(result: dict, path: Path) -> None:
     handles += [plt.Line2D([], [], color="k", marker="o", ls="", mfc="none", label="rotation on (hollow)"),
                 plt.Line2D([], [], color="red", marker="*", ls="", mfc="none", ms=12, label="default")]
     axes[1].legend(handles=handles, fontsize=7, loc="lower right")
-    fig.suptitle(f"{result['attacks']['devices']} devices, {result['attacks']['styles']} styles, "
-                 f"bank of {result['attacks']['bank_size']:,} prompts", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    axes[0].set_title(f"task vectors: {result['attacks']['devices']} devices, {result['attacks']['styles']} styles, "
+                      f"bank of {result['attacks']['bank_size']:,} prompts", fontsize=9, loc="left")
 
 
-def plot_dp(dp: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    finite = [r for r in dp["runs"] if r["epsilon_local"] is not None]
-    for key, label, style in (("epsilon_local", "vs the aggregator (replace)", "o-"),
-                              ("epsilon_released", "released model (add/remove)", "s--")):
-        ax.plot([r[key] for r in finite], [r["style_acc"] for r in finite], style, label=label)
+def plot_dp(dp: dict, ax) -> None:
+    """Quality against the epsilon a device reports (replace adjacency: its guarantee against the aggregator)."""
+    finite = sorted((r for r in dp["runs"] if r["epsilon_local"] is not None), key=lambda r: r["epsilon_local"])
+    eps = [r["epsilon_local"] for r in finite]
+    for key, label, colour in (("style_acc", "style accuracy", "C0"), ("digit_acc", "digit accuracy", "C1")):
+        ax.plot(eps, [r[key] for r in finite], "o-", color=colour, label=f"{label}, with DP")
+        ax.axhline(dp["no_dp"][key], color=colour, lw=0.9, label=f"{label}, no DP")
+        ax.axhline(dp["base_model"][key], color=colour, ls="--", lw=0.9, label=f"{label}, base model")
     for r in finite:
         ax.annotate(f"z={r['noise_multiplier']:g}", (r["epsilon_local"], r["style_acc"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
-    ax.axhline(dp["no_dp"]["style_acc"], color="green", lw=0.9, label="no DP")
-    clip_only = [r for r in dp["runs"] if r["noise_multiplier"] == 0]
-    if clip_only:
-        ax.axhline(clip_only[0]["style_acc"], color="olive", ls=":", lw=0.9, label="clipping only")
-    ax.axhline(dp["base_model"]["style_acc"], color="grey", ls="--", lw=0.9, label="base model (no adapter)")
-    ax.set(xscale="log", xlabel=f"epsilon after {dp['rounds']} rounds (delta={dp['delta']:g})",
-           ylabel="cluster adapter style accuracy", ylim=(0, 1.02),
-           title=f"client-level DP, {dp['devices']} devices, clip {dp['clip_norm']:.2f}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax.set(xscale="log", xlabel=f"epsilon vs the aggregator after {dp['rounds']} rounds (delta={dp['delta']:g})",
+           ylabel="cluster adapter quality", ylim=(0, 1.02))
+    ax.set_title(f"updates: client-level DP, {dp['devices']} devices, clip {dp['clip_norm']:.2f}", fontsize=9)
+    ax.legend(fontsize=6)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -472,7 +480,7 @@ def main() -> None:
         seconds["attacks"] = time.monotonic() - started
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
-        plot_attacks(result, RESULTS / "privacy.png")
+        plot(result, RESULTS / "privacy.png")
         print("default:", result["default_rule"], json.dumps(result["default"], indent=2))
     if args.part in ("dp", "all"):
         started = time.monotonic()
@@ -482,7 +490,7 @@ def main() -> None:
         seconds["dp"] = time.monotonic() - started
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
-        plot_dp(result["dp"], RESULTS / "privacy_dp.png")
+        plot(result, RESULTS / "privacy.png")
 
 
 if __name__ == "__main__":
