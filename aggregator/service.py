@@ -447,6 +447,13 @@ class AggregatorService:
         epsilon = None if math.isinf(body.epsilon) else float(body.epsilon)  # None: no finite bound (JSON has no inf)
         self.privacy.setdefault(rnd, {})[device] = {"epsilon": epsilon, "delta": float(body.dp_delta)}
 
+    def _merged_privacy(self) -> dict[str, dict[str, dict]]:
+        """Ours merged into the stored record: scale-out workers each see only some devices' updates."""
+        merged = self.store.get("privacy", {})
+        for rnd, reports in self.privacy.items():
+            merged.setdefault(str(rnd), {}).update(reports)
+        return merged
+
     def _refuse_update(self, device: str, rnd: int, error: RefusedMessage) -> None:
         self.refusals.record(error, device)
         self.send(device, MessageType.UPDATE_ACK, UpdateAck(rnd, False, error.reason.value).encode(), rnd)
@@ -651,7 +658,7 @@ class AggregatorService:
         try:
             self.store.put("refusals", self.refusals.counts())
             self.store.put("traffic", {str(r): v for r, v in self.traffic.items()})
-            self.store.put("privacy", {str(r): v for r, v in self.privacy.items()})
+            self.store.put("privacy", self._merged_privacy())
             self.store.put("online", self.online)
         except StateUnavailable as e:
             log.error("cannot persist metrics: %s", e)

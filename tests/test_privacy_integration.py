@@ -213,6 +213,14 @@ def test_the_aggregator_records_each_devices_epsilon_per_round(tmp_path, mqtt_ur
         assert again.privacy == {int(r): v for r, v in recorded.items()}
     finally:
         again.store.close()
+    worker = AggregatorService(agg.config)  # a scale-out worker that saw other devices merges, never overwrites
+    try:
+        worker.privacy = {2: {"dev-x": {"epsilon": 0.5, "delta": 1e-5}}}
+        worker._persist_metrics()
+        merged = worker.store.get("privacy")
+        assert merged["1"] == recorded["1"] and merged["2"] == recorded["2"] | worker.privacy[2]
+    finally:
+        worker.store.close()
 
 
 def test_a_dp_device_reports_its_spent_epsilon_through_a_real_federation(tmp_path, mqtt_url):
