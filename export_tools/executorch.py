@@ -1,0 +1,284 @@
+"""ExecuTorch export: the denoiser as ``model.pte`` + ``base.ptd`` + ``adapter.ptd`` (XNNPACK, fp32 or int8).
+
+    export_executorch(load_base_unet(), adapters, {"cluster-0": 1.0}, "out/", quantize="int8")
+
+1. A copy of the base UNet gets one LoRA *slot* (peft, rank ``slot_rank``, on the default
+   LoRA targets plus any module the adapters touch) and the XNNPACK-friendly spelling
+   of ``export_tools.graph``.
+2. ``torch.export`` at a fixed batch; for int8, pt2e ``XNNPACKQuantizer`` (per-channel
+   symmetric int8 weights, static int8 activations) calibrated on styled-digit denoising
+   inputs — the slot's own LoRA matmuls stay fp32 so adapters stay swappable.
+3. Constants are tagged ``base`` or ``adapter`` and leave the program
+   (``delegate_external_constants_pass_unlifted`` for XNNPACK's weights,
+   ``ExecutorchBackendConfig(external_constants=...)`` for the rest), then
+   ``to_edge_transform_and_lower(..., [XnnpackPartitioner()])`` → ``.pte`` + two ``.ptd``.
+4. The slot is exported holding a seeded *probe* (distinct values), so every adapter
+   tensor can be found in ``adapter.ptd`` (XNNPACK keys its weights by content hash);
+   the keys go in the manifest and ``adapter.ptd`` is rewritten with the real adapter.
+5. Parity (max |eps| error vs the eager peft UNet with the same adapters and mix) and
+   latency (same process, interleaved) are measured and written to ``manifest.json``.
+
+Why the batch is fixed: with a dynamic batch every reshape that mentions it stays out of
+XNNPACK (symbolic reshapes are not delegated), which splits the graph and made the
+program slower than eager; ``to_edge`` also narrows a dynamic batch to [2, 15] through a
+convolution-backend guard. The runtime pads or splits to the exported batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from export_tools.graph import exportable
+from export_tools.manifest import Manifest, adapter_record, base_digest
+from export_tools.ptd import SLOT, adapter_ptd, locate_slot, pack_mix, rank_of
+from models.lora import DEFAULT_TARGETS, LoraSpec, add_adapter, set_adapter_state, set_mix
+from models.unet import denoise, unet_config_of
+
+log = logging.getLogger("fedaigc.export")
+
+QUANTIZATIONS = ("fp32", "int8")
+PROGRAM, BASE_DATA, ADAPTER_DATA = "model.pte", "base.ptd", "adapter.ptd"
+_TAG_BASE, _TAG_ADAPTER = "base", "adapter"
+
+
+class ExportError(RuntimeError):
+    """The export could not be made as asked; the message says what to change."""
+
+
+# ---------------------------------------------------------------- adapters on an eager UNet
+def adapter_modules(state: Mapping[str, torch.Tensor]) -> list[str]:
+    return sorted({k[: k.rindex(".lora_")] for k in state})
+
+
+def with_adapters(base: torch.nn.Module, adapters: Mapping[str, Mapping[str, torch.Tensor]],
+                  mix: Mapping[str, float]) -> torch.nn.Module:
+    """A copy of ``base`` carrying ``adapters`` by name, mixed with ``mix`` (the eager reference)."""
+    unet = copy.deepcopy(base).eval()
+    unet.requires_grad_(False)
+    for name, state in adapters.items():
+        add_adapter(unet, name, LoraSpec(rank=rank_of(state), target_modules=tuple(adapter_modules(state))))
+        set_adapter_state(unet, name, state)
+    set_mix(unet, dict(mix))
+    return unet
+
+
+def slot_unet(base: torch.nn.Module, adapters: Mapping[str, Mapping[str, torch.Tensor]], rank: int,
+              seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A copy of ``base`` with the adapter slot filled by a seeded probe: (unet, probe tensors by peft name)."""
+    extra = sorted({m for s in adapters.values() for m in adapter_modules(s)})
+    unet = copy.deepcopy(base).eval()
+    unet.requires_grad_(False)
+    add_adapter(unet, SLOT, LoraSpec(rank=rank, target_modules=tuple(DEFAULT_TARGETS) + tuple(extra)))
+    from models.lora import get_adapter_state
+
+    shapes = {k: v.shape for k, v in get_adapter_state(unet, SLOT).items()}
+    g = torch.Generator().manual_seed(seed)
+    probe = {k: (torch.rand(s, generator=g) + 0.5) * 0.02 * torch.sign(torch.randn(s, generator=g))
+             for k, s in shapes.items()}
+    set_adapter_state(unet, SLOT, probe)
+    set_mix(unet, {SLOT: 1.0})
+    return unet, probe
+
+
+def _slot_param(gm: torch.nn.Module, name: str) -> str:
+    """The parameter name of slot tensor ``name`` (peft naming) inside the exportable wrapper."""
+    return f"unet.{name[: -len('.weight')]}.{SLOT}.weight"
+
+
+class EagerDenoiser(torch.nn.Module):
+    """The eager call the sampler makes (``models.unet.denoise``), as a module: the parity reference."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, encoding: torch.Tensor) -> torch.Tensor:
+        return denoise(self.unet, x, t, encoding)
+
+
+# ---------------------------------------------------------------- lowering
+def example_inputs(batch: int, sample_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 1, sample_size, sample_size, generator=g), torch.full((batch,), 500.0),
+            torch.randn(batch, 384, generator=g) * 0.05)
+
+
+def _is_adapter_module(node: torch.fx.Node) -> bool:
+    return any(".lora_" in str(v[0]) for v in node.meta.get("nn_module_stack", {}).values())
+
+
+def quantize_int8(gm: torch.nn.Module, calibration) -> torch.nn.Module:
+    """pt2e static int8 for XNNPACK (per-channel weights), adapter matmuls left in fp32."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    quantizer.set_filter_function(lambda n: not _is_adapter_module(n))
+    prepared = prepare_pt2e(gm, quantizer)
+    with torch.no_grad():
+        for inputs in calibration:
+            prepared(*inputs)
+    return convert_pt2e(prepared)
+
+
+def lower(gm: torch.nn.Module, example) -> "object":
+    """Tag constants base/adapter, export, lower to XNNPACK; the ``ExecutorchProgramManager``."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
+
+    def tag_weight(node: torch.fx.Node) -> str:  # get_attr nodes of the unlifted graph (delegated weights)
+        return _TAG_ADAPTER if ".lora_" in str(node.target) else _TAG_BASE
+
+    def tag_constant(node: torch.fx.Node) -> str:  # placeholders of the lifted graph (the rest)
+        return _TAG_ADAPTER if "lora_" in node.name.lower() else _TAG_BASE
+
+    delegate_external_constants_pass_unlifted(gm, gen_tag_fn=tag_weight)
+    ep = torch.export.export(gm, example, strict=False)
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    return edge.to_executorch(ExecutorchBackendConfig(external_constants=tag_constant))
+
+
+# ---------------------------------------------------------------- measuring
+def time_interleaved(fns: Mapping[str, callable], inputs, reps: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved so load drifts hit all alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for rep in range(warmup + reps):
+            for k, fn in fns.items():
+                start = time.perf_counter()
+                fn(*inputs)
+                if rep >= warmup:
+                    times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def max_abs_err(fn, reference, batches) -> float:
+    with torch.no_grad():
+        return max(float((fn(*b) - reference(*b)).abs().max()) for b in batches)
+
+
+# ---------------------------------------------------------------- the export
+def export_executorch(
+    base: torch.nn.Module,
+    adapters: Mapping[str, Mapping[str, torch.Tensor]],
+    mix: Mapping[str, float],
+    out_dir: str | Path,
+    *,
+    quantize: str = "fp32",
+    batch: int = 16,
+    slot_rank: int = 8,
+    versions: Mapping[str, int] | None = None,
+    calibration=None,
+    measure: bool = True,
+    latency_reps: int = 10,
+) -> Manifest:
+    """Export ``base`` with ``mix`` of ``adapters`` in its adapter slot to ``out_dir``; returns the manifest.
+
+    ``base`` is a plain (adapter-free) UNet. ``calibration`` is a list of ``(x, t, encoding)``
+    batches (default: styled-digit denoising inputs); it also serves as the parity set.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
+    if getattr(base, "peft_config", None):
+        raise ExportError("export from the plain base UNet; adapters are passed separately")
+    needed = sum(rank_of(adapters[n]) for n in mix) if mix else 0
+    if needed > slot_rank:
+        raise ExportError(f"the mix needs rank {needed}, over slot_rank={slot_rank}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if calibration is None:
+        from export_tools.calibration import denoising_batches
+
+        calibration = denoising_batches(4, batch)
+
+    reference = EagerDenoiser(with_adapters(base, adapters, mix))
+    unet, probe = slot_unet(base, adapters, slot_rank)
+    module = exportable(unet)
+    slot_state = pack_mix_for(unet, adapters, mix, slot_rank, probe)
+    example = example_inputs(batch, base.config.sample_size)
+    started = time.perf_counter()
+    gm = torch.export.export(module, example, strict=False).module()
+    if quantize == "int8":
+        _load_slot(gm, slot_state)  # calibrate activations with the real adapter in place ...
+        gm = quantize_int8(gm, calibration)
+        _load_slot(gm, probe)  # ... and export with the probe, whose tensors can be found by content
+    program = lower(gm, example)
+    seconds = time.perf_counter() - started
+
+    (out / PROGRAM).write_bytes(program.buffer)
+    for stale in (BASE_DATA, ADAPTER_DATA):
+        (out / stale).unlink(missing_ok=True)
+    program.write_tensor_data_to_file(str(out))  # <tag>.ptd: base.ptd, adapter.ptd
+    if not (out / BASE_DATA).exists() or not (out / ADAPTER_DATA).exists():
+        raise ExportError(f"the exporter did not write {BASE_DATA} and {ADAPTER_DATA} to {out}")
+    slot = locate_slot(probe, (out / ADAPTER_DATA).read_bytes(), slot_rank)
+    (out / ADAPTER_DATA).write_bytes(adapter_ptd(slot, slot_state))
+
+    manifest = Manifest(
+        format="executorch", base_sha256=base_digest(base), unet_config=asdict(unet_config_of(base)),
+        quantization=quantize, adapter=adapter_record(adapters, mix, versions), slot=slot.to_json(),
+        inputs={"x": {"shape": list(example[0].shape), "dtype": "float32"},
+                "t": {"shape": list(example[1].shape), "dtype": "float32"},
+                "encoding": {"shape": list(example[2].shape), "dtype": "float32"}},
+        outputs={"eps": {"shape": list(example[0].shape), "dtype": "float32"}},
+        notes=[f"export + lowering took {seconds:.1f} s",
+               "base.ptd holds the base weights, adapter.ptd the adapter slot; swap adapter.ptd to change adapters",
+               "the Python runtime loads one data file: base.ptd and adapter.ptd are merged at load"],
+    )
+    manifest.record_files(out, [PROGRAM, BASE_DATA, ADAPTER_DATA])
+    manifest.save(out)
+    if measure:
+        manifest.parity, manifest.latency = measure_export(out, reference, calibration, latency_reps)
+        manifest.save(out)
+    return manifest
+
+
+def pack_mix_for(unet, adapters, mix, rank, probe) -> dict[str, torch.Tensor]:
+    from export_tools.ptd import AdapterSlot, SlotTensor
+
+    shapes_only = AdapterSlot(rank, tuple(SlotTensor(k, k, tuple(v.shape)) for k, v in probe.items()))
+    return pack_mix(shapes_only, adapters, mix)
+
+
+def _load_slot(gm: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    params = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    with torch.no_grad():
+        for name, value in state.items():
+            target = params.get(_slot_param(gm, name))
+            if target is None:
+                raise ExportError(f"slot tensor {name} not found in the exported graph module")
+            target.copy_(value)
+
+
+def measure_export(out_dir: Path, reference: torch.nn.Module, batches, reps: int = 10) -> tuple[dict, dict]:
+    """(parity, latency) of the program in ``out_dir`` against the eager ``reference``, same process."""
+    from edge_sdk.executorch_backend import ExecuTorchDenoiser
+
+    threads = torch.get_num_threads()
+    program = ExecuTorchDenoiser(out_dir, threads=threads)
+    try:
+        err = max_abs_err(program, reference, batches)
+        with torch.no_grad():
+            scale = max(float(reference(*b).abs().max()) for b in batches)
+        timing = time_interleaved({"eager": reference, "executorch": program}, batches[0], reps=reps)
+    finally:
+        program.close()
+    parity = {"max_abs_err": err, "reference_max_abs": scale, "batches": len(batches),
+              "rows": sum(b[0].shape[0] for b in batches),
+              "reference": "eager peft UNet with the same adapters and mix (models.unet.denoise)"}
+    latency = {"eager_ms": 1e3 * timing["eager"], "executorch_ms": 1e3 * timing["executorch"],
+               "ratio_vs_eager": timing["executorch"] / timing["eager"], "batch": batches[0][0].shape[0],
+               "threads": threads, "reps": reps, "note": "measured on the export machine's CPU, not the device"}
+    return parity, latency
