@@ -457,11 +457,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, fewer settings, two multipliers")
     parser.add_argument("--devices", type=int, default=24)
     parser.add_argument("--styles", type=int, default=6)
-    parser.add_argument("--dp-devices", type=int, default=6)
-    parser.add_argument("--dp-styles", type=int, default=3)
+    parser.add_argument("--dp-devices", type=int, default=4)
+    parser.add_argument("--dp-styles", type=int, default=2)
     parser.add_argument("--dp-rounds", type=int, default=3)
     parser.add_argument("--dp-steps", type=int, default=15)
-    parser.add_argument("--multipliers", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0])
+    parser.add_argument("--multipliers", type=float, nargs="+",
+                        default=[0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0])
     args = parser.parse_args()
     path = RESULTS / "privacy.json"
     result = json.loads(path.read_text()) if path.exists() else {}
