@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+def _export(args: argparse.Namespace) -> int:
+    from export_tools.cli import run_export
+
+    return run_export(args)
+
+
     p = sub.add_parser("demo", help="run a real federation on this machine and write demo-out/",
                        description="Start (or find) a broker, an aggregator and simulated devices; run the "
                                    "rounds; write grids, a hybrid grid, a convergence plot and a report.")
@@ -206,6 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+
+    from export_tools.cli import add_export_arguments
+
+    p = sub.add_parser("export", help="export the denoiser for devices: ExecuTorch .pte/.ptd or Core ML .mlpackage",
+                       description="Export the base UNet with an adapter (or a mix) for on-device inference; "
+                                   "writes the model files and a manifest with parity and latency.")
+    add_export_arguments(p)
+    p.set_defaults(func=_export)
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("amqtt", "transitions", "torchao", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -1,0 +1,123 @@
+"""``fedaigc export``: arguments and the command (``aggregator/cli.py`` only registers the subparser).
+
+    fedaigc export --format executorch --adapter-file cluster-0.safetensors --adapter cluster-0 --out out/
+    fedaigc export --format executorch --adapter-file a=a.safetensors --adapter-file b=b.safetensors \\
+        --mix a=0.5,b=0.5 --quantize int8 --out out/
+    fedaigc export --format coreml --adapter-file a.safetensors --adapter-file b.safetensors --out out/
+
+Adapter files are safetensors in peft naming (``<module>.lora_A.weight``), as the edge
+SDK's adapter store writes them (its ``version``/``sha256`` metadata is checked when
+present). ``NAME=PATH`` names an adapter; otherwise the file's stem is its name. With no
+adapter the base model alone is exported (its ExecuTorch slot is empty but swappable).
+This module imports nothing heavy, so ``fedaigc --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+FORMATS = ("executorch", "coreml")
+DEFAULT_QUANTIZE = {"executorch": "fp32", "coreml": "fp16"}
+QUANTIZE_CHOICES = {"executorch": ("fp32", "int8"), "coreml": ("fp16", "palettize", "int8")}
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=FORMATS, required=True)
+    choose = p.add_mutually_exclusive_group()
+    choose.add_argument("--adapter", metavar="NAME", help="export this adapter (weight 1)")
+    choose.add_argument("--mix", metavar="NAME=W,...", help="export a weighted mix of adapters (hybrid style)")
+    p.add_argument("--adapter-file", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a safetensors adapter; repeat for several (default: none, the base model alone)")
+    p.add_argument("--out", required=True, help="directory to write (model files + manifest.json)")
+    p.add_argument("--quantize", help="executorch: fp32 (default) or int8; coreml: fp16 (default), palettize, int8")
+    p.add_argument("--base-model", help="base UNet directory (default: the shipped one)")
+    p.add_argument("--batch", type=int, default=16, help="rows per call the program is built for (default: 16)")
+    p.add_argument("--slot-rank", type=int, default=8,
+                   help="executorch: rank of the swappable adapter slot (default: 8)")
+    p.add_argument("--no-measure", action="store_true", help="executorch: skip the parity/latency measurement")
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    mix = {}
+    for part in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, weight = part.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--mix entries are NAME=WEIGHT, got {part!r}")
+        try:
+            mix[name] = float(weight)
+        except ValueError:
+            raise ValueError(f"--mix weight for {name!r} is not a number: {weight!r}") from None
+    if not mix:
+        raise ValueError("--mix names no adapters")
+    return mix
+
+
+def load_adapter_file(spec: str) -> tuple[str, dict, int]:
+    """(name, tensors, version) from ``[NAME=]PATH``; refuses a file failing its checksum."""
+    from safetensors import safe_open
+
+    from edge_sdk.store import tensor_digest
+
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = Path(spec).stem, spec
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"adapter file {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if not tensors or not all(".lora_A." in k or ".lora_B." in k for k in tensors):
+        raise ValueError(f"{path} is not a LoRA adapter in peft naming (<module>.lora_A.weight, ...)")
+    if "sha256" in meta and meta["sha256"] != tensor_digest(tensors):
+        raise ValueError(f"{path} fails its sha256 checksum")
+    return name, tensors, int(meta.get("version", "0"))
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from models.unet import BASE_MODEL_DIR, load_base_unet
+
+    quantize = args.quantize or DEFAULT_QUANTIZE[args.format]
+    if quantize not in QUANTIZE_CHOICES[args.format]:
+        raise SystemExit(f"--quantize {quantize} is not available for {args.format}; "
+                         f"choose {', '.join(QUANTIZE_CHOICES[args.format])}")
+    adapters, versions = {}, {}
+    for spec in args.adapter_file:
+        name, tensors, version = load_adapter_file(spec)
+        if name in adapters:
+            raise SystemExit(f"two adapter files are named {name!r}; use NAME=PATH")
+        adapters[name], versions[name] = tensors, version
+    if args.mix:
+        mix = parse_mix(args.mix)
+    elif args.adapter:
+        mix = {args.adapter: 1.0}
+    else:
+        mix = None
+    for name in mix or {}:
+        if name not in adapters:
+            raise SystemExit(f"adapter {name!r} has no --adapter-file; given: {sorted(adapters) or 'none'}")
+    base = load_base_unet(args.base_model or BASE_MODEL_DIR)
+    if args.format == "executorch":
+        from export_tools.executorch import export_executorch
+
+        if mix is None:
+            mix = {next(iter(adapters)): 1.0} if len(adapters) == 1 else {}
+            if len(adapters) > 1:
+                raise SystemExit("several adapter files: choose one with --adapter or combine them with --mix")
+        manifest = export_executorch(base, adapters, mix, args.out, quantize=quantize, batch=args.batch,
+                                     slot_rank=args.slot_rank, versions=versions, measure=not args.no_measure)
+    else:
+        from export_tools.coreml import export_coreml
+
+        if mix is not None:
+            functions = {args.adapter or "mix": mix}
+        else:  # one function per adapter, or the base model alone
+            functions = {n: {n: 1.0} for n in adapters} or {"base": {}}
+        manifest = export_coreml(base, adapters, functions, args.out, weights=quantize, batch=args.batch,
+                                 versions=versions)
+    summary = {"out": str(args.out), "format": manifest.format, "quantization": manifest.quantization,
+               "files": manifest.files, "parity": manifest.parity, "latency": manifest.latency}
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
