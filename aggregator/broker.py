@@ -36,6 +36,13 @@ def broker_listening(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for a broker of one's own: tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 class EmbeddedBroker:
     """A broker child process on ``host:port``: ``kind`` is "mosquitto", "amqtt" or "auto"."""
 

@@ -28,14 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aggregator.enrolment import admit, verify_key_of
 from aggregator.interaction import interact
 from aggregator.state import open_store
 from edge_sdk import topics
 from edge_sdk.compression import decode_payload, make_codec
-from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType, parse_envelope
+from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
-from edge_sdk.identity import Identity, PublicIdentity, seal_to, verify_signature
-from edge_sdk.messages import AggregatorKeys, CloudMix, EdgeReport, Enrol, EnrolAck
+from edge_sdk.identity import Identity, PublicIdentity, seal_to
+from edge_sdk.messages import AggregatorKeys, CloudMix, EdgeReport, Enrol, EnrolAck, read_signed_keys
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import LoraSpec
 from models.text import EMBEDDING_DIM
@@ -102,9 +103,7 @@ class CloudLink:
     def _on_keys(self, topic: str, data: bytes) -> None:
         if not data:
             return
-        env = parse_envelope(data)
-        body = AggregatorKeys.decode(env.payload)
-        verify_signature(body.verify_key, env.signed_part(), env.signature)
+        body = read_signed_keys(data)
         keys = PublicIdentity(body.verify_key, body.box_key)
         if self.fingerprint is not None and keys.fingerprint != self.fingerprint:
             raise RefusedMessage(Refusal.BAD_SIGNATURE, f"cloud keys {keys.fingerprint} are not the pinned ones")
@@ -225,12 +224,7 @@ class CloudAggregator:
                 log.exception("cloud: unexpected error handling %s", topic)
 
     def _edge_key(self, sender: str) -> bytes:
-        rec = self.store.device(sender)
-        if rec is None:
-            raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"edge {sender} is not enrolled")
-        if rec.revoked or not self.store.token_valid(rec.token):
-            raise RefusedMessage(Refusal.REVOKED, f"edge {sender}'s enrolment was revoked")
-        return rec.verify_key
+        return verify_key_of(self.store, sender, "edge")
 
     def _count(self, rnd: int, edge: str, direction: str, n: int) -> None:
         per = self.traffic.setdefault(rnd, {}).setdefault(edge, {"up": 0, "down": 0})
@@ -246,14 +240,9 @@ class CloudAggregator:
         edge = topics.device_of(topic)
         if topic.startswith(f"{topics.ROOT}/cloud/enrol/"):
             env = self.verifier.parse(data, {MessageType.ENROL})
-            body = Enrol.decode(self.identity.open_sealed(env.payload))
-            self.verifier.authenticate(env, body.verify_key)
             if env.sender != edge:
                 raise RefusedMessage(Refusal.MALFORMED, f"sender {env.sender} published on {topic}")
-            if not self.store.token_valid(body.token):
-                raise RefusedMessage(Refusal.BAD_TOKEN, f"edge {edge} presented an unknown or revoked token")
-            if not self.store.enrol(edge, body.verify_key, body.box_key, body.profile, body.token):
-                raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"edge id {edge} is enrolled with other keys")
+            admit(self.store, self.identity, self.verifier, env, "edge")
             self._count(0, edge, "up", len(data))
             self._send(edge, MessageType.ENROL_ACK, EnrolAck(True, "").encode())
             log.info("enrolled edge aggregator %s", edge)

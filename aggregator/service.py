@@ -35,6 +35,7 @@ import torch
 from aggregator.clustering import ClusterState, cluster_tasks, refine_with_updates
 from aggregator.config import AggregatorConfig
 from aggregator.downlink import DownlinkMirror
+from aggregator.enrolment import admit, verify_key_of
 from aggregator.global_model import GlobalModel
 from aggregator.hierarchy import CloudLink
 from aggregator.interaction import interact
@@ -50,7 +51,6 @@ from edge_sdk.messages import (
     AggregatorKeys,
     ClusterAssign,
     DeviceStatus,
-    Enrol,
     EnrolAck,
     GenerateRequest,
     GenerateResult,
@@ -209,12 +209,7 @@ class AggregatorService:
 
     # ================================================================ identity of senders
     def _verify_key_of(self, sender: str) -> bytes:
-        rec = self.store.device(sender)
-        if rec is None:
-            raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"{sender} is not enrolled")
-        if rec.revoked or not self.store.token_valid(rec.token):
-            raise RefusedMessage(Refusal.REVOKED, f"{sender}'s enrolment was revoked")
-        return rec.verify_key
+        return verify_key_of(self.store, sender)
 
     def _check_topic(self, topic: str, sender: str) -> None:
         if topics.device_of(topic) != sender:
@@ -239,12 +234,7 @@ class AggregatorService:
     def _on_enrol(self, topic: str, data: bytes) -> None:
         env = self.verifier.parse(data, {MessageType.ENROL})
         self._check_topic(topic, env.sender)
-        body = Enrol.decode(self.identity.open_sealed(env.payload))
-        self.verifier.authenticate(env, body.verify_key)  # self-signed: proves key possession
-        if not self.store.token_valid(body.token):
-            raise RefusedMessage(Refusal.BAD_TOKEN, f"{env.sender} presented an unknown or revoked token")
-        if not self.store.enrol(env.sender, body.verify_key, body.box_key, body.profile, body.token):
-            raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"device id {env.sender} is enrolled with other keys")
+        body = admit(self.store, self.identity, self.verifier, env)
         self._count(0, env.sender, "up", len(data))
         self.send(env.sender, MessageType.ENROL_ACK, EnrolAck(True, "").encode())
         log.info("enrolled %s (%s)", env.sender, body.profile)

@@ -93,16 +93,31 @@ def main() -> None:
     parser.add_argument("--styles", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="modes to run; the others' runs are kept from the existing results if their "
+                             "settings match (so a new mode can be added without rerunning the rest)")
     args = parser.parse_args()
     seeds = [0] if args.quick else [0, 1]
     rounds = 3 if args.quick else args.rounds
+    todo = [m for m in args.modes.split(",") if m]
+    if unknown := set(todo) - set(MODES):
+        parser.error(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
+    settings = {"devices": args.devices, "styles": args.styles, "rounds": rounds, "local_steps": args.steps,
+                "seeds": seeds}
+    kept, seconds = [], 0.0
+    previous = RESULTS / "personalization.json"
+    if set(todo) != set(MODES) and previous.exists():
+        old = json.loads(previous.read_text())
+        if all(old.get(k) == v for k, v in settings.items()):
+            kept = [r for r in old["runs"] if r["mode"] not in todo]
+            seconds = old.get("seconds", 0.0)
     started = time.monotonic()
-    runs = [run_mode(mode, args.devices, args.styles, rounds, args.steps, seed, 32)
-            for seed in seeds for mode in MODES]
+    runs = kept + [run_mode(mode, args.devices, args.styles, rounds, args.steps, seed, 32)
+                   for seed in seeds for mode in todo]
+    modes = [m for m in MODES if any(r["mode"] == m for r in runs)]
     final = {m: {k: float(np.mean([r["curve"][-1][k] for r in runs if r["mode"] == m])) for k in runs[0]["curve"][-1]}
-             for m in MODES}
-    result = {"devices": args.devices, "styles": args.styles, "rounds": rounds, "local_steps": args.steps,
-              "seeds": seeds, "runs": runs, "final": final, "seconds": time.monotonic() - started}
+             for m in modes}
+    result = settings | {"runs": runs, "final": final, "seconds": seconds + time.monotonic() - started}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "personalization.json").write_text(json.dumps(result, indent=2) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))

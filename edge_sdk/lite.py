@@ -17,9 +17,17 @@ import torch
 
 from edge_sdk import topics
 from edge_sdk.compression import make_codec
-from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType, parse_envelope
-from edge_sdk.identity import Identity, PublicIdentity, seal_to, verify_signature
-from edge_sdk.messages import AggregatorKeys, Enrol, GenerateRequest, GenerateResult, RoundStart, UpdateAck, UpdateBody
+from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
+from edge_sdk.identity import Identity, PublicIdentity, seal_to
+from edge_sdk.messages import (
+    Enrol,
+    GenerateRequest,
+    GenerateResult,
+    RoundStart,
+    UpdateAck,
+    UpdateBody,
+    read_signed_keys,
+)
 from edge_sdk.tensors import pack_tensors, unpack_tensors
 from edge_sdk.transport import MqttConfig, MqttTransport
 
@@ -52,9 +60,7 @@ class LiteDevice:
     def _on_keys(self, topic, data):
         if not data:
             return
-        env = parse_envelope(data)
-        body = AggregatorKeys.decode(env.payload)
-        verify_signature(body.verify_key, env.signed_part(), env.signature)
+        body = read_signed_keys(data)
         self.aggregator = PublicIdentity(body.verify_key, body.box_key)
         self.aggregator_id = body.aggregator_id
         self.verifier = EnvelopeVerifier(lambda s: body.verify_key)

@@ -170,3 +170,18 @@ class CloudMix(Body):
     round: int
     codec: str
     adapters: bytes     # the edge's clusters after cross-edge interaction, named like EdgeReport's
+
+
+def read_signed_keys(data: bytes) -> AggregatorKeys:
+    """A retained key announcement, checked to be signed by the key it announces.
+
+    Self-signature proves the publisher holds the private key; whether to *trust* that key
+    (pinned fingerprint, or trust on first use) is the receiver's decision.
+    """
+    from edge_sdk.envelope import parse_envelope
+    from edge_sdk.identity import verify_signature
+
+    env = parse_envelope(data)
+    body = AggregatorKeys.decode(env.payload)
+    verify_signature(body.verify_key, env.signed_part(), env.signature)
+    return body

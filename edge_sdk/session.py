@@ -25,11 +25,10 @@ from edge_sdk import topics
 from edge_sdk.atomic import atomic_write_bytes
 from edge_sdk.client import SHARED, EdgeClient, LocalData
 from edge_sdk.compression import ErrorFeedback, decode_payload, make_codec
-from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType, parse_envelope
+from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
-from edge_sdk.identity import PublicIdentity, seal_to, verify_signature
+from edge_sdk.identity import PublicIdentity, seal_to
 from edge_sdk.messages import (
-    AggregatorKeys,
     ClusterAssign,
     DeviceStatus,
     Enrol,
@@ -38,6 +37,7 @@ from edge_sdk.messages import (
     GenerateResult,
     RoundStart,
     UpdateAck,
+    read_signed_keys,
 )
 from edge_sdk.tensors import pack_tensors, shapes_of, unpack_tensors
 from edge_sdk.transport import MqttConfig, MqttTransport
@@ -142,9 +142,7 @@ class FederatedSession:
     def _on_keys(self, topic: str, data: bytes) -> None:
         if not data:
             return
-        env = parse_envelope(data)
-        body = AggregatorKeys.decode(env.payload)
-        verify_signature(body.verify_key, env.signed_part(), env.signature)
+        body = read_signed_keys(data)
         keys = PublicIdentity(body.verify_key, body.box_key)
         known = self.client.aggregator
         if known is not None and known != keys:

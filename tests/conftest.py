@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 
 import pytest
 import torch
@@ -16,16 +15,10 @@ for noisy in ("amqtt", "transitions", "torchao", "httpx"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mqtt_url():
     """The machine's Mosquitto at 127.0.0.1:1883 when it runs, else an embedded broker on a free port."""
-    from aggregator.broker import EmbeddedBroker, broker_listening
+    from aggregator.broker import EmbeddedBroker, broker_listening, free_port
 
     if broker_listening("127.0.0.1", 1883):
         yield "mqtt://127.0.0.1:1883"

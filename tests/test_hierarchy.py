@@ -5,15 +5,13 @@ clusters, so each edge's next adapter carries what the other site learned, while
 cluster adapters cross the wide-area link.
 """
 
-import socket
-import time
 import uuid
 
 import numpy as np
 import pytest
 import torch
 
-from aggregator.broker import EmbeddedBroker
+from aggregator.broker import EmbeddedBroker, free_port
 from aggregator.config import AggregatorConfig
 from aggregator.hierarchy import CloudAggregator
 from aggregator.rules import ClientUpdate
@@ -25,20 +23,7 @@ from edge_sdk.lite import LiteDevice
 from edge_sdk.tensors import unpack_tensors
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import LoraSpec, delta_weight, lora_modules
-
-
-def wait_until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.polling import wait_until
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 import json
 import math
-import time
 import uuid
 
 import numpy as np
@@ -24,6 +23,7 @@ from edge_sdk.tensors import shapes_of, unpack_tensors
 from edge_sdk.transport import MqttConfig
 from models.data import make_personas
 from models.lora import get_adapter_state
+from tests.polling import wait_until
 
 AGGREGATOR = Identity.generate()
 PERSONA = make_personas(1, 1, seed=0)[0]
@@ -157,14 +157,6 @@ def test_privacy_settings_have_the_benchmarked_defaults(tmp_path):
 # ------------------------------------------------------------------ the aggregator
 
 
-def wait_until(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.05)
-
-
 def service(tmp_path, mqtt_url, **kwargs):
     cfg = AggregatorConfig(**({"aggregator_id": f"agg-{uuid.uuid4().hex[:6]}", "mqtt_url": mqtt_url,
                                "state_dir": tmp_path / "agg", "expected_devices": 2, "rounds": 2,
@@ -184,17 +176,17 @@ def test_the_aggregator_records_each_devices_epsilon_per_round(tmp_path, mqtt_ur
         dp, off = devices
         before = agg.refusals["malformed"]
         dp.send(topics.update(dp.id), dp.update_envelope(starts[0], delta, epsilon=float("nan"), dp_delta=1e-5))
-        wait_until(lambda: agg.refusals["malformed"] > before)
+        wait_until(lambda: agg.refusals["malformed"] > before, timeout=60)
         dp.send(topics.update(dp.id), dp.update_envelope(starts[0], delta, epsilon=1.5, dp_delta=1e-5))
         off.send(topics.update(off.id), off.update_envelope(starts[1], delta))
-        wait_until(lambda: agg.current_round() == 2)
+        wait_until(lambda: agg.current_round() == 2, timeout=60)
         for d in devices:
             d.wait_for(MessageType.ROUND_START, count=2)
         starts = [d.round_start(index=-1) for d in devices]
         assert [s.round for s in starts] == [2, 2]
         dp.send(topics.update(dp.id), dp.update_envelope(starts[0], delta, epsilon=math.inf, dp_delta=1e-5))
         off.send(topics.update(off.id), off.update_envelope(starts[1], delta, epsilon=2.25, dp_delta=1e-5))
-        wait_until(agg.done.is_set)
+        wait_until(agg.done.is_set, timeout=60)
         recorded = agg.store.get("privacy")
         assert recorded == {"1": {dp.id: {"epsilon": 1.5, "delta": 1e-5}, off.id: {"epsilon": -1.0, "delta": 0.0}},
                             "2": {dp.id: {"epsilon": None, "delta": 1e-5}, off.id: {"epsilon": 2.25, "delta": 1e-5}}}
@@ -234,7 +226,7 @@ def test_a_dp_device_reports_its_spent_epsilon_through_a_real_federation(tmp_pat
     try:
         session.start()
         assert session.finished.wait(120)
-        wait_until(agg.done.is_set)
+        wait_until(agg.done.is_set, timeout=60)
     finally:
         session.stop()
         agg.stop()

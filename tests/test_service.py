@@ -14,14 +14,7 @@ from edge_sdk import topics
 from edge_sdk.compression import make_codec
 from edge_sdk.envelope import MessageType, parse_envelope
 from edge_sdk.lite import LiteDevice
-
-
-def wait_until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.05)
+from tests.polling import wait_until
 
 
 def make_service(tmp_path, mqtt_url, **kwargs):

@@ -7,11 +7,10 @@ import time
 
 import pytest
 
-from aggregator.broker import EmbeddedBroker
+from aggregator.broker import EmbeddedBroker, free_port
 from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.identity import Identity
 from edge_sdk.transport import MqttConfig, MqttTransport
-from tests.conftest import free_port
 
 
 class Inbox:
