@@ -6,7 +6,8 @@ Trains one LoRA adapter per style on the pooled data of all personas of that sty
 upper bound a federation should approach) and scores base and adapters on the personas'
 held-out prompts. ``pretrain_seconds`` is the wall time recorded by ``fedaigc pretrain``
 for the shipped weights (``models/weights/base/pretrain.json``); ``--pretrain`` re-runs
-pretraining here and times it (~15-30 min on 2 cores). Writes
+pretraining here and times it (~15-30 min on 2 cores); without either, the first
+``--pretrain-steps`` steps of the same pretraining are timed and extrapolated (and said so). Writes
 benchmarks/results/central.json and central.png.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -24,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models.pretrain import central_report, pretrain_base  # noqa: E402
+from models.training import TrainConfig  # noqa: E402
 from models.unet import BASE_MODEL_DIR  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,15 +39,23 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=12)
     parser.add_argument("--styles", type=int, default=4)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--pretrain-steps", type=int, default=150,
+                        help="steps to time when extrapolating the pretraining time (default: 150)")
     args = parser.parse_args()
     started = time.monotonic()
+    record = BASE_MODEL_DIR / "pretrain.json"
+    full = TrainConfig(steps=3000, batch_size=64, lr=2e-3, seed=0)
     if args.pretrain:
-        pretrain_seconds = pretrain_base(progress=True).seconds
+        pretrain_seconds = pretrain_base(train=full, progress=True).seconds
         pretrain_source = "measured by this run"
-    else:
-        record = json.loads((BASE_MODEL_DIR / "pretrain.json").read_text())
-        pretrain_seconds = record["seconds"]
+    elif record.exists():
+        pretrain_seconds = json.loads(record.read_text())["seconds"]
         pretrain_source = "models/weights/base/pretrain.json (fedaigc pretrain)"
+    else:
+        timed = pretrain_base(train=replace(full, steps=args.pretrain_steps), progress=True).seconds
+        pretrain_seconds = timed * full.steps / args.pretrain_steps
+        pretrain_source = (f"extrapolated: the first {args.pretrain_steps} of {full.steps} steps took {timed:.1f} s "
+                           "(setup included, so this slightly overestimates)")
     report = central_report(args.clients, args.styles, seed=0, steps=100 if args.quick else args.steps,
                             samples=32 if args.quick else 64)
     per = report["per_style"]
