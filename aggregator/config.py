@@ -46,7 +46,8 @@ class AggregatorConfig:
     uplink_codecs: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "topk:0.1", "topk:0.1+int8",
                                       "topk:0.05+int8", "topk:0.1+int4", "topk:0.05+int4", "topk:0.2+int8")
     max_message_bytes: int = 64 * 1024 * 1024
-    metrics_port: int | None = None
+    metrics_port: int | None = None        # serve Prometheus /metrics here (None: off)
+    metrics_addr: str = "127.0.0.1"        # bind address for /metrics ("0.0.0.0" to expose it)
     # two tiers: an "edge" reports its clusters to the cloud aggregator at cloud_url each round
     cloud_url: str | None = None
     cloud_token: str = "fedaigc-demo-token"

@@ -39,6 +39,7 @@ from aggregator.enrolment import admit, verify_key_of
 from aggregator.global_model import GlobalModel
 from aggregator.hierarchy import CloudLink
 from aggregator.interaction import interact
+from aggregator.metrics import serve_metrics
 from aggregator.rules import ClientUpdate, make_rule
 from aggregator.serve import GenerationService, Request
 from aggregator.state import StateStore, StateUnavailable, UpdateRecord, open_store
@@ -103,6 +104,7 @@ class AggregatorService:
         self._leader = False
         self._synced: tuple | None = None  # (current_round, done) a non-leading worker last loaded
         self.cloud: CloudLink | None = None
+        self.metrics_server = None
         self._awaiting_cloud: tuple[int, dict, dict, float] | None = None  # round, adapters, versions, since
         for token in config.tokens:
             self.store.add_token(token, "config")
@@ -131,6 +133,8 @@ class AggregatorService:
             self.transport.subscribe(t, self._enqueue)
         self.transport.subscribe(topics.STATUS_ALL, self._enqueue)
         self.publish_keys()
+        if c.metrics_port is not None:
+            self.metrics_server = serve_metrics(self, c.metrics_port, c.metrics_addr)
         if c.role == "edge":
             self.cloud = CloudLink(c.aggregator_id, self.identity, c.cloud_url, c.cloud_token, c.cloud_fingerprint,
                                    c.cloud_codec, self.shapes, self._on_cloud_mix, self.refusals).start()
@@ -149,6 +153,8 @@ class AggregatorService:
         self._persist_metrics()
         if self.cloud is not None:
             self.cloud.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         if self.transport is not None:
             self.transport.close()
 

@@ -1,0 +1,47 @@
+"""Prometheus metrics for operators: ``metrics_port = 9108`` in aggregator.toml, then scrape /metrics.
+
+Values are read from the running service at scrape time (a custom collector), so there is
+no second set of counters to keep in step with the state the daemon already holds.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class ServiceCollector:
+    def __init__(self, service) -> None:
+        self.service = service
+
+    def collect(self):
+        s = self.service
+        yield GaugeMetricFamily("fedaigc_round", "Current federated round", value=s.current_round())
+        yield GaugeMetricFamily("fedaigc_finished", "1 once the federation finished", value=float(s.done.is_set()))
+        yield GaugeMetricFamily("fedaigc_devices_clustered", "Devices with a cluster",
+                                value=len(s.clusters.assignment))
+        yield GaugeMetricFamily("fedaigc_devices_online", "Devices whose last will says online",
+                                value=sum(1 for v in s.online.values() if v))
+        clusters = GaugeMetricFamily("fedaigc_cluster_devices", "Devices per cluster", labels=["cluster"])
+        for cid in sorted(set(s.clusters.assignment.values())):
+            clusters.add_metric([str(cid)], len(s.members(cid)))
+        yield clusters
+        refusals = CounterMetricFamily("fedaigc_refusals", "Refused messages by reason", labels=["reason"])
+        for reason, n in sorted(s.refusals.counts().items()):
+            refusals.add_metric([reason], n)
+        yield refusals
+        wire = CounterMetricFamily("fedaigc_payload_bytes", "MQTT payload bytes (envelopes and chunk headers)",
+                                   labels=["direction"])
+        with s._traffic_lock:
+            per_device = [v for per in s.traffic.values() for v in per.values()]
+        for direction in ("up", "down"):
+            wire.add_metric([direction], sum(v.get(direction, 0) for v in per_device))
+        yield wire
+
+
+def serve_metrics(service, port: int, addr: str = "127.0.0.1"):
+    """Start /metrics on ``addr:port`` in a daemon thread; returns the HTTP server (``shutdown()`` stops it)."""
+    registry = CollectorRegistry()
+    registry.register(ServiceCollector(service))
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return server

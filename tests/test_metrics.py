@@ -1,0 +1,38 @@
+"""Operators scrape the daemon: /metrics speaks the Prometheus text format with live values."""
+
+import urllib.request
+import uuid
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from aggregator.broker import free_port
+from aggregator.config import AggregatorConfig
+from aggregator.service import AggregatorService
+from edge_sdk import topics
+from edge_sdk.lite import LiteDevice
+from tests.polling import wait_until
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_show_refusals_and_bytes_as_they_happen(tmp_path, mqtt_url):
+    port = free_port()
+    service = AggregatorService(AggregatorConfig(aggregator_id=f"agg-{uuid.uuid4().hex[:6]}", mqtt_url=mqtt_url,
+                                                 state_dir=tmp_path, expected_devices=5, metrics_port=port)).start()
+    device = LiteDevice(mqtt_url).start()
+    try:
+        before = scrape(port)
+        assert before[("fedaigc_round", ())] == 0
+        device.send(topics.enrol(device.id), b"\x00not an envelope")
+        device.enrol()
+        wait_until(lambda: scrape(port).get(("fedaigc_refusals_total", (("reason", "malformed"),)), 0) >= 1)
+        after = scrape(port)
+        assert after[("fedaigc_payload_bytes_total", (("direction", "up"),))] > 0
+        assert after[("fedaigc_payload_bytes_total", (("direction", "down"),))] > 0  # the enrolment ack
+    finally:
+        device.stop()
+        service.stop()
