@@ -62,14 +62,6 @@ def cluster_shapes(clusters: list[int], shapes: Mapping[str, tuple[int, ...]]) -
     return {f"{cid}/{k}": s for cid in clusters for k, s in shapes.items()}
 
 
-def load_identity(path: Path) -> Identity:
-    if path.exists():
-        return Identity.load(path)
-    identity = Identity.generate()
-    identity.save(path)
-    return identity
-
-
 class CloudLink:
     """An edge aggregator's connection to the cloud: enrol, report rounds, receive mixes.
 
@@ -168,7 +160,7 @@ class CloudAggregator:
         self.config = config
         Path(config.state_dir).mkdir(parents=True, exist_ok=True)
         self.store = open_store(config.store_url)
-        self.identity = load_identity(Path(config.state_dir) / "cloud.key")
+        self.identity = Identity.load_or_generate(Path(config.state_dir) / "cloud.key")
         self.spec = LoraSpec(rank=config.lora_rank)
         self.refusals = RefusalCounter()
         self.verifier = EnvelopeVerifier(self._edge_key, max_bytes=config.max_message_bytes)

@@ -75,7 +75,7 @@ class AggregatorService:
         self.config = config
         Path(config.state_dir).mkdir(parents=True, exist_ok=True)
         self.store = store or open_store(config.store_url)
-        self.identity = self._load_identity(Path(config.state_dir) / "aggregator.key")
+        self.identity = Identity.load_or_generate(Path(config.state_dir) / "aggregator.key")
         self.refusals = RefusalCounter()
         self.spec = LoraSpec(rank=config.lora_rank)
         self.rule = make_rule(config.rule, config.clip)
@@ -110,14 +110,6 @@ class AggregatorService:
             self.store.add_token(token, "config")
 
     # ================================================================ lifecycle
-    @staticmethod
-    def _load_identity(path: Path) -> Identity:
-        if path.exists():
-            return Identity.load(path)
-        identity = Identity.generate()
-        identity.save(path)
-        return identity
-
     def start(self) -> "AggregatorService":
         c = self.config
         self.transport = MqttTransport(MqttConfig(

@@ -76,6 +76,15 @@ class Identity:
         raw = msgpack.unpackb(Path(path).read_bytes())
         return cls(SigningKey(raw["sign"]), PrivateKey(raw["box"]))
 
+    @classmethod
+    def load_or_generate(cls, path: str | Path) -> "Identity":
+        """A long-lived service's identity: the saved one, or a new one saved (0600) on first start."""
+        if Path(path).exists():
+            return cls.load(path)
+        identity = cls.generate()
+        identity.save(path)
+        return identity
+
 
 def seal_to(peer_box_key: bytes, plaintext: bytes) -> bytes:
     """Anonymous encryption only the holder of the peer's private key can open."""
