@@ -114,6 +114,7 @@ class EdgeClient:
             add_adapter(self.unet, PERSONAL, LoraSpec(rank=config.personal_rank), seed=config.seed + 1)
             # B starts at zero, so a fresh personal adapter changes nothing until trained
         self.shared_version = 0
+        self._executorch = None  # the exported program (inference_backend="executorch"), loaded on first use
         self.load()
 
     # ---------------------------------------------------------------- identity
@@ -296,7 +297,20 @@ class EdgeClient:
             mix = self.default_mix()
         set_mix(self.unet, mix)
         encodings = torch.from_numpy(self.encode([prompt] * n))
-        return sample_images(self.unet, encodings, steps=steps, seed=seed, guidance_scale=guidance_scale)
+        denoiser = self._exported_denoiser(mix) if self.config.inference_backend == "executorch" else None
+        return sample_images(self.unet, encodings, steps=steps, seed=seed, guidance_scale=guidance_scale,
+                             denoiser=denoiser)
+
+    def _exported_denoiser(self, mix: Mapping[str, float]):
+        """The exported program with ``mix`` of this device's adapters as its adapter data (no re-export)."""
+        from edge_sdk.executorch_backend import ExecuTorchDenoiser
+
+        if self._executorch is None:
+            self._executorch = ExecuTorchDenoiser.for_device(self.config)
+        peft = self.unet.peft_config
+        self._executorch.set_mix({name: get_adapter_state(self.unet, name) for name in mix}, mix,
+                                 {name: peft[name].lora_alpha / peft[name].r for name in mix})
+        return self._executorch
 
     # ---------------------------------------------------------------- persistence
     def save(self) -> None:

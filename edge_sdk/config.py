@@ -19,6 +19,7 @@ from models.unet import BASE_MODEL_DIR
 
 QUANTIZATION_MODES = ("int8", "none")
 PERSONALIZATION_MODES = ("residual", "dual", "none")
+INFERENCE_BACKENDS = ("eager", "executorch")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class DeviceConfig:
     enrolment_token: str = ""
     aggregator_fingerprint: str | None = None  # pin the aggregator's keys; None = trust on first use
     base_model: Path = BASE_MODEL_DIR
+    inference_backend: str = "eager"  # "executorch": sample through export_dir's program (executorch_backend.py)
+    export_dir: Path | None = None  # a `fedaigc export --format executorch` directory built from base_model
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -108,6 +111,12 @@ class DeviceConfig:
             object.__setattr__(self, "update_dp", DPConfig.from_dict(self.update_dp))
         if self.update_dp is not None and not isinstance(self.update_dp, DPConfig):
             raise ValueError(f"update_dp must be a DPConfig or None, got {type(self.update_dp).__name__}")
+        if self.inference_backend not in INFERENCE_BACKENDS:
+            raise ValueError(f"inference_backend must be one of {INFERENCE_BACKENDS}, got {self.inference_backend!r}")
+        if self.inference_backend == "executorch" and self.export_dir is None:
+            raise ValueError("inference_backend='executorch' needs export_dir (`fedaigc export --format executorch`)")
+        if self.export_dir is not None:
+            object.__setattr__(self, "export_dir", Path(self.export_dir))
 
     def effective(self, name: str):
         """The override if the app set one, else the profile's value."""

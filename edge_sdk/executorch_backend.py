@@ -65,6 +65,15 @@ class ExecuTorchDenoiser:
         self.method = None
         self.load_adapter_data(self.manifest.verify_file(self.export_dir, ADAPTER_DATA).read_bytes())
 
+    @classmethod
+    def for_device(cls, config) -> "ExecuTorchDenoiser":
+        """The program in ``config.export_dir``, refused unless it was exported from ``config.base_model``."""
+        from export_tools.manifest import base_digest
+        from models.unet import load_base_unet
+
+        return cls(config.export_dir, base_sha256=base_digest(load_base_unet(config.base_model)),
+                   threads=config.effective("threads"))
+
     # ---------------------------------------------------------------- adapters
     def load_adapter_data(self, blob: bytes) -> None:
         """Run the program with another ``adapter.ptd`` (bytes); refused unless its keys fit the slot."""
@@ -118,6 +127,29 @@ class ExecuTorchDenoiser:
     def close(self) -> None:
         self.method = self._program = None
         self._tmp.cleanup()
+
+
+def swap_adapter(export_dir: str | Path, adapters: Mapping[str, Mapping[str, torch.Tensor]],
+                 weights: Mapping[str, float], scales: Mapping[str, float] | None = None,
+                 versions: Mapping[str, int] | None = None) -> Manifest:
+    """Install a new adapter (or mix) into an export directory: a new ``adapter.ptd``, same program.
+
+    The data file is written atomically and the manifest's adapter record and file hash
+    follow it; the export-time parity no longer describes this adapter, so it is dropped.
+    """
+    from edge_sdk.atomic import atomic_write_bytes
+    from export_tools.manifest import adapter_record
+
+    export_dir = Path(export_dir)
+    manifest = Manifest.load(export_dir)
+    slot = AdapterSlot.from_json(manifest.slot)
+    blob = adapter_ptd(slot, pack_mix(slot, adapters, weights, scales))
+    atomic_write_bytes(export_dir / ADAPTER_DATA, blob)
+    manifest.adapter = adapter_record(adapters, weights, versions)
+    manifest.record_files(export_dir, [ADAPTER_DATA])
+    manifest.parity = {"note": "adapter swapped after export; parity was measured for the exported adapter"}
+    manifest.save(export_dir)
+    return manifest
 
 
 def _numel(shape) -> int:

@@ -224,7 +224,8 @@ def locate_slot(probe: Mapping[str, torch.Tensor], blob: bytes, rank: int, fqn_p
                                 f"adapter data (fused or re-laid-out by the backend); it cannot be swapped")
     extra = sorted(set(payload.named_data) - used)
     if extra:
-        raise DataFileError(f"the exported adapter data holds {len(extra)} entries no adapter tensor explains: {extra[:3]}")
+        raise DataFileError(f"the exported adapter data holds {len(extra)} entries no adapter tensor explains: "
+                            f"{extra[:3]}")
     return AdapterSlot(rank, tuple(found[n] for n in sorted(found)))
 
 
