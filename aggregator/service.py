@@ -73,9 +73,12 @@ CLOUD_MIX_TOPIC = "internal/cloud-mix"  # how the cloud link hands a mix to the 
 class AggregatorService:
     def __init__(self, config: AggregatorConfig, store: StateStore | None = None) -> None:
         self.config = config
-        Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+            self.identity = Identity.load_or_generate(Path(config.state_dir) / "aggregator.key")
+        except OSError as e:
+            raise StateUnavailable(f"state directory {config.state_dir} is not usable: {e}") from e
         self.store = store or open_store(config.store_url)
-        self.identity = Identity.load_or_generate(Path(config.state_dir) / "aggregator.key")
         self.refusals = RefusalCounter()
         self.spec = LoraSpec(rank=config.lora_rank)
         self.rule = make_rule(config.rule, config.clip)
@@ -421,8 +424,16 @@ class AggregatorService:
         if start is not None:  # the device started from its (possibly lossy) copy: rebase onto ours
             current, _ = self.cluster_adapter(cid)
             delta = {k: start[k] + delta[k] - current[k] for k in delta}
-        new = self.store.accept_update(UpdateRecord(env.round, cid, device, pack_tensors(delta), body.samples,
-                                                    body.loss_after, body.base_version))
+        try:
+            new = self.store.accept_update(UpdateRecord(env.round, cid, device, pack_tensors(delta), body.samples,
+                                                        body.loss_after, body.base_version))
+        except StateUnavailable:
+            self.verifier.replays.forget(device, env.nonce)  # not kept: the device's re-send must not be a "replay"
+            raise
+        except ValueError:  # another worker closed the round since we looked
+            self._refuse_update(device, env.round, RefusedMessage(
+                Refusal.STALE_ROUND, f"{device}: round {env.round} of cluster {cid} closed meanwhile"))
+            return
         self._record_privacy(env.round, device, body)
         if self.ifca:
             self.clusters.assignment[device] = cid
@@ -550,6 +561,7 @@ class AggregatorService:
         first to ask after the leader died takes over (see ``tick``)."""
         if not self._leader and self.store.try_lead(self.config.aggregator_id):
             self._leader = True
+            log.info("worker %s leads aggregator %s", self.config.worker_id, self.config.aggregator_id)
         return self._leader
 
     def _sync(self) -> None:
@@ -568,7 +580,6 @@ class AggregatorService:
                 self._persist_metrics()
             return
         if not led:  # took over from a leader that died: its open round goes on from the store
-            log.info("worker %s now leads aggregator %s", self.config.worker_id, self.config.aggregator_id)
             self._recover()
             self.resume_open_rounds()
         if self._awaiting_cloud is not None and time.monotonic() - self._awaiting_cloud[3] > self.config.cloud_timeout_s:

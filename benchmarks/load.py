@@ -73,6 +73,8 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
             self.verifier = EnvelopeVerifier(lambda sender: keys.verify_key)
             self.acked_at: float | None = None
             self.ack_ok = False
+            self.answer: bytes | None = None
+            self.resent = 0
 
         def _on_keys(self, topic, data):  # the shared broker's retained keys may be someone else's
             pass
@@ -83,6 +85,10 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
             if env.type == MessageType.UPDATE_ACK and self.acked_at is None:
                 self.acked_at = time.time()
                 self.ack_ok = UpdateAck.decode(body).accepted
+            elif env.type == MessageType.ROUND_START and self.answer is not None and self.acked_at is None:
+                # re-invited at the deadline: our update never arrived (like edge_sdk.session, re-send it)
+                self.transport.publish(topics.update(self.id), self.answer)
+                self.resent += 1
 
     def wait_all(devices, mtype, timeout):
         deadline = time.monotonic() + timeout
@@ -124,6 +130,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
         assert conn.recv() == "go"
         published_at, infos = [], []
         for d, env in zip(devices, envelopes):
+            d.answer = env
             published_at.append(time.time())
             infos.append(d.transport.publish(topics.update(d.id), env))
         pubacked = [d.transport.wait_published(i, timeout=120) for d, i in zip(devices, infos)]
@@ -131,7 +138,8 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
         deadline = time.monotonic() + float(conn.recv())  # how long to wait for acks
         while time.monotonic() < deadline and any(d.acked_at is None for d in devices):
             time.sleep(0.05)
-        conn.send(("acks", [(d.id, published_at[i], pubacked[i], d.acked_at, d.ack_ok) for i, d in enumerate(devices)]))
+        conn.send(("acks", [(d.id, published_at[i], pubacked[i], d.acked_at, d.ack_ok, d.resent)
+                            for i, d in enumerate(devices)]))
         conn.recv()  # "stop"
     except Exception as e:  # report, do not hang the parent
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -153,13 +161,14 @@ def _shapes_from_start(start) -> dict[str, tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------------------------------- aggregator
-def _start_aggregator(tmp: Path, mqtt_url: str, n: int, aggregator_id: str) -> subprocess.Popen:
+def _start_aggregator(tmp: Path, mqtt_url: str, n: int, aggregator_id: str, round_timeout_s: float) -> subprocess.Popen:
     config = tmp / "aggregator.toml"
     config.write_text(
         "[aggregator]\n"
         f'aggregator_id = "{aggregator_id}"\nmqtt_url = "{mqtt_url}"\nstate_dir = "{tmp / "state"}"\n'
         f"expected_devices = {n}\nenrol_window_s = 3600\nclustering = \"single\"\nrounds = 1\n"
-        "round_timeout_s = 3600\nquorum = 1.0\nrefine_after_round = 0\ninteraction = false\n"
+        f"round_timeout_s = {round_timeout_s}\nmax_extensions = 10\nquorum = 1.0\nrefine_after_round = 0\n"
+        "interaction = false\n"
     )
     log = open(tmp / "aggregator.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "aggregator.cli", "aggregator", "--config", str(config)],
@@ -200,14 +209,14 @@ class _Sampler(threading.Thread):
             time.sleep(0.2)
 
 
-def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float) -> dict:
+def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round_timeout_s: float) -> dict:
     from edge_sdk.identity import Identity
 
     run = uuid.uuid4().hex[:6]
     aggregator_id = f"load-{run}"
     with tempfile.TemporaryDirectory(prefix="fedaigc-load-") as tmp_name:
         tmp = Path(tmp_name)
-        proc = _start_aggregator(tmp, mqtt_url, n, aggregator_id)
+        proc = _start_aggregator(tmp, mqtt_url, n, aggregator_id, round_timeout_s)
         db = tmp / "state" / "state.db"
         keys = Identity.load(tmp / "state" / "aggregator.key").public
         ids = [f"ld{run}-{i:05d}" for i in range(n)]
@@ -291,7 +300,7 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float) -> di
             refusals = c.execute("SELECT value FROM kv WHERE key = 'refusals'").fetchone()
             summary = c.execute("SELECT summary FROM rounds WHERE round = 1").fetchone()
         accepted_at = dict(rows)
-        published = {d: (t, ok) for d, t, ok, _, _ in acks}
+        published = {d: (t, ok) for d, t, ok, *_ in acks}
         latencies = [accepted_at[d] - published[d][0] for d in accepted_at if d in published]
         pubacked = [d for d, (_, ok) in published.items() if ok]
         lost = [d for d in pubacked if d not in accepted_at]
@@ -306,7 +315,8 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float) -> di
             "in_aggregate": len(summary.get("accepted", [])),
             "published": len(pubacked),
             "lost": len(lost),
-            "acks_received": sum(1 for *_, t, ok in acks if t is not None and ok),
+            "acks_received": sum(1 for *_, t, ok, _ in acks if t is not None and ok),
+            "resent_after_reinvite": sum(1 for *_, resent in acks if resent),
             "updates_per_s": len(accepted_at) / max(1e-9, last_accept - first),
             "p50_ms": float(np.percentile(latencies, 50) * 1000) if latencies else None,
             "p95_ms": float(np.percentile(latencies, 95) * 1000) if latencies else None,
@@ -347,7 +357,9 @@ def main() -> None:
     parser.add_argument("--sizes", default=None, help="comma-separated device counts (default 100,500,2000)")
     parser.add_argument("--codec", default="int8", help="uplink codec of the updates")
     parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per N")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per N")
+    parser.add_argument("--round-timeout", type=float, default=20.0,
+                        help="round deadline: updates the broker dropped are re-sent when devices are re-invited")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "load.json"))
     args = parser.parse_args()
@@ -359,7 +371,7 @@ def main() -> None:
     results: dict = json.loads(out.read_text()) if out.exists() and args.sizes else {}
     try:
         for n in sizes:
-            r = run_size(n, args.mqtt_url, args.codec, args.seed, args.timeout)
+            r = run_size(n, args.mqtt_url, args.codec, args.seed, args.timeout, args.round_timeout)
             results[str(n)] = r
             print(json.dumps({str(n): {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}}),
                   flush=True)

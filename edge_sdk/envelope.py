@@ -173,6 +173,11 @@ class ReplayGuard:
                 raise RefusedMessage(Refusal.REPLAYED, f"nonce {nonce.hex()[:12]} from {sender} was already seen")
             self._seen[key] = max(timestamp_ms, now_ms)
 
+    def forget(self, sender: str, nonce: bytes) -> None:
+        """The receiver could not keep the message (e.g. its store is unwritable): let a re-send in."""
+        with self._lock:
+            self._seen.pop((sender, nonce), None)
+
 
 KeyLookup = Callable[[str], bytes]
 """Returns the sender's Ed25519 verify key, or raises RefusedMessage(UNKNOWN_SENDER / REVOKED)."""

@@ -45,9 +45,9 @@ class LiteDevice:
         self.cond = threading.Condition()
 
     def start(self, timeout: float = 10) -> "LiteDevice":
-        self.transport.connect()
-        self.transport.subscribe(topics.AGGREGATOR_KEYS, self._on_keys)
+        self.transport.subscribe(topics.AGGREGATOR_KEYS, self._on_keys)  # before connecting: see session.start
         self.transport.subscribe(topics.down(self.id), self._on_down)
+        self.transport.connect()
         deadline = time.monotonic() + timeout
         while self.aggregator is None and time.monotonic() < deadline:
             time.sleep(0.05)

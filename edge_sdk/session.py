@@ -88,9 +88,11 @@ class FederatedSession:
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 15.0) -> "FederatedSession":
         self._worker.start()
-        self.transport.connect(timeout)
+        # handlers before the connection: what the broker kept for our session while we were away
+        # (a round start, an ack) arrives right after CONNACK and would find no handler otherwise
         self.transport.subscribe(topics.down(self.client.device_id), self._on_down)
         self.transport.subscribe(topics.AGGREGATOR_KEYS, self._on_keys)
+        self.transport.connect(timeout)
         self.transport.publish(topics.status(self.client.device_id), b"online", retain=True)
         return self
 

@@ -102,12 +102,15 @@ class FaultDevice(LiteDevice):
         return any(a.accepted for a in self.acks_for(rnd))
 
     def reconnect(self) -> None:
-        """Drop the connection and come back with a new one (same id and keys)."""
+        """Drop the connection and come back with a new one (same id and keys, so the same MQTT session).
+
+        Handlers go in before the connection: what the broker kept for the session arrives right
+        after CONNACK, and a transport with no handler yet would drop it."""
         self.transport.close()
         self.transport = MqttTransport(MqttConfig(url=self.mqtt_url, client_id=f"fedaigc-{self.id}"))
-        self.transport.connect()
         self.transport.subscribe(topics.AGGREGATOR_KEYS, self._on_keys)
         self.transport.subscribe(topics.down(self.id), self._on_down)
+        self.transport.connect()
 
     def rewrite(self) -> None:
         """A new envelope writer (fresh sequence), as after a device restart."""
