@@ -3,12 +3,22 @@
 Tolerances (stated, measured on the shipped 16/32 UNet in benchmarks/export.py):
 fp32 program vs eager peft UNet: max |eps| error < 1e-4 (measured ~6e-6);
 int8 program: RMS eps error < 0.1 and max < 1.0 (measured on the shipped UNet: RMS ~0.03, max ~0.4).
+
+Lowering a UNet to XNNPACK costs ~30-50 s of CPU per program whatever its width, so the
+three exports (fp32, int8, Core ML through the CLI) are cached in
+``$FEDAIGC_CACHE_DIR/exports`` under a hash of the exporter's and the model's sources,
+this file and the toolchain versions: the first run builds them (~2-3 min on 2 cores),
+later runs only load and check them (~15 s). ``FEDAIGC_EXPORT_CACHE=0`` always rebuilds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +34,31 @@ from models.unet import UNetConfig, build_unet, generate
 FP32_TOL = 1e-4
 INT8_RMS, INT8_MAX = 0.1, 1.0
 BATCH, SLOT_RANK = 4, 4
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ["export_tools/*.py", "edge_sdk/executorch_backend.py", "models/unet.py", "models/lora.py",
+           "tests/test_export.py"]
+
+
+def cached_export(kind: str, tmp_path_factory, build) -> Path:
+    """A copy of the export ``build(out_dir)`` makes, from the content-hash cache when the sources are unchanged."""
+    from models.evaluate import cache_dir
+
+    h = hashlib.sha256(kind.encode())
+    for name in ("torch", "executorch", "coremltools", "diffusers", "peft"):
+        h.update(version(name).encode())
+    for pattern in SOURCES:
+        for path in sorted(ROOT.glob(pattern)):
+            h.update(path.name.encode() + path.read_bytes())
+    cached = cache_dir() / "exports" / f"{kind}-{h.hexdigest()[:16]}"
+    if os.environ.get("FEDAIGC_EXPORT_CACHE") == "0" or not (cached / "done").exists():
+        shutil.rmtree(cached, ignore_errors=True)
+        build(cached)
+        (cached / "done").write_text("ok\n")
+    out = tmp_path_factory.mktemp(kind) / "export"
+    shutil.copytree(cached, out)
+    return out
 
 
 def random_adapter(base, rank: int, seed: int) -> dict[str, torch.Tensor]:
@@ -56,10 +91,38 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp32(tiny, tmp_path_factory):
     base, _, adapters = tiny
-    out = tmp_path_factory.mktemp("et-fp32")
-    manifest = export_executorch(base, adapters, {"a": 1.0}, out, batch=BATCH, slot_rank=SLOT_RANK,
-                                 versions={"a": 7}, calibration=batches(2), latency_reps=3)
-    return out, manifest
+    out = cached_export("et-fp32", tmp_path_factory, lambda d: export_executorch(
+        base, adapters, {"a": 1.0}, d, batch=BATCH, slot_rank=SLOT_RANK, versions={"a": 7},
+        calibration=batches(2), latency_reps=3))
+    return out, Manifest.load(out)
+
+
+@pytest.fixture(scope="module")
+def int8(tiny, tmp_path_factory):
+    base, _, adapters = tiny
+    out = cached_export("et-int8", tmp_path_factory, lambda d: export_executorch(
+        base, adapters, {"a": 1.0}, d, quantize="int8", batch=BATCH, slot_rank=SLOT_RANK,
+        calibration=batches(4, seed=11), latency_reps=2))
+    return out, Manifest.load(out)
+
+
+@pytest.fixture(scope="module")
+def coreml(tiny, tmp_path_factory):
+    """A multifunction Core ML package made by ``fedaigc export --format coreml`` with two adapter files."""
+    from aggregator.cli import main
+
+    _, path, adapters = tiny
+    files_dir = tmp_path_factory.mktemp("adapter-files")
+    files = []
+    for name, state in adapters.items():
+        save_file(state, files_dir / f"{name}.safetensors", metadata={"version": "2"})
+        files += ["--adapter-file", str(files_dir / f"{name}.safetensors")]
+
+    def build(out):
+        assert main(["export", "--format", "coreml", *files, "--base-model", str(path), "--out", str(out),
+                     "--batch", str(BATCH)]) == 0
+
+    return cached_export("coreml", tmp_path_factory, build)
 
 
 def eager(base, adapters, mix):
@@ -151,13 +214,12 @@ def test_corrupt_or_mismatched_files_are_refused(tiny, fp32, tmp_path):
         ExecuTorchDenoiser(out)
 
 
-def test_int8_program_is_within_the_stated_bound_and_swappable(tiny, tmp_path):
+def test_int8_program_is_within_the_stated_bound_and_swappable(tiny, int8):
     base, _, adapters = tiny
-    calibration = batches(4, seed=11)
-    manifest = export_executorch(base, adapters, {"a": 1.0}, tmp_path, quantize="int8", batch=BATCH,
-                                 slot_rank=SLOT_RANK, calibration=calibration, latency_reps=2)
+    out, manifest = int8
     assert manifest.quantization == "int8"
-    program = ExecuTorchDenoiser(tmp_path)
+    assert manifest.parity["rms_err"] < INT8_RMS and manifest.parity["max_abs_err"] < INT8_MAX
+    program = ExecuTorchDenoiser(out)
     worst, rms = errors(program, eager(base, adapters, {"a": 1.0}), batches(2, seed=12))
     assert rms < INT8_RMS and worst < INT8_MAX
     program.set_mix(adapters, {"b": 1.0})
@@ -165,18 +227,10 @@ def test_int8_program_is_within_the_stated_bound_and_swappable(tiny, tmp_path):
     assert rms < INT8_RMS and worst < INT8_MAX
 
 
-def test_coreml_export_from_the_cli_is_a_valid_multifunction_package(tiny, tmp_path):
-    from aggregator.cli import main
+def test_coreml_export_from_the_cli_is_a_valid_multifunction_package(coreml):
     from export_tools.coreml import validate_package
 
-    base, path, adapters = tiny
-    files = []
-    for name, state in adapters.items():
-        save_file(state, tmp_path / f"{name}.safetensors", metadata={"version": "2"})
-        files += ["--adapter-file", str(tmp_path / f"{name}.safetensors")]
-    out = tmp_path / "coreml"
-    assert main(["export", "--format", "coreml", *files, "--base-model", str(path), "--out", str(out),
-                 "--batch", str(BATCH)]) == 0
+    out = coreml
     manifest = Manifest.load(out)
     assert manifest.format == "coreml" and manifest.functions == ["a", "b"]
     report = validate_package(out / "model.mlpackage", manifest)
