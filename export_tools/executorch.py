@@ -7,9 +7,9 @@
    of ``export_tools.graph``.
 2. ``torch.export`` at a fixed batch; for int8, pt2e ``XNNPACKQuantizer`` (per-channel
    symmetric int8 weights, static int8 activations) calibrated on styled-digit denoising
-   inputs on convolutions and linears only (int8 norms, softmax and adds wrecked the
-   samples: 20-step sample error 0.83 vs 0.06) — the slot's own LoRA matmuls stay fp32
-   so adapters stay swappable.
+   inputs on convolutions and linears except the first and last convolution (int8 norms,
+   softmax and adds wrecked the samples: 20-step sample error 0.83 vs 0.07) — the slot's
+   own LoRA matmuls stay fp32 so adapters stay swappable.
 3. Constants are tagged ``base`` or ``adapter`` and leave the program
    (``delegate_external_constants_pass_unlifted`` for XNNPACK's weights,
    ``ExecutorchBackendConfig(external_constants=...)`` for the rest), then
@@ -117,17 +117,35 @@ def _is_adapter_module(node: torch.fx.Node) -> bool:
     return any(".lora_" in str(v[0]) for v in node.meta.get("nn_module_stack", {}).values())
 
 
+# Kept in fp32 under int8: the first and last convolution (20-step sample error 0.29 -> 0.07 when
+# they stay fp32), every norm, softmax and add (all-op static int8 gave sample errors of 0.83),
+# and the adapter slot (so it stays swappable data).
+FP32_MODULES = ("conv_in", "conv_out")
+_QUANTIZED_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+
+
+def _quantize_node(node: torch.fx.Node) -> bool:
+    if node.op == "get_attr":  # weights and biases: the quantizer checks them too
+        name = str(node.target)
+        return ".lora_" not in name and not any(f"unet.{m}." in name for m in FP32_MODULES)
+    if node.target not in _QUANTIZED_OPS or _is_adapter_module(node):
+        return False
+    modules = [str(v[0]) for v in node.meta.get("nn_module_stack", {}).values()]
+    return not any(m.endswith(f".{fp}") or f".{fp}." in m for m in modules for fp in FP32_MODULES)
+
+
 def quantize_int8(gm: torch.nn.Module, calibration) -> torch.nn.Module:
-    """pt2e static int8 for XNNPACK on Conv2d/Linear (per-channel weights); adapter matmuls stay fp32."""
+    """pt2e static int8 for XNNPACK on convolutions and linears (per-channel weights), see FP32_MODULES."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    config = get_symmetric_quantization_config(is_per_channel=True)
-    quantizer = XNNPACKQuantizer().set_module_type(torch.nn.Conv2d, config).set_module_type(torch.nn.Linear, config)
-    quantizer.set_filter_function(lambda n: not _is_adapter_module(n))
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    # set_module_type() cannot select convolutions here: the conv annotator also filters the
+    # weight's get_attr node, which carries no module stack, so a node filter does it
+    quantizer.set_filter_function(_quantize_node)
     prepared = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
         for inputs in calibration:
