@@ -183,6 +183,12 @@ class StateStore:
     def task_count(self) -> int:
         return int(self.query("SELECT COUNT(*) FROM tasks")[0][0])
 
+    def unassigned_tasks(self) -> dict[str, bytes]:
+        """Task vectors of enrolled, unrevoked devices that no cluster holds yet (late joiners)."""
+        return {d: v for d, v in self.query(
+            "SELECT t.device_id, t.vector FROM tasks t JOIN devices d ON d.device_id = t.device_id "
+            "LEFT JOIN assignments a ON a.device_id = t.device_id WHERE a.device_id IS NULL AND d.revoked = 0")}
+
     def revoked_devices(self) -> set[str]:
         return {d for (d,) in self.query("SELECT device_id FROM devices WHERE revoked = 1")}
 

@@ -15,9 +15,16 @@ every update committed and the aggregate written), ``accepted`` (rows in the sta
 ``p95_ms`` (publish -> commit of the update row, same machine clock), aggregator
 ``rss_mb`` (peak) and CPU, refusals. Writes benchmarks/results/load.json and load.png.
 
+Devices behave like ``edge_sdk.session``: a device re-invited at the round deadline
+(``--round-timeout``, counted from the round's opening) re-sends its stored update; the count
+is ``resent_after_reinvite``. That is how an update the broker dropped still arrives (Mosquitto
+drops QoS-1 messages beyond ``max_queued_messages``, 1000 by default, queued for a subscriber
+that falls behind); ``lost`` counts updates never accepted at all.
+
 The broker is shared with whatever else runs on it: devices pin the keys of the aggregator
-started here (read from its key file) rather than trusting the retained keys topic, and
-refusals may include other people's traffic.
+started here (read from its key file) rather than trusting the retained keys topic, refusals
+may include other people's traffic, the load average is recorded, and the persistent MQTT
+sessions of the run are discarded at the end (so the broker keeps no queue for them).
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
             self.ack_ok = False
             self.answer: bytes | None = None
             self.resent = 0
+            self.started_at: float | None = None
 
         def _on_keys(self, topic, data):  # the shared broker's retained keys may be someone else's
             pass
@@ -85,6 +93,8 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
             if env.type == MessageType.UPDATE_ACK and self.acked_at is None:
                 self.acked_at = time.time()
                 self.ack_ok = UpdateAck.decode(body).accepted
+            elif env.type == MessageType.ROUND_START and self.started_at is None:
+                self.started_at = time.time()
             elif env.type == MessageType.ROUND_START and self.answer is not None and self.acked_at is None:
                 # re-invited at the deadline: our update never arrived (like edge_sdk.session, re-send it)
                 self.transport.publish(topics.update(self.id), self.answer)
@@ -126,7 +136,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
             g = torch.Generator().manual_seed(seed * 100_003 + i)
             delta = {k: torch.randn(s, generator=g) * 0.01 for k, s in shapes.items()}
             envelopes.append(d.update_envelope(start, delta, codec=codec))
-        conn.send(("ready", [len(e) for e in envelopes]))
+        conn.send(("ready", ([len(e) for e in envelopes], max(d.started_at or 0.0 for d in devices))))
         assert conn.recv() == "go"
         published_at, infos = [], []
         for d, env in zip(devices, envelopes):
@@ -147,8 +157,26 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
         for d in devices:
             try:
                 d.stop()
+                _discard_session(mqtt_url, f"fedaigc-{d.id}")
             except Exception:
                 pass
+
+
+def _discard_session(mqtt_url: str, client_id: str) -> None:
+    """Make the shared broker forget a persistent session: clean start, no session expiry, leave."""
+    import paho.mqtt.client as mqtt
+    from urllib.parse import urlparse
+
+    parsed = urlparse(mqtt_url)
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5)
+    connected = threading.Event()
+    client.on_connect = lambda *args: connected.set()
+    client.connect(parsed.hostname or "127.0.0.1", parsed.port or 1883, clean_start=True)
+    client.loop_start()
+    connected.wait(5)
+    client.disconnect()
+    client.loop_stop()
 
 
 def _shapes_from_start(start) -> dict[str, tuple[int, ...]]:
@@ -258,11 +286,14 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
                 result["connect_s"] = time.monotonic() - started
                 collect("enrolled", bar)
                 result["enrol_s"] = time.monotonic() - started - result["connect_s"]
-                sizes = sum(collect("ready", bar), [])
+                ready = collect("ready", bar)
+                sizes = sum((r[0] for r in ready), [])
+                last_start = max(r[1] for r in ready)
             result["setup_s"] = time.monotonic() - started
             result["update_envelope_bytes"] = int(np.mean(sizes))
             sampler = _Sampler(proc.pid)
             sampler.start()
+            load_before = os.getloadavg()[0]
             t0 = time.time()
             for _, conn in workers:
                 conn.send("go")
@@ -279,6 +310,7 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
                         break
                     time.sleep(0.25)
             sampler.stop.set()
+            load_after = os.getloadavg()[0]
             collect("published", limit=time.monotonic() - started + 120)
             for _, conn in workers:
                 conn.send(str(30.0 if closed_at else 5.0))
@@ -292,13 +324,15 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
             except subprocess.TimeoutExpired:
                 proc.kill()
             for w, _ in workers:
-                w.join(30)
+                w.join(60)
                 if w.is_alive():
                     w.kill()
+            _discard_session(mqtt_url, f"fedaigc-{aggregator_id}")  # its queue must not outlive the run
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
             rows = c.execute("SELECT device_id, accepted_at FROM updates WHERE round = 1").fetchall()
             refusals = c.execute("SELECT value FROM kv WHERE key = 'refusals'").fetchone()
             summary = c.execute("SELECT summary FROM rounds WHERE round = 1").fetchone()
+            opened_at = c.execute("SELECT opened_at FROM rounds WHERE round = 1").fetchone()[0]
         accepted_at = dict(rows)
         published = {d: (t, ok) for d, t, ok, *_ in acks}
         latencies = [accepted_at[d] - published[d][0] for d in accepted_at if d in published]
@@ -325,6 +359,8 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
             "aggregator_cpu_percent": 100 * (sampler.cpu_end - sampler.cpu_start) / max(1e-9, time.time() - t0),
             "refusals": json.loads(refusals[0]) if refusals else {},
             "bytes_uploaded": int(np.sum(sizes)),
+            "round_start_fanout_s": last_start - opened_at,  # round opened -> last device has its round start
+            "load_average": [round(load_before, 1), round(load_after, 1)],  # the machine is shared
         })
         return result
 
@@ -358,7 +394,7 @@ def main() -> None:
     parser.add_argument("--codec", default="int8", help="uplink codec of the updates")
     parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per N")
-    parser.add_argument("--round-timeout", type=float, default=20.0,
+    parser.add_argument("--round-timeout", type=float, default=60.0,
                         help="round deadline: updates the broker dropped are re-sent when devices are re-invited")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "load.json"))

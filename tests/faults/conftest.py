@@ -6,9 +6,9 @@ import shutil
 import uuid
 
 import pytest
+from faultkit import free_port
 
 from aggregator.broker import EmbeddedBroker
-from faultkit import free_port
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from faultkit import DaemonProcess, FaultDevice, adapter_of, delta_for, sqlite_rows, wait_until, write_config
 
 from aggregator.rules import ClientUpdate, make_rule
 from edge_sdk.tensors import unpack_tensors
-from faultkit import DaemonProcess, FaultDevice, adapter_of, delta_for, sqlite_rows, wait_until, write_config
 from models.lora import LoraSpec
 
 N = 8

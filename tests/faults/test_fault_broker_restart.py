@@ -9,10 +9,10 @@ the broker restarts on the same port, and every client reconnects with backoff
 
 import numpy as np
 import pytest
+from faultkit import FaultDevice, delta_for, wait_until
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
-from faultkit import FaultDevice, delta_for, wait_until
 
 N = 6
 

@@ -16,10 +16,10 @@ import threading
 import time
 
 import numpy as np
+from faultkit import FaultDevice, delta_for, wait_until
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
-from faultkit import FaultDevice, delta_for, wait_until
 
 N, DROPPED, SLOW = 20, 6, 4
 TIMEOUT_S, FAST_S = 3.0, 1.0

@@ -13,7 +13,8 @@ broker queued for it) carries on.
 Invariant: each device's update is in the aggregate exactly once (rows are unique per
 (round, cluster, device); closing locks the round row against late accepts), every
 acknowledged update is in it, and the committed adapter is the rule applied to exactly the
-updates sent.
+updates sent. A device that joins later is put in a cluster by the leader whichever worker
+received its task vector.
 """
 
 import json
@@ -23,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from faultkit import DaemonProcess, FaultDevice, adapter_of, delta_for, wait_until, write_config
+from faultkit import DaemonProcess, FaultDevice, adapter_of, delta_for, discard_session, wait_until, write_config
 
 from aggregator.broker import broker_listening
 from aggregator.rules import ClientUpdate, make_rule
@@ -112,8 +113,16 @@ def test_a_killed_worker_is_replaced_without_losing_or_double_counting(tmp_path,
             initial, [ClientUpdate.from_delta(i, initial, deltas[i], 10) for i in deltas], LoraSpec(rank=2)).adapter
         assert version == 1
         assert max(float((committed[k] - expected[k]).abs().max()) for k in expected) < 1e-6
+
+        # a device joining late lands on either worker; the leader puts it in a cluster and invites it
+        late = FaultDevice("mqtt://127.0.0.1:1883", keys=keys.public, aggregator_id=aggregator_id).start()
+        devices.append(late)
+        late.join(np.random.default_rng(7).normal(size=384))
+        assert late.start_of(2, timeout=30).round == 2
     finally:
         for d in devices:
             d.stop()
         for p in workers.values():
             p.stop()
+        for client_id in [f"fedaigc-{aggregator_id}-{w}" for w in configs] + [f"fedaigc-{d.id}" for d in devices]:
+            discard_session("mqtt://127.0.0.1:1883", client_id)  # the shared broker keeps no queue for them
