@@ -185,6 +185,13 @@ def lower(gm: torch.nn.Module, example) -> "object":
 
     delegate_external_constants_pass_unlifted(gm, gen_tag_fn=tag_weight)
     ep = torch.export.export(gm, example, strict=False)
+    # export keeps the tag on most lifted weights but drops it on pt2e's folded int8 weights
+    # (their scales follow the weight's tag), which left them inside the .pte: tag placeholders too
+    targets = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs if spec.target is not None}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in targets:
+            tag = _TAG_ADAPTER if ".lora_" in targets[node.name] else _TAG_BASE
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = tag
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     return edge.to_executorch(ExecutorchBackendConfig(external_constants=tag_constant))
 

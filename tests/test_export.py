@@ -2,7 +2,8 @@
 
 Tolerances (stated, measured on the shipped 16/32 UNet in benchmarks/export.py):
 fp32 program vs eager peft UNet: max |eps| error < 1e-4 (measured ~6e-6);
-int8 program: RMS eps error < 0.1 and max < 1.0 (measured on the shipped UNet: RMS ~0.03, max ~0.4).
+int8 program: RMS eps error < 0.1 and max < 1.5 (measured on the shipped UNet: RMS 0.037, max 0.87;
+|eps| reaches ~5).
 
 Lowering a UNet to XNNPACK costs ~30-50 s of CPU per program whatever its width, so the
 three exports (fp32, int8, Core ML through the CLI) are cached in
@@ -32,7 +33,7 @@ from models.lora import LoraSpec, add_adapter, get_adapter_state
 from models.unet import UNetConfig, build_unet, generate
 
 FP32_TOL = 1e-4
-INT8_RMS, INT8_MAX = 0.1, 1.0
+INT8_RMS, INT8_MAX = 0.1, 1.5
 BATCH, SLOT_RANK = 4, 4
 
 
