@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edge_sdk.atomic import atomic_write_bytes
-from edge_sdk.compression import ErrorFeedback, Float32Codec
+from edge_sdk.compression import ErrorFeedback, make_codec
 from edge_sdk.config import DeviceConfig
 from edge_sdk.identity import Identity, PublicIdentity, seal_to
 from edge_sdk.memory import MemoryBudgetExceeded, estimate_training_bytes
@@ -269,7 +269,7 @@ class EdgeClient:
         aggregator = self._require_aggregator()
         if self.config.update_dp is not None and update.epsilon < 0:
             raise ValueError("DP is on but this update was not privatized by train_round(); refusing to send it")
-        encoder = encoder or ErrorFeedback(Float32Codec())
+        encoder = encoder or ErrorFeedback(make_codec("fp32"))
         body = UpdateBody(cluster, encoder.codec.name, encoder.encode(update.delta), update.samples, update.steps,
                           update.loss_before, update.loss_after, update.base_version, update.epsilon, update.dp_delta)
         return self.identity.encrypt_to(aggregator.box_key, body.encode())

@@ -1,17 +1,25 @@
 """Update codecs: how adapter tensors shrink before they cross the broker.
 
-A codec turns ``{name: float tensor}`` into bytes and back. The bytes are always a
-safetensors buffer (names, shapes and dtypes stay lossless and self-describing), so a
-receiver can validate them like any other tensor payload before trusting a value:
+A codec turns ``{name: float tensor}`` into bytes and back. Both sides already know the
+adapter's layout (names and shapes: the receiver passes it to ``decode``), so the bytes
+carry the values and an 8-byte digest of the layout instead of a header per tensor; a
+payload for any other layout is refused, so names and shapes stay exact without being
+spelled out. Tensors are laid end to end in sorted-name order. The container is a
+msgpack map whose fields are checked for type and size before any value is trusted.
 
 * ``fp32``  - raw, the baseline.
 * ``fp16``  - half precision; relative error <= 2^-11 per value.
-* ``int8`` / ``int4`` - stochastic rounding to 255 / 15 levels with one scale per row
-  (first dimension); unbiased, error per value <= row max / 127 (int8) or / 7 (int4).
-  int4 packs two values per byte.
-* ``topk:F`` - keeps the fraction F of largest-magnitude entries of each tensor (index
-  + value). Lossy and biased on its own; pair it with ``ErrorFeedback``.
+* ``int8`` / ``int4`` - stochastic rounding to 255 / 15 levels with one fp16 scale per
+  row of 64 consecutive values of a tensor (a tensor's last row may be shorter); unbiased,
+  error per value <= row max / 127 (int8) or / 7 (int4). int4 packs two values per byte.
+* ``topk:F`` - keeps the fraction F of largest-magnitude entries of the whole adapter
+  (uint16/uint32 indices + fp16 values). Lossy and biased on its own; pair it with
+  ``ErrorFeedback``.
 * ``topk:F+int8`` / ``topk:F+int4`` - top-k whose kept values are then quantized.
+
+For a rank-2 adapter of 13,812 values: fp32 55.3 kB, fp16 27.7 kB, int8 14.3 kB, int4
+7.4 kB, topk:0.1+int8 4.3 kB, topk:0.05+int4 1.8 kB (``benchmarks/comm.py`` measures
+what that buys at equal quality).
 
 ``ErrorFeedback`` keeps, on the device, what the codec dropped and adds it to the next
 update (Seide et al., 2014; Stich et al., "Sparsified SGD with Memory", 2018), so the
@@ -20,178 +28,26 @@ running sum of decoded updates tracks the running sum of true updates.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
+import msgpack
+import numpy as np
 import torch
 
 from edge_sdk.errors import Refusal, RefusedMessage
-from edge_sdk.tensors import Shapes, pack_tensors, unpack_tensors
+from edge_sdk.tensors import Shapes
 
 Tensors = dict[str, torch.Tensor]
+ROW = 64  # values per quantization scale
+MAX_VALUES = 64 * 1024 * 1024
 
 
-class Codec(ABC):
-    name: str
-
-    @abstractmethod
-    def encode(self, tensors: Mapping[str, torch.Tensor]) -> bytes: ...
-
-    @abstractmethod
-    def decode(self, data: bytes, expected: Shapes) -> Tensors:
-        """Decode and validate against ``expected`` names/shapes; refuses with RefusedMessage."""
-
-    def roundtrip(self, tensors: Mapping[str, torch.Tensor]) -> Tensors:
-        return self.decode(self.encode(tensors), {k: tuple(v.shape) for k, v in tensors.items()})
-
-
-class Float32Codec(Codec):
-    name = "fp32"
-
-    def encode(self, tensors):
-        return pack_tensors({k: v.float() for k, v in tensors.items()})
-
-    def decode(self, data, expected):
-        out = unpack_tensors(data, expected)
-        for k, v in out.items():
-            if v.dtype != torch.float32:
-                raise RefusedMessage(Refusal.BAD_TENSORS, f"{k} is {v.dtype}, fp32 codec expects float32")
-        return out
-
-
-class Float16Codec(Codec):
-    name = "fp16"
-
-    def encode(self, tensors):
-        return pack_tensors({k: v.to(torch.float16) for k, v in tensors.items()})
-
-    def decode(self, data, expected):
-        out = unpack_tensors(data, expected)
-        for k, v in out.items():
-            if v.dtype != torch.float16:
-                raise RefusedMessage(Refusal.BAD_TENSORS, f"{k} is {v.dtype}, fp16 codec expects float16")
-        return {k: v.float() for k, v in out.items()}
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1) if t.ndim >= 2 else t.reshape(1, -1)
-
-
-class QuantCodec(Codec):
-    """Stochastic ``bits``-bit quantization with a per-row fp16 scale (bits in {8, 4})."""
-
-    def __init__(self, bits: int, seed: int | None = None) -> None:
-        if bits not in (8, 4):
-            raise ValueError(f"bits must be 8 or 4, got {bits}")
-        self.bits = bits
-        self.levels = 127 if bits == 8 else 7
-        self.name = f"int{bits}"
-        self.generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
-
-    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = _rows(x.float())
-        scale = (rows.abs().amax(dim=1) / self.levels).to(torch.float16).float()
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        y = rows / safe[:, None]
-        low = y.floor()
-        q = low + (torch.rand(y.shape, generator=self.generator) < (y - low)).float()
-        q = q.clamp(-self.levels, self.levels).to(torch.int8)
-        return q, scale.to(torch.float16)
-
-    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        return (q.float() * scale.float()[:, None]).reshape(shape)
-
-    def pack(self, q: torch.Tensor) -> torch.Tensor:
-        if self.bits == 8:
-            return q
-        flat = (q.flatten().to(torch.int16) + 8).to(torch.uint8)  # 1..15
-        if flat.numel() % 2:
-            flat = torch.cat([flat, torch.full((1,), 8, dtype=torch.uint8)])
-        return flat[0::2] | (flat[1::2] << 4)
-
-    def unpack(self, packed: torch.Tensor, numel: int, rows: int, name: str) -> torch.Tensor:
-        if self.bits == 8:
-            if packed.dtype != torch.int8 or packed.numel() != numel:
-                raise RefusedMessage(Refusal.BAD_TENSORS, f"{name}: int8 payload has the wrong size or dtype")
-            return packed.reshape(rows, -1)
-        if packed.dtype != torch.uint8 or packed.numel() != (numel + 1) // 2:
-            raise RefusedMessage(Refusal.BAD_TENSORS, f"{name}: int4 payload has the wrong size or dtype")
-        lo, hi = (packed & 0x0F), (packed >> 4)
-        flat = torch.stack([lo, hi], dim=1).flatten()[:numel].to(torch.int16) - 8
-        if bool((flat.abs() > self.levels).any()):
-            raise RefusedMessage(Refusal.MALFORMED, f"{name}: int4 value out of range")
-        return flat.to(torch.int8).reshape(rows, -1)
-
-    def encode(self, tensors):
-        out = {}
-        for k, v in tensors.items():
-            q, scale = self.quantize(v)
-            out[f"{k}::q"] = self.pack(q)
-            out[f"{k}::scale"] = scale
-        return pack_tensors(out)
-
-    def decode(self, data, expected):
-        raw = unpack_tensors(data, None, allow_int=True)
-        _check_names(raw, expected, ("q", "scale"))
-        out = {}
-        for k, shape in expected.items():
-            numel = _numel(shape)
-            rows = shape[0] if len(shape) >= 2 else 1
-            scale = raw[f"{k}::scale"]
-            if scale.dtype != torch.float16 or tuple(scale.shape) != (rows,):
-                raise RefusedMessage(Refusal.BAD_TENSORS, f"{k}: scale must be float16 of shape ({rows},)")
-            q = self.unpack(raw[f"{k}::q"], numel, rows, k)
-            out[k] = self.dequantize(q, scale, tuple(shape))
-        return out
-
-
-class TopKCodec(Codec):
-    """Largest-magnitude ``fraction`` of each tensor, values stored by ``values`` (a codec)."""
-
-    def __init__(self, fraction: float, values: Codec | None = None) -> None:
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"top-k fraction must be in (0, 1], got {fraction}")
-        self.fraction = fraction
-        self.values = values or Float16Codec()
-        self.name = f"topk:{fraction:g}" + ("" if values is None else f"+{self.values.name}")
-
-    def select(self, t: torch.Tensor) -> torch.Tensor:
-        flat = t.flatten()
-        k = max(1, int(round(self.fraction * flat.numel())))
-        return flat.abs().topk(k, sorted=False).indices.sort().values
-
-    def encode(self, tensors):
-        picked, index = {}, {}
-        for k, v in tensors.items():
-            idx = self.select(v)
-            index[f"{k}::idx"] = idx.to(torch.int32)
-            index[f"{k}::shape"] = torch.tensor(tuple(v.shape), dtype=torch.int64)
-            picked[k] = v.flatten()[idx].reshape(1, -1)
-        inner = self.values.encode(picked)
-        return pack_tensors(index | {"::values": torch.frombuffer(bytearray(inner), dtype=torch.uint8)})
-
-    def decode(self, data, expected):
-        raw = unpack_tensors(data, None, allow_int=True)
-        names = set(raw) - {"::values"}
-        if "::values" not in raw or names != {f"{k}::{p}" for k in expected for p in ("idx", "shape")}:
-            raise RefusedMessage(Refusal.BAD_TENSORS, "top-k payload names do not match the adapter")
-        value_shapes = {}
-        for k, shape in expected.items():
-            if raw[f"{k}::shape"].tolist() != list(shape):
-                raise RefusedMessage(Refusal.BAD_TENSORS, f"{k} has shape {raw[f'{k}::shape'].tolist()}, expected {list(shape)}")
-            idx = raw[f"{k}::idx"]
-            if idx.dtype != torch.int32 or idx.ndim != 1:
-                raise RefusedMessage(Refusal.BAD_TENSORS, f"{k}: indices must be a 1-d int32 tensor")
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= _numel(shape)):
-                raise RefusedMessage(Refusal.MALFORMED, f"{k}: index out of range")
-            value_shapes[k] = (1, idx.numel())
-        values = self.values.decode(bytes(raw["::values"].numpy().tobytes()), value_shapes)
-        out = {}
-        for k, shape in expected.items():
-            dense = torch.zeros(_numel(shape))
-            dense[raw[f"{k}::idx"].long()] = values[k].flatten()
-            out[k] = dense.reshape(shape)
-        return out
+def layout_digest(shapes: Shapes) -> bytes:
+    """8 bytes naming an adapter layout: sorted tensor names with their shapes."""
+    canonical = msgpack.packb([[k, [int(d) for d in shapes[k]]] for k in sorted(shapes)])
+    return hashlib.sha256(canonical).digest()[:8]
 
 
 def _numel(shape) -> int:
@@ -201,21 +57,185 @@ def _numel(shape) -> int:
     return n
 
 
-def _check_names(raw: Mapping[str, torch.Tensor], expected: Shapes, parts: tuple[str, ...]) -> None:
-    want = {f"{k}::{p}" for k in expected for p in parts}
-    if set(raw) != want:
-        missing = sorted(want - set(raw))[:3]
-        unexpected = sorted(set(raw) - want)[:3]
-        raise RefusedMessage(Refusal.BAD_TENSORS, f"payload names differ: missing {missing}, unexpected {unexpected}")
+def flatten(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([tensors[k].detach().float().flatten() for k in sorted(tensors)]) if tensors else torch.zeros(0)
+
+
+def unflatten(flat: torch.Tensor, shapes: Shapes) -> Tensors:
+    out, at = {}, 0
+    for k in sorted(shapes):
+        n = _numel(shapes[k])
+        out[k] = flat[at:at + n].reshape(tuple(shapes[k])).clone()
+        at += n
+    return out
+
+
+def _segments(shapes: Shapes) -> list[int]:
+    """Lengths of the quantization rows: each tensor cut into rows of ROW values."""
+    rows = []
+    for k in sorted(shapes):
+        n = _numel(shapes[k])
+        rows += [ROW] * (n // ROW) + ([n % ROW] if n % ROW else [])
+    return rows
+
+
+class Codec(ABC):
+    name: str
+
+    @abstractmethod
+    def encode_flat(self, flat: torch.Tensor, rows: list[int]) -> dict: ...
+
+    @abstractmethod
+    def decode_flat(self, fields: dict, n: int, rows: list[int]) -> torch.Tensor:
+        """Values from checked fields; refuses with RefusedMessage."""
+
+    def encode(self, tensors: Mapping[str, torch.Tensor]) -> bytes:
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        fields = self.encode_flat(flatten(tensors), _segments(shapes))
+        return msgpack.packb({"codec": self.name, "layout": layout_digest(shapes)} | fields, use_bin_type=True)
+
+    def decode(self, data: bytes, expected: Shapes) -> Tensors:
+        """Decode and validate against ``expected`` names/shapes; refuses with RefusedMessage."""
+        n = sum(_numel(s) for s in expected.values())
+        if n > MAX_VALUES:
+            raise RefusedMessage(Refusal.OVERSIZED, f"an adapter of {n} values is larger than accepted")
+        try:
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=8 * MAX_VALUES)
+        except Exception as e:
+            raise RefusedMessage(Refusal.MALFORMED, f"{self.name} payload is not msgpack ({type(e).__name__})") from None
+        if not isinstance(raw, dict) or raw.get("codec") != self.name:
+            raise RefusedMessage(Refusal.MALFORMED, f"not a {self.name} payload")
+        if raw.get("layout") != layout_digest(expected):
+            raise RefusedMessage(Refusal.BAD_TENSORS, f"{self.name} payload is for another adapter layout "
+                                                      "(tensor names or shapes differ)")
+        fields = {k: v for k, v in raw.items() if k not in ("codec", "layout")}
+        flat = self.decode_flat(fields, n, _segments(expected))
+        if not bool(torch.isfinite(flat).all()):
+            raise RefusedMessage(Refusal.NON_FINITE, f"{self.name} payload decodes to NaN or Inf")
+        return unflatten(flat, expected)
+
+    def roundtrip(self, tensors: Mapping[str, torch.Tensor]) -> Tensors:
+        return self.decode(self.encode(tensors), {k: tuple(v.shape) for k, v in tensors.items()})
+
+
+def _field(fields: dict, names: tuple[str, ...], codec: str) -> list:
+    if set(fields) != set(names) or not all(isinstance(fields[k], bytes) for k in names):
+        raise RefusedMessage(Refusal.MALFORMED, f"{codec} payload fields {sorted(map(str, fields))} != {list(names)}")
+    return [fields[k] for k in names]
+
+
+def _array(buf: bytes, dtype, count: int, what: str) -> np.ndarray:
+    if len(buf) != count * np.dtype(dtype).itemsize:
+        raise RefusedMessage(Refusal.BAD_TENSORS, f"{what}: {len(buf)} bytes, expected {count} x {np.dtype(dtype)}")
+    return np.frombuffer(buf, dtype=dtype)
+
+
+class FloatCodec(Codec):
+    """Values as IEEE floats: ``fp32`` (lossless) or ``fp16``."""
+
+    def __init__(self, dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        self.name = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16"}[self.dtype]
+
+    def encode_flat(self, flat, rows):
+        return {"values": flat.numpy().astype(self.dtype).tobytes()}
+
+    def decode_flat(self, fields, n, rows):
+        (buf,) = _field(fields, ("values",), self.name)
+        return torch.from_numpy(_array(buf, self.dtype, n, self.name).astype(np.float32))
+
+
+class QuantCodec(Codec):
+    """Stochastic ``bits``-bit quantization with an fp16 scale per row (bits in {8, 4})."""
+
+    def __init__(self, bits: int, seed: int | None = None) -> None:
+        if bits not in (8, 4):
+            raise ValueError(f"bits must be 8 or 4, got {bits}")
+        self.bits = bits
+        self.levels = 127 if bits == 8 else 7
+        self.name = f"int{bits}"
+        self.generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
+
+    def encode_flat(self, flat, rows):
+        scales = torch.stack([r.abs().amax() if r.numel() else torch.tensor(0.0) for r in flat.split(rows)]) \
+            if rows else torch.zeros(0)
+        scales = (scales / self.levels).to(torch.float16)
+        per_value = torch.repeat_interleave(scales.float(), torch.tensor(rows, dtype=torch.long)) if rows else flat
+        safe = torch.where(per_value > 0, per_value, torch.ones_like(per_value))
+        y = flat / safe
+        low = y.floor()
+        q = (low + (torch.rand(y.shape, generator=self.generator) < (y - low)).float()).clamp(-self.levels, self.levels)
+        q = q.to(torch.int8).numpy()
+        if self.bits == 4:
+            nib = (q.astype(np.int16) + 8).astype(np.uint8)  # 1..15
+            if nib.size % 2:
+                nib = np.concatenate([nib, np.array([8], dtype=np.uint8)])
+            q = nib[0::2] | (nib[1::2] << 4)
+        return {"q": q.tobytes(), "scales": scales.numpy().tobytes()}
+
+    def decode_flat(self, fields, n, rows):
+        qbuf, sbuf = _field(fields, ("q", "scales"), self.name)
+        scales = _array(sbuf, np.float16, len(rows), f"{self.name} scales").astype(np.float32)
+        if self.bits == 8:
+            q = _array(qbuf, np.int8, n, f"{self.name} values").astype(np.float32)
+        else:
+            packed = _array(qbuf, np.uint8, (n + 1) // 2, f"{self.name} values")
+            nib = np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)[:n].astype(np.int16) - 8
+            if n and (nib < -self.levels).any():
+                raise RefusedMessage(Refusal.MALFORMED, f"{self.name}: value out of range")
+            q = nib.astype(np.float32)
+        if n and np.abs(q).max() > self.levels:
+            raise RefusedMessage(Refusal.MALFORMED, f"{self.name}: value out of range")
+        return torch.from_numpy(q * np.repeat(scales, rows))
+
+
+class TopKCodec(Codec):
+    """Largest-magnitude ``fraction`` of the whole adapter, values stored by ``values`` (a codec)."""
+
+    def __init__(self, fraction: float, values: Codec | None = None) -> None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"top-k fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+        self.values = values or FloatCodec(np.float16)
+        self.name = f"topk:{fraction:g}" + ("" if values is None else f"+{self.values.name}")
+
+    def count(self, n: int) -> int:
+        return min(n, max(1, int(round(self.fraction * n)))) if n else 0
+
+    @staticmethod
+    def index_dtype(n: int):
+        return np.uint16 if n <= 2**16 else np.uint32
+
+    def encode_flat(self, flat, rows):
+        k = self.count(flat.numel())
+        idx = flat.abs().topk(k, sorted=False).indices.sort().values
+        kept = flat[idx]
+        inner = self.values.encode_flat(kept, [ROW] * (k // ROW) + ([k % ROW] if k % ROW else []))
+        return {"index": idx.numpy().astype(self.index_dtype(flat.numel())).tobytes()} | {f"v.{f}": b for f, b in inner.items()}
+
+    def decode_flat(self, fields, n, rows):
+        if "index" not in fields or not isinstance(fields["index"], bytes):
+            raise RefusedMessage(Refusal.MALFORMED, f"{self.name} payload has no index")
+        k = self.count(n)
+        idx = _array(fields["index"], self.index_dtype(n), k, f"{self.name} index").astype(np.int64)
+        if k and (idx.max() >= n or (np.diff(idx) <= 0).any()):
+            raise RefusedMessage(Refusal.MALFORMED, f"{self.name}: indices out of range or not strictly increasing")
+        inner = {f[2:]: b for f, b in fields.items() if f.startswith("v.")}
+        if len(inner) != len(fields) - 1:
+            raise RefusedMessage(Refusal.MALFORMED, f"{self.name} payload has unknown fields")
+        kept = self.values.decode_flat(inner, k, [ROW] * (k // ROW) + ([k % ROW] if k % ROW else []))
+        dense = torch.zeros(n)
+        dense[torch.from_numpy(idx)] = kept
+        return dense
 
 
 def make_codec(spec: str, seed: int | None = None) -> Codec:
     """``fp32``, ``fp16``, ``int8``, ``int4``, ``topk:0.1``, ``topk:0.1+int8`` ..."""
     spec = spec.strip()
     if spec == "fp32":
-        return Float32Codec()
+        return FloatCodec(np.float32)
     if spec == "fp16":
-        return Float16Codec()
+        return FloatCodec(np.float16)
     if spec in ("int8", "int4"):
         return QuantCodec(int(spec[3:]), seed)
     if spec.startswith("topk:"):
