@@ -45,7 +45,7 @@ class FleetConfig:
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     codec: str = "fp32"
     task_noise: float = 0.0
-    personalization: str = "residual"
+    personalization: str = "none"
     processes: int = 2
     eval_samples: int = 32                  # per cluster and round
     eval_steps: int = 10

@@ -87,7 +87,8 @@ def test_int8_base_stays_close_to_fp32(tmp_path):
 
 
 def test_keys_are_private_and_state_round_trips(tmp_path):
-    cfg = DeviceConfig(data_dir=tmp_path / "dev", device_id="dev-1", profile="simulator", seed=1)
+    cfg = DeviceConfig(data_dir=tmp_path / "dev", device_id="dev-1", profile="simulator", seed=1,
+                       personalization="residual")  # a personal adapter to persist too
     a = EdgeClient(cfg)
     a.train_round(get_adapter_state(a.unet, SHARED), LocalData.from_persona(PERSONA), steps=5, version=3)
     assert stat.S_IMODE(os.stat(tmp_path / "dev" / "identity.key").st_mode) == 0o600
