@@ -7,6 +7,7 @@ that, like ``edge_sdk.session``, re-send their stored answer when re-invited to 
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -20,11 +21,12 @@ from pathlib import Path
 import torch
 
 from edge_sdk import topics
+from edge_sdk.compression import make_codec
 from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.identity import PublicIdentity
 from edge_sdk.lite import LiteDevice
 from edge_sdk.messages import RoundStart, UpdateAck
-from edge_sdk.tensors import unpack_tensors
+from edge_sdk.tensors import shapes_of
 from edge_sdk.transport import MqttConfig, MqttTransport
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,9 +119,19 @@ class FaultDevice(LiteDevice):
         self.writer = EnvelopeWriter(self.identity, self.id)
 
 
+@functools.lru_cache(maxsize=4)
+def adapter_shapes(rank: int = 2) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the shared adapter (payloads carry only a digest of them)."""
+    from aggregator.global_model import GlobalModel
+    from models.lora import LoraSpec
+
+    return shapes_of(GlobalModel(LoraSpec(rank=rank)).initial_adapter(seed=0))
+
+
 def adapter_of(start: RoundStart) -> dict[str, torch.Tensor]:
-    assert start.codec == "fp32" and start.base_version < 0, "expected a full fp32 adapter"
-    return unpack_tensors(start.adapter)
+    """The adapter a first round start carries in full."""
+    assert start.base_version < 0, "expected a full adapter, not a delta"
+    return make_codec(start.codec).decode(start.adapter, adapter_shapes(start.rank))
 
 
 def write_config(path: Path, **settings) -> Path:
