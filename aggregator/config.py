@@ -41,6 +41,7 @@ class AggregatorConfig:
     interaction: bool = True
     borrow: float = 1.0                    # inter-cluster shrinkage strength (device-equivalents)
     temperature: float = 0.1
+    interaction_min_similarity: float | None = 0.5  # centered centroid cosine a lender needs (None: all lend)
     downlink_codec: str = "fp32"
     downlink_deltas: bool = True           # send adapters as deltas against what each device holds
     uplink_codecs: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "topk:0.1", "topk:0.1+int8",

@@ -283,7 +283,8 @@ class CloudAggregator:
             for cid, devices, centroid in zip(report.clusters, report.devices, rows):
                 key = len(adapters)
                 adapters[key], centroids[key], sizes[key] = per_cluster[cid], centroid.astype(np.float64), float(devices)
-        mixed = (interact(adapters, centroids, sizes, self.spec, self.config.borrow, self.config.temperature)
+        mixed = (interact(adapters, centroids, sizes, self.spec, self.config.borrow, self.config.temperature,
+                          self.config.interaction_min_similarity)
                  if self.config.interaction else adapters)
         key = 0
         for edge, (report, _) in sorted(reports.items()):

@@ -517,7 +517,7 @@ class AggregatorService:
             return adapters
         sizes = {cid: float(len(self.members(cid))) for cid in adapters}
         return interact(adapters, {c: self.clusters.centroid[c] for c in adapters}, sizes, self.spec,
-                        self.config.borrow, self.config.temperature)
+                        self.config.borrow, self.config.temperature, self.config.interaction_min_similarity)
 
     def _on_cloud_mix(self, rnd: int, adapters: dict[int, dict[str, torch.Tensor]]) -> None:
         self._queue.put((CLOUD_MIX_TOPIC, (rnd, adapters)))

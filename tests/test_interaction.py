@@ -46,3 +46,20 @@ def test_interaction_mixes_in_weight_space():
     s = torch.linalg.svdvals(expected)
     # the mix has rank <= 4; rank-2 refactorisation is the best rank-2 approximation of it
     torch.testing.assert_close((dw(out[0]) - expected).norm(), s[2:].norm(), atol=1e-4, rtol=1e-4)
+
+
+def test_with_a_gate_different_tasks_lend_nothing_and_one_task_on_two_sites_shares():
+    # four tasks close in raw cosine (as a sentence encoder puts them), one of them on two sites
+    rng = np.random.default_rng(0)
+    common = rng.normal(size=16) * 5
+    tasks = [rng.normal(size=16) for _ in range(3)]
+    centroids = {0: common + tasks[0], 1: common + tasks[1], 2: common + tasks[2], 3: common + tasks[0] + 0.05}
+    w = mixing_weights(centroids, {c: 1 for c in centroids}, borrow=1.0, temperature=0.1, min_similarity=0.5)
+    assert w[1] == {1: 1.0} and w[2] == {2: 1.0}
+    assert set(w[0]) == {0, 3} and abs(w[0][3] - 0.5) < 1e-9
+
+
+def test_identical_centroids_count_as_one_task_under_the_gate():
+    v = np.ones(4)
+    w = mixing_weights({0: v, 1: v.copy()}, {0: 2, 1: 2}, borrow=2.0, temperature=0.1, min_similarity=0.5)
+    assert w[0] == {0: 0.5, 1: 0.5}
