@@ -270,7 +270,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8), gridspec_kw={"width_ratios": [1, 1, 1.2, 1.3]})
     names = list(result["sampling_seconds_20_steps_8_prompts"])
     colors = ["#888", "#bbb", "#1f77b4", "#ff7f0e"]
     axes[0].bar(names, [1e3 * result["step_seconds"][n] for n in names], color=colors)
@@ -288,12 +288,13 @@ def plot(result: dict, path: Path) -> None:
     axes[2].legend(fontsize=7)
     files = []
     for qz, entry in result["executorch_bytes"].items():
-        files += [(f"et {qz}\n{name}", size / 1024) for name, size in entry.items()]
-    files += [(f"coreml\n{w}", result["coreml"][w]["bytes"] / 1024) for w in ("fp16", "palettize", "int8")]
-    files.append(("coreml 2-fn\nfp16", result["coreml"]["multifunction_fp16"]["bytes"] / 1024))
-    axes[3].bar([f[0] for f in files], [f[1] for f in files], color="grey")
-    axes[3].set(ylabel="KiB", title="file sizes")
-    for ax in axes:
+        files += [(f"executorch {qz} {name}", size / 1024) for name, size in entry.items()]
+    files += [(f"coreml {w}", result["coreml"][w]["bytes"] / 1024) for w in ("fp16", "palettize", "int8")]
+    files.append(("coreml 2 functions fp16", result["coreml"]["multifunction_fp16"]["bytes"] / 1024))
+    axes[3].barh([f[0] for f in files][::-1], [f[1] for f in files][::-1], color="grey")
+    axes[3].set(xlabel="KiB", title="file sizes")
+    axes[3].tick_params(axis="y", labelsize=7)
+    for ax in axes[:3]:
         ax.tick_params(axis="x", labelsize=7, rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

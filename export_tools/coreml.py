@@ -32,7 +32,7 @@ import torch
 from export_tools.executorch import ExportError, example_inputs, slot_unet
 from export_tools.graph import exportable
 from export_tools.manifest import Manifest, adapter_record, base_digest
-from export_tools.ptd import SLOT, AdapterSlot, SlotTensor, pack_mix, rank_of
+from export_tools.ptd import SLOT, AdapterSlot, pack_mix, rank_of
 from models.lora import set_adapter_state
 from models.unet import unet_config_of
 
@@ -53,8 +53,8 @@ def convert_one(base: torch.nn.Module, adapters, mix: Mapping[str, float], rank:
     import coremltools as ct
 
     unet, probe = slot_unet(base, adapters, rank)
-    shapes = AdapterSlot(rank, tuple(SlotTensor(k, k, tuple(v.shape)) for k, v in probe.items()))
-    set_adapter_state(unet, SLOT, pack_mix(shapes, adapters, mix))
+    slot = AdapterSlot.of_shapes({k: v.shape for k, v in probe.items()}, rank)
+    set_adapter_state(unet, SLOT, pack_mix(slot, adapters, mix))
     example = example_inputs(batch, base.config.sample_size)
     ep = torch.export.export(exportable(unet), example, strict=False).run_decompositions({})
     model = ct.convert(

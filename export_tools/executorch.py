@@ -40,8 +40,8 @@ import torch
 
 from export_tools.graph import exportable
 from export_tools.manifest import Manifest, adapter_record, base_digest
-from export_tools.ptd import SLOT, adapter_ptd, locate_slot, pack_mix, rank_of
-from models.lora import DEFAULT_TARGETS, LoraSpec, add_adapter, set_adapter_state, set_mix
+from export_tools.ptd import SLOT, AdapterSlot, adapter_ptd, locate_slot, pack_mix, rank_of
+from models.lora import DEFAULT_TARGETS, LoraSpec, add_adapter, get_adapter_state, set_adapter_state, set_mix
 from models.unet import denoise, unet_config_of
 
 log = logging.getLogger("fedaigc.export")
@@ -79,8 +79,6 @@ def slot_unet(base: torch.nn.Module, adapters: Mapping[str, Mapping[str, torch.T
     unet = copy.deepcopy(base).eval()
     unet.requires_grad_(False)
     add_adapter(unet, SLOT, LoraSpec(rank=rank, target_modules=tuple(DEFAULT_TARGETS) + tuple(extra)))
-    from models.lora import get_adapter_state
-
     shapes = {k: v.shape for k, v in get_adapter_state(unet, SLOT).items()}
     g = torch.Generator().manual_seed(seed)
     probe = {k: (torch.rand(s, generator=g) + 0.5) * 0.02 * torch.sign(torch.randn(s, generator=g))
@@ -90,7 +88,7 @@ def slot_unet(base: torch.nn.Module, adapters: Mapping[str, Mapping[str, torch.T
     return unet, probe
 
 
-def _slot_param(gm: torch.nn.Module, name: str) -> str:
+def _slot_param(name: str) -> str:
     """The parameter name of slot tensor ``name`` (peft naming) inside the exportable wrapper."""
     return f"unet.{name[: -len('.weight')]}.{SLOT}.weight"
 
@@ -259,7 +257,7 @@ def export_executorch(
     reference = EagerDenoiser(with_adapters(base, adapters, mix))
     unet, probe = slot_unet(base, adapters, slot_rank)
     module = exportable(unet)
-    slot_state = pack_mix_for(unet, adapters, mix, slot_rank, probe)
+    slot_state = pack_mix(AdapterSlot.of_shapes({k: v.shape for k, v in probe.items()}, slot_rank), adapters, mix)
     example = example_inputs(batch, base.config.sample_size)
     started = time.perf_counter()
     gm = torch.export.export(module, example, strict=False).module()
@@ -298,18 +296,11 @@ def export_executorch(
     return manifest
 
 
-def pack_mix_for(unet, adapters, mix, rank, probe) -> dict[str, torch.Tensor]:
-    from export_tools.ptd import AdapterSlot, SlotTensor
-
-    shapes_only = AdapterSlot(rank, tuple(SlotTensor(k, k, tuple(v.shape)) for k, v in probe.items()))
-    return pack_mix(shapes_only, adapters, mix)
-
-
 def _load_slot(gm: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     params = dict(gm.named_parameters()) | dict(gm.named_buffers())
     with torch.no_grad():
         for name, value in state.items():
-            target = params.get(_slot_param(gm, name))
+            target = params.get(_slot_param(name))
             if target is None:
                 raise ExportError(f"slot tensor {name} not found in the exported graph module")
             target.copy_(value)

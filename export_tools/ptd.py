@@ -71,6 +71,11 @@ class AdapterSlot:
             {"name": t.name, "key": t.key, "shape": list(t.shape), "layout": t.layout} for t in self.tensors]}
 
     @classmethod
+    def of_shapes(cls, shapes: Mapping[str, tuple[int, ...]], rank: int) -> "AdapterSlot":
+        """A slot known only by its tensors' shapes (keys not located yet): enough to pack a mix."""
+        return cls(rank, tuple(SlotTensor(name, name, tuple(shape)) for name, shape in sorted(shapes.items())))
+
+    @classmethod
     def from_json(cls, data: Mapping) -> "AdapterSlot":
         return cls(int(data["rank"]), tuple(
             SlotTensor(t["name"], t["key"], tuple(t["shape"]), t["layout"]) for t in data["tensors"]))
