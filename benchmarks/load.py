@@ -84,6 +84,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
             self.answer: bytes | None = None
             self.resent = 0
             self.started_at: float | None = None
+            self.sizes: dict[str, int] = {}  # bytes of the first envelope of each type received
 
         def _on_keys(self, topic, data):  # the shared broker's retained keys may be someone else's
             pass
@@ -91,6 +92,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
         def _on_down(self, topic, data):
             super()._on_down(topic, data)
             env, body = self.inbox[-1]
+            self.sizes.setdefault(env.type.value, len(data))
             if env.type == MessageType.UPDATE_ACK and self.acked_at is None:
                 self.acked_at = time.time()
                 self.ack_ok = UpdateAck.decode(body).accepted
@@ -147,7 +149,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
         deadline = time.monotonic() + float(conn.recv())  # how long to wait for acks
         while time.monotonic() < deadline and any(d.acked_at is None for d in devices):
             time.sleep(0.05)
-        conn.send(("acks", [(d.id, published_at[i], pubacked[i], d.acked_at, d.ack_ok, d.resent)
+        conn.send(("acks", [(d.id, published_at[i], pubacked[i], d.acked_at, d.ack_ok, d.resent, d.sizes)
                             for i, d in enumerate(devices)]))
         conn.recv()  # "stop"
     except Exception as e:  # report, do not hang the parent
@@ -396,8 +398,10 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
             "in_aggregate": len(summary.get("accepted", [])),
             "published": len(pubacked),
             "lost": len(lost),
-            "acks_received": sum(1 for *_, t, ok, _ in acks if t is not None and ok),
-            "resent_after_reinvite": sum(1 for *_, resent in acks if resent),
+            "acks_received": sum(1 for *_, t, ok, _, _ in acks if t is not None and ok),
+            "resent_after_reinvite": sum(1 for *_, resent, _ in acks if resent),
+            "round_start_bytes": acks[0][-1].get("round_start"),  # full fp32 adapter, boxed and signed
+            "update_ack_bytes": acks[0][-1].get("update_ack"),
             "updates_per_s": len(accepted_at) / max(1e-9, last_accept - first),
             "p50_ms": float(np.percentile(latencies, 50) * 1000) if latencies else None,
             "p95_ms": float(np.percentile(latencies, 95) * 1000) if latencies else None,
