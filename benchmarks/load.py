@@ -295,20 +295,25 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
     aggregator_id = f"load-{run}"
     with tempfile.TemporaryDirectory(prefix="fedaigc-load-") as tmp_name:
         tmp = Path(tmp_name)
+        shapes = adapter_shapes()
         daemons = _Aggregators(tmp, mqtt_url, n, aggregator_id, round_timeout_s, aggregator_workers, pg_url)
         keys = daemons.keys
-        shapes = adapter_shapes()
         ids = [f"ld{run}-{i:05d}" for i in range(n)]
         procs = max(1, math.ceil(n / DEVICES_PER_PROCESS))
         ctx = mp.get_context("spawn")
         workers = []
-        for p in range(procs):
-            parent, child = ctx.Pipe()
-            w = ctx.Process(target=_device_process, daemon=True,
-                            args=(child, mqtt_url, ids[p::procs], keys.verify_key, keys.box_key, aggregator_id,
-                                  codec, seed * 1000 + p, shapes))
-            w.start()
-            workers.append((w, parent))
+        try:
+            for p in range(procs):
+                parent, child = ctx.Pipe()
+                w = ctx.Process(target=_device_process, daemon=True,
+                                args=(child, mqtt_url, ids[p::procs], keys.verify_key, keys.box_key, aggregator_id,
+                                      codec, seed * 1000 + p, shapes))
+                w.start()
+                workers.append((w, parent))
+        except BaseException:  # the daemons must not outlive a failed start
+            daemons.stop()
+            daemons.close()
+            raise
         result: dict = {"devices": n, "device_processes": procs, "codec": codec,
                         "aggregator_workers": aggregator_workers,
                         "state": "postgresql" if aggregator_workers > 1 else "sqlite"}
