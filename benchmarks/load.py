@@ -338,6 +338,7 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
                     break
             return out
 
+        finished = False
         try:
             with tqdm(total=3 * n, desc=f"N={n} connect+enrol+round start", unit="dev") as bar:
                 collect("connected", bar)
@@ -374,12 +375,15 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
             acks = sum(collect("acks", limit=time.monotonic() - started + 60), [])
             for _, conn in workers:
                 conn.send("stop")
+            finished = True
         finally:
             daemons.stop()
             for w, _ in workers:
                 w.join(60)
                 if w.is_alive():
                     w.kill()
+            if not finished:
+                daemons.close()  # drop the PostgreSQL schema of a failed run
         try:
             rows = daemons.rows("SELECT device_id, accepted_at FROM updates WHERE round = 1")
             refusals = (daemons.rows("SELECT value FROM kv WHERE key = 'refusals'") or [None])[0]
