@@ -270,6 +270,7 @@ def test_edge_client_executorch_backend_matches_eager(tiny, fp32, tmp_path):
 
     base, path, _ = tiny
     config = DeviceConfig(tmp_path / "device", profile="simulator", base_model=path, quantization="none",
+                          personalization="residual", personal_rank=1,
                           threads=1, inference_backend="executorch", export_dir=fp32[0])
     client = EdgeClient(config)
     client.install_shared(random_adapter(base, 2, seed=4), version=1)
