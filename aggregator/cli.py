@@ -140,18 +140,18 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from export_tools.cli import run_export
+
+    return run_export(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from models.unet import BASE_MODEL_DIR
 
     parser = argparse.ArgumentParser(prog="fedaigc", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-def _export(args: argparse.Namespace) -> int:
-    from export_tools.cli import run_export
-
-    return run_export(args)
-
 
     p = sub.add_parser("demo", help="run a real federation on this machine and write demo-out/",
                        description="Start (or find) a broker, an aggregator and simulated devices; run the "
@@ -216,13 +216,6 @@ def _export(args: argparse.Namespace) -> int:
     p.add_argument("name", choices=[*BENCHMARKS, "all"], help="which benchmark, or all of them in turn")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     p.set_defaults(func=_bench)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
 
     from export_tools.cli import add_export_arguments
 
@@ -231,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
                                    "writes the model files and a manifest with parity and latency.")
     add_export_arguments(p)
     p.set_defaults(func=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("amqtt", "transitions", "torchao", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
