@@ -52,6 +52,8 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from edge_sdk.transport import discard_session  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES_PER_PROCESS = 300  # paho select()s its sockets: ~340 clients fill FD_SETSIZE (3 fds each)
@@ -158,26 +160,9 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
         for d in devices:
             try:
                 d.stop()
-                _discard_session(mqtt_url, f"fedaigc-{d.id}")
+                discard_session(mqtt_url, f"fedaigc-{d.id}")
             except Exception:
                 pass
-
-
-def _discard_session(mqtt_url: str, client_id: str) -> None:
-    """Make the shared broker forget a persistent session: clean start, no session expiry, leave."""
-    import paho.mqtt.client as mqtt
-    from urllib.parse import urlparse
-
-    parsed = urlparse(mqtt_url)
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv5)
-    connected = threading.Event()
-    client.on_connect = lambda *args: connected.set()
-    client.connect(parsed.hostname or "127.0.0.1", parsed.port or 1883, clean_start=True)
-    client.loop_start()
-    connected.wait(5)
-    client.disconnect()
-    client.loop_stop()
 
 
 def adapter_shapes(rank: int = 2) -> dict[str, tuple[int, ...]]:
@@ -256,7 +241,7 @@ class _Aggregators:
             except subprocess.TimeoutExpired:
                 proc.kill()
         for client_id in self.client_ids:
-            _discard_session(self.mqtt_url, client_id)  # their queues must not outlive the run
+            discard_session(self.mqtt_url, client_id)  # their queues must not outlive the run
 
     def close(self) -> None:
         if self.pg is not None:

@@ -281,6 +281,22 @@ class MqttTransport:
             return {"out": sum(self.bytes_out.values()), "in": sum(self.bytes_in.values())}
 
 
+def discard_session(mqtt_url: str, client_id: str, timeout: float = 5.0) -> None:
+    """Make the broker forget a persistent session (and whatever it queued for it): connect with
+    clean start and no session expiry, then leave. For clients a test or
+    benchmark started on a shared broker, so their queues do not outlive the run."""
+    parsed = urlparse(mqtt_url)
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5)
+    connected = threading.Event()
+    client.on_connect = lambda *args: connected.set()
+    client.connect(parsed.hostname or "127.0.0.1", parsed.port or 1883, clean_start=True)
+    client.loop_start()
+    connected.wait(timeout)
+    client.disconnect()
+    client.loop_stop()
+
+
 def _strip_share(topic_filter: str) -> str:
     """``$share/group/a/b`` delivers messages whose topic matches ``a/b``."""
     if topic_filter.startswith("$share/"):

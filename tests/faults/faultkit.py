@@ -201,19 +201,3 @@ def sqlite_rows(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
         return c.execute(sql, params).fetchall()
 
 
-def discard_session(mqtt_url: str, client_id: str, timeout: float = 5.0) -> None:
-    """Make the broker forget a persistent session (and whatever it queued for it): connect with
-    clean start and no session expiry, then leave. For daemons a test started on a shared broker."""
-    import paho.mqtt.client as mqtt
-    from urllib.parse import urlparse
-
-    parsed = urlparse(mqtt_url)
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv5)
-    connected = threading.Event()
-    client.on_connect = lambda *args: connected.set()
-    client.connect(parsed.hostname or "127.0.0.1", parsed.port or 1883, clean_start=True)
-    client.loop_start()
-    connected.wait(timeout)
-    client.disconnect()
-    client.loop_stop()

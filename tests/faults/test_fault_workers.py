@@ -24,12 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from faultkit import DaemonProcess, FaultDevice, adapter_of, delta_for, discard_session, wait_until, write_config
+from faultkit import DaemonProcess, FaultDevice, adapter_of, delta_for, wait_until, write_config
 
 from aggregator.broker import broker_listening
 from aggregator.rules import ClientUpdate, make_rule
 from edge_sdk.identity import Identity
 from edge_sdk.tensors import unpack_tensors
+from edge_sdk.transport import discard_session
 from models.lora import LoraSpec
 
 N = 12
