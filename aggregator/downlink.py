@@ -48,30 +48,30 @@ class DownlinkMirror:
         # kept alive here so identities cannot be reused while the entry exists)
         self._encoded: dict[tuple, tuple[Payload, Adapter, Adapter, Adapter | None]] = {}
 
+    def _codec(self, cluster: int, version: int, base: Held | None):
+        """Seeded by what is sent and against what, so a re-send is the same bytes."""
+        key = f"{cluster}:{version}:{base.cluster if base else -1}:{base.version if base else -1}"
+        return make_codec(self.codec, seed=zlib.crc32(key.encode()))
+
+    def full(self, cluster: int, version: int, adapter: Adapter) -> Payload:
+        """A whole adapter, not remembered as held (IFCA's candidates: the device keeps none of them)."""
+        codec = self._codec(cluster, version, None)
+        return Payload(-1, -1, codec.name, codec.encode(adapter))
+
     def payload(self, device: str, cluster: int, version: int, adapter: Adapter) -> Payload:
         base = self.confirmed.get(device) if self.deltas else None
         if base is not None and base.cluster == cluster and base.version == version:
             base = None  # it already holds exactly this: a full resend is the safe answer to a repeat request
-        key = f"{cluster}:{version}:{base.cluster if base else -1}:{base.version if base else -1}"
-        memo = (key, id(adapter), id(base.adapter) if base else None)
-        if memo in self._encoded:
-            out, recon, _, _ = self._encoded[memo]
-            self.pending[device] = Held(cluster, version, recon)
-            return out
-        codec = make_codec(self.codec, seed=zlib.crc32(key.encode()))
+        shapes = {k: tuple(v.shape) for k, v in adapter.items()}
         if base is None:
-            data = codec.encode(adapter)
-            recon = codec.decode(data, {k: tuple(v.shape) for k, v in adapter.items()})
-            out = Payload(-1, -1, codec.name, data)
+            out = self.full(cluster, version, adapter)
+            recon = make_codec(out.codec).decode(out.data, shapes)
         else:
+            codec = self._codec(cluster, version, base)
             delta = {k: adapter[k] - base.adapter[k] for k in adapter}
-            data = codec.encode(delta)
-            decoded = codec.decode(data, {k: tuple(v.shape) for k, v in adapter.items()})
+            out = Payload(base.cluster, base.version, codec.name, codec.encode(delta))
+            decoded = codec.decode(out.data, shapes)
             recon = {k: base.adapter[k] + decoded[k] for k in adapter}
-            out = Payload(base.cluster, base.version, codec.name, data)
-        if len(self._encoded) >= 64:
-            self._encoded.pop(next(iter(self._encoded)))
-        self._encoded[memo] = (out, recon, adapter, base.adapter if base else None)
         self.pending[device] = Held(cluster, version, recon)
         return out
 

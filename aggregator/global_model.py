@@ -8,12 +8,14 @@ its rounds produce (and the generation service samples from it).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from edge_sdk.tensors import shapes_of
 from models.lora import (
     LoraSpec,
     adapter_names,
@@ -24,6 +26,13 @@ from models.lora import (
     set_mix,
 )
 from models.unet import BASE_MODEL_DIR, generate, load_base_unet
+
+
+@functools.lru_cache(maxsize=4)
+def adapter_shapes(rank: int = 2) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the fleet's shared adapter at ``rank``: what a receiver validates
+    payloads against when it holds no adapter of its own (codecs carry only a digest of them)."""
+    return shapes_of(GlobalModel(LoraSpec(rank=rank)).initial_adapter(seed=0))
 
 
 def adapter_name(cluster_id: int) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from aggregator.enrolment import admit, verify_key_of
+from aggregator.global_model import adapter_shapes
 from aggregator.interaction import interact
 from aggregator.state import open_store
 from edge_sdk import topics
@@ -80,7 +81,6 @@ class CloudLink:
         self.cloud_id: str | None = None
         self.verifier: EnvelopeVerifier | None = None
         self.enrolled = threading.Event()
-        self.bytes = {"up": 0, "down": 0}
         self._expected: dict[int, list[int]] = {}  # round -> cluster ids reported
 
     def start(self, timeout: float = 15.0) -> "CloudLink":
@@ -105,16 +105,12 @@ class CloudLink:
         self.verifier = EnvelopeVerifier(self._cloud_key)
         pub = self.identity.public
         sealed = seal_to(keys.box_key, Enrol(self.token, pub.verify_key, pub.box_key, "edge-aggregator").encode())
-        self._publish(topics.cloud_enrol(self.edge_id), self.writer.build(MessageType.ENROL, sealed))
+        self.transport.publish(topics.cloud_enrol(self.edge_id), self.writer.build(MessageType.ENROL, sealed))
 
     def _cloud_key(self, sender: str) -> bytes:
         if sender != self.cloud_id:
             raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"{sender} is not this edge's cloud")
         return self.cloud.verify_key
-
-    def _publish(self, topic: str, env: bytes) -> None:
-        self.transport.publish(topic, env)
-        self.bytes["up"] += self.transport.wire_bytes(len(env))
 
     def report(self, rnd: int, adapters: Mapping[int, Adapter], centroids: Mapping[int, np.ndarray],
                devices: Mapping[int, int]) -> bool:
@@ -126,15 +122,13 @@ class CloudLink:
                           np.stack([centroids[c] for c in ids]).astype(np.float32).tobytes(), self.codec,
                           make_codec(self.codec, seed=rnd).encode(pack_clusters({c: adapters[c] for c in ids})))
         self._expected[rnd] = ids
-        self._publish(topics.cloud_up(self.edge_id),
-                      self.writer.build(MessageType.EDGE_REPORT, self.identity.encrypt_to(self.cloud.box_key,
-                                                                                          body.encode()), rnd))
+        sealed = self.identity.encrypt_to(self.cloud.box_key, body.encode())
+        self.transport.publish(topics.cloud_up(self.edge_id), self.writer.build(MessageType.EDGE_REPORT, sealed, rnd))
         return True
 
     def _on_down(self, topic: str, data: bytes) -> None:
         if self.verifier is None:
             raise RefusedMessage(Refusal.UNKNOWN_SENDER, "message before the cloud's keys are known")
-        self.bytes["down"] += self.transport.wire_bytes(len(data))
         env = self.verifier.open(data, {MessageType.ENROL_ACK, MessageType.CLOUD_MIX})
         body = self.identity.decrypt_from(self.cloud.box_key, env.payload)
         if env.type == MessageType.ENROL_ACK:
@@ -251,20 +245,13 @@ class CloudAggregator:
             raise RefusedMessage(Refusal.MALFORMED, f"edge {edge}'s report for round {report.round} is inconsistent")
         if report.round in self.mixed_rounds:
             raise RefusedMessage(Refusal.STALE_ROUND, f"round {report.round} was already mixed")
-        shapes = {k: tuple(v.shape) for k, v in self._template().items()}
+        shapes = adapter_shapes(self.spec.rank)
         adapters = unpack_clusters(decode_payload(report.codec, report.adapters, cluster_shapes(ids, shapes),
                                                   set(self.config.uplink_codecs)))
         self.reports.setdefault(report.round, {})[edge] = (report, adapters)
         self.first_report_at.setdefault(report.round, time.monotonic())
         if len(self.reports[report.round]) >= (self.config.expected_edges or 1):
             self.mix(report.round)
-
-    def _template(self) -> Adapter:
-        if not hasattr(self, "_shape_template"):
-            from aggregator.global_model import GlobalModel
-
-            self._shape_template = GlobalModel(self.spec).initial_adapter(seed=0)
-        return self._shape_template
 
     def _close_late_rounds(self) -> None:
         for rnd, t0 in list(self.first_report_at.items()):
@@ -277,20 +264,17 @@ class CloudAggregator:
         reports = self.reports.pop(rnd)
         self.first_report_at.pop(rnd, None)
         self.mixed_rounds.append(rnd)
-        adapters, centroids, sizes = {}, {}, {}
-        for edge, (report, per_cluster) in sorted(reports.items()):
+        adapters, centroids, sizes = {}, {}, {}  # keyed by (edge, cluster id)
+        for edge, (report, per_cluster) in reports.items():
             rows = np.frombuffer(report.centroids, dtype=np.float32).reshape(len(report.clusters), EMBEDDING_DIM)
             for cid, devices, centroid in zip(report.clusters, report.devices, rows):
-                key = len(adapters)
+                key = (edge, cid)
                 adapters[key], centroids[key], sizes[key] = per_cluster[cid], centroid.astype(np.float64), float(devices)
         mixed = (interact(adapters, centroids, sizes, self.spec, self.config.borrow, self.config.temperature,
                           self.config.interaction_min_similarity)
                  if self.config.interaction else adapters)
-        key = 0
         for edge, (report, _) in sorted(reports.items()):
-            mine = {}
-            for cid in report.clusters:
-                mine[cid], key = mixed[key], key + 1
+            mine = {cid: mixed[(edge, cid)] for cid in report.clusters}
             data = make_codec(self.config.downlink_codec, seed=rnd).encode(pack_clusters(mine))
             self._send(edge, MessageType.CLOUD_MIX, CloudMix(rnd, self.config.downlink_codec, data).encode(), rnd)
         log.info("cloud round %d: mixed %d clusters from %d edges", rnd, len(adapters), len(reports))

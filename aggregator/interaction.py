@@ -22,7 +22,7 @@ across clustering mistakes, are what the gate lets through.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 
@@ -30,8 +30,10 @@ from aggregator.rules.base import Adapter
 from aggregator.rules.exact import refactorize
 from models.lora import LoraSpec, delta_weight, lora_modules
 
+Key = Hashable  # a cluster id; at the cloud, (edge, cluster id)
 
-def centered_similarity(centroids: Mapping[int, np.ndarray]) -> dict[int, dict[int, float]]:
+
+def centered_similarity(centroids: Mapping[Key, np.ndarray]) -> dict[Key, dict[Key, float]]:
     """Cosine of task centroids after removing their common mean.
 
     A generic sentence encoder puts every "digit in some style" prompt close together (raw
@@ -44,7 +46,7 @@ def centered_similarity(centroids: Mapping[int, np.ndarray]) -> dict[int, dict[i
     x = x - x.mean(axis=0)
     norms = np.linalg.norm(x, axis=1)
     tiny = 1e-6 * max(1.0, float(norms.max()))
-    sim: dict[int, dict[int, float]] = {}
+    sim: dict[Key, dict[Key, float]] = {}
     for a, c in enumerate(ids):
         sim[c] = {}
         for b, j in enumerate(ids):
@@ -55,8 +57,8 @@ def centered_similarity(centroids: Mapping[int, np.ndarray]) -> dict[int, dict[i
     return sim
 
 
-def mixing_weights(centroids: Mapping[int, np.ndarray], sizes: Mapping[int, float], borrow: float,
-                   temperature: float, min_similarity: float | None = None) -> dict[int, dict[int, float]]:
+def mixing_weights(centroids: Mapping[Key, np.ndarray], sizes: Mapping[Key, float], borrow: float,
+                   temperature: float, min_similarity: float | None = None) -> dict[Key, dict[Key, float]]:
     """``w[c][j]``: share of cluster j's ΔW in cluster c's new ΔW (rows sum to 1).
 
     With ``min_similarity`` a cluster borrows only from clusters whose centered centroid
@@ -67,7 +69,7 @@ def mixing_weights(centroids: Mapping[int, np.ndarray], sizes: Mapping[int, floa
         raise ValueError("borrow must be >= 0 and temperature > 0")
     ids = sorted(centroids)
     centered = centered_similarity(centroids) if min_similarity is not None else None
-    weights: dict[int, dict[int, float]] = {}
+    weights: dict[Key, dict[Key, float]] = {}
     for c in ids:
         if centered is None:
             others = [j for j in ids if j != c]
@@ -85,15 +87,15 @@ def mixing_weights(centroids: Mapping[int, np.ndarray], sizes: Mapping[int, floa
     return weights
 
 
-def interact(adapters: Mapping[int, Adapter], centroids: Mapping[int, np.ndarray], sizes: Mapping[int, float],
+def interact(adapters: Mapping[Key, Adapter], centroids: Mapping[Key, np.ndarray], sizes: Mapping[Key, float],
              spec: LoraSpec, borrow: float = 1.0, temperature: float = 0.1,
-             min_similarity: float | None = None) -> dict[int, Adapter]:
+             min_similarity: float | None = None) -> dict[Key, Adapter]:
     """New adapter per cluster after mixing (identity when there is one cluster or ``borrow`` = 0)."""
     weights = mixing_weights(centroids, sizes, borrow, temperature, min_similarity)
     if all(len(w) == 1 for w in weights.values()):
         return {c: {k: v.clone() for k, v in a.items()} for c, a in adapters.items()}
     modules = lora_modules(next(iter(adapters.values())))
-    out: dict[int, Adapter] = {c: {} for c in adapters}
+    out: dict[Key, Adapter] = {c: {} for c in adapters}
     for module in modules:
         ka, kb = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
         deltas = {c: delta_weight(a[ka], a[kb], spec.scale) for c, a in adapters.items()}

@@ -350,8 +350,8 @@ class AggregatorService:
         adapter, version, deadline, n_clusters = context or self._round_context(rnd, cid)
         choices = n_clusters if self.ifca and not install_only else 1
         # under IFCA a device receives k candidates at once; deltas against one held adapter do not apply
-        payload = (self.downlink.payload(device, cid, version, adapter) if not self.ifca else
-                   DownlinkMirror(self.config.downlink_codec, deltas=False).payload(device, cid, version, adapter))
+        payload = (self.downlink.full(cid, version, adapter) if self.ifca else
+                   self.downlink.payload(device, cid, version, adapter))
         body = RoundStart(rnd, cid, version, self.spec.rank, payload.base_cluster, payload.base_version, float(deadline),
                           0 if install_only else self.config.local_steps, choices, payload.codec, payload.data)
         self.send(device, MessageType.ROUND_START, body.encode(), rnd)

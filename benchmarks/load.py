@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from aggregator.global_model import adapter_shapes  # noqa: E402
 from edge_sdk.transport import discard_session  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -163,15 +164,6 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
                 discard_session(mqtt_url, f"fedaigc-{d.id}")
             except Exception:
                 pass
-
-
-def adapter_shapes(rank: int = 2) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the shared adapter (what a device knows from its model)."""
-    from aggregator.global_model import GlobalModel
-    from edge_sdk.tensors import shapes_of
-    from models.lora import LoraSpec
-
-    return shapes_of(GlobalModel(LoraSpec(rank=rank)).initial_adapter(seed=0))
 
 
 # ---------------------------------------------------------------------------------------- aggregator
