@@ -3,9 +3,9 @@
 import time
 
 
-def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> None:
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not reached within {timeout} s")
+            raise TimeoutError(f"{what} not reached within {timeout} s")
         time.sleep(interval)

@@ -6,9 +6,8 @@ import shutil
 import uuid
 
 import pytest
-from faultkit import free_port
 
-from aggregator.broker import EmbeddedBroker
+from aggregator.broker import EmbeddedBroker, free_port
 
 
 @pytest.fixture

@@ -7,43 +7,28 @@ that, like ``edge_sdk.session``, re-send their stored answer when re-invited to 
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from aggregator.global_model import adapter_shapes
 from edge_sdk import topics
 from edge_sdk.compression import make_codec
 from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.identity import PublicIdentity
 from edge_sdk.lite import LiteDevice
 from edge_sdk.messages import RoundStart, UpdateAck
-from edge_sdk.tensors import shapes_of
 from edge_sdk.transport import MqttConfig, MqttTransport
+from tests.polling import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout} s")
-        time.sleep(0.05)
 
 
 def delta_for(shapes: dict[str, tuple[int, ...]], seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
@@ -119,13 +104,13 @@ class FaultDevice(LiteDevice):
         self.writer = EnvelopeWriter(self.identity, self.id)
 
 
-@functools.lru_cache(maxsize=4)
-def adapter_shapes(rank: int = 2) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the shared adapter (payloads carry only a digest of them)."""
-    from aggregator.global_model import GlobalModel
-    from models.lora import LoraSpec
-
-    return shapes_of(GlobalModel(LoraSpec(rank=rank)).initial_adapter(seed=0))
+def open_round_one(devices: list, seed: int) -> tuple[list[RoundStart], dict[str, torch.Tensor]]:
+    """Enrol ``devices`` with one task vector; their round-1 starts and the adapter those carry."""
+    vector = np.random.default_rng(seed).normal(size=384)
+    for d in devices:
+        d.join(vector)
+    starts = [d.start_of(1) for d in devices]
+    return starts, adapter_of(starts[0])
 
 
 def adapter_of(start: RoundStart) -> dict[str, torch.Tensor]:

@@ -13,12 +13,19 @@ then takes its time, so the SIGKILL lands inside the aggregation for certain.
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from faultkit import DaemonProcess, FaultDevice, adapter_of, delta_for, sqlite_rows, wait_until, write_config
+from faultkit import (
+    DaemonProcess,
+    FaultDevice,
+    delta_for,
+    open_round_one,
+    sqlite_rows,
+    wait_until,
+    write_config,
+)
 
 from aggregator.rules import ClientUpdate, make_rule
-from edge_sdk.tensors import unpack_tensors
+from edge_sdk.tensors import shapes_of, unpack_tensors
 from models.lora import LoraSpec
 
 N = 8
@@ -37,11 +44,8 @@ def test_sigkill_mid_round_and_mid_aggregation_counts_every_acknowledged_update_
     daemon = DaemonProcess(config, **slow).start()
     devices = [FaultDevice(own_broker.url).start() for _ in range(N)]
     try:
-        for d in devices:
-            d.join(np.random.default_rng(2).normal(size=384))
-        starts = [d.start_of(1) for d in devices]
-        initial = adapter_of(starts[0])
-        shapes = {k: tuple(v.shape) for k, v in initial.items()}
+        starts, initial = open_round_one(devices, seed=2)
+        shapes = shapes_of(initial)
         deltas = {d.id: delta_for(shapes, seed=10 + i) for i, d in enumerate(devices)}
 
         def rows():

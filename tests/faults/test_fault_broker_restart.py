@@ -7,9 +7,8 @@ the broker restarts on the same port, and every client reconnects with backoff
 (v5 sessions with ``clean_start=False`` keep their subscriptions).
 """
 
-import numpy as np
 import pytest
-from faultkit import FaultDevice, delta_for, wait_until
+from faultkit import FaultDevice, delta_for, open_round_one, wait_until
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
@@ -25,9 +24,7 @@ def test_broker_restart_mid_round_loses_no_update(tmp_path, own_broker, aggregat
     service = AggregatorService(cfg).start()
     devices = [FaultDevice(own_broker.url).start() for _ in range(N)]
     try:
-        for d in devices:
-            d.join(np.random.default_rng(1).normal(size=384))
-        starts = [d.start_of(1) for d in devices]
+        starts, _ = open_round_one(devices, seed=1)
         first, second = devices[: N // 2], devices[N // 2:]
         for i, d in enumerate(first):
             d.answer(starts[i], delta_for(service.shapes, seed=i), wait=True)

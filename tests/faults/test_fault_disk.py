@@ -14,9 +14,18 @@
 
 import json
 
-import numpy as np
 import psutil
-from faultkit import DaemonProcess, FaultDevice, adapter_of, delta_for, sqlite_rows, wait_until, write_config
+from faultkit import (
+    DaemonProcess,
+    FaultDevice,
+    delta_for,
+    open_round_one,
+    sqlite_rows,
+    wait_until,
+    write_config,
+)
+
+from edge_sdk.tensors import shapes_of
 
 N = 4
 
@@ -45,10 +54,8 @@ def test_disk_full_mid_round_refuses_cleanly_and_recovers(tmp_path, own_broker, 
     daemon = DaemonProcess(config).start()
     devices = [FaultDevice(own_broker.url).start() for _ in range(N)]
     try:
-        for d in devices:
-            d.join(np.random.default_rng(6).normal(size=384))
-        starts = [d.start_of(1) for d in devices]
-        shapes = {k: tuple(v.shape) for k, v in adapter_of(starts[0]).items()}
+        starts, initial = open_round_one(devices, seed=6)
+        shapes = shapes_of(initial)
         for i in (0, 1):
             devices[i].answer(starts[i], delta_for(shapes, seed=i))
         wait_until(lambda: devices[0].accepted(1) and devices[1].accepted(1), 20, "first updates acknowledged")

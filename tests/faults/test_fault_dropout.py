@@ -15,8 +15,7 @@ never do, and the round closes at the extended deadline with 14/20.
 import threading
 import time
 
-import numpy as np
-from faultkit import FaultDevice, delta_for, wait_until
+from faultkit import FaultDevice, delta_for, open_round_one, wait_until
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
@@ -33,9 +32,7 @@ def test_dropouts_and_slow_devices_close_the_round_at_its_deadline_with_quorum(t
     devices = [FaultDevice(own_broker.url).start() for _ in range(N)]
     timers = []
     try:
-        for d in devices:
-            d.join(np.random.default_rng(3).normal(size=384))
-        starts = [d.start_of(1) for d in devices]
+        starts, _ = open_round_one(devices, seed=3)
         opened = time.time()
         dropped, slow, fast = devices[:DROPPED], devices[DROPPED:DROPPED + SLOW], devices[DROPPED + SLOW:]
         for d in dropped:

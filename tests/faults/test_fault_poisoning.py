@@ -11,15 +11,14 @@ NaN update never gets in (refused ``non_finite`` on arrival), the x30 one is scr
 Honest devices share a direction plus their own noise, as devices of one cluster do.
 """
 
-import numpy as np
 import pytest
 import torch
-from faultkit import FaultDevice, adapter_of, delta_for, wait_until
+from faultkit import FaultDevice, delta_for, open_round_one, wait_until
 
 from aggregator.config import AggregatorConfig
 from aggregator.rules import ClientUpdate, make_rule
 from aggregator.service import AggregatorService
-from edge_sdk.tensors import unpack_tensors
+from edge_sdk.tensors import shapes_of, unpack_tensors
 from models.lora import LoraSpec, delta_weight, lora_modules
 
 N, BOUND = 20, 0.10
@@ -57,11 +56,8 @@ def test_poisoned_minority_moves_the_aggregate_less_than_the_bound(tmp_path, own
     service = AggregatorService(cfg).start()
     devices = [FaultDevice(own_broker.url).start() for _ in range(N)]
     try:
-        for d in devices:
-            d.join(np.random.default_rng(5).normal(size=384))
-        starts = [d.start_of(1) for d in devices]
-        initial = adapter_of(starts[0])
-        shapes = {k: tuple(v.shape) for k, v in initial.items()}
+        starts, initial = open_round_one(devices, seed=5)
+        shapes = shapes_of(initial)
         common = delta_for(shapes, seed=1000, scale=0.02)
         honest = {d.id: {k: common[k] + v for k, v in delta_for(shapes, seed=i, scale=0.005).items()}
                   for i, d in enumerate(devices)}

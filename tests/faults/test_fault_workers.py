@@ -24,12 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from faultkit import DaemonProcess, FaultDevice, adapter_of, delta_for, wait_until, write_config
+from faultkit import DaemonProcess, FaultDevice, delta_for, open_round_one, wait_until, write_config
 
 from aggregator.broker import broker_listening
 from aggregator.rules import ClientUpdate, make_rule
 from edge_sdk.identity import Identity
-from edge_sdk.tensors import unpack_tensors
+from edge_sdk.tensors import shapes_of, unpack_tensors
 from edge_sdk.transport import discard_session
 from models.lora import LoraSpec
 
@@ -79,11 +79,8 @@ def test_a_killed_worker_is_replaced_without_losing_or_double_counting(tmp_path,
     devices = [FaultDevice("mqtt://127.0.0.1:1883", keys=keys.public, aggregator_id=aggregator_id).start()
                for _ in range(N)]
     try:
-        for d in devices:
-            d.join(np.random.default_rng(7).normal(size=384))
-        starts = [d.start_of(1) for d in devices]
-        initial = adapter_of(starts[0])
-        shapes = {k: tuple(v.shape) for k, v in initial.items()}
+        starts, initial = open_round_one(devices, seed=7)
+        shapes = shapes_of(initial)
         deltas = {d.id: delta_for(shapes, seed=20 + i) for i, d in enumerate(devices)}
         wait_until(lambda: any(any("leads aggregator" in x for x in w.lines) for w in workers.values()), 10)
         leader = next(w for w, p in workers.items() if any("leads aggregator" in x for x in p.lines))
