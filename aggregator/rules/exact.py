@@ -17,7 +17,7 @@ import torch
 
 from aggregator.rules.base import Adapter, AggregationRule, ClientUpdate, sample_weights
 from aggregator.rules.reducers import weighted_mean
-from models.lora import LoraSpec, delta_weight, factorize, lora_modules
+from models.lora import LoraSpec, factorize, lora_modules
 
 
 class ExactLoraAggregation(AggregationRule):
