@@ -70,13 +70,14 @@ def unflatten(flat: torch.Tensor, shapes: Shapes) -> Tensors:
     return out
 
 
+def _rows(n: int) -> list[int]:
+    """Lengths of the quantization rows of ``n`` consecutive values: ROW each, the last shorter."""
+    return [ROW] * (n // ROW) + ([n % ROW] if n % ROW else [])
+
+
 def _segments(shapes: Shapes) -> list[int]:
-    """Lengths of the quantization rows: each tensor cut into rows of ROW values."""
-    rows = []
-    for k in sorted(shapes):
-        n = _numel(shapes[k])
-        rows += [ROW] * (n // ROW) + ([n % ROW] if n % ROW else [])
-    return rows
+    """The quantization rows of an adapter: each tensor cut on its own, so no row spans two tensors."""
+    return [r for k in sorted(shapes) for r in _rows(_numel(shapes[k]))]
 
 
 class Codec(ABC):
@@ -210,7 +211,7 @@ class TopKCodec(Codec):
         k = self.count(flat.numel())
         idx = flat.abs().topk(k, sorted=False).indices.sort().values
         kept = flat[idx]
-        inner = self.values.encode_flat(kept, [ROW] * (k // ROW) + ([k % ROW] if k % ROW else []))
+        inner = self.values.encode_flat(kept, _rows(k))
         return {"index": idx.numpy().astype(self.index_dtype(flat.numel())).tobytes()} | {f"v.{f}": b for f, b in inner.items()}
 
     def decode_flat(self, fields, n, rows):
@@ -223,7 +224,7 @@ class TopKCodec(Codec):
         inner = {f[2:]: b for f, b in fields.items() if f.startswith("v.")}
         if len(inner) != len(fields) - 1:
             raise RefusedMessage(Refusal.MALFORMED, f"{self.name} payload has unknown fields")
-        kept = self.values.decode_flat(inner, k, [ROW] * (k // ROW) + ([k % ROW] if k % ROW else []))
+        kept = self.values.decode_flat(inner, k, _rows(k))
         dense = torch.zeros(n)
         dense[torch.from_numpy(idx)] = kept
         return dense
