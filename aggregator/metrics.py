@@ -32,10 +32,8 @@ class ServiceCollector:
         yield refusals
         wire = CounterMetricFamily("fedaigc_payload_bytes", "MQTT payload bytes (envelopes and chunk headers)",
                                    labels=["direction"])
-        with s._traffic_lock:
-            per_device = [v for per in s.traffic.values() for v in per.values()]
-        for direction in ("up", "down"):
-            wire.add_metric([direction], sum(v.get(direction, 0) for v in per_device))
+        for direction, n in s.traffic_totals().items():
+            wire.add_metric([direction], n)
         yield wire
 
 

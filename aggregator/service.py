@@ -232,6 +232,12 @@ class AggregatorService:
             per = self.traffic.setdefault(rnd, {}).setdefault(device, {"up": 0, "down": 0})
             per[direction] += n
 
+    def traffic_totals(self) -> dict[str, int]:
+        """MQTT payload bytes so far, per direction, over every round and device."""
+        with self._traffic_lock:
+            per_device = [v for per in self.traffic.values() for v in per.values()]
+        return {d: sum(v.get(d, 0) for v in per_device) for d in ("up", "down")}
+
     # ================================================================ enrolment & tasks
     def _on_enrol(self, topic: str, data: bytes) -> None:
         env = self.verifier.parse(data, {MessageType.ENROL})
