@@ -45,7 +45,7 @@ class GlobalModel:
         self.unet = load_base_unet(base_model)
         self.unet.requires_grad_(False)
         self.versions: dict[int, int] = {}
-        self._lock = threading.RLock()  # adapter activation is model-global state; callers may hold it across set+sample
+        self._lock = threading.Lock()  # adapter activation is model-global state
 
     @property
     def clusters(self) -> list[int]:

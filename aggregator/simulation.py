@@ -248,9 +248,10 @@ class RoundEvaluator:
             set_mix(self._model.unet, {adapter_name(cid): 1.0})
             return self._model.unet
 
-        with self._model._lock:
-            return score_styles(model_of, {d: c for d, c in assignment.items() if c in adapters}, self.persona_of,
-                                samples, self.cfg.seed, steps)
+        # the evaluator's own model: only its thread uses it (and the caller of the final score,
+        # after drain() joined that thread), so no lock is needed around set + sample
+        return score_styles(model_of, {d: c for d, c in assignment.items() if c in adapters}, self.persona_of,
+                            samples, self.cfg.seed, steps)
 
     def drain(self, timeout: float = 600) -> None:
         self._queue.put(None)
