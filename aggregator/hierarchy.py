@@ -30,7 +30,7 @@ import torch
 
 from aggregator.enrolment import admit, verify_key_of
 from aggregator.global_model import adapter_shapes
-from aggregator.interaction import interact
+from aggregator.interaction import Spread, interact
 from aggregator.state import open_store
 from edge_sdk import topics
 from edge_sdk.compression import decode_payload, make_codec
@@ -39,7 +39,7 @@ from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.identity import Identity, PublicIdentity, seal_to
 from edge_sdk.messages import AggregatorKeys, CloudMix, EdgeReport, Enrol, EnrolAck, read_signed_keys
 from edge_sdk.transport import MqttConfig, MqttTransport
-from models.lora import LoraSpec
+from models.lora import LoraSpec, lora_modules
 from models.text import EMBEDDING_DIM
 
 log = logging.getLogger("fedaigc.hierarchy")
@@ -113,14 +113,17 @@ class CloudLink:
         return self.cloud.verify_key
 
     def report(self, rnd: int, adapters: Mapping[int, Adapter], centroids: Mapping[int, np.ndarray],
-               devices: Mapping[int, int]) -> bool:
+               devices: Mapping[int, int], spreads: Mapping[int, Spread | None]) -> bool:
         """Send a round's clusters; False when the cloud is not reachable yet (the edge goes on alone)."""
         if not self.enrolled.is_set():
             return False
         ids = sorted(adapters)
+        modules = lora_modules(adapters[ids[0]])
+        spread = np.array([[np.nan] * len(modules) if spreads.get(c) is None else [spreads[c][m] for m in modules]
+                           for c in ids], dtype=np.float32)
         body = EdgeReport(rnd, ids, [int(devices[c]) for c in ids],
-                          np.stack([centroids[c] for c in ids]).astype(np.float32).tobytes(), self.codec,
-                          make_codec(self.codec, seed=rnd).encode(pack_clusters({c: adapters[c] for c in ids})))
+                          np.stack([centroids[c] for c in ids]).astype(np.float32).tobytes(), spread.tobytes(),
+                          self.codec, make_codec(self.codec, seed=rnd).encode(pack_clusters({c: adapters[c] for c in ids})))
         self._expected[rnd] = ids
         sealed = self.identity.encrypt_to(self.cloud.box_key, body.encode())
         self.transport.publish(topics.cloud_up(self.edge_id), self.writer.build(MessageType.EDGE_REPORT, sealed, rnd))
@@ -156,6 +159,7 @@ class CloudAggregator:
         self.store = open_store(config.store_url)
         self.identity = Identity.load_or_generate(Path(config.state_dir) / "cloud.key")
         self.spec = LoraSpec(rank=config.lora_rank)
+        self.modules = lora_modules(adapter_shapes(config.lora_rank))
         self.refusals = RefusalCounter()
         self.verifier = EnvelopeVerifier(self._edge_key, max_bytes=config.max_message_bytes)
         self.writer = EnvelopeWriter(self.identity, config.aggregator_id)
@@ -241,7 +245,8 @@ class CloudAggregator:
         ids = report.clusters
         if (not ids or len(ids) != len(report.devices) or len(set(ids)) != len(ids)
                 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*ids, *report.devices])
-                or len(report.centroids) != 4 * EMBEDDING_DIM * len(ids)):
+                or len(report.centroids) != 4 * EMBEDDING_DIM * len(ids)
+                or len(report.spread) != 4 * len(self.modules) * len(ids)):
             raise RefusedMessage(Refusal.MALFORMED, f"edge {edge}'s report for round {report.round} is inconsistent")
         if report.round in self.mixed_rounds:
             raise RefusedMessage(Refusal.STALE_ROUND, f"round {report.round} was already mixed")
@@ -264,14 +269,17 @@ class CloudAggregator:
         reports = self.reports.pop(rnd)
         self.first_report_at.pop(rnd, None)
         self.mixed_rounds.append(rnd)
-        adapters, centroids, sizes = {}, {}, {}  # keyed by (edge, cluster id)
+        adapters, centroids, sizes, spreads = {}, {}, {}, {}  # keyed by (edge, cluster id)
         for edge, (report, per_cluster) in reports.items():
             rows = np.frombuffer(report.centroids, dtype=np.float32).reshape(len(report.clusters), EMBEDDING_DIM)
-            for cid, devices, centroid in zip(report.clusters, report.devices, rows):
+            spread = np.frombuffer(report.spread, dtype=np.float32).reshape(len(report.clusters), len(self.modules))
+            for cid, devices, centroid, var in zip(report.clusters, report.devices, rows, spread):
                 key = (edge, cid)
                 adapters[key], centroids[key], sizes[key] = per_cluster[cid], centroid.astype(np.float64), float(devices)
+                known = bool(np.isfinite(var).all() and (var >= 0).all())
+                spreads[key] = dict(zip(self.modules, map(float, var))) if known else None
         mixed = (interact(adapters, centroids, sizes, self.spec, self.config.borrow, self.config.temperature,
-                          self.config.interaction_min_similarity)
+                          self.config.interaction_min_similarity, spreads=spreads, label=f"cloud round {rnd}")
                  if self.config.interaction else adapters)
         for edge, (report, _) in sorted(reports.items()):
             mine = {cid: mixed[(edge, cid)] for cid in report.clusters}

@@ -1,5 +1,17 @@
 """Inter-cluster knowledge interaction: clusters learn from each other in ΔW space.
 
+Two mechanisms, both exact in ΔW = scale·B·A and re-factorised to rank r:
+
+1. **A global component, by empirical-Bayes shrinkage** (``shrink_to_global``). Per LoRA
+   module, each cluster's ΔW is pulled toward the device-weighted mean over all clusters by
+   the positive-part James-Stein factor: how noisy the cluster's own estimate is (the
+   within-cluster spread of its devices' updates over its device count) against how far it
+   sits from the global mean. Modules on which the clusters agree (what every style shares)
+   are pooled over the whole fleet; modules that carry a cluster's own style, far from the
+   mean relative to the noise, are left alone. A small cluster has the noisiest estimate
+   and so takes the most. Nothing is a tuned constant: the data sets every factor.
+2. **Similarity-weighted mixing** (``interact``), gated by task similarity (below).
+
 After each cluster has aggregated its own devices, the cloud step lets every cluster
 borrow from the others in proportion to how alike their tasks are and how little data
 it has of its own (empirical-Bayes style shrinkage):
@@ -22,15 +34,76 @@ across clustering mistakes, are what the gate lets through.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import logging
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
+import torch
 
-from aggregator.rules.base import Adapter
+from aggregator.rules.base import Adapter, ClientUpdate
 from aggregator.rules.exact import refactorize
 from models.lora import LoraSpec, delta_weight, lora_modules
 
+log = logging.getLogger(__name__)
+
 Key = Hashable  # a cluster id; at the cloud, (edge, cluster id)
+Spread = Mapping[str, float]  # per LoRA module: per-device variance of ΔW around the cluster mean
+
+
+def update_spread(updates: Sequence[ClientUpdate], spec: LoraSpec) -> dict[str, float] | None:
+    """Per module, the per-device variance Σ‖ΔW_i − ΔW̄‖² of one cluster's updated adapters.
+
+    Sample-weighted with the unbiased correction 1 / (1 − Σw²); ``None`` for a single device,
+    whose noise cannot be seen from its own update (the shrinkage then pools the others').
+    """
+    if len(updates) < 2:
+        return None
+    w = np.array([float(u.samples) for u in updates])
+    w = w / w.sum()
+    correction = 1.0 - float((w ** 2).sum())
+    adapters = [u.adapter for u in updates]
+    spread: dict[str, float] = {}
+    for module in lora_modules(adapters[0]):
+        ka, kb = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        dws = torch.stack([delta_weight(a[ka], a[kb], spec.scale) for a in adapters])
+        mean = (dws * torch.from_numpy(w)[:, None, None]).sum(0)
+        sq = ((dws - mean) ** 2).sum(dim=(1, 2)).numpy()
+        spread[module] = float((w * sq).sum() / correction)
+    return spread
+
+
+def shrink_to_global(adapters: Mapping[Key, Adapter], sizes: Mapping[Key, float],
+                     spreads: Mapping[Key, Spread | None], spec: LoraSpec) -> tuple[dict[Key, Adapter], dict]:
+    """Pull each cluster toward the fleet's mean ΔW, per module, by James-Stein shrinkage.
+
+    ΔW'_c = G + (1 − s_c)(ΔW_c − G), G = Σ_j n_j ΔW_j / Σ n_j, s_c = min(1, (p−2)/p · σ²/n_c / ‖ΔW_c − G‖²)
+    with σ² the module's per-device spread pooled over every cluster that has one (weighted by
+    its degrees of freedom) and p the module's size. Returns the adapters and the factors s
+    (cluster -> module -> s), which the aggregator logs. No spread anywhere (every cluster a
+    single device): nothing to estimate the noise from, adapters unchanged.
+    """
+    known = {c: s for c, s in spreads.items() if s is not None and c in adapters}
+    if len(adapters) < 2 or not known:
+        return {c: {k: v.clone() for k, v in a.items()} for c, a in adapters.items()}, {}
+    ids = sorted(adapters)
+    total = sum(sizes[c] for c in ids)
+    dof = {c: max(sizes[c] - 1.0, 1.0) for c in known}
+    out: dict[Key, Adapter] = {c: {} for c in ids}
+    factors: dict[Key, dict[str, float]] = {c: {} for c in ids}
+    for module in lora_modules(adapters[ids[0]]):
+        ka, kb = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        sigma2 = sum(dof[c] * known[c][module] for c in known) / sum(dof.values())
+        deltas = {c: delta_weight(adapters[c][ka], adapters[c][kb], spec.scale) for c in ids}
+        mean = sum(sizes[c] * deltas[c] for c in ids) / total
+        p = deltas[ids[0]].numel()
+        for c in ids:
+            gap = float(((deltas[c] - mean) ** 2).sum())
+            noise = (p - 2) / p * sigma2 / sizes[c]
+            s = 1.0 if gap <= noise else noise / gap
+            factors[c][module] = s
+            shrunk = mean + (1.0 - s) * (deltas[c] - mean)
+            out[c][ka], out[c][kb] = refactorize(shrunk, adapters[c][ka], adapters[c][kb], spec.scale)
+    return out, factors
 
 
 def centered_similarity(centroids: Mapping[Key, np.ndarray]) -> dict[Key, dict[Key, float]]:
@@ -89,8 +162,17 @@ def mixing_weights(centroids: Mapping[Key, np.ndarray], sizes: Mapping[Key, floa
 
 def interact(adapters: Mapping[Key, Adapter], centroids: Mapping[Key, np.ndarray], sizes: Mapping[Key, float],
              spec: LoraSpec, borrow: float = 1.0, temperature: float = 0.1,
-             min_similarity: float | None = None) -> dict[Key, Adapter]:
-    """New adapter per cluster after mixing (identity when there is one cluster or ``borrow`` = 0)."""
+             min_similarity: float | None = None, spreads: Mapping[Key, Spread | None] | None = None,
+             label: str = "") -> dict[Key, Adapter]:
+    """New adapter per cluster: the global component (with ``spreads``), then similarity mixing.
+
+    Identity when there is one cluster, or no spread is known and ``borrow`` = 0.
+    """
+    if spreads is not None:
+        adapters, factors = shrink_to_global(adapters, sizes, spreads, spec)
+        if factors:
+            log.info("interaction %s: share taken from the global component per cluster (mean over modules) %s",
+                     label, {c: round(float(np.mean(list(f.values()))), 3) for c, f in sorted(factors.items())})
     weights = mixing_weights(centroids, sizes, borrow, temperature, min_similarity)
     if all(len(w) == 1 for w in weights.values()):
         return {c: {k: v.clone() for k, v in a.items()} for c, a in adapters.items()}
@@ -103,4 +185,3 @@ def interact(adapters: Mapping[Key, Adapter], centroids: Mapping[Key, np.ndarray
             mixed = sum(w * deltas[j] for j, w in weights[c].items())
             out[c][ka], out[c][kb] = refactorize(mixed, adapters[c][ka], adapters[c][kb], spec.scale)
     return out
-

@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ from aggregator.downlink import DownlinkMirror
 from aggregator.enrolment import admit, verify_key_of
 from aggregator.global_model import GlobalModel
 from aggregator.hierarchy import CloudLink
-from aggregator.interaction import interact
+from aggregator.interaction import Spread, interact, update_spread
 from aggregator.metrics import serve_metrics
 from aggregator.rules import ClientUpdate, make_rule
 from aggregator.serve import GenerationService, Request
@@ -93,7 +93,8 @@ class AggregatorService:
         self.traffic: dict[int, dict[str, dict[str, int]]] = {}  # round -> device -> {"up", "down"}
         self.privacy: dict[int, dict[str, dict]] = {}  # round -> device -> {"epsilon", "delta"} as reported
         self._traffic_lock = threading.Lock()
-        self.downlink = DownlinkMirror(config.downlink_codec, deltas=config.downlink_deltas)
+        self.downlink = DownlinkMirror(config.downlink_codec, deltas=config.downlink_deltas,
+                                       seeded=(config.seed, self.initial))
         self.generation = GenerationService(self.global_model, self._reply_generation,
                                             max_batch=config.serve_max_batch, max_wait_s=config.serve_max_wait_s)
         self.done = threading.Event()
@@ -109,7 +110,8 @@ class AggregatorService:
         self._synced: tuple | None = None  # (current_round, done) a non-leading worker last loaded
         self.cloud: CloudLink | None = None
         self.metrics_server = None
-        self._awaiting_cloud: tuple[int, dict, dict, float] | None = None  # round, adapters, versions, since
+        # round, adapters, spreads, versions, since
+        self._awaiting_cloud: tuple[int, dict, dict, dict, float] | None = None
         for token in config.tokens:
             self.store.add_token(token, "config")
 
@@ -495,8 +497,10 @@ class AggregatorService:
                 adapter, accepted, rejected = current, [], {}
             samples = sum(r.samples for r in records if r.device_id in accepted)
             loss = sum(r.loss * r.samples for r in records if r.device_id in accepted) / max(samples, 1)
+            kept = [u for u in updates if u.device_id in accepted]
             summary = {"accepted": accepted, "rejected": rejected, "samples": samples, "loss": loss,
-                       "members": members, "closed_at": time.time()}
+                       "members": members, "closed_at": time.time(),
+                       "spread": update_spread(kept, self.spec)}
             self.store.close_round(rnd, cid, pack_tensors(adapter), version + 1, summary, cur=cur)
         for device, reason in rejected.items():
             self.refusals.record(RefusedMessage(Refusal(reason), f"{device}'s update screened out at aggregation"))
@@ -510,20 +514,23 @@ class AggregatorService:
         clusters = self.store.clusters()
         adapters = {cid: unpack_tensors(blob, self.shapes) for cid, (_, blob, _) in clusters.items()}
         versions = {cid: v for cid, (_, _, v) in clusters.items()}
+        spreads = {cid: summary.get("spread") for r, cid, summary in self.store.round_summaries() if r == rnd}
         if rnd == self.config.refine_after_round and self.config.k is None and self.config.clustering == "tasks":
-            adapters, versions = self._refine(rnd, adapters, versions)
+            adapters, versions, spreads = self._refine(rnd, adapters, versions, spreads)
         if self.cloud is not None and self.cloud.report(rnd, adapters, self.clusters.centroid,
-                                                        {c: len(self.members(c)) for c in adapters}):
-            self._awaiting_cloud = (rnd, adapters, versions, time.monotonic())
+                                                        {c: len(self.members(c)) for c in adapters}, spreads):
+            self._awaiting_cloud = (rnd, adapters, spreads, versions, time.monotonic())
             return  # the cloud's mix (or its timeout) opens the next round
-        self._commit_round(rnd + 1, self._interact_locally(adapters), versions)
+        self._commit_round(rnd + 1, self._interact_locally(rnd, adapters, spreads), versions)
 
-    def _interact_locally(self, adapters: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+    def _interact_locally(self, rnd: int, adapters: dict[int, dict[str, torch.Tensor]],
+                          spreads: Mapping[int, Spread | None]) -> dict[int, dict[str, torch.Tensor]]:
         if not (self.config.interaction and len(adapters) > 1):
             return adapters
         sizes = {cid: float(len(self.members(cid))) for cid in adapters}
         return interact(adapters, {c: self.clusters.centroid[c] for c in adapters}, sizes, self.spec,
-                        self.config.borrow, self.config.temperature, self.config.interaction_min_similarity)
+                        self.config.borrow, self.config.temperature, self.config.interaction_min_similarity,
+                        spreads=spreads, label=f"round {rnd}")
 
     def _on_cloud_mix(self, rnd: int, adapters: dict[int, dict[str, torch.Tensor]]) -> None:
         self._queue.put((CLOUD_MIX_TOPIC, (rnd, adapters)))
@@ -533,15 +540,15 @@ class AggregatorService:
         if waiting is None or waiting[0] != rnd or set(adapters) != set(waiting[1]):
             raise RefusedMessage(Refusal.STALE_ROUND, f"cloud mix for round {rnd} does not match what this edge awaits")
         self._awaiting_cloud = None
-        self._commit_round(rnd + 1, adapters, waiting[2])
+        self._commit_round(rnd + 1, adapters, waiting[3])
 
-    def _refine(self, rnd: int, adapters, versions):
+    def _refine(self, rnd: int, adapters, versions, spreads):
         """Re-cluster on task + update similarity; regroup this round's updates if groups changed."""
         records = self.store.updates(rnd)
         devices, vectors = self._task_matrix()
         by_device = {r.device_id: r for r in records}
         if len(devices) < 3 or any(d not in by_device for d in devices):
-            return adapters, versions
+            return adapters, versions, spreads
         update_vectors = np.stack([
             torch.cat([t.flatten() for _, t in sorted(unpack_tensors(by_device[d].delta, self.shapes).items())]).numpy()
             for d in devices])
@@ -550,18 +557,21 @@ class AggregatorService:
         same = _same_partition([before[d] for d in devices], labels.tolist())
         if same:
             log.info("refinement after round %d kept the clusters", rnd)
-            return adapters, versions
+            return adapters, versions, spreads
         assignment = self.clusters.recluster(devices, vectors, labels)
         log.info("refinement after round %d regrouped devices: %d clusters %s", rnd,
                  len(set(assignment.values())), dict(Counter(assignment.values())))
         # every cluster started round 1 from the same initial adapter, so updates regroup freely
-        new_adapters, new_versions = {}, {}
+        new_adapters, new_versions, new_spreads = {}, {}, {}
         for cid in sorted(set(assignment.values())):
             group = [ClientUpdate.from_delta(d, self.initial, unpack_tensors(by_device[d].delta, self.shapes),
                                              by_device[d].samples) for d in devices if assignment[d] == cid]
-            new_adapters[cid] = self.rule.aggregate(self.initial, group, self.spec).adapter
+            result = self.rule.aggregate(self.initial, group, self.spec)
+            new_adapters[cid] = result.adapter
             new_versions[cid] = max(versions.values()) if versions else 1
-        return new_adapters, new_versions
+            kept = [u for u in group if u.device_id in result.accepted]
+            new_spreads[cid] = update_spread(kept, self.spec)
+        return new_adapters, new_versions, new_spreads
 
     def is_leader(self) -> bool:
         """Whether this worker forms clusters, closes rounds and opens the next. Alone on SQLite it
@@ -590,11 +600,11 @@ class AggregatorService:
         if not led:  # took over from a leader that died: its open round goes on from the store
             self._recover()
             self.resume_open_rounds()
-        if self._awaiting_cloud is not None and time.monotonic() - self._awaiting_cloud[3] > self.config.cloud_timeout_s:
-            rnd, adapters, versions, _ = self._awaiting_cloud
+        if self._awaiting_cloud is not None and time.monotonic() - self._awaiting_cloud[4] > self.config.cloud_timeout_s:
+            rnd, adapters, spreads, versions, _ = self._awaiting_cloud
             log.warning("no cloud mix for round %d within %.0f s; interacting locally", rnd, self.config.cloud_timeout_s)
             self._awaiting_cloud = None
-            self._commit_round(rnd + 1, self._interact_locally(adapters), versions)
+            self._commit_round(rnd + 1, self._interact_locally(rnd, adapters, spreads), versions)
         if not self.clusters.assignment:
             tasks = self.store.task_count()  # other workers may have received them
             if tasks and self._first_task_at is None:

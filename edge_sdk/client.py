@@ -233,6 +233,16 @@ class EdgeClient:
             delete_adapter(self.unet, SHARED)
             add_adapter(self.unet, SHARED, self.shared_spec, seed=self.config.seed)
 
+    def seeded_adapter(self, seed: int, rank: int) -> dict[str, torch.Tensor]:
+        """The fresh shared-shaped adapter ``add_adapter`` draws from ``seed`` (what the aggregator
+        sends as a seed instead of tensors); drawn on a scratch slot, ours untouched."""
+        scratch = "_seeded"
+        add_adapter(self.unet, scratch, LoraSpec(rank=rank, target_modules=self.shared_spec.target_modules), seed=seed)
+        try:
+            return get_adapter_state(self.unet, scratch)
+        finally:
+            delete_adapter(self.unet, scratch)
+
     def default_mix(self) -> dict[str, float]:
         """Shared adapter, plus the personal one where this device has it."""
         return {SHARED: 1.0} | ({PERSONAL: 1.0} if PERSONAL in adapter_names(self.unet) else {})

@@ -103,6 +103,18 @@ class RoundStart(Body):
     adapter: bytes
 
 
+SEEDED_CODEC = "seed"  # RoundStart.codec when the adapter travels as the seed it was drawn from
+
+
+@dataclass(frozen=True)
+class SeededAdapter(Body):
+    """A fresh adapter sent as its seed: the device draws it itself (``add_adapter(seed=...)``)
+    and checks the digest, so round 1 of a fleet costs bytes per device, not an adapter each."""
+    kind: ClassVar[str] = "seeded_adapter"
+    seed: int
+    digest: bytes       # values_digest of the adapter the aggregator drew
+
+
 @dataclass(frozen=True)
 class UpdateBody(Body):
     kind: ClassVar[str] = "update"
@@ -160,6 +172,7 @@ class EdgeReport(Body):
     clusters: list      # cluster ids (ints), in the order of the rows below
     devices: list       # devices per cluster (ints)
     centroids: bytes    # float32 (len(clusters), 384): task centroids, for similarity-weighted mixing
+    spread: bytes       # float32 (len(clusters), LoRA modules in sorted order): per-device ΔW variance, NaN unknown
     codec: str
     adapters: bytes     # codec-encoded tensors named "{cluster}/{lora key}"
 

@@ -35,7 +35,9 @@ from edge_sdk.messages import (
     EnrolAck,
     GenerateRequest,
     GenerateResult,
+    SEEDED_CODEC,
     RoundStart,
+    SeededAdapter,
     UpdateAck,
     read_signed_keys,
 )
@@ -231,14 +233,24 @@ class FederatedSession:
 
     def _on_round(self, start: RoundStart) -> None:
         expected = shapes_at_rank(shapes_of(get_adapter_state(self.client.unet, SHARED)), start.rank)
-        decoded = decode_payload(start.codec, start.adapter, expected)
-        if start.base_version < 0:
-            adapter = decoded
+        adapter = None
+        if start.codec == SEEDED_CODEC:
+            seeded = SeededAdapter.decode(start.adapter)
+            drawn = self.client.seeded_adapter(seeded.seed, start.rank)
+            if values_digest(drawn) == seeded.digest:
+                adapter = drawn
+            else:
+                log.info("%s: the adapter drawn from seed %d does not match the aggregator's", self.client.device_id,
+                         seeded.seed)
+        elif start.base_version < 0:
+            adapter = decode_payload(start.codec, start.adapter, expected)
         elif self.held is not None and (self.held[0], self.held[1]) == (start.base_cluster, start.base_version):
+            decoded = decode_payload(start.codec, start.adapter, expected)
             adapter = {k: self.held[2][k] + decoded[k] for k in decoded}
         else:  # a delta against an adapter we no longer hold (restarted, or a message was lost)
-            log.info("%s: cannot apply a delta against %s; asking for a full adapter", self.client.device_id,
+            log.info("%s: cannot apply a delta against %s", self.client.device_id,
                      (start.base_cluster, start.base_version))
+        if adapter is None:
             sealed = self.client.identity.encrypt_to(self.client.aggregator.box_key,
                                                      DeviceStatus("need_full", start.round).encode())
             self.transport.publish(topics.device_status(self.client.device_id),

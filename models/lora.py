@@ -71,7 +71,9 @@ def adapter_names(unet: torch.nn.Module) -> list[str]:
 
 def delete_adapter(unet: torch.nn.Module, name: str) -> None:
     _require(unet, name)
-    unet.delete_adapters(name)
+    with warnings.catch_warnings():  # peft re-activates another adapter; every user sets its mix anyway
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        unet.delete_adapters(name)
 
 
 def get_adapter_state(unet: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:

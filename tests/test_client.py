@@ -150,3 +150,16 @@ def test_bad_config_raises_a_clear_value_error(tmp_path, bad):
 def test_negative_steps_in_a_round_raise_value_error(client):
     with pytest.raises(ValueError):
         client.train_round(None, LocalData.from_persona(PERSONA), steps=-3)
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_a_device_draws_the_aggregators_initial_adapter_from_its_seed(tmp_path, quantization):
+    from aggregator.global_model import GlobalModel
+    from edge_sdk.tensors import values_digest
+    from models.lora import LoraSpec
+
+    device = EdgeClient(DeviceConfig(data_dir=tmp_path / "d", profile="simulator", seed=5, quantization=quantization))
+    before = get_adapter_state(device.unet, SHARED)
+    drawn = device.seeded_adapter(seed=0, rank=2)
+    assert values_digest(drawn) == values_digest(GlobalModel(LoraSpec(rank=2)).initial_adapter(seed=0))
+    assert all(torch.equal(before[k], v) for k, v in get_adapter_state(device.unet, SHARED).items())

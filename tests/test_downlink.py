@@ -55,3 +55,30 @@ def test_unconfirmed_starts_are_not_trusted_and_forget_resets():
     m.confirm("d", 0, 1)
     m.forget("d")
     assert m.payload("d", 0, 2, adapter(2)).base_version == -1
+
+
+def test_the_fleets_initial_adapter_travels_as_its_seed():
+    from edge_sdk.messages import SEEDED_CODEC, SeededAdapter
+    from edge_sdk.tensors import values_digest
+
+    initial = adapter(7)
+    m = DownlinkMirror("int8", seeded=(7, initial))
+    first = m.payload("d", 0, 1, {k: v.clone() for k, v in initial.items()})
+    assert first.codec == SEEDED_CODEC and len(first.data) < 40
+    assert SeededAdapter.decode(first.data) == SeededAdapter(7, values_digest(initial))
+    mirrored = m.confirm("d", 0, 1)
+    assert all(torch.equal(mirrored[k], initial[k]) for k in initial)
+
+
+def test_a_device_that_cannot_draw_the_seed_gets_the_adapter_itself():
+    initial = adapter(7)
+    m = DownlinkMirror("int8", seeded=(7, initial))
+    m.forget("d")  # what the aggregator does on the device's need_full
+    again = m.payload("d", 0, 1, initial)
+    assert again.codec == "int8" and again.base_version == -1
+
+
+def test_other_adapters_and_the_fedavg_baseline_are_never_seeded():
+    initial = adapter(7)
+    assert DownlinkMirror("int8", seeded=(7, initial)).payload("d", 0, 1, adapter(8)).codec == "int8"
+    assert DownlinkMirror("fp32", deltas=False, seeded=(7, initial)).payload("d", 0, 1, initial).codec == "fp32"

@@ -1,7 +1,8 @@
 import numpy as np
 import torch
 
-from aggregator.interaction import interact, mixing_weights
+from aggregator.interaction import interact, mixing_weights, shrink_to_global, update_spread
+from aggregator.rules.base import ClientUpdate
 from models.lora import LoraSpec, delta_weight
 
 SPEC = LoraSpec(rank=2, target_modules=("m",))
@@ -63,3 +64,62 @@ def test_identical_centroids_count_as_one_task_under_the_gate():
     v = np.ones(4)
     w = mixing_weights({0: v, 1: v.copy()}, {0: 2, 1: 2}, borrow=2.0, temperature=0.1, min_similarity=0.5)
     assert w[0] == {0: 0.5, 1: 0.5}
+
+
+def noisy_cluster(center, devices, noise, seed):
+    """Adapters of ``devices`` devices whose ΔW scatter around ``center`` (rank 2, exact)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(devices):
+        a = {k: v + noise * torch.randn(v.shape, generator=g) for k, v in center.items()}
+        out.append(ClientUpdate(f"d{len(out)}", a, 10))
+    return out
+
+
+def test_update_spread_is_unknown_for_one_device_and_grows_with_noise():
+    center = adapter(0)
+    assert update_spread(noisy_cluster(center, 1, 0.1, 0), SPEC) is None
+    low = update_spread(noisy_cluster(center, 4, 0.01, 0), SPEC)["m"]
+    high = update_spread(noisy_cluster(center, 4, 0.1, 0), SPEC)["m"]
+    assert 0 < low < high
+
+
+def test_shrinkage_pools_what_clusters_share_and_keeps_what_sets_them_apart():
+    shared = adapter(0)
+    far = {k: 4 * v for k, v in adapter(1).items()}
+    adapters = {c: {k: v + 0.01 * c for k, v in shared.items()} for c in range(3)} | {3: far}
+    spreads = {c: {"m": 20.0} for c in adapters}
+    out, factors = shrink_to_global(adapters, {c: 1 for c in adapters}, spreads, SPEC)
+    assert factors[3]["m"] < 0.2 * factors[0]["m"]  # the far task keeps itself, the close ones pool
+    moved = {c: float((dw(out[c]) - dw(adapters[c])).norm() / dw(adapters[c]).norm()) for c in adapters}
+    assert moved[3] < moved[0]
+
+
+def test_small_clusters_take_more_of_the_global_component():
+    adapters = {0: adapter(0), 1: adapter(1), 2: adapter(2)}
+    spreads = {0: {"m": 0.5}, 1: {"m": 0.5}, 2: None}
+    _, factors = shrink_to_global(adapters, {0: 8, 1: 8, 2: 1}, spreads, SPEC)
+    assert factors[2]["m"] > factors[0]["m"]
+
+
+def test_shrinkage_moves_nothing_without_any_spread():
+    adapters = {0: adapter(0), 1: adapter(1)}
+    out, factors = shrink_to_global(adapters, {0: 1, 1: 1}, {0: None, 1: None}, SPEC)
+    assert factors == {}
+    for c in adapters:
+        torch.testing.assert_close(out[c], adapters[c])
+
+
+def test_shrinkage_reduces_the_error_of_a_noisy_small_cluster():
+    # four clusters share most of their ΔW; the one-device cluster's estimate is noisy
+    g = torch.Generator().manual_seed(3)
+    common = adapter(0)
+    truths = {c: {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in common.items()} for c in range(4)}
+    sizes = {0: 6, 1: 6, 2: 6, 3: 1}
+    groups = {c: noisy_cluster(truths[c], sizes[c], 0.3, 10 + c) for c in truths}
+    means = {c: {k: sum(u.adapter[k] for u in groups[c]) / sizes[c] for k in common} for c in truths}
+    spreads = {c: update_spread(groups[c], SPEC) for c in truths}
+    out, _ = shrink_to_global(means, sizes, spreads, SPEC)
+    before = (dw(means[3]) - dw(truths[3])).norm()
+    after = (dw(out[3]) - dw(truths[3])).norm()
+    assert after < 0.7 * before

@@ -11,9 +11,10 @@ import torch
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from edge_sdk import topics
-from edge_sdk.compression import make_codec
 from edge_sdk.envelope import MessageType, parse_envelope
 from edge_sdk.lite import LiteDevice
+from edge_sdk.messages import SEEDED_CODEC, SeededAdapter
+from edge_sdk.tensors import values_digest
 from tests.polling import wait_until
 
 
@@ -22,10 +23,6 @@ def make_service(tmp_path, mqtt_url, **kwargs):
                                "state_dir": tmp_path / "agg", "expected_devices": 2, "rounds": 2,
                                "round_timeout_s": 60, "refine_after_round": 0} | kwargs))
     return AggregatorService(cfg).start()
-
-
-def adapter_of(start, shapes=None):
-    return make_codec(start.codec).decode(start.adapter, shapes) if shapes else None
 
 
 @pytest.fixture
@@ -48,11 +45,12 @@ def small_delta(service, scale=0.01, seed=0):
     return {k: torch.randn(s, generator=g) * scale for k, s in service.shapes.items()}
 
 
-def test_round_start_carries_the_cluster_adapter(fleet):
+def test_round_start_carries_the_cluster_adapter_as_its_seed(fleet):
     service, devices, starts = fleet
-    adapter = make_codec(starts[0].codec).decode(starts[0].adapter, service.shapes)
+    seeded = SeededAdapter.decode(starts[0].adapter)
+    assert starts[0].codec == SEEDED_CODEC and seeded.seed == service.config.seed
     assert starts[0].round == 1 and starts[0].local_steps == service.config.local_steps
-    assert all(torch.equal(adapter[k], service.initial[k]) for k in adapter)
+    assert seeded.digest == values_digest(service.initial)
 
 
 def test_a_duplicate_update_is_applied_once(fleet):
