@@ -41,6 +41,7 @@ from aggregator.global_model import GlobalModel
 from aggregator.hierarchy import CloudLink
 from aggregator.interaction import Spread, interact, update_spread
 from aggregator.metrics import serve_metrics
+from aggregator.rollout import read_report, record_report
 from aggregator.rules import ClientUpdate, make_rule
 from aggregator.serve import GenerationService, Request
 from aggregator.state import StateStore, StateUnavailable, UpdateRecord, open_store
@@ -130,6 +131,7 @@ class AggregatorService:
         for t in uplink:
             self.transport.subscribe(t, self._enqueue)
         self.transport.subscribe(topics.STATUS_ALL, self._enqueue)
+        self.transport.subscribe(topics.ROLLOUT_REPORT_ALL, self._enqueue)
         self.publish_keys()
         if c.metrics_port is not None:
             self.metrics_server = serve_metrics(self, c.metrics_port, c.metrics_addr)
@@ -204,6 +206,8 @@ class AggregatorService:
                 self._on_device_status(topic, payload)
             elif topic.startswith(f"{topics.ROOT}/status/"):
                 self.online[topics.device_of(topic)] = payload == b"online"
+            elif topic.startswith(f"{topics.ROOT}/rollout/report/"):
+                record_report(self.store, *read_report(self.verifier, self.identity, self.store, topic, payload))
         except RefusedMessage as e:
             self.refusals.record(e, topic)
         except StateUnavailable as e:

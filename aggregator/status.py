@@ -33,6 +33,7 @@ def read_status(state_url: str) -> dict:
             },
             "privacy": store.get("privacy", {}),
             "versions": store.get("versions", {}),
+            "rollout": rollout_status(store.get("rollout"), store.get("rollout_reports", {})),
         }
     finally:
         store.close()
@@ -53,7 +54,35 @@ def render_status(s: dict) -> str:
     lines += privacy_lines(s["privacy"])
     if s["versions"]:
         lines.append("versions: " + ", ".join(f"{k}: {v}" for k, v in sorted(s["versions"].items())))
+    lines += rollout_lines(s["rollout"])
     return "\n".join(lines)
+
+
+def rollout_status(state: dict | None, reports: dict[str, dict]) -> dict:
+    """Export versions across the fleet, from the devices' rollout reports (``aggregator/rollout.py``)."""
+    installed = Counter(r["installed"] for r in reports.values())
+    last = None if state is None else {k: state["last"][k] for k in ("version", "target", "stage", "outcome")}
+    return {"last": last,
+            "live": {} if state is None else {t: r["version"] for t, r in state["live"].items()},
+            "installed": {str(v): n for v, n in sorted(installed.items())},
+            "failed": {d: {"version": r["version"], "reason": r["reason"]} for d, r in sorted(reports.items())
+                       if not r["ok"]},
+            "devices": {d: r["installed"] for d, r in sorted(reports.items())}}
+
+
+def rollout_lines(r: dict) -> list[str]:
+    if r["last"] is None and not r["devices"]:
+        return []
+    lines = []
+    if r["last"] is not None:
+        last = r["last"]
+        lines.append(f"rollout: version {last['version']} to {last['target']}, stage {last['stage']}"
+                     + (f" ({last['outcome']})" if last["outcome"] else "")
+                     + ("; live " + ", ".join(f"{t}: v{v}" for t, v in sorted(r["live"].items())) if r["live"] else ""))
+    lines.append("export versions: " + (", ".join(f"v{v} on {n} device{'s' if n != 1 else ''}"
+                                                 for v, n in r["installed"].items()) or "no reports yet"))
+    lines += [f"  {d}: version {f['version']} refused: {f['reason']}" for d, f in r["failed"].items()]
+    return lines
 
 
 def privacy_lines(privacy: dict, last: int = 3) -> list[str]:

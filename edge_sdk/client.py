@@ -322,6 +322,11 @@ class EdgeClient:
                                  {name: peft[name].lora_alpha / peft[name].r for name in mix})
         return self._executorch
 
+    def use_export(self, export_dir: Path) -> None:
+        """Sample through another export from now on (a rollout installed it); loaded on next use."""
+        self.config = self.config.with_overrides(export_dir=Path(export_dir))
+        self._executorch = None
+
     # ---------------------------------------------------------------- persistence
     def save(self) -> None:
         self.store.save(SHARED, get_adapter_state(self.unet, SHARED), version=self.shared_version)

@@ -51,6 +51,7 @@ class MessageType(str, Enum):
     GENERATE_RESULT = "generate_result"    # aggregator -> device: encrypted images
     STATUS = "status"                      # device -> aggregator: online / version report
     ROLLOUT_MANIFEST = "rollout_manifest"  # aggregator -> devices: signed export manifest
+    ROLLOUT_ARTIFACT = "rollout_artifact"  # aggregator -> devices: one chunk frame of an export file
     EDGE_REPORT = "edge_report"            # edge aggregator -> cloud: a round's cluster adapters
     CLOUD_MIX = "cloud_mix"                # cloud -> edge aggregator: its clusters after interaction
 

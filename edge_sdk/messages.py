@@ -185,6 +185,30 @@ class CloudMix(Body):
     adapters: bytes     # the edge's clusters after cross-edge interaction, named like EdgeReport's
 
 
+@dataclass(frozen=True)
+class RolloutManifest(Body):
+    """The version of an export the fleet (or part of it) should run; retained, signed by the aggregator."""
+    kind: ClassVar[str] = "rollout_manifest"
+    version: int                # increases with every rollout; a device never installs a version twice
+    stage: str                  # "canary": only the devices in ``canary``; "all": every targeted device; "halted"
+    clusters: list              # cluster ids targeted (ints); empty: every device
+    canary: list                # device ids that get the version first (stage "canary")
+    files: dict[str, str]       # relative path in the export directory -> sha256
+    sizes: dict[str, int]       # relative path -> bytes
+    parts: dict[str, int]       # relative path -> retained parts it travels in
+    created: float
+
+
+@dataclass(frozen=True)
+class RolloutReport(Body):
+    """A device's answer to a rollout: which version it tried, which it runs now, and why if they differ."""
+    kind: ClassVar[str] = "rollout_report"
+    version: int        # the version this report is about
+    installed: int      # the version the device runs after it (0: none)
+    ok: bool
+    reason: str
+
+
 def read_signed_keys(data: bytes) -> AggregatorKeys:
     """A retained key announcement, checked to be signed by the key it announces.
 

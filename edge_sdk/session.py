@@ -41,7 +41,8 @@ from edge_sdk.messages import (
     UpdateAck,
     read_signed_keys,
 )
-from edge_sdk.tensors import pack_tensors, shapes_of, unpack_tensors
+from edge_sdk.rollout import Check, RolloutAgent, check_export
+from edge_sdk.tensors import pack_tensors, shapes_of, unpack_tensors, values_digest
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import get_adapter_state, shapes_at_rank
 
@@ -60,7 +61,7 @@ class RoundRecord:
 
 class FederatedSession:
     def __init__(self, client: EdgeClient, data: LocalData, mqtt: MqttConfig, *, codec: str = "fp32",
-                 task_prompts: list[str] | None = None) -> None:
+                 task_prompts: list[str] | None = None, rollout_health_check: Check | None = None) -> None:
         self.client = client
         self.data = data
         self.task_prompts = list(task_prompts or data.prompts)
@@ -85,6 +86,14 @@ class FederatedSession:
         self._candidates: dict[int, dict[int, tuple]] = {}  # round -> cluster -> (start, adapter) under IFCA
         self.held: tuple[int, int, dict[str, torch.Tensor]] | None = None  # (cluster, version, adapter) as received
         self._results_lock = threading.Lock()
+        self._base_sha256: str | None = None
+        self.rollout = RolloutAgent(self.transport, client.identity, self.writer, client.data_dir,
+                                    aggregator=self._trusted, cluster=lambda: self.cluster,
+                                    load_check=self._check_export, health_check=rollout_health_check,
+                                    on_installed=lambda version, path: client.use_export(path),
+                                    refusals=self.refusals)
+        if self.rollout.current_dir() is not None:  # what this device last installed and reported
+            client.use_export(self.rollout.current_dir())
         self._restore()
 
     # ------------------------------------------------------------ lifecycle
@@ -94,6 +103,7 @@ class FederatedSession:
         # (a round start, an ack) arrives right after CONNACK and would find no handler otherwise
         self.transport.subscribe(topics.down(self.client.device_id), self._on_down)
         self.transport.subscribe(topics.AGGREGATOR_KEYS, self._on_keys)
+        self.rollout.start()
         self.transport.connect(timeout)
         self.transport.publish(topics.status(self.client.device_id), b"online", retain=True)
         return self
@@ -101,6 +111,7 @@ class FederatedSession:
     def stop(self) -> None:
         self._stop.set()
         self._work.put(None)
+        self.rollout.stop()
         self.transport.close()
         self._worker.join(30)
 
@@ -157,6 +168,22 @@ class FederatedSession:
         self._trust(body.aggregator_id, keys)
         self._persist()
         self._work.put(self._enrol)
+        self.rollout.retry_pending()
+
+    def _trusted(self) -> tuple[str, PublicIdentity] | None:
+        """The aggregator rollouts must be signed by: the one this device enrolled with."""
+        if self.client.aggregator is None or self.aggregator_id is None:
+            return None
+        return self.aggregator_id, self.client.aggregator
+
+    def _check_export(self, export_dir: Path) -> None:
+        """A rolled-out export must load and must have been made from this device's base model."""
+        if self._base_sha256 is None:
+            from export_tools.manifest import base_digest
+            from models.unet import load_base_unet
+
+            self._base_sha256 = base_digest(load_base_unet(self.client.config.base_model))
+        check_export(export_dir, self._base_sha256)
 
     def _enrol(self) -> None:
         pub = self.client.identity.public

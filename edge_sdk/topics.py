@@ -8,8 +8,8 @@
     fedaigc/v1/up/status/{device}              device -> aggregator  signed status (e.g. "need a full adapter")
     fedaigc/v1/down/{device}                   aggregator -> device  everything addressed to one device (box)
     fedaigc/v1/status/{device}                 retained  "online" / "offline" (last will)
-    fedaigc/v1/rollout/manifest                retained  signed export manifest
-    fedaigc/v1/rollout/artifact/{sha256}       chunked   export artifacts by content hash
+    fedaigc/v1/rollout/manifest/{target}       retained  signed rollout manifest per target ("all", "cluster-{id}")
+    fedaigc/v1/rollout/artifact/{sha256}/{i}   retained  part i of an export file, by content hash (signed)
     fedaigc/v1/rollout/report/{device}         device -> aggregator  installed version
     fedaigc/v1/cloud/keys                      retained  cloud aggregator's public keys (signed)
     fedaigc/v1/cloud/enrol/{edge}              edge -> cloud  edge aggregator enrolment (sealed)
@@ -21,7 +21,7 @@ Aggregator workers share the uplink with ``$share/{group}/fedaigc/v1/up/#`` (MQT
 
 ROOT = "fedaigc/v1"
 AGGREGATOR_KEYS = f"{ROOT}/aggregator/keys"
-ROLLOUT_MANIFEST = f"{ROOT}/rollout/manifest"
+ROLLOUT_MANIFESTS = f"{ROOT}/rollout/manifest/+"
 UPLINK_ALL = f"{ROOT}/up/#"
 ENROL_ALL = f"{ROOT}/enrol/+"
 STATUS_ALL = f"{ROOT}/status/+"
@@ -71,8 +71,20 @@ def status(device: str) -> str:
     return f"{ROOT}/status/{device}"
 
 
-def rollout_artifact(sha256: str) -> str:
-    return f"{ROOT}/rollout/artifact/{sha256}"
+def rollout_manifest(target: str) -> str:
+    """One retained manifest per target, so a rollout to one cluster does not hide another target's
+    version from a device that was offline."""
+    return f"{ROOT}/rollout/manifest/{target}"
+
+
+def rollout_artifact_part(sha256: str, index: int) -> str:
+    """One retained part of an export file: parts are retained one per topic, because a broker keeps
+    one retained message per topic and a file is larger than one frame."""
+    return f"{ROOT}/rollout/artifact/{sha256}/{index}"
+
+
+def rollout_artifact_parts(sha256: str) -> str:
+    return f"{ROOT}/rollout/artifact/{sha256}/+"
 
 
 def rollout_report(device: str) -> str:

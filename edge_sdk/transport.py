@@ -229,6 +229,13 @@ class MqttTransport:
         if self._client is not None and self.connected.is_set():
             self._client.subscribe(topic_filter, **self._sub_kwargs(qos))
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Drop every handler of ``topic_filter`` (e.g. a fetched file's parts) and tell the broker."""
+        with self._lock:
+            self._handlers = [h for h in self._handlers if h[0] != topic_filter]
+        if self._client is not None and self.connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
     def _sub_kwargs(self, qos: int) -> dict:
         if self.v5:
             return {"options": SubscribeOptions(qos=qos)}

@@ -1,0 +1,352 @@
+"""A device's side of a fleet rollout: install signed export versions atomically, roll back on a failed check.
+
+What travels (``edge_sdk.topics``; the aggregator side is ``aggregator/rollout.py``)::
+
+    rollout/manifest/{target}       retained  RolloutManifest, in an envelope signed by the aggregator;
+                                              one per target ("all", "cluster-{id}")
+    rollout/artifact/{sha256}/{i}   retained  part i of one export file: a chunk frame (edge_sdk.chunking)
+                                              in an envelope signed by the aggregator
+    rollout/report/{device}         device -> aggregator  RolloutReport (Box), signed by the device
+
+Retained messages may be days old, so the envelope clock window does not apply to them: a
+manifest is checked the way the aggregator's key announcement is (signature by the key
+this device trusts), and a replayed manifest cannot move a device backwards: a device
+ignores versions at or below the one it runs and versions that already failed here.
+Every file is checked against the sha256 the signed manifest gives for it, so a
+tampered part (or a broker serving another file) is refused before anything is
+installed; files the device already holds (the program and base weights when only the
+adapter changed) are copied locally instead of fetched.
+
+On disk, under ``{data_dir}/exports/``::
+
+    v{N}/             one directory per version: the current one and the previous one are kept
+    current           {"version": N, "previous": M}, written atomically (edge_sdk.atomic)
+    failed.json       {version: reason} of versions whose check failed here (never retried)
+    .staging-v{N}/    files of a version being fetched
+
+A new version is fetched into staging, verified, renamed to ``v{N}``, and made current by
+rewriting ``current``; then it must pass the load check (the real ExecuTorch runtime loads
+the program with its data) and the app's health check, else ``current`` goes back to the
+previous version. Either way the device reports what it runs now.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+from edge_sdk import topics
+from edge_sdk.atomic import atomic_write_bytes
+from edge_sdk.chunking import Reassembler, is_chunk, split_payload
+from edge_sdk.envelope import Envelope, EnvelopeWriter, MessageType, parse_envelope
+from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
+from edge_sdk.identity import Identity, PublicIdentity, verify_signature
+from edge_sdk.messages import RolloutManifest, RolloutReport
+from edge_sdk.transport import MqttTransport
+
+log = logging.getLogger("fedaigc.rollout")
+
+STAGES = ("canary", "all", "halted")
+PART_OVERHEAD = 512  # envelope fields around a part's chunk frame (sender id <= 128 characters, signature, ...)
+
+Check = Callable[[Path], None]
+"""Raises (with the reason a person needs) when the export in that directory must not be used."""
+
+
+# ---------------------------------------------------------------- wire: shared with the aggregator
+def artifact_parts(blob: bytes, writer: EnvelopeWriter, max_frame: int) -> list[bytes]:
+    """Signed envelopes, each holding one chunk frame of ``blob`` and each fitting one MQTT frame,
+    so every part can be retained on its own topic."""
+    frames = split_payload(blob, max_frame - PART_OVERHEAD)
+    return [writer.build(MessageType.ROLLOUT_ARTIFACT, frame, round=i) for i, frame in enumerate(frames)]
+
+
+def read_signed(data: bytes, expect: MessageType, aggregator_id: str, verify_key: bytes) -> Envelope:
+    """A retained message from the aggregator: right type, right sender, valid signature (no clock window)."""
+    env = parse_envelope(data)
+    if env.type != expect:
+        raise RefusedMessage(Refusal.WRONG_TYPE, f"{env.type.value} where a {expect.value} belongs")
+    if env.sender != aggregator_id:
+        raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"{env.sender} is not this device's aggregator")
+    verify_signature(verify_key, env.signed_part(), env.signature)
+    return env
+
+
+def read_manifest(data: bytes, aggregator_id: str, verify_key: bytes) -> RolloutManifest:
+    """The manifest, signed by the aggregator and well-formed (safe relative paths, sha256 per file)."""
+    m = RolloutManifest.decode(read_signed(data, MessageType.ROLLOUT_MANIFEST, aggregator_id, verify_key).payload)
+    if m.stage not in STAGES:
+        raise RefusedMessage(Refusal.MALFORMED, f"rollout stage {m.stage[:20]!r} is not one of {STAGES}")
+    if m.version < 1 or not m.files or set(m.files) != set(m.sizes) or set(m.files) != set(m.parts):
+        raise RefusedMessage(Refusal.MALFORMED, "rollout manifest needs a version >= 1 and sizes and parts per file")
+    for name, sha in m.files.items():
+        path = PurePosixPath(name)
+        if path.is_absolute() or ".." in path.parts or not path.parts or str(path) != name:
+            raise RefusedMessage(Refusal.MALFORMED, f"rollout file name {name[:60]!r} is not a plain relative path")
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise RefusedMessage(Refusal.MALFORMED, f"rollout file {name} has no sha256")
+        if m.sizes[name] < 0 or m.parts[name] < 1:
+            raise RefusedMessage(Refusal.MALFORMED, f"rollout file {name} has a negative size or no parts")
+    if not all(isinstance(c, int) for c in m.clusters) or not all(isinstance(d, str) for d in m.canary):
+        raise RefusedMessage(Refusal.MALFORMED, "rollout clusters are ints and canary devices are ids")
+    return m
+
+
+def check_export(export_dir: Path, base_sha256: str | None = None) -> None:
+    """The default load check: every file matches the export manifest, the export was made from this
+    device's base model (when given), and an ExecuTorch program really loads with its data."""
+    from export_tools.manifest import Manifest, ManifestError
+
+    manifest = Manifest.load(export_dir)
+    for name in manifest.files:
+        manifest.verify_file(export_dir, name)
+    if base_sha256 is not None and manifest.base_sha256 != base_sha256:
+        raise ManifestError(f"exported from base model {manifest.base_sha256[:12]}…, this device runs "
+                            f"{base_sha256[:12]}…")
+    if manifest.format == "executorch":
+        from edge_sdk.executorch_backend import ExecuTorchDenoiser
+
+        ExecuTorchDenoiser(export_dir).close()
+
+
+# ---------------------------------------------------------------- one file being fetched
+class _Fetch:
+    """Collects the retained parts of one file and keeps the file only if it has the signed sha256."""
+
+    def __init__(self, name: str, sha256: str, size: int, dest: Path, aggregator_id: str, verify_key: bytes) -> None:
+        self.name, self.sha256, self.size, self.dest = name, sha256, size, dest
+        self.aggregator_id, self.verify_key = aggregator_id, verify_key
+        self.reassembler = Reassembler(max_message_bytes=max(1, size), max_pending=4)
+        self.done = threading.Event()
+        self.error: RefusedMessage | None = None
+
+    def on_part(self, topic: str, data: bytes) -> None:
+        """Runs on paho's thread; a refusal raised here is counted by the transport."""
+        if not data or self.done.is_set():
+            return
+        env = read_signed(data, MessageType.ROLLOUT_ARTIFACT, self.aggregator_id, self.verify_key)
+        blob = self.reassembler.feed(self.sha256, env.payload) if is_chunk(env.payload) else env.payload
+        if blob is None:
+            return
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != self.sha256 or len(blob) != self.size:
+            self.error = RefusedMessage(Refusal.TAMPERED, f"{self.name} is not the file the signed manifest names "
+                                                          f"(sha256 {digest[:12]}… != {self.sha256[:12]}…)")
+        else:
+            atomic_write_bytes(self.dest, blob)
+        self.done.set()
+
+
+# ---------------------------------------------------------------- the device agent
+class RolloutAgent:
+    """Follows the retained rollout manifest for one device; installs, checks, rolls back, reports.
+
+    ``aggregator`` returns the trusted aggregator ``(id, public keys)`` or None while unknown;
+    ``cluster`` this device's cluster (None before assignment: only fleet-wide rollouts apply).
+    Installs run on the agent's own thread, never on paho's network thread.
+    """
+
+    def __init__(self, transport: MqttTransport, identity: Identity, writer: EnvelopeWriter, data_dir: str | Path, *,
+                 aggregator: Callable[[], tuple[str, PublicIdentity] | None],
+                 cluster: Callable[[], int | None] = lambda: None,
+                 load_check: Check = check_export, health_check: Check | None = None,
+                 on_installed: Callable[[int, Path], None] | None = None,
+                 refusals: RefusalCounter | None = None, fetch_timeout_s: float = 120.0) -> None:
+        self.transport, self.identity, self.writer = transport, identity, writer
+        self.root = Path(data_dir) / "exports"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.aggregator, self.cluster = aggregator, cluster
+        self.load_check, self.health_check, self.on_installed = load_check, health_check, on_installed
+        self.refusals = refusals or transport.refusals
+        self.fetch_timeout_s = fetch_timeout_s
+        self.reports: list[RolloutReport] = []  # what this device reported, in order
+        self._pending: dict[str, bytes] = {}  # manifests that arrived before the aggregator's keys, by topic
+        self._work: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=f"rollout-{writer.sender}", daemon=True)
+
+    @property
+    def device_id(self) -> str:
+        return self.writer.sender
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> "RolloutAgent":
+        """Subscribe before the transport connects, so the retained manifest finds its handler."""
+        self._thread.start()
+        self.transport.subscribe(topics.ROLLOUT_MANIFESTS, self._on_manifest)
+        return self
+
+    def stop(self) -> None:
+        self._work.put(None)
+        self._thread.join(30)
+
+    def retry_pending(self) -> None:
+        """The aggregator's keys just became known: judge the manifest that came before them."""
+        pending, self._pending = self._pending, {}
+        for topic, data in pending.items():
+            self._on_manifest(topic, data)
+
+    # ------------------------------------------------------------ state on disk
+    def pointer(self) -> dict:
+        path = self.root / "current"
+        return json.loads(path.read_text()) if path.exists() else {"version": 0, "previous": 0}
+
+    @property
+    def installed(self) -> int:
+        return int(self.pointer()["version"])
+
+    def current_dir(self) -> Path | None:
+        version = self.installed
+        return self.root / f"v{version}" if version else None
+
+    def failed(self) -> dict[str, str]:
+        path = self.root / "failed.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _point(self, version: int, previous: int) -> None:
+        atomic_write_bytes(self.root / "current", json.dumps({"version": version, "previous": previous}).encode())
+
+    def _remember_failure(self, version: int, reason: str) -> None:
+        failed = self.failed() | {str(version): reason}
+        atomic_write_bytes(self.root / "failed.json", json.dumps(failed).encode())
+
+    # ------------------------------------------------------------ manifest (paho thread)
+    def _on_manifest(self, topic: str, data: bytes) -> None:
+        if not data:  # a cleared retained manifest
+            return
+        trusted = self.aggregator()
+        if trusted is None:
+            self._pending[topic] = data
+            return
+        aggregator_id, keys = trusted
+        self._work.put(read_manifest(data, aggregator_id, keys.verify_key))
+
+    # ------------------------------------------------------------ worker
+    def _run(self) -> None:
+        while True:
+            manifest = self._work.get()
+            if manifest is None:
+                return
+            try:
+                self._consider(manifest)
+            except RefusedMessage as e:
+                self.refusals.record(e, "rollout")
+            except Exception:
+                log.exception("%s: rollout of version %d failed", self.device_id, manifest.version)
+
+    def _targeted(self, m: RolloutManifest) -> bool:
+        if m.stage == "halted" or (m.clusters and self.cluster() not in m.clusters):
+            return False
+        return m.stage == "all" or self.device_id in m.canary
+
+    def _consider(self, m: RolloutManifest) -> None:
+        if not self._targeted(m):
+            return
+        installed = self.installed
+        failed = self.failed()
+        if m.version == installed:  # seen again (reconnect, next stage): say so, the aggregator may have missed it
+            self._report(m.version, True, "")
+        elif str(m.version) in failed:
+            self._report(m.version, False, failed[str(m.version)])
+        elif m.version > installed:
+            self._install(m)
+
+    def _install(self, m: RolloutManifest) -> None:
+        before = self.pointer()
+        previous = int(before["version"])
+        log.info("%s: installing export version %d (running %d)", self.device_id, m.version, previous)
+        staging = self.root / f".staging-v{m.version}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self._fetch(m, staging)
+        except RefusedMessage as e:  # tampered, forged or missing files: nothing was installed
+            self.refusals.record(e, f"rollout v{m.version}")
+            shutil.rmtree(staging, ignore_errors=True)
+            self._report(m.version, False, str(e))
+            return
+        target = self.root / f"v{m.version}"
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        self._point(m.version, previous)  # the swap: one atomic rename of the pointer file
+        try:
+            self.load_check(target)
+            if self.health_check is not None:
+                self.health_check(target)
+        except Exception as e:
+            reason = f"version {m.version} failed its check, rolled back to {previous}: {type(e).__name__}: {e}"
+            log.warning("%s: %s", self.device_id, reason)
+            self._point(previous, int(before["previous"]))
+            shutil.rmtree(target, ignore_errors=True)
+            self._remember_failure(m.version, reason)
+            self._report(m.version, False, reason)
+            return
+        self._prune(keep={m.version, previous})
+        if self.on_installed is not None:
+            self.on_installed(m.version, target)
+        self._report(m.version, True, "")
+
+    def _fetch(self, m: RolloutManifest, staging: Path) -> None:
+        """Every file into ``staging``: copied from a version on disk when the hash matches, else fetched."""
+        aggregator_id, keys = self.aggregator()
+        held = self._held_files()
+        fetches = []
+        for name, sha in sorted(m.files.items()):
+            dest = staging / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if sha in held:
+                shutil.copyfile(held[sha], dest)
+            else:
+                fetches.append(_Fetch(name, sha, m.sizes[name], dest, aggregator_id, keys.verify_key))
+        for f in fetches:
+            self.transport.subscribe(topics.rollout_artifact_parts(f.sha256), f.on_part)
+        deadline = time.monotonic() + self.fetch_timeout_s
+        try:
+            for f in fetches:
+                if not f.done.wait(max(0.0, deadline - time.monotonic())):
+                    raise RefusedMessage(Refusal.UNAVAILABLE, f"{f.name} did not arrive within {self.fetch_timeout_s:.0f} s")
+                if f.error is not None:
+                    raise f.error
+        finally:
+            for f in fetches:
+                self.transport.unsubscribe(topics.rollout_artifact_parts(f.sha256))
+        for name, sha in m.files.items():  # copies included: nothing unverified gets installed
+            if _sha256(staging / name) != sha:
+                raise RefusedMessage(Refusal.TAMPERED, f"{name} does not match the signed manifest")
+
+    def _held_files(self) -> dict[str, Path]:
+        """sha256 -> a file of an installed version, so unchanged files are not fetched again."""
+        held = {}
+        pointer = self.pointer()
+        for version in {pointer["version"], pointer["previous"]} - {0}:
+            d = self.root / f"v{version}"
+            for p in d.rglob("*") if d.exists() else ():
+                if p.is_file():
+                    held[_sha256(p)] = p
+        return held
+
+    def _prune(self, keep: set[int]) -> None:
+        for d in self.root.glob("v*"):
+            if d.is_dir() and d.name[1:].isdigit() and int(d.name[1:]) not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+    # ------------------------------------------------------------ report
+    def _report(self, version: int, ok: bool, reason: str) -> None:
+        trusted = self.aggregator()
+        report = RolloutReport(version, self.installed, ok, reason[:500])
+        self.reports.append(report)
+        sealed = self.identity.encrypt_to(trusted[1].box_key, report.encode())
+        self.transport.publish(topics.rollout_report(self.device_id), self.writer.build(MessageType.STATUS, sealed))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
