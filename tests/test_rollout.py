@@ -108,6 +108,7 @@ class Fleet:
         self.devices: list[Device] = []
         self.assignment: dict[str, int] = {}
         self.extra_topics: list[str] = []
+        self.extra_sessions: list[str] = []
 
     def device(self, cluster: int = 0, health=None, start: bool = True) -> Device:
         d = Device(self, cluster, health)
@@ -138,8 +139,8 @@ class Fleet:
                       for r in records for f in r["files"].values() for i in range(f["parts"])}
         with MqttTransport(MqttConfig(url=self.mqtt_url)) as t:  # retained messages outlive the test otherwise
             t.wait_published([info for topic in sorted(leftovers) for info in t.publish(topic, b"", retain=True)])
-        for d in self.devices:
-            discard_session(self.mqtt_url, f"fedaigc-{d.id}")
+        for client_id in [f"fedaigc-{d.id}" for d in self.devices] + self.extra_sessions:
+            discard_session(self.mqtt_url, client_id)
 
 
 @pytest.fixture
@@ -273,3 +274,30 @@ def test_a_failed_load_rolls_back_and_an_unhealthy_canary_halts_the_rollout(flee
     assert "samples look wrong" in summary["reports"][sick.id]
     assert sick.installed == 1 and all(d.installed == 3 for d in devices[1:])
     wait_until(lambda: fleet.status()["installed"] == {"1": 1, "3": 2}, what="the fleet's versions recorded")
+
+
+def test_a_federated_session_installs_a_rollout_and_samples_through_it(fleet, exports, tiny, tmp_path):  # noqa: F811
+    """The SDK path: an EdgeClient's session enrols, takes version 1, and generates through the installed program."""
+    import torch
+
+    from edge_sdk import DeviceConfig, EdgeClient, LocalData
+    from edge_sdk.session import FederatedSession
+
+    _, base_path, _ = tiny
+    client = EdgeClient(DeviceConfig(data_dir=tmp_path / "sdk-device", device_id=f"sdk-{uuid.uuid4().hex[:8]}",
+                                     profile="simulator", quantization="none", base_model=base_path,
+                                     enrolment_token="fedaigc-demo-token", inference_backend="executorch",
+                                     export_dir=exports["v2"]))  # the export the app shipped with
+    data = LocalData(torch.rand(4, 1, 16, 16), ("a bold 7",) * 4)
+    session = FederatedSession(client, data, MqttConfig(url=fleet.mqtt_url, session_expiry_s=30))
+    fleet.extra_sessions.append(f"fedaigc-{client.device_id}")
+    try:
+        session.start()
+        assert session.enrolled.wait(30)
+        code, summary = fleet.rollout(exports["v1"], "all", "--wait", "30")
+        assert code == 0 and summary["reports"] == {client.device_id: "ok"}
+        assert client.config.export_dir == session.rollout.current_dir() == session.rollout.root / "v1"
+        images = client.generate("a bold 7", n=2, steps=2)
+        assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    finally:
+        session.stop()
