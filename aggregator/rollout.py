@@ -23,7 +23,8 @@ aggregator; ``read_report`` opens them for both this command and the daemon, whi
 records every device's installed version for ``fedaigc status``.
 
 State (key ``rollout`` of the store): the next version number, the live manifest per
-target and the last attempt with its outcome.
+target and the last attempt with its outcome; each device's latest report under
+``rollout_report/{device}``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from edge_sdk.transport import MqttTransport
 log = logging.getLogger("fedaigc.rollout")
 
 ALL = "all"
+REPORTS = "rollout_report/"  # state key prefix of each device's latest report
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,9 @@ def read_report(verifier: EnvelopeVerifier, identity: Identity, store: StateStor
 
 
 def record_report(store: StateStore, device: str, report: RolloutReport) -> None:
-    """The device's latest report, for ``fedaigc status``."""
-    reports = store.get("rollout_reports", {})
-    reports[device] = {"version": report.version, "installed": report.installed, "ok": report.ok,
-                       "reason": report.reason, "at": time.time()}
-    store.put("rollout_reports", reports)
+    """The device's latest report, for ``fedaigc status`` (one row per device: ``REPORTS`` + id)."""
+    store.put(REPORTS + device, {"version": report.version, "installed": report.installed, "ok": report.ok,
+                                 "reason": report.reason, "at": time.time()})
 
 
 def manifest_of(record: dict, stage: str) -> RolloutManifest:

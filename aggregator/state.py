@@ -132,6 +132,12 @@ class StateStore:
         with self.transaction() as c:
             self.execute(c, sql, (key, json.dumps(value)))
 
+    def get_prefixed(self, prefix: str) -> dict:
+        """Every value whose key starts with ``prefix``, by the rest of the key: records kept one row
+        per device, so recording one device's never rewrites the others'."""
+        rows = self.query("SELECT key, value FROM kv WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))
+        return {k[len(prefix):]: json.loads(v) for k, v in rows}
+
     # -------------------------------------------------------------- tokens & devices
     def add_token(self, token: str, label: str = "") -> None:
         with self.transaction() as cur:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from aggregator.rollout import REPORTS
 from aggregator.state import open_store
 
 
@@ -33,7 +34,7 @@ def read_status(state_url: str) -> dict:
             },
             "privacy": store.get("privacy", {}),
             "versions": store.get("versions", {}),
-            "rollout": rollout_status(store.get("rollout"), store.get("rollout_reports", {})),
+            "rollout": rollout_status(store.get("rollout"), store.get_prefixed(REPORTS)),
         }
     finally:
         store.close()

@@ -125,6 +125,7 @@ class _Fetch:
         self.aggregator_id, self.verify_key = aggregator_id, verify_key
         self.reassembler = Reassembler(max_message_bytes=max(1, size), max_pending=4)
         self.done = threading.Event()
+        self.blob: bytes | None = None  # the verified file; the agent's thread writes it, not paho's
         self.error: RefusedMessage | None = None
 
     def on_part(self, topic: str, data: bytes) -> None:
@@ -140,7 +141,7 @@ class _Fetch:
             self.error = RefusedMessage(Refusal.TAMPERED, f"{self.name} is not the file the signed manifest names "
                                                           f"(sha256 {digest[:12]}… != {self.sha256[:12]}…)")
         else:
-            atomic_write_bytes(self.dest, blob)
+            self.blob = blob
         self.done.set()
 
 
@@ -312,6 +313,7 @@ class RolloutAgent:
                     raise RefusedMessage(Refusal.UNAVAILABLE, f"{f.name} did not arrive within {self.fetch_timeout_s:.0f} s")
                 if f.error is not None:
                     raise f.error
+                atomic_write_bytes(f.dest, f.blob)
         finally:
             for f in fetches:
                 self.transport.unsubscribe(topics.rollout_artifact_parts(f.sha256))
