@@ -145,11 +145,15 @@ def summarize(runs: dict, cfg: FleetConfig, smallest_style: str) -> dict:
         np.mean([runs["ours"][s]["curves"][cfg.rounds]["styles"][st]["frechet"]
                  / runs["central"][s]["curves"][cfg.rounds]["styles"][st]["frechet"]
                  for st in runs["ours"][s]["curves"][cfg.rounds]["styles"]]) for s in seeds]))
-    small_gain = float(np.mean([runs["ours"][s]["curves"][cfg.rounds]["styles"][smallest_style]["style_acc"]
-                                - runs["ours_intra"][s]["curves"][cfg.rounds]["styles"][smallest_style]["style_acc"]
-                                for s in seeds]))
+    def small(m, s, key):
+        return runs[m][s]["curves"][cfg.rounds]["styles"][smallest_style][key]
+
+    small_gain = {k: [small("ours", s, k) - small("ours_intra", s, k) for s in seeds] for k in ("style_acc", "digit_acc")}
+    small_frechet = [small("ours", s, "frechet") / small("ours_intra", s, "frechet") for s in seeds]
     return {
         "final": final,
+        "final_sd": {m: {k: float(np.std([mean_over_styles(runs[m][s]["curves"][cfg.rounds], k) for s in seeds]))
+                         for k in ("style_acc", "digit_acc", "frechet")} for m in runs},
         "target_style_acc": central_target,
         "rounds_to_target": {m: rounds_needed[m] for m in runs},
         "rounds_ratio_vs_fedavg": (ours_r / fedavg_r) if math.isfinite(fedavg_r) else None,
@@ -159,7 +163,11 @@ def summarize(runs: dict, cfg: FleetConfig, smallest_style: str) -> dict:
         "ari": float(np.mean([runs["ours"][s]["ari"] for s in seeds])),
         "ari_text_only": float(np.mean([runs["ours"][s]["ari_text"] for s in seeds])),
         "small_cluster_style": smallest_style,
-        "small_cluster_gain": small_gain,
+        "small_cluster_gain": float(np.mean(small_gain["style_acc"])),
+        "small_cluster_gain_per_seed": small_gain["style_acc"],
+        "small_cluster_digit_gain": float(np.mean(small_gain["digit_acc"])),
+        "small_cluster_frechet_ratio": float(np.mean(small_frechet)),
+        "small_cluster_frechet_ratio_per_seed": small_frechet,
         "bytes_total": {m: float(np.mean([cumulative_bytes(runs[m][s], cfg.rounds)[-1] for s in seeds])) for m in runs},
     }
 
@@ -204,8 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 8 devices, 3 rounds (<= 5 min)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--local-steps", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--local-steps", type=int, default=12)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
     parser.add_argument("--out", default=str(RESULTS / "federation.json"))
@@ -216,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         seeds = [0]
     else:
         cfg = FleetConfig(devices=12, styles=4, sizes=(4, 3, 3, 2), rounds=args.rounds, local_steps=args.local_steps,
-                          eval_samples=48, eval_steps=10, mqtt_url=args.mqtt_url, task_noise=0.3)
+                          eval_samples=32, eval_steps=8, mqtt_url=args.mqtt_url, task_noise=0.3)
         seeds = list(range(args.seeds))
     methods = [m for m in args.methods.split(",") if m]
     smallest = _personas(cfg)[-1].style

@@ -29,13 +29,13 @@ from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.identity import PublicIdentity, seal_to
 from edge_sdk.messages import (
+    SEEDED_CODEC,
     ClusterAssign,
     DeviceStatus,
     Enrol,
     EnrolAck,
     GenerateRequest,
     GenerateResult,
-    SEEDED_CODEC,
     RoundStart,
     SeededAdapter,
     UpdateAck,
