@@ -20,7 +20,8 @@ adapter changed) are copied locally instead of fetched.
 On disk, under ``{data_dir}/exports/``::
 
     v{N}/             one directory per version: the current one and the previous one are kept
-    current           {"version": N, "previous": M}, written atomically (edge_sdk.atomic)
+    current           {"version": N, "previous": M}, written atomically (edge_sdk.atomic); while N is
+                      being checked it also says "checking", so a crash mid-check rolls back at start
     failed.json       {version: reason} of versions whose check failed here (never retried)
     .staging-v{N}/    files of a version being fetched
 
@@ -50,6 +51,7 @@ from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.identity import Identity, PublicIdentity, verify_signature
 from edge_sdk.messages import RolloutManifest, RolloutReport
 from edge_sdk.transport import MqttTransport
+from export_tools.ptd import sha256_file
 
 log = logging.getLogger("fedaigc.rollout")
 
@@ -179,6 +181,7 @@ class RolloutAgent:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "RolloutAgent":
         """Subscribe before the transport connects, so the retained manifest finds its handler."""
+        self._recover()
         self._thread.start()
         self.transport.subscribe(topics.ROLLOUT_MANIFESTS, self._on_manifest)
         return self
@@ -210,8 +213,21 @@ class RolloutAgent:
         path = self.root / "failed.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def _point(self, version: int, previous: int) -> None:
-        atomic_write_bytes(self.root / "current", json.dumps({"version": version, "previous": previous}).encode())
+    def _point(self, version: int, previous: int, checking: bool = False) -> None:
+        pointer = {"version": version, "previous": previous} | ({"checking": True} if checking else {})
+        atomic_write_bytes(self.root / "current", json.dumps(pointer).encode())
+
+    def _recover(self) -> None:
+        """A version whose check never finished (the device stopped, or the check crashed the process)
+        counts as failed: back to the previous version, never retried."""
+        pointer = self.pointer()
+        if pointer.get("checking"):
+            version, previous = int(pointer["version"]), int(pointer["previous"])
+            self._point(previous, 0)
+            shutil.rmtree(self.root / f"v{version}", ignore_errors=True)
+            self._remember_failure(version, f"version {version} was still being checked when the device stopped; "
+                                            f"rolled back to {previous}")
+            log.warning("%s: version %d never finished its check; rolled back to %d", self.device_id, version, previous)
 
     def _remember_failure(self, version: int, reason: str) -> None:
         failed = self.failed() | {str(version): reason}
@@ -274,7 +290,7 @@ class RolloutAgent:
         target = self.root / f"v{m.version}"
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
-        self._point(m.version, previous)  # the swap: one atomic rename of the pointer file
+        self._point(m.version, previous, checking=True)  # the swap: one atomic rename of the pointer file
         try:
             self.load_check(target)
             if self.health_check is not None:
@@ -287,6 +303,7 @@ class RolloutAgent:
             self._remember_failure(m.version, reason)
             self._report(m.version, False, reason)
             return
+        self._point(m.version, previous)
         self._prune(keep={m.version, previous})
         if self.on_installed is not None:
             self.on_installed(m.version, target)
@@ -310,7 +327,8 @@ class RolloutAgent:
         try:
             for f in fetches:
                 if not f.done.wait(max(0.0, deadline - time.monotonic())):
-                    raise RefusedMessage(Refusal.UNAVAILABLE, f"{f.name} did not arrive within {self.fetch_timeout_s:.0f} s")
+                    raise RefusedMessage(Refusal.UNAVAILABLE,
+                                         f"{f.name} did not arrive within {self.fetch_timeout_s:.0f} s")
                 if f.error is not None:
                     raise f.error
                 atomic_write_bytes(f.dest, f.blob)
@@ -318,7 +336,7 @@ class RolloutAgent:
             for f in fetches:
                 self.transport.unsubscribe(topics.rollout_artifact_parts(f.sha256))
         for name, sha in m.files.items():  # copies included: nothing unverified gets installed
-            if _sha256(staging / name) != sha:
+            if sha256_file(staging / name) != sha:
                 raise RefusedMessage(Refusal.TAMPERED, f"{name} does not match the signed manifest")
 
     def _held_files(self) -> dict[str, Path]:
@@ -329,12 +347,13 @@ class RolloutAgent:
             d = self.root / f"v{version}"
             for p in d.rglob("*") if d.exists() else ():
                 if p.is_file():
-                    held[_sha256(p)] = p
+                    held[sha256_file(p)] = p
         return held
 
     def _prune(self, keep: set[int]) -> None:
-        for d in self.root.glob("v*"):
-            if d.is_dir() and d.name[1:].isdigit() and int(d.name[1:]) not in keep:
+        """Versions other than ``keep``, and staging left by an interrupted fetch."""
+        for d in [*self.root.glob("v*"), *self.root.glob(".staging-v*")]:
+            if d.is_dir() and d.name.rsplit("v", 1)[1].isdigit() and int(d.name.rsplit("v", 1)[1]) not in keep:
                 shutil.rmtree(d, ignore_errors=True)
 
     # ------------------------------------------------------------ report
@@ -345,10 +364,3 @@ class RolloutAgent:
         sealed = self.identity.encrypt_to(trusted[1].box_key, report.encode())
         self.transport.publish(topics.rollout_report(self.device_id), self.writer.build(MessageType.STATUS, sealed))
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -72,12 +72,17 @@ class Device:
         self.health = health
         pub = self.identity.public
         fleet.service.store.enrol(self.id, pub.verify_key, pub.box_key, "test", "fedaigc-demo-token")
-        self.transport = MqttTransport(MqttConfig(url=fleet.mqtt_url, client_id=f"fedaigc-{self.id}",
-                                                  session_expiry_s=30))
-        agg = fleet.service
+        self.mqtt = MqttConfig(url=fleet.mqtt_url, client_id=f"fedaigc-{self.id}", session_expiry_s=30)
+        self.data_dir, self.cluster = fleet.tmp / self.id, cluster
+        self.trusted = (fleet.service.config.aggregator_id, fleet.service.identity.public)
+        self._make()
+
+    def _make(self) -> None:
+        """A fresh connection and agent over the same keys and data directory (a device app starting)."""
+        self.transport = MqttTransport(self.mqtt)
         self.agent = RolloutAgent(self.transport, self.identity, EnvelopeWriter(self.identity, self.id),
-                                  fleet.tmp / self.id, aggregator=lambda: (agg.config.aggregator_id, agg.identity.public),
-                                  cluster=lambda: cluster, health_check=self._health, fetch_timeout_s=20)
+                                  self.data_dir, aggregator=lambda: self.trusted, cluster=lambda: self.cluster,
+                                  health_check=self._health, fetch_timeout_s=20)
 
     def _health(self, export_dir: Path) -> None:
         self.checked.append((time.monotonic(), export_dir))
@@ -92,6 +97,11 @@ class Device:
     def stop(self) -> None:
         self.agent.stop()
         self.transport.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self._make()
+        self.start()
 
     @property
     def installed(self) -> int:
@@ -274,6 +284,21 @@ def test_a_failed_load_rolls_back_and_an_unhealthy_canary_halts_the_rollout(flee
     assert "samples look wrong" in summary["reports"][sick.id]
     assert sick.installed == 1 and all(d.installed == 3 for d in devices[1:])
     wait_until(lambda: fleet.status()["installed"] == {"1": 1, "3": 2}, what="the fleet's versions recorded")
+
+
+def test_a_version_whose_check_never_finished_counts_as_failed_after_a_restart(fleet, exports):
+    device = fleet.device()
+    assert fleet.rollout(exports["v1"], "all", "--wait", "30")[0] == 0
+    device.stop()  # ... as if the process died while checking version 2 (a crashing load, a power cut)
+    shutil.copytree(device.agent.current_dir(), device.agent.root / "v2")
+    (device.agent.root / "current").write_text(json.dumps({"version": 2, "previous": 1, "checking": True}))
+
+    device.restart()
+    assert device.installed == 1 and not (device.agent.root / "v2").exists()
+    assert "still being checked" in device.agent.failed()["2"]
+    code, summary = fleet.rollout(exports["v2"], "all", "--wait", "30")  # version 2 for real: not retried
+    assert code == 0 and "still being checked" in summary["reports"][device.id]
+    assert device.installed == 1 and len(device.checked) == 1
 
 
 def test_a_federated_session_installs_a_rollout_and_samples_through_it(fleet, exports, tiny, tmp_path):  # noqa: F811
