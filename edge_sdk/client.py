@@ -115,6 +115,7 @@ class EdgeClient:
             # B starts at zero, so a fresh personal adapter changes nothing until trained
         self.shared_version = 0
         self._executorch = None  # the exported program (inference_backend="executorch"), loaded on first use
+        self._trainer = None  # the exported training program (training_backend="executorch"), loaded on first use
         self.load()
 
     # ---------------------------------------------------------------- identity
@@ -251,17 +252,38 @@ class EdgeClient:
                steps: int, seed: int) -> None:
         if steps == 0:
             return
+        config = TrainConfig(steps=steps, batch_size=self.config.effective("batch_size"), lr=self.config.lr, seed=seed)
+        if self.config.training_backend == "executorch":  # config allows it only for the shared adapter alone
+            self._train_exported(images, encodings, config)
+            return
         set_mix(self.unet, mix)
         params = [p for n, p in self.unet.named_parameters() if any(f".{a}." in n for a in names)]
         for p in params:
             p.requires_grad_(True)
         try:
-            train_denoiser(self.unet, params, images, encodings,
-                           TrainConfig(steps=steps, batch_size=self.config.effective("batch_size"), lr=self.config.lr,
-                                       seed=seed))
+            train_denoiser(self.unet, params, images, encodings, config)
         finally:
             for p in params:
                 p.requires_grad_(False)
+
+    def _train_exported(self, images: torch.Tensor, encodings: torch.Tensor, config: TrainConfig) -> None:
+        """Train the shared adapter through the exported training program, then take its result back.
+
+        Same data, noise, timesteps and AdamW as the eager trainer; the program holds a full-precision
+        copy of the base, so an int8 device trains against fp32 weights here.
+        """
+        from edge_sdk.executorch_training import ExecuTorchTrainer
+
+        if self._trainer is None:
+            self._trainer = ExecuTorchTrainer.for_device(self.config)
+        peft = self.unet.peft_config[SHARED]
+        if self._trainer.rank != peft.r or self._trainer.scale != peft.lora_alpha / peft.r:
+            raise ValueError(f"the training program holds a rank-{self._trainer.rank} adapter (scale "
+                             f"{self._trainer.scale}); the shared adapter has rank {peft.r}: export it again "
+                             f"with --lora-rank {peft.r}")
+        self._trainer.set_adapter(get_adapter_state(self.unet, SHARED))
+        self._trainer.train(images, encodings, config)
+        set_adapter_state(self.unet, SHARED, self._trainer.adapter_state())
 
     def check_memory(self, batch_size: int) -> None:
         """Fail before training if the step would not fit the profile's memory budget."""

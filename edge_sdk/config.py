@@ -27,6 +27,7 @@ QUANTIZATION_MODES = ("int8", "none")
 # "none" is the default; "dual" trades the cluster's quality for ~2% on the device's own Fréchet.
 PERSONALIZATION_MODES = ("none", "dual", "residual")
 INFERENCE_BACKENDS = ("eager", "executorch")
+TRAINING_BACKENDS = ("eager", "executorch")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class DeviceConfig:
     base_model: Path = BASE_MODEL_DIR
     inference_backend: str = "eager"  # "executorch": sample through export_dir's program (executorch_backend.py)
     export_dir: Path | None = None  # a `fedaigc export --format executorch` directory built from base_model
+    training_backend: str = "eager"  # "executorch": train the shared adapter through training_export_dir's program
+    training_export_dir: Path | None = None  # a `fedaigc export --format executorch-training` directory (same base)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -124,6 +127,16 @@ class DeviceConfig:
             raise ValueError("inference_backend='executorch' needs export_dir (`fedaigc export --format executorch`)")
         if self.export_dir is not None:
             object.__setattr__(self, "export_dir", Path(self.export_dir))
+        if self.training_backend not in TRAINING_BACKENDS:
+            raise ValueError(f"training_backend must be one of {TRAINING_BACKENDS}, got {self.training_backend!r}")
+        if self.training_backend == "executorch":
+            if self.training_export_dir is None:
+                raise ValueError("training_backend='executorch' needs training_export_dir "
+                                 "(`fedaigc export --format executorch-training`)")
+            if self.personalization != "none":  # the program has one trainable adapter: the shared one
+                raise ValueError("training_backend='executorch' trains the shared adapter only; "
+                                 f"personalization={self.personalization!r} needs the eager trainer")
+            object.__setattr__(self, "training_export_dir", Path(self.training_export_dir))
 
     def effective(self, name: str):
         """The override if the app set one, else the profile's value."""

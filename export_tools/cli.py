@@ -4,11 +4,14 @@
     fedaigc export --format executorch --adapter-file a=a.safetensors --adapter-file b=b.safetensors \\
         --mix a=0.5,b=0.5 --quantize int8 --out out/
     fedaigc export --format coreml --adapter-file a.safetensors --adapter-file b.safetensors --out out/
+    fedaigc export --format executorch-training --lora-rank 2 --batch 16 --out out/train
 
 Adapter files are safetensors in peft naming (``<module>.lora_A.weight``), as the edge
 SDK's adapter store writes them (its ``version``/``sha256`` metadata is checked when
 present). ``NAME=PATH`` names an adapter; otherwise the file's stem is its name. With no
 adapter the base model alone is exported (its ExecuTorch slot is empty but swappable).
+``executorch-training`` writes the LoRA training step (``export_tools.training``) a device
+trains its local rounds with; it takes no adapter (the device writes its own each round).
 This module imports nothing heavy, so ``fedaigc --help`` stays instant.
 """
 
@@ -18,9 +21,10 @@ import argparse
 import json
 from pathlib import Path
 
-FORMATS = ("executorch", "coreml")
-DEFAULT_QUANTIZE = {"executorch": "fp32", "coreml": "fp16"}
-QUANTIZE_CHOICES = {"executorch": ("fp32", "int8"), "coreml": ("fp16", "palettize", "int8")}
+FORMATS = ("executorch", "coreml", "executorch-training")
+DEFAULT_QUANTIZE = {"executorch": "fp32", "coreml": "fp16", "executorch-training": "fp32"}
+QUANTIZE_CHOICES = {"executorch": ("fp32", "int8"), "coreml": ("fp16", "palettize", "int8"),
+                    "executorch-training": ("fp32",)}
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +40,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16, help="rows per call the program is built for (default: 16)")
     p.add_argument("--slot-rank", type=int, default=8,
                    help="executorch: rank of the swappable adapter slot (default: 8)")
+    p.add_argument("--lora-rank", type=int, default=2,
+                   help="executorch-training: rank of the trainable adapter (the fleet's shared rank; default: 2)")
     p.add_argument("--no-measure", action="store_true", help="executorch: skip the parity/latency measurement")
 
 
@@ -98,8 +104,16 @@ def run_export(args: argparse.Namespace) -> int:
     for name in mix or {}:
         if name not in adapters:
             raise SystemExit(f"adapter {name!r} has no --adapter-file; given: {sorted(adapters) or 'none'}")
+    if args.format == "executorch-training" and (adapters or mix):
+        raise SystemExit("--format executorch-training takes no adapter: the device writes its own each round")
     base = load_base_unet(args.base_model or BASE_MODEL_DIR)
-    if args.format == "executorch":
+    if args.format == "executorch-training":
+        from export_tools.training import export_training
+        from models.lora import LoraSpec
+
+        manifest = export_training(base, args.out, spec=LoraSpec(rank=args.lora_rank), batch=args.batch,
+                                   measure=not args.no_measure)
+    elif args.format == "executorch":
         from export_tools.executorch import export_executorch
 
         if mix is None:

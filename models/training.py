@@ -3,7 +3,7 @@ baseline and on-device LoRA rounds (which differ only in *which* parameters trai
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +39,29 @@ class TrainConfig:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
 
 
+def noised_batch(
+    images01: torch.Tensor,
+    encodings: torch.Tensor,
+    scheduler: DDPMScheduler,
+    generator: torch.Generator,
+    p_uncond: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_t, t, encodings, noise)``: the DDPM objective's random draws, apart from the network.
+
+    Split out so an exported training program (which takes these four tensors as inputs)
+    sees exactly the draws the eager trainer makes from the same generator.
+    """
+    x0 = to_model_range(images01)
+    n = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+    xt = scheduler.add_noise(x0, noise, t)
+    if p_uncond > 0:
+        keep = (torch.rand(n, generator=generator) >= p_uncond).float()[:, None]
+        encodings = encodings * keep
+    return xt, t, encodings, noise
+
+
 def diffusion_loss(
     unet: torch.nn.Module,
     images01: torch.Tensor,
@@ -48,14 +71,7 @@ def diffusion_loss(
     p_uncond: float = 0.0,
 ) -> torch.Tensor:
     """Epsilon-prediction MSE at uniformly drawn timesteps (the DDPM objective)."""
-    x0 = to_model_range(images01)
-    n = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
-    xt = scheduler.add_noise(x0, noise, t)
-    if p_uncond > 0:
-        keep = (torch.rand(n, generator=generator) >= p_uncond).float()[:, None]
-        encodings = encodings * keep
+    xt, t, encodings, noise = noised_batch(images01, encodings, scheduler, generator, p_uncond)
     return F.mse_loss(denoise(unet, xt, t, encodings), noise)
 
 
@@ -72,21 +88,30 @@ def evaluation_loss(unet: torch.nn.Module, images01: torch.Tensor, encodings: to
     return total / repeats
 
 
-def train_denoiser(
-    unet: torch.nn.Module,
-    params: Iterable[torch.nn.Parameter],
+# One training step given a noised batch: computes the loss, leaves each parameter's gradient
+# in its ``.grad`` and returns the loss value.
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], float]
+
+
+def train_steps(
+    step: StepFn,
+    params: list[torch.Tensor],
     images01: torch.Tensor,
     encodings: torch.Tensor,
     config: TrainConfig,
     progress: bool = False,
     description: str = "training",
 ) -> list[float]:
-    """Train ``params`` of ``unet`` on (image, encoding) pairs; returns the loss of every step."""
+    """The loop every trainer shares: batches, noise and timesteps from ``config.seed``, clipping, AdamW.
+
+    ``step`` supplies the forward and backward pass (eager autograd, or an exported
+    ExecuTorch training program), so both backends see identical data and updates and
+    differ only in how the gradients are computed.
+    """
     if images01.shape[0] != encodings.shape[0]:
         raise ValueError(f"{images01.shape[0]} images but {encodings.shape[0]} encodings")
     if images01.shape[0] == 0:
         raise ValueError("cannot train on an empty dataset")
-    params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters were given")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -99,17 +124,38 @@ def train_denoiser(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc=description, leave=False)
-    unet.train()
     for _ in steps:
         idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
-        loss = diffusion_loss(unet, images01[idx], encodings[idx], scheduler, generator, config.p_uncond)
+        batch = noised_batch(images01[idx], encodings[idx], scheduler, generator, config.p_uncond)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.append(step(*batch))
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
-        losses.append(loss.item())
         if progress:
             steps.set_postfix(loss=f"{losses[-1]:.4f}")
-    unet.eval()
     return losses
+
+
+def train_denoiser(
+    unet: torch.nn.Module,
+    params: Iterable[torch.nn.Parameter],
+    images01: torch.Tensor,
+    encodings: torch.Tensor,
+    config: TrainConfig,
+    progress: bool = False,
+    description: str = "training",
+) -> list[float]:
+    """Train ``params`` of ``unet`` on (image, encoding) pairs; returns the loss of every step."""
+    params = [p for p in params if p.requires_grad]
+
+    def step(xt: torch.Tensor, t: torch.Tensor, enc: torch.Tensor, noise: torch.Tensor) -> float:
+        loss = F.mse_loss(denoise(unet, xt, t, enc), noise)
+        loss.backward()
+        return loss.item()
+
+    unet.train()
+    try:
+        return train_steps(step, params, images01, encodings, config, progress, description)
+    finally:
+        unet.eval()
