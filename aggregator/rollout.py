@@ -41,7 +41,7 @@ from aggregator.enrolment import verify_key_of
 from aggregator.state import StateStore
 from edge_sdk import topics
 from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
-from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
+from edge_sdk.errors import Refusal, RefusedMessage
 from edge_sdk.identity import Identity
 from edge_sdk.messages import RolloutManifest, RolloutReport
 from edge_sdk.rollout import artifact_parts
@@ -128,7 +128,6 @@ class Rollout:
     def __init__(self, transport: MqttTransport, identity: Identity, aggregator_id: str, store: StateStore) -> None:
         self.transport, self.identity, self.store = transport, identity, store
         self.writer = EnvelopeWriter(identity, aggregator_id)
-        self.refusals: RefusalCounter = transport.refusals
         self.verifier = EnvelopeVerifier(lambda sender: verify_key_of(store, sender))
         self._reports: dict[str, RolloutReport] = {}
         self._cond = threading.Condition()

@@ -190,7 +190,7 @@ class RolloutManifest(Body):
     """The version of an export the fleet (or part of it) should run; retained, signed by the aggregator."""
     kind: ClassVar[str] = "rollout_manifest"
     version: int                # increases with every rollout; a device never installs a version twice
-    stage: str                  # "canary": only the devices in ``canary``; "all": every targeted device; "halted"
+    stage: str                  # "canary": only the devices in ``canary``; "all": every targeted device
     clusters: list              # cluster ids targeted (ints); empty: every device
     canary: list                # device ids that get the version first (stage "canary")
     files: dict[str, str]       # relative path in the export directory -> sha256

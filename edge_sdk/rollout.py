@@ -55,7 +55,7 @@ from export_tools.ptd import sha256_file
 
 log = logging.getLogger("fedaigc.rollout")
 
-STAGES = ("canary", "all", "halted")
+STAGES = ("canary", "all")
 PART_OVERHEAD = 512  # envelope fields around a part's chunk frame (sender id <= 128 characters, signature, ...)
 
 Check = Callable[[Path], None]
@@ -258,7 +258,7 @@ class RolloutAgent:
                 log.exception("%s: rollout of version %d failed", self.device_id, manifest.version)
 
     def _targeted(self, m: RolloutManifest) -> bool:
-        if m.stage == "halted" or (m.clusters and self.cluster() not in m.clusters):
+        if m.clusters and self.cluster() not in m.clusters:
             return False
         return m.stage == "all" or self.device_id in m.canary
 
