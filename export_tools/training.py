@@ -234,7 +234,7 @@ def eager_gradients(unet: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> t
     grads = {n.replace(f".{SLOT}.", "."): p.grad.detach().clone() for n, p in params.items()}
     for p in params.values():
         p.grad = None
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def measure_training(out_dir: Path, unet: torch.nn.Module, batch: tuple[torch.Tensor, ...],
