@@ -21,7 +21,7 @@ from models.lora import (
     adapter_names,
     add_adapter,
     delete_adapter,
-    get_adapter_state,
+    draw_adapter,
     set_adapter_state,
     set_mix,
 )
@@ -63,11 +63,7 @@ class GlobalModel:
         """A fresh adapter, deterministic for ``seed``: A random, B zero (no effect yet) unless
         ``b_std`` > 0 asks for small random B too (IFCA's k starting points must differ)."""
         with self._lock:
-            add_adapter(self.unet, "init", self.spec, seed=seed)
-            try:
-                state = get_adapter_state(self.unet, "init")
-            finally:
-                delete_adapter(self.unet, "init")
+            state = draw_adapter(self.unet, self.spec, seed)
         if b_std > 0:
             g = torch.Generator().manual_seed(seed)
             state = {k: torch.randn(v.shape, generator=g) * b_std if ".lora_B." in k else v for k, v in state.items()}

@@ -67,10 +67,9 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
     import torch
 
     from edge_sdk import topics
-    from edge_sdk.compression import make_codec
     from edge_sdk.envelope import EnvelopeVerifier, MessageType
     from edge_sdk.identity import PublicIdentity
-    from edge_sdk.lite import LiteDevice
+    from edge_sdk.lite import LiteDevice, start_adapter
     from edge_sdk.messages import RoundStart, UpdateAck
 
     keys = PublicIdentity(verify_key, box_key)
@@ -134,7 +133,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
         conn.send(("enrolled", len(devices)))
         wait_all(devices, MessageType.ROUND_START, 600)
         starts = [RoundStart.decode(d.wait_for(MessageType.ROUND_START)[0][1]) for d in devices]
-        make_codec(starts[0].codec).decode(starts[0].adapter, shapes)  # the round start carries our adapter
+        start_adapter(starts[0], shapes)  # the round start carries our adapter (round 1: as its seed)
         envelopes = []
         for i, (d, start) in enumerate(zip(devices, starts)):
             g = torch.Generator().manual_seed(seed * 100_003 + i)

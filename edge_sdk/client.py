@@ -40,6 +40,7 @@ from models.lora import (
     adapter_names,
     add_adapter,
     delete_adapter,
+    draw_adapter,
     get_adapter_state,
     set_adapter_state,
     set_mix,
@@ -237,12 +238,7 @@ class EdgeClient:
     def seeded_adapter(self, seed: int, rank: int) -> dict[str, torch.Tensor]:
         """The fresh shared-shaped adapter ``add_adapter`` draws from ``seed`` (what the aggregator
         sends as a seed instead of tensors); drawn on a scratch slot, ours untouched."""
-        scratch = "_seeded"
-        add_adapter(self.unet, scratch, LoraSpec(rank=rank, target_modules=self.shared_spec.target_modules), seed=seed)
-        try:
-            return get_adapter_state(self.unet, scratch)
-        finally:
-            delete_adapter(self.unet, scratch)
+        return draw_adapter(self.unet, LoraSpec(rank=rank, target_modules=self.shared_spec.target_modules), seed)
 
     def default_mix(self) -> dict[str, float]:
         """Shared adapter, plus the personal one where this device has it."""

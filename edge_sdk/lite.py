@@ -11,25 +11,53 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from functools import lru_cache
 
 import numpy as np
 import torch
 
 from edge_sdk import topics
-from edge_sdk.compression import make_codec
+from edge_sdk.compression import decode_payload, make_codec
 from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
+from edge_sdk.errors import Refusal, RefusedMessage
 from edge_sdk.identity import Identity, PublicIdentity, seal_to
 from edge_sdk.messages import (
+    SEEDED_CODEC,
     Enrol,
     GenerateRequest,
     GenerateResult,
     RoundStart,
+    SeededAdapter,
     UpdateAck,
     UpdateBody,
     read_signed_keys,
 )
-from edge_sdk.tensors import pack_tensors, unpack_tensors
+from edge_sdk.tensors import Shapes, pack_tensors, unpack_tensors, values_digest
 from edge_sdk.transport import MqttConfig, MqttTransport
+
+
+def start_adapter(start: RoundStart, shapes: Shapes) -> dict[str, torch.Tensor]:
+    """The adapter a round start carries whole: encoded, or as the seed to draw it from.
+
+    A delta needs the adapter it applies to, which a model-less device does not keep.
+    """
+    if start.base_version >= 0:
+        raise ValueError(f"round {start.round} carries a delta against version {start.base_version}")
+    if start.codec != SEEDED_CODEC:
+        return decode_payload(start.codec, start.adapter, shapes)
+    seeded = SeededAdapter.decode(start.adapter)
+    adapter = _drawn(start.rank, seeded.seed)
+    if values_digest(adapter) != seeded.digest:
+        raise RefusedMessage(Refusal.BAD_TENSORS, f"the adapter drawn from seed {seeded.seed} differs from the sender's")
+    return {k: v.clone() for k, v in adapter.items()}
+
+
+@lru_cache(maxsize=4)
+def _drawn(rank: int, seed: int) -> dict[str, torch.Tensor]:
+    from models.lora import LoraSpec, draw_adapter
+    from models.unet import load_base_unet
+
+    return draw_adapter(load_base_unet(), LoraSpec(rank=rank), seed)
 
 
 class LiteDevice:

@@ -65,6 +65,17 @@ def add_adapter(unet: torch.nn.Module, name: str, spec: LoraSpec, seed: int = 0)
         unet.add_adapter(spec.to_peft(), adapter_name=name)
 
 
+def draw_adapter(unet: torch.nn.Module, spec: LoraSpec, seed: int) -> dict[str, torch.Tensor]:
+    """The fresh adapter ``add_adapter`` draws for ``seed``, drawn on a scratch slot and removed
+    again: what an aggregator and a device each compute to agree on round 1 without sending it."""
+    scratch = "_drawn"
+    add_adapter(unet, scratch, spec, seed=seed)
+    try:
+        return get_adapter_state(unet, scratch)
+    finally:
+        delete_adapter(unet, scratch)
+
+
 def adapter_names(unet: torch.nn.Module) -> list[str]:
     return list(getattr(unet, "peft_config", {}) or {})
 

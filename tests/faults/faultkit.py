@@ -18,16 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aggregator.global_model import GlobalModel, adapter_shapes
+from aggregator.global_model import adapter_shapes
 from edge_sdk import topics
-from edge_sdk.compression import make_codec
 from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.identity import PublicIdentity
-from edge_sdk.lite import LiteDevice
-from edge_sdk.messages import SEEDED_CODEC, RoundStart, SeededAdapter, UpdateAck
-from edge_sdk.tensors import values_digest
+from edge_sdk.lite import LiteDevice, start_adapter
+from edge_sdk.messages import RoundStart, UpdateAck
 from edge_sdk.transport import MqttConfig, MqttTransport
-from models.lora import LoraSpec
 from tests.polling import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,13 +114,7 @@ def open_round_one(devices: list, seed: int) -> tuple[list[RoundStart], dict[str
 
 def adapter_of(start: RoundStart) -> dict[str, torch.Tensor]:
     """The adapter a first round start carries, in full or as the seed a device draws it from."""
-    assert start.base_version < 0, "expected a full adapter, not a delta"
-    if start.codec == SEEDED_CODEC:
-        seeded = SeededAdapter.decode(start.adapter)
-        adapter = GlobalModel(LoraSpec(rank=start.rank)).initial_adapter(seeded.seed)
-        assert values_digest(adapter) == seeded.digest
-        return adapter
-    return make_codec(start.codec).decode(start.adapter, adapter_shapes(start.rank))
+    return start_adapter(start, adapter_shapes(start.rank))
 
 
 def write_config(path: Path, **settings) -> Path:
