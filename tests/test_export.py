@@ -79,12 +79,18 @@ def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor, tor
              torch.randn(BATCH, 384, generator=g) * 0.05) for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_base(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """A UNet small enough to export in seconds, saved like a shipped base."""
     torch.set_num_threads(1)
     base = build_unet(UNetConfig(block_out_channels=(8, 16), norm_num_groups=4), seed=0).eval()
     path = tmp_path_factory.mktemp("tiny-base")
     base.save_pretrained(path, safe_serialization=True)
+    return base, path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base, path = tiny_base(tmp_path_factory)
     adapters = {"a": random_adapter(base, 2, seed=1), "b": random_adapter(base, 1, seed=2)}
     return base, path, adapters
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_export import cached_export, tiny_base  # tests/ is on sys.path (rootdir-relative, no package)
 
 from edge_sdk.client import EdgeClient, LocalData
 from edge_sdk.config import DeviceConfig
@@ -31,8 +32,7 @@ from models.data import make_personas
 from models.lora import LoraSpec, get_adapter_state
 from models.text import PromptEncoder
 from models.training import TrainConfig, noised_batch, train_denoiser
-from models.unet import UNetConfig, build_unet, train_scheduler
-from test_export import cached_export  # tests/ is on sys.path (rootdir-relative, no package)
+from models.unet import train_scheduler
 
 BATCH, RANK, STEPS = 8, 2, 30
 LOSS_TOL, GRAD_REL_TOL = 1e-5, 1e-4
@@ -43,11 +43,7 @@ EXTRA_SOURCES = ["export_tools/training.py", "edge_sdk/executorch_training.py", 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.set_num_threads(1)
-    base = build_unet(UNetConfig(block_out_channels=(8, 16), norm_num_groups=4), seed=0).eval()
-    path = tmp_path_factory.mktemp("tiny-base")
-    base.save_pretrained(path, safe_serialization=True)
-    return base, path
+    return tiny_base(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
