@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rounds; write grids, a hybrid grid, a convergence plot and a report.")
     p.add_argument("--devices", type=int, default=12)
     p.add_argument("--styles", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--local-steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--local-steps", type=int, default=12)
     p.add_argument("--codec", default="fp32", help="uplink codec: fp32, fp16, int8, int4, topk:F[+int8]")
     p.add_argument("--processes", type=int, default=2, help="device worker processes (default: 2)")
     p.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883",

@@ -73,14 +73,17 @@ def update_spread(updates: Sequence[ClientUpdate], spec: LoraSpec) -> dict[str, 
 
 
 def shrink_to_global(adapters: Mapping[Key, Adapter], sizes: Mapping[Key, float],
-                     spreads: Mapping[Key, Spread | None], spec: LoraSpec) -> tuple[dict[Key, Adapter], dict]:
+                     spreads: Mapping[Key, Spread | None], spec: LoraSpec,
+                     leave_one_out: bool = False) -> tuple[dict[Key, Adapter], dict]:
     """Pull each cluster toward the fleet's mean ΔW, per module, by James-Stein shrinkage.
 
     ΔW'_c = G + (1 − s_c)(ΔW_c − G), G = Σ_j n_j ΔW_j / Σ n_j, s_c = min(1, (p−2)/p · σ²/n_c / ‖ΔW_c − G‖²)
     with σ² the module's per-device spread pooled over every cluster that has one (weighted by
-    its degrees of freedom) and p the module's size. Returns the adapters and the factors s
-    (cluster -> module -> s), which the aggregator logs. No spread anywhere (every cluster a
-    single device): nothing to estimate the noise from, adapters unchanged.
+    its degrees of freedom) and p the module's size. ``leave_one_out`` takes G over the other
+    clusters only: with a handful of clusters, a large one is otherwise pulled toward a mean
+    that is mostly itself. Returns the adapters and the factors s (cluster -> module -> s),
+    which the aggregator logs. No spread anywhere (every cluster a single device): nothing to
+    estimate the noise from, adapters unchanged.
     """
     known = {c: s for c, s in spreads.items() if s is not None and c in adapters}
     if len(adapters) < 2 or not known:
@@ -94,9 +97,10 @@ def shrink_to_global(adapters: Mapping[Key, Adapter], sizes: Mapping[Key, float]
         ka, kb = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
         sigma2 = sum(dof[c] * known[c][module] for c in known) / sum(dof.values())
         deltas = {c: delta_weight(adapters[c][ka], adapters[c][kb], spec.scale) for c in ids}
-        mean = sum(sizes[c] * deltas[c] for c in ids) / total
+        fleet = sum(sizes[c] * deltas[c] for c in ids)
         p = deltas[ids[0]].numel()
         for c in ids:
+            mean = (fleet - sizes[c] * deltas[c]) / (total - sizes[c]) if leave_one_out else fleet / total
             gap = float(((deltas[c] - mean) ** 2).sum())
             noise = (p - 2) / p * sigma2 / sizes[c]
             s = 1.0 if gap <= noise else noise / gap

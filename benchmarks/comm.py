@@ -47,7 +47,7 @@ from benchmarks.federation import cumulative_bytes, mean_over_styles  # noqa: E4
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "fedavg_fp32"
-OURS = {"clustering": "tasks", "rule": "exact", "interaction": True}
+OURS = {"clustering": "tasks", "rule": "exact", "interaction": True, "global_shrinkage": True}  # as federation's
 # name -> (aggregator overrides, uplink codec)
 SETTINGS: dict[str, tuple[dict, str]] = {
     "fedavg_fp32": ({"clustering": "single", "rule": "fedavg", "interaction": False, "clip": None,

@@ -10,7 +10,10 @@ Methods, same personas, seeds, rounds and local steps:
                    (Ghosh et al., 2020), k = the true number of styles;
 * ``ours_intra`` - task clustering from sealed, noised task vectors + CFL refinement,
                    exact ΔW aggregation, no inter-cluster interaction;
-* ``ours``       - the same plus inter-cluster knowledge interaction;
+* ``ours``       - the same plus inter-cluster knowledge interaction: gated mixing and the
+                   global component by shrinkage (``global_shrinkage``; the product's default
+                   leaves shrinkage off, and its gate lets no different style lend, so the
+                   default equals ``ours_intra`` here);
 * ``central``    - one adapter per style on the pooled data of its devices, with the same
                    number of optimizer steps per round as that style's devices together.
 
@@ -48,7 +51,8 @@ FEDERATED = {
     "fedavg": {"clustering": "single", "rule": "fedavg", "interaction": False, "clip": None},
     "ifca": {"clustering": "ifca", "rule": "fedavg", "interaction": False, "clip": None},
     "ours_intra": {"clustering": "tasks", "rule": "exact", "interaction": False},
-    "ours": {"clustering": "tasks", "rule": "exact", "interaction": True},
+    # the full method, global shrinkage included (off in the product's defaults: see README)
+    "ours": {"clustering": "tasks", "rule": "exact", "interaction": True, "global_shrinkage": True},
 }
 METHODS = ("local", "fedavg", "ifca", "ours_intra", "ours", "central")
 

@@ -123,3 +123,11 @@ def test_shrinkage_reduces_the_error_of_a_noisy_small_cluster():
     before = (dw(means[3]) - dw(truths[3])).norm()
     after = (dw(out[3]) - dw(truths[3])).norm()
     assert after < 0.7 * before
+
+
+def test_leave_one_out_measures_a_large_cluster_against_the_others_not_itself():
+    adapters = {0: adapter(0), 1: adapter(1), 2: adapter(2)}
+    sizes, spreads = {0: 8, 1: 1, 2: 1}, {0: {"m": 2.0}, 1: None, 2: None}
+    _, grand = shrink_to_global(adapters, sizes, spreads, SPEC)
+    _, loo = shrink_to_global(adapters, sizes, spreads, SPEC, leave_one_out=True)
+    assert loo[0]["m"] < grand[0]["m"]
