@@ -8,6 +8,7 @@ styles. Nothing here hand-rolls a LoRA layer: peft owns the layers, we own the b
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,14 +67,24 @@ def add_adapter(unet: torch.nn.Module, name: str, spec: LoraSpec, seed: int = 0)
 
 
 def draw_adapter(unet: torch.nn.Module, spec: LoraSpec, seed: int) -> dict[str, torch.Tensor]:
-    """The fresh adapter ``add_adapter`` draws for ``seed``, drawn on a scratch slot and removed
-    again: what an aggregator and a device each compute to agree on round 1 without sending it."""
+    """A fresh adapter for ``seed`` (A: peft's Kaiming-uniform init, B: zero) that an aggregator
+    and a device each compute to agree on round 1 without sending it.
+
+    A is drawn from a private generator, not torch's global one: ``add_adapter``'s seeding of
+    the global RNG is not private to a thread, and a device process training another device
+    meanwhile made two draws of the same seed differ (measured in the simulator).
+    """
     scratch = "_drawn"
     add_adapter(unet, scratch, spec, seed=seed)
     try:
-        return get_adapter_state(unet, scratch)
+        state = get_adapter_state(unet, scratch)
     finally:
         delete_adapter(unet, scratch)
+    generator = torch.Generator().manual_seed(seed)
+    for name in sorted(state):
+        if ".lora_A." in name:
+            torch.nn.init.kaiming_uniform_(state[name], a=math.sqrt(5), generator=generator)
+    return state
 
 
 def adapter_names(unet: torch.nn.Module) -> list[str]:

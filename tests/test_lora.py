@@ -97,3 +97,27 @@ def test_factorize_recovers_a_low_rank_product():
 def test_bad_lora_spec_raises_value_error(bad):
     with pytest.raises(ValueError):
         LoraSpec(**bad)
+
+
+def test_a_drawn_adapter_does_not_depend_on_other_threads_using_the_global_rng():
+    import threading
+
+    from models.lora import draw_adapter
+
+    unet = load_base_unet()
+    reference = draw_adapter(unet, LoraSpec(), seed=3)
+    stop = threading.Event()
+
+    def noise():
+        while not stop.is_set():
+            torch.randn(4096)
+
+    t = threading.Thread(target=noise)
+    t.start()
+    try:
+        draws = [draw_adapter(unet, LoraSpec(), seed=3) for _ in range(3)]
+    finally:
+        stop.set()
+        t.join()
+    assert all(torch.equal(d[k], reference[k]) for d in draws for k in reference)
+    assert any(".lora_A." in k and reference[k].abs().sum() > 0 for k in reference)
