@@ -110,7 +110,7 @@ def summarize(runs: dict, rounds: int) -> dict:
         best = min(ok, key=lambda n: ok[n]["bytes_at_equal_quality"])
         ours_bytes = ok[best]["bytes_at_equal_quality"]
         out |= {"best_setting": best, "ours_bytes": ours_bytes, "reduction_at_equal_quality": 1.0 - ours_bytes / baseline_bytes}
-        plain = out["per_setting"]["ours_fp32"]["bytes_at_equal_quality"]
+        plain = out["per_setting"].get("ours_fp32", {}).get("bytes_at_equal_quality")
         total = math.log(baseline_bytes / ours_bytes)
         if plain is not None and total > 0:
             out["share_from_hierarchy"] = math.log(baseline_bytes / plain) / total
@@ -120,6 +120,18 @@ def summarize(runs: dict, rounds: int) -> dict:
                                  "hierarchy does not change device bytes, only what crosses the wide-area link: see "
                                  "two_tier")
     return out
+
+
+def merge_runs(runs: dict, path: Path, cfg: FleetConfig, seeds: list[int]) -> list[str]:
+    """Add the settings of an earlier result that this run did not repeat; refuse another config."""
+    earlier = json.loads(path.read_text())
+    if earlier["config"] != {k: str(v) for k, v in cfg.__dict__.items()} or earlier["seeds"] != seeds:
+        raise SystemExit(f"{path} was measured with another configuration or seeds; not merging")
+    added = [n for n in earlier["runs"] if n not in runs]
+    for n in added:
+        runs[n] = {int(s): r | {"curves": {int(k): v for k, v in r["curves"].items()}}
+                   for s, r in earlier["runs"][n].items()}
+    return added
 
 
 def two_tier_round(devices_per_edge: int, edges: int = 2) -> dict:
@@ -205,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:18831",
                         help="broker for the fleets (an embedded one is started if nothing answers)")
     parser.add_argument("--out", default=str(RESULTS / "comm.json"))
+    parser.add_argument("--merge", default=None, metavar="COMM_JSON",
+                        help="take the settings not run now from this earlier result (same seeds and config)")
     args = parser.parse_args(argv)
     names = [n for n in args.settings.split(",") if n]
     if args.quick:
@@ -229,11 +243,13 @@ def main(argv: list[str] | None = None) -> None:
                 bar.write(f"seed {seed} {n}: style acc {mean_over_styles(r['curves'][cfg.rounds], 'style_acc'):.3f}, "
                           f"{cumulative_bytes(r, cfg.rounds)[-1] / 1e6:.2f} MB, {r['seconds']:.0f} s")
                 bar.update()
+    merged = merge_runs(runs, Path(args.merge), cfg, seeds) if args.merge else []
     summary = summarize(runs, cfg.rounds)
     summary["two_tier"] = two_tier_round(devices_per_edge=4 if args.quick else 8)
     result = {"config": {k: str(v) for k, v in cfg.__dict__.items()}, "seeds": seeds,
               "seconds": time.monotonic() - started, "settings": {n: {"aggregator": SETTINGS[n][0],
-                                                                       "uplink": SETTINGS[n][1]} for n in names},
+                                                                       "uplink": SETTINGS[n][1]} for n in runs},
+              "merged": {n: args.merge for n in merged},
               **summary, "runs": {n: {str(s): r for s, r in per.items()} for n, per in runs.items()}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
