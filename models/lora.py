@@ -91,11 +91,15 @@ def adapter_names(unet: torch.nn.Module) -> list[str]:
     return list(getattr(unet, "peft_config", {}) or {})
 
 
+# peft warns when the adapter it deletes was active and re-activates another; every caller here sets
+# its mix explicitly before use. A process-wide filter, because catch_warnings() is not thread-safe
+# (devices draw adapters on paho's thread while another trains).
+warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+
+
 def delete_adapter(unet: torch.nn.Module, name: str) -> None:
     _require(unet, name)
-    with warnings.catch_warnings():  # peft re-activates another adapter; every user sets its mix anyway
-        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-        unet.delete_adapters(name)
+    unet.delete_adapters(name)
 
 
 def get_adapter_state(unet: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
