@@ -136,8 +136,8 @@ def report_markdown(result: FederationResult, s: dict, cfg: FleetConfig) -> str:
     for st, m in sorted(result.final["styles"].items()):
         lines.append(f"| {st} | {int(m['devices'])} | {m['style_acc']:.2f} | {m['digit_acc']:.2f} | {m['frechet']:.0f} |")
     lines += [
-        "", "## Devices (shared + personal adapter, own test prompts)", "",
-        f"- style accuracy: base model {s['device_style_acc_base']:.2f} -> personalised "
+        "", "## Devices (the adapters each device runs, its own test prompts)", "",
+        f"- style accuracy: base model {s['device_style_acc_base']:.2f} -> after the federation "
         f"{s['device_style_acc_personal']:.2f}", "",
         "## Bytes on the wire (MQTT payloads, envelopes and chunking included)", "",
         f"- uplink {s['bytes_up'] / 1e6:.2f} MB, downlink {s['bytes_down'] / 1e6:.2f} MB, "
