@@ -7,7 +7,7 @@ interaction rule differs), 12 devices in groups of 4/3/3/2, each round every dev
 its cluster's adapter for 12 steps, the cluster aggregates exactly, then one of:
 ``intra`` (nothing more), ``shrink`` (toward the device-weighted fleet mean) or
 ``shrink_loo`` (toward the mean of the other clusters). Scores every style's final adapter
-(64 samples per style) and writes benchmarks/results/shrinkage.json.
+(64 samples per style) and writes benchmarks/results/shrinkage.json and .png.
 """
 
 from __future__ import annotations
@@ -16,18 +16,22 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm.auto import tqdm
+import matplotlib
 
-from aggregator.global_model import GlobalModel, adapter_name
-from aggregator.interaction import shrink_to_global, update_spread
-from aggregator.rules import ClientUpdate, make_rule
-from aggregator.simulation import FleetConfig, _personas, score_styles
-from models.lora import LoraSpec, add_adapter, get_adapter_state, set_adapter_state, set_mix
-from models.text import PromptEncoder
-from models.training import LORA_LR, TrainConfig, train_denoiser
-from models.unet import load_base_unet
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from aggregator.global_model import GlobalModel, adapter_name  # noqa: E402
+from aggregator.interaction import shrink_to_global, update_spread  # noqa: E402
+from aggregator.rules import ClientUpdate, make_rule  # noqa: E402
+from aggregator.simulation import FleetConfig, _personas, score_styles  # noqa: E402
+from models.lora import LoraSpec, add_adapter, get_adapter_state, set_adapter_state, set_mix  # noqa: E402
+from models.text import PromptEncoder  # noqa: E402
+from models.training import LORA_LR, TrainConfig, train_denoiser  # noqa: E402
+from models.unet import load_base_unet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("intra", "shrink", "shrink_loo")
@@ -80,6 +84,20 @@ def run(mode: str, seed: int, rounds: int, local_steps: int, samples: int) -> di
             "sizes": {st: sum(p.style == st for p in personas) for st in styles}}
 
 
+def plot(per_style: dict, smallest: str, path: Path) -> None:
+    styles = sorted(per_style["intra"])
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    width = 0.8 / len(MODES)
+    for i, m in enumerate(MODES):
+        ax.bar(np.arange(len(styles)) + i * width, [per_style[m][st]["style_acc"] for st in styles], width, label=m)
+    ax.set_xticks(np.arange(len(styles)) + width, [f"{st}*" if st == smallest else st for st in styles])
+    ax.set(ylabel="style accuracy", ylim=(0, 1), title="global shrinkage vs intra-cluster only (* smallest cluster)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=1)
@@ -102,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(summary, smallest, out.with_suffix(".png"))
     for m in MODES:
         print(m, {st: round(summary[m][st]["style_acc"], 2) for st in styles}, f"mean {mean_style[m]:.3f}")
 
