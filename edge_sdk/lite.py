@@ -32,7 +32,7 @@ from edge_sdk.messages import (
     UpdateBody,
     read_signed_keys,
 )
-from edge_sdk.tensors import Shapes, pack_tensors, unpack_tensors, values_digest
+from edge_sdk.tensors import Shapes, pack_tensors, unpack_tensors
 from edge_sdk.transport import MqttConfig, MqttTransport
 
 
@@ -47,7 +47,7 @@ def start_adapter(start: RoundStart, shapes: Shapes) -> dict[str, torch.Tensor]:
         return decode_payload(start.codec, start.adapter, shapes)
     seeded = SeededAdapter.decode(start.adapter)
     adapter = _drawn(start.rank, seeded.seed)
-    if values_digest(adapter) != seeded.digest:
+    if not seeded.matches(adapter):
         raise RefusedMessage(Refusal.BAD_TENSORS, f"the adapter drawn from seed {seeded.seed} differs from the sender's")
     return {k: v.clone() for k, v in adapter.items()}
 

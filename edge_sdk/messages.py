@@ -12,6 +12,7 @@ from typing import Any, ClassVar, TypeVar, get_type_hints
 import msgpack
 
 from edge_sdk.errors import Refusal, RefusedMessage
+from edge_sdk.tensors import values_digest
 
 T = TypeVar("T", bound="Body")
 MAX_BODY_BYTES = 256 * 1024 * 1024
@@ -113,6 +114,14 @@ class SeededAdapter(Body):
     kind: ClassVar[str] = "seeded_adapter"
     seed: int
     digest: bytes       # values_digest of the adapter the aggregator drew
+
+    @classmethod
+    def of(cls, seed: int, adapter) -> "SeededAdapter":
+        return cls(seed, values_digest(adapter))
+
+    def matches(self, drawn) -> bool:
+        """Whether the receiver's own draw from ``seed`` is, value for value, the sender's adapter."""
+        return values_digest(drawn) == self.digest
 
 
 @dataclass(frozen=True)

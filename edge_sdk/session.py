@@ -42,7 +42,7 @@ from edge_sdk.messages import (
     read_signed_keys,
 )
 from edge_sdk.rollout import Check, RolloutAgent, check_export
-from edge_sdk.tensors import pack_tensors, shapes_of, unpack_tensors, values_digest
+from edge_sdk.tensors import pack_tensors, shapes_of, unpack_tensors
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import get_adapter_state, shapes_at_rank
 
@@ -264,7 +264,7 @@ class FederatedSession:
         if start.codec == SEEDED_CODEC:
             seeded = SeededAdapter.decode(start.adapter)
             drawn = self.client.seeded_adapter(seeded.seed, start.rank)
-            if values_digest(drawn) == seeded.digest:
+            if seeded.matches(drawn):
                 adapter = drawn
             else:
                 log.info("%s: the adapter drawn from seed %d does not match the aggregator's", self.client.device_id,
