@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from aggregator.rules.base import Adapter, ClientUpdate
-from aggregator.rules.exact import refactorize
+from aggregator.rules.exact import mean_delta, refactorize
 from models.lora import LoraSpec, delta_weight, lora_modules
 
 log = logging.getLogger(__name__)
@@ -58,20 +58,22 @@ def update_spread(updates: Sequence[ClientUpdate], spec: LoraSpec) -> dict[str, 
 
     Sample-weighted with the unbiased correction 1 / (1 − Σw²); ``None`` for a single device,
     whose noise cannot be seen from its own update (the shrinkage then pools the others').
+    Computed as Σ w_i‖ΔW_i‖² − ‖ΔW̄‖² from the rank-r factors (‖BA‖² = tr(BᵀB·AAᵀ)), so a
+    cluster of thousands never holds one ΔW per device.
     """
     if len(updates) < 2:
         return None
-    w = np.array([float(u.samples) for u in updates])
+    w = torch.tensor([float(u.samples) for u in updates], dtype=torch.float64)
     w = w / w.sum()
     correction = 1.0 - float((w ** 2).sum())
-    adapters = [u.adapter for u in updates]
     spread: dict[str, float] = {}
-    for module in lora_modules(adapters[0]):
+    for module in lora_modules(updates[0].adapter):
         ka, kb = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
-        dws = torch.stack([delta_weight(a[ka], a[kb], spec.scale) for a in adapters])
-        mean = (dws * torch.from_numpy(w)[:, None, None]).sum(0)
-        sq = ((dws - mean) ** 2).sum(dim=(1, 2)).numpy()
-        spread[module] = float((w * sq).sum() / correction)
+        a = torch.stack([u.adapter[ka].reshape(u.adapter[ka].shape[0], -1) for u in updates]).double()
+        b = torch.stack([u.adapter[kb].reshape(u.adapter[kb].shape[0], -1) for u in updates]).double()
+        own = spec.scale ** 2 * torch.einsum("nij,nji->n", b.transpose(1, 2) @ b, a @ a.transpose(1, 2))
+        mean = mean_delta(a, b, w, spec.scale)
+        spread[module] = max(0.0, float((w * own).sum() - (mean ** 2).sum())) / correction
     return spread
 
 

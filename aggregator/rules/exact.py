@@ -48,8 +48,14 @@ class ExactLoraAggregation(AggregationRule):
         """
         if type(self).reduce is not ExactLoraAggregation.reduce:
             return self.reduce(scale * torch.bmm(b, a), weights)
-        wb = b * (weights / weights.sum()).to(b.dtype)[:, None, None]
-        return scale * (wb.permute(1, 0, 2).reshape(b.shape[1], -1) @ a.reshape(-1, a.shape[2]))
+        return mean_delta(a, b, weights, scale)
+
+
+def mean_delta(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
+    """Σ w_i scale·B_i·A_i (weights normalised) as one product of the concatenated factors
+    [w_1 B_1 … w_n B_n]·[A_1; …; A_n]: no per-client ΔW is built."""
+    wb = b * (weights / weights.sum()).to(b.dtype)[:, None, None]
+    return scale * (wb.permute(1, 0, 2).reshape(b.shape[1], -1) @ a.reshape(-1, a.shape[2]))
 
 
 def refactorize(delta: torch.Tensor, a_now: torch.Tensor, b_now: torch.Tensor, scale: float,
