@@ -162,7 +162,7 @@ def _rollout(args: argparse.Namespace) -> int:
 
 
 BENCHMARKS = ("clustering", "protocol", "edge", "personalization", "central", "serve", "federation", "comm",
-              "privacy", "export", "load")
+              "privacy", "export", "load", "interaction")
 
 
 def _bench(args: argparse.Namespace) -> int:

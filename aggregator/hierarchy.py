@@ -280,7 +280,8 @@ class CloudAggregator:
                 spreads[key] = dict(zip(self.modules, map(float, var))) if known else None
         mixed = (interact(adapters, centroids, sizes, self.spec, self.config.borrow, self.config.temperature,
                           self.config.interaction_min_similarity,
-                          spreads=spreads if self.config.global_shrinkage else None, label=f"cloud round {rnd}")
+                          spreads=spreads if self.config.global_shrinkage else None,
+                          min_agreement=self.config.interaction_min_agreement, label=f"cloud round {rnd}")
                  if self.config.interaction else adapters)
         for edge, (report, _) in sorted(reports.items()):
             mine = {cid: mixed[(edge, cid)] for cid in report.clusters}

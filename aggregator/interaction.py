@@ -9,11 +9,11 @@ Two mechanisms, both exact in ΔW = scale·B·A and re-factorised to rank r:
    sits from the global mean. Modules on which the clusters agree (what every style shares)
    are pooled over the whole fleet; modules that carry a cluster's own style, far from the
    mean relative to the noise, are left alone. Nothing is a tuned constant. Opt-in
-   (``global_shrinkage``): measured on styled digits (benchmarks/shrinkage.py) it does not
+   (``global_shrinkage``): measured on styled digits (benchmarks/interaction.py) it does not
    lift the smallest cluster beyond noise and costs *slanted* 0.10 style accuracy, because
    the factor minimises squared error in ΔW under isotropic noise and device noise is not
    isotropic: a small-norm, decisive style direction is pooled away with the noise.
-2. **Similarity-weighted mixing** (``interact``), gated by task similarity (below).
+2. **Similarity-weighted mixing** (``interact``), gated by task and update similarity (below).
 
 After each cluster has aggregated its own devices, the cloud step lets every cluster
 borrow from the others in proportion to how alike their tasks are and how little data
@@ -27,12 +27,16 @@ strength and T the temperature. A large cluster keeps almost all of itself; a
 two-device cluster takes a noticeable share from its most similar neighbours. All
 products are exact ΔW matrices, re-factorised to rank r like intra-cluster aggregation.
 
-The aggregator gates the neighbours (``interaction_min_similarity``): only clusters whose
-centered centroid cosine reaches the threshold lend anything, with π over those centered
-cosines. Measured on styled digits (benchmarks/federation.py --quick), ungated mixing
-pulled every cluster toward the other styles: the one-device cluster fell from 0.92 style
-accuracy (intra-cluster only) to 0.17. Clusters of one task split across edge sites, or
-across clustering mistakes, are what the gate lets through.
+The aggregator gates the lenders: by default a cluster lends only if its ΔW has a cosine of
+at least ``interaction_min_agreement`` with the borrower's (``adapter_agreement``); a gate on
+the *centered* task-centroid cosine (``interaction_min_similarity``) is available as well.
+Measured on styled digits (benchmarks/interaction.py): ungated mixing pulled every cluster
+toward the other styles (the one-device cluster fell from 0.92 style accuracy to 0.17). Two
+clusters of one task have ΔW cosines of 0.64-0.89, clusters of different tasks 0.29 at
+most; their task centroids do not separate as cleanly (one task -0.08 to 0.61 centered
+cosine, different tasks up to 0.25: *bold* and *thin*, opposite styles that a sentence
+encoder puts close). Clusters of one task split across edge sites, or across clustering
+mistakes, are what the gate lets through, and what a small cluster gains from.
 """
 
 from __future__ import annotations
@@ -139,13 +143,37 @@ def centered_similarity(centroids: Mapping[Key, np.ndarray]) -> dict[Key, dict[K
     return sim
 
 
+def adapter_agreement(adapters: Mapping[Key, Adapter], spec: LoraSpec) -> dict[Key, dict[Key, float]]:
+    """Cosine between clusters' whole ΔW (every module), from the rank-r factors.
+
+    ⟨B₁A₁, B₂A₂⟩ = tr((B₁ᵀB₂)(A₂A₁ᵀ)), so no ΔW is formed. A cluster that has learnt nothing
+    yet (ΔW = 0) agrees with no one.
+    """
+    ids = sorted(adapters)
+    gram = np.zeros((len(ids), len(ids)))
+    for module in lora_modules(adapters[ids[0]]):
+        a = [adapters[c][f"{module}.lora_A.weight"].double().flatten(1) for c in ids]
+        b = [adapters[c][f"{module}.lora_B.weight"].double().flatten(1) for c in ids]
+        for x in range(len(ids)):
+            for y in range(x, len(ids)):
+                gram[x, y] += spec.scale ** 2 * float(torch.trace((b[x].T @ b[y]) @ (a[y] @ a[x].T)))
+    gram = np.triu(gram) + np.triu(gram, 1).T
+    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    return {c: {j: float(gram[x, y] / (norms[x] * norms[y])) if norms[x] > 0 and norms[y] > 0 else 0.0
+                for y, j in enumerate(ids)} for x, c in enumerate(ids)}
+
+
 def mixing_weights(centroids: Mapping[Key, np.ndarray], sizes: Mapping[Key, float], borrow: float,
-                   temperature: float, min_similarity: float | None = None) -> dict[Key, dict[Key, float]]:
+                   temperature: float, min_similarity: float | None = None,
+                   agreement: Mapping[Key, Mapping[Key, float]] | None = None,
+                   min_agreement: float = 0.0) -> dict[Key, dict[Key, float]]:
     """``w[c][j]``: share of cluster j's ΔW in cluster c's new ΔW (rows sum to 1).
 
     With ``min_similarity`` a cluster borrows only from clusters whose centered centroid
-    cosine reaches it (and keeps everything when none does): mixing in a different task's
-    ΔW costs more than a small cluster's noise, as measured on styled digits.
+    cosine reaches it, and with ``agreement`` (``adapter_agreement``) only from those whose ΔW
+    cosine with its own reaches ``min_agreement``; it keeps everything when none does:
+    mixing in a different task's ΔW costs more than a small cluster's noise, as measured on
+    styled digits.
     """
     if borrow < 0 or temperature <= 0:
         raise ValueError("borrow must be >= 0 and temperature > 0")
@@ -153,11 +181,11 @@ def mixing_weights(centroids: Mapping[Key, np.ndarray], sizes: Mapping[Key, floa
     centered = centered_similarity(centroids) if min_similarity is not None else None
     weights: dict[Key, dict[Key, float]] = {}
     for c in ids:
+        others = [j for j in ids if j != c and (agreement is None or agreement[c][j] >= min_agreement)]
         if centered is None:
-            others = [j for j in ids if j != c]
             sims = np.array([float(np.dot(centroids[c], centroids[j])) for j in others]) / temperature
         else:
-            others = [j for j in ids if j != c and centered[c][j] >= min_similarity]
+            others = [j for j in others if centered[c][j] >= min_similarity]
             sims = np.array([centered[c][j] for j in others]) / temperature
         if not others or borrow == 0:
             weights[c] = {c: 1.0}
@@ -172,8 +200,9 @@ def mixing_weights(centroids: Mapping[Key, np.ndarray], sizes: Mapping[Key, floa
 def interact(adapters: Mapping[Key, Adapter], centroids: Mapping[Key, np.ndarray], sizes: Mapping[Key, float],
              spec: LoraSpec, borrow: float = 1.0, temperature: float = 0.1,
              min_similarity: float | None = None, spreads: Mapping[Key, Spread | None] | None = None,
-             label: str = "") -> dict[Key, Adapter]:
-    """New adapter per cluster: the global component (with ``spreads``), then similarity mixing.
+             min_agreement: float | None = None, label: str = "") -> dict[Key, Adapter]:
+    """New adapter per cluster: the global component (with ``spreads``), then similarity mixing,
+    gated by ``min_similarity`` (task centroids) and ``min_agreement`` (ΔW cosine) when given.
 
     Identity when there is one cluster, or no spread is known and ``borrow`` = 0.
     """
@@ -182,7 +211,12 @@ def interact(adapters: Mapping[Key, Adapter], centroids: Mapping[Key, np.ndarray
         if factors:
             log.info("interaction %s: share taken from the global component per cluster (mean over modules) %s",
                      label, {c: round(float(np.mean(list(f.values()))), 3) for c, f in sorted(factors.items())})
-    weights = mixing_weights(centroids, sizes, borrow, temperature, min_similarity)
+    agreement = adapter_agreement(adapters, spec) if min_agreement is not None and borrow > 0 else None
+    weights = mixing_weights(centroids, sizes, borrow, temperature, min_similarity, agreement,
+                             0.0 if min_agreement is None else min_agreement)
+    if any(len(w) > 1 for w in weights.values()):
+        log.info("interaction %s: lenders per cluster %s", label,
+                 {c: {j: round(x, 3) for j, x in w.items() if j != c} for c, w in sorted(weights.items()) if len(w) > 1})
     if all(len(w) == 1 for w in weights.values()):
         return {c: {k: v.clone() for k, v in a.items()} for c, a in adapters.items()}
     modules = lora_modules(next(iter(adapters.values())))

@@ -534,7 +534,8 @@ class AggregatorService:
         sizes = {cid: float(len(self.members(cid))) for cid in adapters}
         return interact(adapters, {c: self.clusters.centroid[c] for c in adapters}, sizes, self.spec,
                         self.config.borrow, self.config.temperature, self.config.interaction_min_similarity,
-                        spreads=spreads if self.config.global_shrinkage else None, label=f"round {rnd}")
+                        spreads=spreads if self.config.global_shrinkage else None,
+                        min_agreement=self.config.interaction_min_agreement, label=f"round {rnd}")
 
     def _on_cloud_mix(self, rnd: int, adapters: dict[int, dict[str, torch.Tensor]]) -> None:
         self._queue.put((CLOUD_MIX_TOPIC, (rnd, adapters)))

@@ -18,8 +18,8 @@ Writes benchmarks/results/edge.json and edge.png.
 from __future__ import annotations
 
 import argparse
-import json
 import gc
+import json
 import statistics
 import subprocess
 import sys

@@ -62,10 +62,13 @@ def delta_w(adapter):
 
 
 def run_round_one(edges, devices):
+    # one task at both sites: a shared direction, plus each site's own (what it saw that the other did not)
+    shared = torch.Generator().manual_seed(100)
+    common = {k: torch.randn(shape, generator=shared) * 0.05 for k, shape in edges[0].shapes.items()}
     for i, d in devices:
         start = d.round_start()
-        g = torch.Generator().manual_seed(i)  # each site learns its own direction
-        delta = {k: torch.randn(shape, generator=g) * 0.05 for k, shape in edges[i].shapes.items()}
+        g = torch.Generator().manual_seed(i)
+        delta = {k: common[k] + torch.randn(shape, generator=g) * 0.03 for k, shape in edges[i].shapes.items()}
         d.send(topics.update(d.id), d.update_envelope(start, delta))
     wait_until(lambda: all(e.current_round() == 2 for e in edges), timeout=60)
 
@@ -85,7 +88,7 @@ def test_each_edge_learns_from_the_other_site_through_the_cloud(sites):
         alone.append(delta_w(e.rule.aggregate(e.initial, ups, e.spec).adapter))
     cos = torch.nn.functional.cosine_similarity
     for i in range(2):
-        assert cos(own[i], alone[1 - i], dim=0) > cos(alone[i], alone[1 - i], dim=0) + 0.2
+        assert cos(own[i], alone[1 - i], dim=0) > cos(alone[i], alone[1 - i], dim=0) + 0.1
     assert cloud.mixed_rounds == [1]
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from aggregator.interaction import interact, mixing_weights, shrink_to_global, update_spread
+from aggregator.interaction import adapter_agreement, interact, mixing_weights, shrink_to_global, update_spread
 from aggregator.rules.base import ClientUpdate
 from models.lora import LoraSpec, delta_weight
 
@@ -131,3 +131,65 @@ def test_leave_one_out_measures_a_large_cluster_against_the_others_not_itself():
     _, grand = shrink_to_global(adapters, sizes, spreads, SPEC)
     _, loo = shrink_to_global(adapters, sizes, spreads, SPEC, leave_one_out=True)
     assert loo[0]["m"] < grand[0]["m"]
+
+
+def test_adapter_agreement_is_the_cosine_of_the_whole_delta_w():
+    spec = LoraSpec(rank=2, target_modules=("m", "n"))
+    adapters = {c: adapter(2 * c) | {k.replace("m.", "n."): v for k, v in adapter(2 * c + 1).items()} for c in range(3)}
+    flat = {c: torch.cat([delta_weight(a[f"{m}.lora_A.weight"], a[f"{m}.lora_B.weight"], spec.scale).flatten()
+                          for m in ("m", "n")]) for c, a in adapters.items()}
+    cos = adapter_agreement(adapters, spec)
+    for c in range(3):
+        for j in range(3):
+            expected = float(flat[c] @ flat[j] / (flat[c].norm() * flat[j].norm()))
+            assert abs(cos[c][j] - expected) < 1e-5
+
+
+def test_a_cluster_that_has_learnt_nothing_agrees_with_no_one():
+    zero = {"m.lora_A.weight": torch.randn(2, 5), "m.lora_B.weight": torch.zeros(4, 2)}
+    cos = adapter_agreement({0: zero, 1: adapter(1)}, SPEC)
+    assert cos[0][1] == 0.0 and cos[0][0] == 0.0
+
+
+def test_alike_tasks_whose_updates_disagree_lend_nothing():
+    centroids = {0: np.array([1.0, 0.0, 0.0]), 1: np.array([1.0, 0.01, 0.0]), 2: np.array([0.0, 0.0, 1.0])}
+    a = adapter(0)
+    opposite = {"m.lora_A.weight": a["m.lora_A.weight"], "m.lora_B.weight": -a["m.lora_B.weight"]}
+    agreement = adapter_agreement({0: a, 1: opposite, 2: adapter(2)}, SPEC)
+    w = mixing_weights(centroids, {0: 2, 1: 2, 2: 2}, borrow=1.0, temperature=0.1, min_similarity=0.2,
+                       agreement=agreement, min_agreement=0.5)
+    assert w[0] == {0: 1.0} and w[1] == {1: 1.0}
+    assert set(mixing_weights(centroids, {0: 2, 1: 2, 2: 2}, 1.0, 0.1, 0.2)[0]) == {0, 1}  # the task gate alone lends
+
+
+def test_opposite_styles_that_prompts_put_close_disagree_in_their_updates():
+    # real model: two clusters of "bold" and one of "thin" train one round from the same adapter
+    from aggregator.rules import make_rule
+    from models.data import make_personas
+    from models.lora import add_adapter, draw_adapter, get_adapter_state, set_adapter_state, set_mix
+    from models.text import PromptEncoder
+    from models.training import LORA_LR, TrainConfig, train_denoiser
+    from models.unet import load_base_unet
+
+    spec = LoraSpec()
+    personas = make_personas(6, 3, seed=0, sizes=(2, 2, 2), styles=("bold", "thin", "bold"), images_per_client=24)
+    unet = load_base_unet()
+    unet.requires_grad_(False)
+    add_adapter(unet, "device", spec, seed=0)
+    set_mix(unet, {"device": 1.0})
+    start = draw_adapter(unet, spec, 0)
+    encoder = PromptEncoder()
+    groups: dict[int, list[ClientUpdate]] = {0: [], 1: [], 2: []}
+    for i, p in enumerate(personas):
+        set_adapter_state(unet, "device", start)
+        params = [q for k, q in unet.named_parameters() if ".device." in k]
+        for q in params:
+            q.requires_grad_(True)
+        train_denoiser(unet, params, p.train_images, torch.from_numpy(encoder.encode(list(p.train_prompts))),
+                       TrainConfig(steps=12, batch_size=16, lr=LORA_LR, seed=i))
+        for q in params:
+            q.requires_grad_(False)
+        groups[i // 2].append(ClientUpdate(p.id, get_adapter_state(unet, "device"), len(p.train_images)))
+    rule = make_rule("exact")
+    cos = adapter_agreement({c: rule.aggregate(start, g, spec).adapter for c, g in groups.items()}, spec)
+    assert cos[0][2] >= 0.5 > max(cos[0][1], cos[2][1]), cos
