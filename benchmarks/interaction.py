@@ -15,7 +15,8 @@ cosine of the centroids of the devices' defended task vectors, at 0.2) or ``shri
   common beyond drawing digits, so the right amount to borrow is nothing;
 * ``split``: one task in two clusters (framed 3 and framed 2, beside bold 4 and thin 3),
   as when a task spans two edge sites or clustering splits it: the 2-device cluster has a
-  3-device cluster of its own task to learn from.
+  3-device cluster of its own task to learn from;
+* ``split_slanted``: the same with the hardest style (slanted), the easiest being framed.
 
 Scores the smallest cluster and every other cluster (64 generated images each), and records
 the two gate signals for pairs that share a task and pairs that do not: the clusters' ΔW
@@ -53,7 +54,8 @@ from models.unet import load_base_unet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("intra", "mix", "mix_text", "shrink")
-FLEETS = {"distinct": ("bold", "thin", "slanted", "framed"), "split": ("bold", "thin", "framed", "framed")}
+FLEETS = {"distinct": ("bold", "thin", "slanted", "framed"), "split": ("bold", "thin", "framed", "framed"),
+          "split_slanted": ("bold", "thin", "slanted", "slanted")}
 SIZES = (4, 3, 3, 2)  # the last cluster is the smallest
 TASK_NOISE = 0.3  # the simulator's default defence on task vectors
 TEXT_GATE = 0.2  # mix_text's threshold: passes 70% of one-task pairs and 1% of others over 20 fleets
@@ -148,17 +150,25 @@ def run(fleet: str, mode: str, seed: int, rounds: int, local_steps: int, images:
 
 
 def plot(summary: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(FLEETS), figsize=(10, 3.4), sharey=True)
+    """Style accuracy (top) and Fréchet distance relative to intra-only (bottom) per cluster."""
+    fig, axes = plt.subplots(2, len(FLEETS), figsize=(13, 6), sharey="row")
     width = 0.8 / len(MODES)
-    for ax, fleet in zip(axes, FLEETS):
+    for col, fleet in enumerate(FLEETS):
         labels = [f"{st} ({n})" + ("*" if c == len(SIZES) - 1 else "") for c, (st, n) in enumerate(zip(FLEETS[fleet], SIZES))]
         for i, m in enumerate(MODES):
-            ax.bar(np.arange(len(SIZES)) + i * width, [summary[fleet][m][str(c)]["style_acc"] for c in range(len(SIZES))],
-                   width, label=m)
-        ax.set_xticks(np.arange(len(SIZES)) + width, labels, fontsize=8)
-        ax.set(title=f"{fleet} (* smallest)", ylim=(0, 1))
-    axes[0].set_ylabel("style accuracy")
-    axes[-1].legend(fontsize=7, loc="lower right")
+            per = summary[fleet][m]
+            x = np.arange(len(SIZES)) + i * width
+            axes[0, col].bar(x, [per[str(c)]["style_acc"] for c in range(len(SIZES))], width, label=m)
+            axes[1, col].bar(x, [per[str(c)]["frechet"] / summary[fleet]["intra"][str(c)]["frechet"]
+                                 for c in range(len(SIZES))], width, label=m)
+        for row in (0, 1):
+            axes[row, col].set_xticks(np.arange(len(SIZES)) + 1.5 * width, labels, fontsize=8)
+        axes[0, col].set(title=f"{fleet} (* smallest)", ylim=(0, 1))
+        axes[1, col].axhline(1.0, color="grey", lw=0.8)
+        axes[1, col].set_ylim(0.5, 1.5)
+    axes[0, 0].set_ylabel("style accuracy (higher is better)")
+    axes[1, 0].set_ylabel("Fréchet / intra-only (lower is better)")
+    axes[0, -1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -196,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                                                             for c in others]))}
                  for m in MODES[1:]} for f in FLEETS}
     pairs: dict[str, list[float]] = {"same_task": [], "different_task": []}
-    for r in runs:
+    for r in (r for r in runs if r["mode"] == "intra"):  # the others' ΔW have been mixed or shrunk
         styles = FLEETS[r["fleet"]]
         for rnd in r["agreement"]:
             for pair, cos in rnd.items():
