@@ -42,13 +42,13 @@ class AggregatorConfig:
     borrow: float = 1.0                    # inter-cluster shrinkage strength (device-equivalents)
     temperature: float = 0.1
     # what a lender needs (None: that signal does not gate); measured in benchmarks/interaction.py,
-    # one task in two clusters vs different tasks: ΔW cosine 0.64-0.89 vs <= 0.29, but centered
-    # task-centroid cosine -0.08-0.61 vs up to 0.25 (opposite styles): the ΔW decides by default
+    # one task in two clusters vs different tasks: ΔW cosine 0.55-0.89 vs <= 0.29, but centered
+    # task-centroid cosine -0.08-0.61 vs up to 0.43 (opposite styles): the ΔW decides by default
     interaction_min_agreement: float | None = 0.5   # cosine of the two clusters' ΔW
     interaction_min_similarity: float | None = None  # centered task-centroid cosine
     # per-module James-Stein pull toward the fleet's mean ΔW (aggregator/interaction.py); measured on
-    # styled digits (benchmarks/interaction.py) it does not help the smallest cluster beyond noise and
-    # costs a subtle style 0.10 style accuracy: off by default
+    # styled digits (benchmarks/interaction.py) it does not help the smallest cluster and costs the
+    # others 0.04-0.06 style accuracy: off by default
     global_shrinkage: bool = False
     downlink_codec: str = "fp32"
     downlink_deltas: bool = True           # send adapters as deltas against what each device holds
