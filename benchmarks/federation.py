@@ -21,7 +21,8 @@ Federated methods run as real fleets (device worker processes, aggregator, broke
 bytes are MQTT payload bytes counted by the aggregator. Quality is judged per true style
 on the devices' held-out prompts with the adapter each device would use. Sizes fit the
 60-minute budget on 2 cores: 12 devices over 4 styles with groups of 4/3/3/2, 16x16
-images, rank-2 LoRA. Writes benchmarks/results/federation.json and federation*.png.
+images, rank-2 LoRA. Writes benchmarks/results/federation.json and federation*.png (and, while it
+runs, federation.partial.json with every finished method).
 """
 
 from __future__ import annotations
@@ -234,10 +235,17 @@ def main(argv: list[str] | None = None) -> None:
     smallest = _personas(cfg)[-1].style
     started = time.monotonic()
     runs: dict = {m: {} for m in methods}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")
     for seed in seeds:
         for m in methods:
             c = FleetConfig(**{**cfg.__dict__, "seed": seed})
             runs[m][seed] = run_method(m, c)
+            # a run of this benchmark takes hours: keep every finished method as it lands
+            partial.write_text(json.dumps({"config": {k: str(v) for k, v in cfg.__dict__.items()},
+                                           "methods": {m: {str(s): r for s, r in per.items()} for m, per in runs.items()}},
+                                          default=str) + "\n")
             r = runs[m][seed]
             print(f"seed {seed} {m}: final style acc {mean_over_styles(r['curves'][cfg.rounds], 'style_acc'):.3f}, "
                   f"Fréchet {mean_over_styles(r['curves'][cfg.rounds], 'frechet'):.0f}, "
@@ -246,9 +254,8 @@ def main(argv: list[str] | None = None) -> None:
               "methods": {m: {str(s): r for s, r in per.items()} for m, per in runs.items()}}
     if set(METHODS) <= set(methods):
         result |= summarize(runs, cfg, smallest)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    partial.unlink(missing_ok=True)
     plot(runs, cfg, out.with_suffix(""))
     print(json.dumps({k: v for k, v in result.items() if k not in ("methods", "config")}, indent=2, default=str))
 
