@@ -216,11 +216,10 @@ def interact(adapters: Mapping[Key, Adapter], centroids: Mapping[Key, np.ndarray
     agreement = adapter_agreement(adapters, spec) if min_agreement is not None and borrow > 0 else None
     weights = mixing_weights(centroids, sizes, borrow, temperature, min_similarity, agreement,
                              0.0 if min_agreement is None else min_agreement)
-    if any(len(w) > 1 for w in weights.values()):
-        log.info("interaction %s: lenders per cluster %s", label,
-                 {c: {j: round(x, 3) for j, x in w.items() if j != c} for c, w in sorted(weights.items()) if len(w) > 1})
-    if all(len(w) == 1 for w in weights.values()):
+    lenders = {c: {j: round(x, 3) for j, x in w.items() if j != c} for c, w in sorted(weights.items()) if len(w) > 1}
+    if not lenders:
         return {c: {k: v.clone() for k, v in a.items()} for c, a in adapters.items()}
+    log.info("interaction %s: lenders per cluster %s", label, lenders)
     modules = lora_modules(next(iter(adapters.values())))
     out: dict[Key, Adapter] = {c: {} for c in adapters}
     for module in modules:

@@ -238,20 +238,22 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial.json")
+
+    def recorded() -> dict:
+        return {"config": {k: str(v) for k, v in cfg.__dict__.items()},
+                "methods": {m: {str(s): r for s, r in per.items()} for m, per in runs.items()}}
+
     for seed in seeds:
         for m in methods:
             c = FleetConfig(**{**cfg.__dict__, "seed": seed})
             runs[m][seed] = run_method(m, c)
             # a run of this benchmark takes hours: keep every finished method as it lands
-            partial.write_text(json.dumps({"config": {k: str(v) for k, v in cfg.__dict__.items()},
-                                           "methods": {m: {str(s): r for s, r in per.items()} for m, per in runs.items()}},
-                                          default=str) + "\n")
+            partial.write_text(json.dumps(recorded(), default=str) + "\n")
             r = runs[m][seed]
             print(f"seed {seed} {m}: final style acc {mean_over_styles(r['curves'][cfg.rounds], 'style_acc'):.3f}, "
                   f"Fréchet {mean_over_styles(r['curves'][cfg.rounds], 'frechet'):.0f}, "
                   f"{(r['seconds'] or 0):.0f} s", flush=True)
-    result = {"config": {k: str(v) for k, v in cfg.__dict__.items()}, "seeds": seeds, "seconds": time.monotonic() - started,
-              "methods": {m: {str(s): r for s, r in per.items()} for m, per in runs.items()}}
+    result = recorded() | {"seeds": seeds, "seconds": time.monotonic() - started}
     if set(METHODS) <= set(methods):
         result |= summarize(runs, cfg, smallest)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
