@@ -44,7 +44,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from aggregator.global_model import GlobalModel, adapter_name  # noqa: E402
 from aggregator.simulation import FleetConfig, _personas, run_federation, score_styles  # noqa: E402
 from models.lora import LoraSpec, add_adapter, get_adapter_state, set_mix  # noqa: E402
-from models.training import LORA_LR, TrainConfig, train_denoiser  # noqa: E402
+from models.training import LORA_LR, TrainConfig, train_adapters  # noqa: E402
 from models.unet import load_base_unet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -89,13 +89,8 @@ def in_process(cfg: FleetConfig, pooled: bool) -> dict:
             name = f"g-{g}"
             if rnd > 0:
                 set_mix(unet, {name: 1.0})
-                params = [p for k, p in unet.named_parameters() if f".{name}." in k]
-                for p in params:
-                    p.requires_grad_(True)
-                train_denoiser(unet, params, images, enc, TrainConfig(steps=cfg.local_steps * n, batch_size=16, lr=LORA_LR,
-                                                                      seed=cfg.seed + rnd))
-                for p in params:
-                    p.requires_grad_(False)
+                train_adapters(unet, [name], images, enc, TrainConfig(steps=cfg.local_steps * n, batch_size=16, lr=LORA_LR,
+                                                                     seed=cfg.seed + rnd))
             model.set_cluster(index[g], get_adapter_state(unet, name), rnd)
         curves[rnd] = score_styles(model_of, groups, persona_of, cfg.eval_samples, cfg.seed, cfg.eval_steps)
     return {"curves": curves, "traffic": {}, "ari": None, "ari_text": None, "seconds": None}

@@ -49,7 +49,7 @@ from models.data import STYLES, make_personas  # noqa: E402
 from models.evaluate import evaluate, sample_for_personas  # noqa: E402
 from models.lora import LoraSpec, add_adapter, draw_adapter, get_adapter_state, set_adapter_state, set_mix  # noqa: E402
 from models.text import PromptEncoder  # noqa: E402
-from models.training import LORA_LR, TrainConfig, train_denoiser  # noqa: E402
+from models.training import LORA_LR, TrainConfig, train_adapters  # noqa: E402
 from models.unet import load_base_unet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -118,13 +118,8 @@ def run(fleet: str, mode: str, seed: int, rounds: int, local_steps: int, images:
         groups: dict[int, list[ClientUpdate]] = {c: [] for c in clusters}
         for i, p in enumerate(personas):
             set_adapter_state(unet, "device", current[cluster_of[i]])
-            params = [q for k, q in unet.named_parameters() if ".device." in k]
-            for q in params:
-                q.requires_grad_(True)
-            train_denoiser(unet, params, p.train_images, torch.from_numpy(encodings[i]),
+            train_adapters(unet, ["device"], p.train_images, torch.from_numpy(encodings[i]),
                            TrainConfig(steps=local_steps, batch_size=16, lr=LORA_LR, seed=seed * 1000 + rnd * 100 + i))
-            for q in params:
-                q.requires_grad_(False)
             groups[cluster_of[i]].append(ClientUpdate(f"d{i}", get_adapter_state(unet, "device"), len(p.train_images)))
         current = {c: rule.aggregate(current[c], groups[c], spec).adapter for c in clusters}
         sizes = {c: float(len(groups[c])) for c in clusters}

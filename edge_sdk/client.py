@@ -46,7 +46,7 @@ from models.lora import (
     set_mix,
 )
 from models.text import PromptEncoder
-from models.training import TrainConfig, evaluation_loss, train_denoiser
+from models.training import TrainConfig, evaluation_loss, train_adapters
 from models.unet import generate as sample_images
 from models.unet import load_base_unet
 
@@ -253,14 +253,7 @@ class EdgeClient:
             self._train_exported(images, encodings, config)
             return
         set_mix(self.unet, mix)
-        params = [p for n, p in self.unet.named_parameters() if any(f".{a}." in n for a in names)]
-        for p in params:
-            p.requires_grad_(True)
-        try:
-            train_denoiser(self.unet, params, images, encodings, config)
-        finally:
-            for p in params:
-                p.requires_grad_(False)
+        train_adapters(self.unet, names, images, encodings, config)
 
     def _train_exported(self, images: torch.Tensor, encodings: torch.Tensor, config: TrainConfig) -> None:
         """Train the shared adapter through the exported training program, then take its result back.

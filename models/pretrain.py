@@ -18,7 +18,7 @@ import torch
 from models.data import Persona, plain_prompts, public_digits
 from models.lora import LoraSpec, add_adapter, set_mix
 from models.text import PromptEncoder
-from models.training import LORA_LR, TrainConfig, train_denoiser
+from models.training import LORA_LR, TrainConfig, train_adapters, train_denoiser
 from models.unet import UNetConfig, build_unet
 
 PROMPTS_PER_IMAGE = 4
@@ -81,13 +81,8 @@ def train_central(
         group = [p for p in personas if p.style == style]
         add_adapter(unet, style, spec, seed=train.seed)
         set_mix(unet, {style: 1.0})
-        params = [p for n, p in unet.named_parameters() if f".{style}." in n]
-        for p in params:
-            p.requires_grad_(True)
         images = torch.cat([p.train_images for p in group])
-        train_denoiser(unet, params, images, persona_encodings(group), train, progress, f"central {style}")
-        for p in params:
-            p.requires_grad_(False)
+        train_adapters(unet, [style], images, persona_encodings(group), train, progress, f"central {style}")
     return unet
 
 

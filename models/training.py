@@ -3,7 +3,7 @@ baseline and on-device LoRA rounds (which differ only in *which* parameters trai
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -158,3 +158,26 @@ def train_denoiser(
         return train_steps(step, params, images01, encodings, config, progress, description)
     finally:
         unet.eval()
+
+
+def train_adapters(
+    unet: torch.nn.Module,
+    names: Sequence[str],
+    images01: torch.Tensor,
+    encodings: torch.Tensor,
+    config: TrainConfig,
+    progress: bool = False,
+    description: str = "training",
+) -> list[float]:
+    """Train only the LoRA adapters ``names`` (their mix set by the caller); the rest stays frozen.
+
+    The adapters' parameters are unfrozen for the loop and frozen again after it, also when it raises.
+    """
+    params = [p for n, p in unet.named_parameters() if any(f".{a}." in n for a in names)]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        return train_denoiser(unet, params, images01, encodings, config, progress, description)
+    finally:
+        for p in params:
+            p.requires_grad_(False)

@@ -168,7 +168,7 @@ def test_opposite_styles_that_prompts_put_close_disagree_in_their_updates():
     from models.data import make_personas
     from models.lora import add_adapter, draw_adapter, get_adapter_state, set_adapter_state, set_mix
     from models.text import PromptEncoder
-    from models.training import LORA_LR, TrainConfig, train_denoiser
+    from models.training import LORA_LR, TrainConfig, train_adapters
     from models.unet import load_base_unet
 
     spec = LoraSpec()
@@ -182,13 +182,8 @@ def test_opposite_styles_that_prompts_put_close_disagree_in_their_updates():
     groups: dict[int, list[ClientUpdate]] = {0: [], 1: [], 2: []}
     for i, p in enumerate(personas):
         set_adapter_state(unet, "device", start)
-        params = [q for k, q in unet.named_parameters() if ".device." in k]
-        for q in params:
-            q.requires_grad_(True)
-        train_denoiser(unet, params, p.train_images, torch.from_numpy(encoder.encode(list(p.train_prompts))),
+        train_adapters(unet, ["device"], p.train_images, torch.from_numpy(encoder.encode(list(p.train_prompts))),
                        TrainConfig(steps=12, batch_size=16, lr=LORA_LR, seed=i))
-        for q in params:
-            q.requires_grad_(False)
         groups[i // 2].append(ClientUpdate(p.id, get_adapter_state(unet, "device"), len(p.train_images)))
     rule = make_rule("exact")
     cos = adapter_agreement({c: rule.aggregate(start, g, spec).adapter for c, g in groups.items()}, spec)

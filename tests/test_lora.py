@@ -121,3 +121,21 @@ def test_a_drawn_adapter_does_not_depend_on_other_threads_using_the_global_rng()
         t.join()
     assert all(torch.equal(d[k], reference[k]) for d in draws for k in reference)
     assert any(".lora_A." in k and reference[k].abs().sum() > 0 for k in reference)
+
+
+def test_train_adapters_moves_only_the_named_adapter_and_freezes_it_again():
+    from models.training import TrainConfig, train_adapters
+
+    unet = load_base_unet()
+    unet.requires_grad_(False)
+    for name in ("a", "b"):
+        add_adapter(unet, name, LoraSpec(), seed=1)
+    set_mix(unet, {"a": 1.0, "b": 1.0})
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    images = torch.rand(8, 1, 16, 16)
+    train_adapters(unet, ["a"], images, torch.from_numpy(PromptEncoder().encode(["a 3"] * 8)),
+                   TrainConfig(steps=2, batch_size=4, lr=1e-2, seed=0))
+    after = unet.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(".a." in k for k in moved)
+    assert not any(p.requires_grad for n, p in unet.named_parameters() if ".a." in n)
