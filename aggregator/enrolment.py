@@ -1,15 +1,31 @@
-"""Who may talk to an aggregator: enrolment by token, and the verify key of an enrolled sender.
+"""Who may talk to an aggregator: its key announcement, enrolment by token, and the verify key of an enrolled sender.
 
 Devices enrol at an aggregator and edge aggregators at the cloud the same way, so both
-tiers admit senders through these two functions, each over its own state store.
+tiers announce and admit through these functions, each over its own transport and state store.
 """
 
 from __future__ import annotations
 
-from edge_sdk.envelope import Envelope, EnvelopeVerifier
+from edge_sdk.envelope import Envelope, EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.errors import Refusal, RefusedMessage
 from edge_sdk.identity import Identity
-from edge_sdk.messages import Enrol
+from edge_sdk.messages import AggregatorKeys, Enrol
+from edge_sdk.transport import MqttTransport
+
+
+def announce_keys(transport: MqttTransport, writer: EnvelopeWriter, identity: Identity, aggregator_id: str,
+                  topic: str, timeout: float = 30.0) -> None:
+    """Publish the signed key announcement retained, and return only once the broker holds it.
+
+    A broker keeps the retained announcement of whichever aggregator last ran on this topic.
+    Until ours is acknowledged, a device that subscribes gets that stale key, seals its
+    enrolment to it, and is refused as tampered, so start-up waits for the acknowledgement.
+    """
+    pub = identity.public
+    body = AggregatorKeys(aggregator_id, pub.verify_key, pub.box_key).encode()
+    infos = transport.publish(topic, writer.build(MessageType.AGGREGATOR_KEYS, body), retain=True)
+    if not transport.wait_published(infos, timeout):
+        raise TimeoutError(f"the broker did not acknowledge the key announcement on {topic} in {timeout} s")
 
 
 def verify_key_of(store, sender: str, kind: str = "device") -> bytes:

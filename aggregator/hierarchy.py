@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aggregator.enrolment import admit, verify_key_of
+from aggregator.enrolment import admit, announce_keys, verify_key_of
 from aggregator.global_model import adapter_shapes
 from aggregator.interaction import Spread, interact
 from aggregator.state import open_store
@@ -37,7 +37,7 @@ from edge_sdk.compression import decode_payload, make_codec
 from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.identity import Identity, PublicIdentity, seal_to
-from edge_sdk.messages import AggregatorKeys, CloudMix, EdgeReport, Enrol, EnrolAck, read_signed_keys
+from edge_sdk.messages import CloudMix, EdgeReport, Enrol, EnrolAck, read_signed_keys
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import LoraSpec, lora_modules
 from models.text import EMBEDDING_DIM
@@ -182,12 +182,11 @@ class CloudAggregator:
                                        self.refusals).connect()
         for t in (topics.CLOUD_ENROL_ALL, topics.CLOUD_UP_ALL):
             self.transport.subscribe(t, lambda topic, payload: self._queue.put((topic, payload)))
-        pub = self.identity.public
-        keys = AggregatorKeys(c.aggregator_id, pub.verify_key, pub.box_key).encode()
-        self.transport.publish(topics.CLOUD_KEYS, self.writer.build(MessageType.AGGREGATOR_KEYS, keys), retain=True)
+        announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, topics.CLOUD_KEYS)
         self._worker = threading.Thread(target=self._run, name="cloud", daemon=True)
         self._worker.start()
-        log.info("cloud aggregator %s up at %s, key fingerprint %s", c.aggregator_id, c.mqtt_url, pub.fingerprint)
+        log.info("cloud aggregator %s up at %s, key fingerprint %s", c.aggregator_id, c.mqtt_url,
+                 self.identity.public.fingerprint)
         return self
 
     def stop(self) -> None:

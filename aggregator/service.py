@@ -36,7 +36,7 @@ import torch
 from aggregator.clustering import ClusterState, cluster_tasks, refine_with_updates
 from aggregator.config import AggregatorConfig
 from aggregator.downlink import DownlinkMirror
-from aggregator.enrolment import admit, verify_key_of
+from aggregator.enrolment import admit, announce_keys, verify_key_of
 from aggregator.global_model import GlobalModel
 from aggregator.hierarchy import CloudLink
 from aggregator.interaction import Spread, interact, update_spread
@@ -51,7 +51,6 @@ from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.identity import Identity
 from edge_sdk.messages import (
-    AggregatorKeys,
     ClusterAssign,
     DeviceStatus,
     EnrolAck,
@@ -132,7 +131,7 @@ class AggregatorService:
             self.transport.subscribe(t, self._enqueue)
         self.transport.subscribe(topics.STATUS_ALL, self._enqueue)
         self.transport.subscribe(topics.ROLLOUT_REPORT_ALL, self._enqueue)
-        self.publish_keys()
+        announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, topics.AGGREGATOR_KEYS)
         if c.metrics_port is not None:
             self.metrics_server = serve_metrics(self, c.metrics_port, c.metrics_addr)
         if c.role == "edge":
@@ -157,12 +156,6 @@ class AggregatorService:
             self.metrics_server.shutdown()
         if self.transport is not None:
             self.transport.close()
-
-    def publish_keys(self) -> None:
-        pub = self.identity.public
-        body = AggregatorKeys(self.config.aggregator_id, pub.verify_key, pub.box_key).encode()
-        env = self.writer.build(MessageType.AGGREGATOR_KEYS, body)
-        self.transport.publish(topics.AGGREGATOR_KEYS, env, retain=True)
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
         self._queue.put((topic, payload))

@@ -9,6 +9,7 @@ from aggregator.broker import free_port
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from edge_sdk import topics
+from edge_sdk.envelope import MessageType
 from edge_sdk.lite import LiteDevice
 from tests.polling import wait_until
 
@@ -29,10 +30,12 @@ def test_metrics_show_refusals_and_bytes_as_they_happen(tmp_path, mqtt_url):
         assert before[("fedaigc_round", ())] == 0
         device.send(topics.enrol(device.id), b"\x00not an envelope")
         device.enrol()
-        wait_until(lambda: scrape(port).get(("fedaigc_refusals_total", (("reason", "malformed"),)), 0) >= 1)
+        device.wait_for(MessageType.ENROL_ACK)
+        # the daemon counts the ack after publishing it, so the device may hold it first
+        wait_until(lambda: scrape(port).get(("fedaigc_payload_bytes_total", (("direction", "down"),)), 0) > 0)
         after = scrape(port)
-        assert after[("fedaigc_payload_bytes_total", (("direction", "up"),))] > 0
-        assert after[("fedaigc_payload_bytes_total", (("direction", "down"),))] > 0  # the enrolment ack
+        assert after[("fedaigc_refusals_total", (("reason", "malformed"),))] == 1
+        assert after[("fedaigc_payload_bytes_total", (("direction", "up"),))] > 0  # the enrolment
     finally:
         device.stop()
         service.stop()

@@ -153,3 +153,15 @@ def test_a_restarted_daemon_resumes_the_round_and_loses_nothing(tmp_path, mqtt_u
         for d in devices:
             d.stop()
         again.stop()
+
+
+def test_a_device_starting_after_the_daemon_gets_its_keys_not_the_last_daemons(tmp_path, mqtt_url):
+    """The broker retains the previous aggregator's announcement until the new one is acknowledged."""
+    for i in range(3):
+        service = make_service(tmp_path / str(i), mqtt_url)
+        device = LiteDevice(mqtt_url).start()
+        try:
+            assert device.aggregator.box_key == service.identity.public.box_key
+        finally:
+            device.stop()
+            service.stop()
