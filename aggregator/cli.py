@@ -82,7 +82,8 @@ def _aggregator(args: argparse.Namespace) -> int:
     from aggregator.service import AggregatorService
     from aggregator.state import StateUnavailable
 
-    overrides = {"role": args.role, "mqtt_url": args.mqtt_url, "state_url": args.state, "cloud_url": args.cloud_url}
+    overrides = {"role": args.role, "mqtt_url": args.mqtt_url, "mqtt_topic_prefix": args.topic_prefix,
+                 "state_url": args.state, "cloud_url": args.cloud_url}
     if args.config:
         config = AggregatorConfig.from_toml(args.config, **overrides)
     else:
@@ -123,11 +124,11 @@ def _rollout(args: argparse.Namespace) -> int:
     from aggregator.rollout import Rollout, RolloutPlan, parse_fraction, parse_target
     from aggregator.state import open_store
     from edge_sdk.identity import Identity
-    from edge_sdk.transport import MqttConfig, MqttTransport
+    from edge_sdk.transport import MqttTransport
     from export_tools.manifest import ManifestError
 
-    overrides = {"mqtt_url": args.mqtt_url, "state_dir": args.state_dir, "state_url": args.state,
-                 "aggregator_id": args.aggregator_id}
+    overrides = {"mqtt_url": args.mqtt_url, "mqtt_topic_prefix": args.topic_prefix, "state_dir": args.state_dir,
+                 "state_url": args.state, "aggregator_id": args.aggregator_id}
     if args.config:
         config = AggregatorConfig.from_toml(args.config, **overrides)
     else:
@@ -145,10 +146,8 @@ def _rollout(args: argparse.Namespace) -> int:
         return 2
     plan = RolloutPlan(Path(args.artifact), target, clusters, canary, args.canary_timeout, args.wait)
     store = open_store(config.store_url)
-    transport = MqttTransport(MqttConfig(
-        url=config.mqtt_url, client_id=f"fedaigc-{config.aggregator_id}-rollout-{uuid.uuid4().hex[:8]}",
-        username=config.mqtt_username, password=config.mqtt_password, tls_ca=config.mqtt_tls_ca,
-        session_expiry_s=0, max_message_bytes=config.max_message_bytes)).connect()
+    transport = MqttTransport(config.mqtt(f"fedaigc-{config.aggregator_id}-rollout-{uuid.uuid4().hex[:8]}",
+                                          session_expiry_s=0)).connect()
     try:
         summary = Rollout(transport, Identity.load(key), config.aggregator_id, store).run(plan)
     except (ManifestError, FileNotFoundError) as e:
@@ -227,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--cloud-url; cloud: mix the clusters of every edge")
     p.add_argument("--cloud-url", help="the cloud aggregator's broker (role edge)")
     p.add_argument("--mqtt-url")
+    add_topic_prefix_argument(p)
     p.add_argument("--state", help="state store: a SQLite path or postgresql://...")
     p.add_argument("--start-broker", action="store_true", help="start an embedded broker if none answers")
     p.set_defaults(func=_aggregator)
@@ -288,8 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", help="state store, if not the SQLite file in --state-dir: a path or postgresql://...")
     p.add_argument("--aggregator-id", help="the aggregator's id as devices know it (default: aggregator)")
     p.add_argument("--mqtt-url", help="broker (default: the config's, else mqtt://127.0.0.1:1883)")
+    add_topic_prefix_argument(p)
     p.set_defaults(func=_rollout)
     return parser
+
+
+def add_topic_prefix_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topic-prefix", metavar="PREFIX",
+                   help="the fleet's topics lie under PREFIX/v1 (default: the config's, else fedaigc); "
+                        "fleets sharing a broker use different prefixes")
 
 
 def main(argv: list[str] | None = None) -> int:

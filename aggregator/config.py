@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from aggregator.rules import RULES
+from edge_sdk.topics import DEFAULT_PREFIX, check_prefix
+from edge_sdk.transport import MqttConfig
 
 ROLES = ("all", "edge", "cloud")
 CLUSTERING_MODES = ("tasks", "single", "ifca")
@@ -20,6 +22,7 @@ class AggregatorConfig:
     mqtt_username: str | None = None
     mqtt_password: str | None = None
     mqtt_tls_ca: str | None = None
+    mqtt_topic_prefix: str = DEFAULT_PREFIX  # the fleet's topics, on its broker and the cloud's: {prefix}/v1/...
     state_dir: Path = Path("fedaigc-state")
     state_url: str | None = None           # default: sqlite under state_dir; or postgresql://...
     tokens: tuple[str, ...] = ("fedaigc-demo-token",)
@@ -72,6 +75,7 @@ class AggregatorConfig:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         object.__setattr__(self, "tokens", tuple(self.tokens))
         object.__setattr__(self, "uplink_codecs", tuple(self.uplink_codecs))
+        check_prefix(self.mqtt_topic_prefix)
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.clustering not in CLUSTERING_MODES:
@@ -92,6 +96,12 @@ class AggregatorConfig:
             raise ValueError("role 'edge' needs cloud_url (the cloud aggregator's broker), and only it uses one")
         if self.expected_edges is not None and self.expected_edges < 1:
             raise ValueError("expected_edges must be >= 1")
+
+    def mqtt(self, client_id: str, **options) -> MqttConfig:
+        """The connection to this aggregator's own broker (the cloud link has its own URL)."""
+        return MqttConfig(url=self.mqtt_url, client_id=client_id, username=self.mqtt_username,
+                          password=self.mqtt_password, tls_ca=self.mqtt_tls_ca,
+                          max_message_bytes=self.max_message_bytes, topic_prefix=self.mqtt_topic_prefix, **options)
 
     @property
     def store_url(self) -> str:

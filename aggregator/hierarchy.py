@@ -38,6 +38,7 @@ from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.identity import Identity, PublicIdentity, seal_to
 from edge_sdk.messages import CloudMix, EdgeReport, Enrol, EnrolAck, read_signed_keys
+from edge_sdk.topics import DEFAULT_PREFIX, Topics
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import LoraSpec, lora_modules
 from models.text import EMBEDDING_DIM
@@ -72,11 +73,13 @@ class CloudLink:
 
     def __init__(self, edge_id: str, identity: Identity, url: str, token: str, fingerprint: str | None,
                  codec: str, shapes: Mapping[str, tuple[int, ...]], deliver: Callable[[int, dict[int, Adapter]], None],
-                 refusals: RefusalCounter) -> None:
+                 refusals: RefusalCounter, topic_prefix: str = DEFAULT_PREFIX) -> None:
         self.edge_id, self.identity, self.token, self.fingerprint = edge_id, identity, token, fingerprint
         self.codec, self.shapes, self.deliver, self.refusals = codec, dict(shapes), deliver, refusals
         self.writer = EnvelopeWriter(identity, edge_id)
-        self.transport = MqttTransport(MqttConfig(url=url, client_id=f"fedaigc-{edge_id}-cloudlink"), refusals)
+        self.transport = MqttTransport(MqttConfig(url=url, client_id=f"fedaigc-{edge_id}-cloudlink",
+                                                  topic_prefix=topic_prefix), refusals)
+        self.topics = self.transport.topics
         self.cloud: PublicIdentity | None = None
         self.cloud_id: str | None = None
         self.verifier: EnvelopeVerifier | None = None
@@ -85,8 +88,8 @@ class CloudLink:
 
     def start(self, timeout: float = 15.0) -> "CloudLink":
         self.transport.connect(timeout)
-        self.transport.subscribe(topics.cloud_down(self.edge_id), self._on_down)
-        self.transport.subscribe(topics.CLOUD_KEYS, self._on_keys)
+        self.transport.subscribe(self.topics.cloud_down(self.edge_id), self._on_down)
+        self.transport.subscribe(self.topics.cloud_keys, self._on_keys)
         return self
 
     def close(self) -> None:
@@ -105,7 +108,7 @@ class CloudLink:
         self.verifier = EnvelopeVerifier(self._cloud_key)
         pub = self.identity.public
         sealed = seal_to(keys.box_key, Enrol(self.token, pub.verify_key, pub.box_key, "edge-aggregator").encode())
-        self.transport.publish(topics.cloud_enrol(self.edge_id), self.writer.build(MessageType.ENROL, sealed))
+        self.transport.publish(self.topics.cloud_enrol(self.edge_id), self.writer.build(MessageType.ENROL, sealed))
 
     def _cloud_key(self, sender: str) -> bytes:
         if sender != self.cloud_id:
@@ -126,7 +129,7 @@ class CloudLink:
                           self.codec, make_codec(self.codec, seed=rnd).encode(pack_clusters({c: adapters[c] for c in ids})))
         self._expected[rnd] = ids
         sealed = self.identity.encrypt_to(self.cloud.box_key, body.encode())
-        self.transport.publish(topics.cloud_up(self.edge_id), self.writer.build(MessageType.EDGE_REPORT, sealed, rnd))
+        self.transport.publish(self.topics.cloud_up(self.edge_id), self.writer.build(MessageType.EDGE_REPORT, sealed, rnd))
         return True
 
     def _on_down(self, topic: str, data: bytes) -> None:
@@ -167,6 +170,7 @@ class CloudAggregator:
         self.first_report_at: dict[int, float] = {}
         self.mixed_rounds: list[int] = []
         self.traffic: dict[int, dict[str, dict[str, int]]] = {}  # round -> edge -> {"up", "down"}
+        self.topics = Topics(config.mqtt_topic_prefix)
         self.transport: MqttTransport | None = None
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -176,13 +180,10 @@ class CloudAggregator:
 
     def start(self) -> "CloudAggregator":
         c = self.config
-        self.transport = MqttTransport(MqttConfig(url=c.mqtt_url, client_id=f"fedaigc-{c.aggregator_id}",
-                                                  username=c.mqtt_username, password=c.mqtt_password,
-                                                  tls_ca=c.mqtt_tls_ca, max_message_bytes=c.max_message_bytes),
-                                       self.refusals).connect()
-        for t in (topics.CLOUD_ENROL_ALL, topics.CLOUD_UP_ALL):
+        self.transport = MqttTransport(c.mqtt(f"fedaigc-{c.aggregator_id}"), self.refusals).connect()
+        for t in (self.topics.cloud_enrol_all, self.topics.cloud_up_all):
             self.transport.subscribe(t, lambda topic, payload: self._queue.put((topic, payload)))
-        announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, topics.CLOUD_KEYS)
+        announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, self.topics.cloud_keys)
         self._worker = threading.Thread(target=self._run, name="cloud", daemon=True)
         self._worker.start()
         log.info("cloud aggregator %s up at %s, key fingerprint %s", c.aggregator_id, c.mqtt_url,
@@ -222,12 +223,12 @@ class CloudAggregator:
     def _send(self, edge: str, mtype: MessageType, body: bytes, rnd: int = 0) -> None:
         rec = self.store.device(edge)
         env = self.writer.build(mtype, self.identity.encrypt_to(rec.box_key, body), rnd)
-        self.transport.publish(topics.cloud_down(edge), env)
+        self.transport.publish(self.topics.cloud_down(edge), env)
         self._count(rnd, edge, "down", len(env))
 
     def handle(self, topic: str, data: bytes) -> None:
         edge = topics.device_of(topic)
-        if topic.startswith(f"{topics.ROOT}/cloud/enrol/"):
+        if topic.startswith(f"{self.topics.root}/cloud/enrol/"):
             env = self.verifier.parse(data, {MessageType.ENROL})
             if env.sender != edge:
                 raise RefusedMessage(Refusal.MALFORMED, f"sender {env.sender} published on {topic}")

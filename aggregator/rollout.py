@@ -127,6 +127,7 @@ class Rollout:
 
     def __init__(self, transport: MqttTransport, identity: Identity, aggregator_id: str, store: StateStore) -> None:
         self.transport, self.identity, self.store = transport, identity, store
+        self.topics = transport.topics
         self.writer = EnvelopeWriter(identity, aggregator_id)
         self.verifier = EnvelopeVerifier(lambda sender: verify_key_of(store, sender))
         self._reports: dict[str, RolloutReport] = {}
@@ -161,7 +162,7 @@ class Rollout:
             sha = hashlib.sha256(blob).hexdigest()
             parts = artifact_parts(blob, self.writer, self.transport.max_frame())
             for i, part in enumerate(parts):
-                infos += self.transport.publish(topics.rollout_artifact_part(sha, i), part, retain=True)
+                infos += self.transport.publish(self.topics.rollout_artifact_part(sha, i), part, retain=True)
             record[name] = {"sha256": sha, "bytes": len(blob), "parts": len(parts)}
         if not self.transport.wait_published(infos, timeout=120):
             raise RuntimeError("the broker did not acknowledge every artifact part within 120 s")
@@ -169,10 +170,7 @@ class Rollout:
 
     def _publish_manifest(self, target: str, manifest: RolloutManifest) -> None:
         env = self.writer.build(MessageType.ROLLOUT_MANIFEST, manifest.encode(), round=manifest.version)
-        self.transport.wait_published(self.transport.publish(topics.rollout_manifest(target), env, retain=True))
-
-    def _clear(self, topic: str) -> None:
-        self.transport.wait_published(self.transport.publish(topic, b"", retain=True))
+        self.transport.wait_published(self.transport.publish(self.topics.rollout_manifest(target), env, retain=True))
 
     def _withdraw(self, records: list[dict], keep: list[dict]) -> None:
         """Clear the retained parts of files only ``records`` use (``keep`` still needs its own)."""
@@ -182,7 +180,7 @@ class Rollout:
             for f in r["files"].values():
                 if f["sha256"] not in live:
                     for i in range(f["parts"]):
-                        infos += self.transport.publish(topics.rollout_artifact_part(f["sha256"], i), b"", retain=True)
+                        infos += self.transport.publish(self.topics.rollout_artifact_part(f["sha256"], i), b"", retain=True)
         self.transport.wait_published(infos)
 
     # ------------------------------------------------------------ the run
@@ -195,7 +193,7 @@ class Rollout:
         version = int(state["next_version"])
         with self._cond:
             self._version = version
-        self.transport.subscribe(topics.ROLLOUT_REPORT_ALL, self._on_report)
+        self.transport.subscribe(self.topics.rollout_report_all, self._on_report)
         record = {"version": version, "target": plan.target, "clusters": list(plan.clusters), "canary": canary,
                   "created": time.time(), "files": self._publish_files(export_files(plan.artifact))}
         state["next_version"] = version + 1
@@ -218,7 +216,7 @@ class Rollout:
         superseded = {t: r for t, r in state["live"].items() if plan.target in (ALL, t)}
         state["live"] = {t: r for t, r in state["live"].items() if t not in superseded} | {plan.target: record}
         for t in superseded.keys() - {plan.target}:
-            self._clear(topics.rollout_manifest(t))
+            self.transport.clear_retained(self.topics.rollout_manifest(t))
         self._withdraw(list(superseded.values()), keep=list(state["live"].values()))
         self._save(state, record, "all")
         if plan.wait_s > 0:
@@ -234,7 +232,7 @@ class Rollout:
         if previous is not None:  # the target's devices (offline ones included) stay on the previous version
             self._publish_manifest(target, manifest_of(previous, "all"))
         else:
-            self._clear(topics.rollout_manifest(target))
+            self.transport.clear_retained(self.topics.rollout_manifest(target))
         self._withdraw([record], keep=list(state["live"].values()))
         self._save(state, record, "halted", reason)
         return summary | {"stage": "halted", "halted": reason}

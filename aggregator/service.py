@@ -61,7 +61,8 @@ from edge_sdk.messages import (
     UpdateBody,
 )
 from edge_sdk.tensors import pack_tensors, shapes_of, unpack_tensors
-from edge_sdk.transport import MqttConfig, MqttTransport
+from edge_sdk.topics import Topics
+from edge_sdk.transport import MqttTransport
 from models.lora import LoraSpec
 from models.text import EMBEDDING_DIM
 
@@ -100,6 +101,7 @@ class AggregatorService:
         self.done = threading.Event()
         # called as listener(completed_round, {cluster: adapter}) once a round's adapters are committed
         self.round_listeners: list[Callable[[int, dict[int, dict[str, torch.Tensor]]], None]] = []
+        self.topics = Topics(config.mqtt_topic_prefix)
         self.transport: MqttTransport | None = None
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -118,25 +120,22 @@ class AggregatorService:
     # ================================================================ lifecycle
     def start(self) -> "AggregatorService":
         c = self.config
-        self.transport = MqttTransport(MqttConfig(
-            url=c.mqtt_url, client_id=f"fedaigc-{c.aggregator_id}" + (f"-{c.worker_id}" if c.worker_id else ""),
-            username=c.mqtt_username,
-            password=c.mqtt_password, tls_ca=c.mqtt_tls_ca, max_message_bytes=c.max_message_bytes,
-        ), self.refusals).connect()
+        client_id = f"fedaigc-{c.aggregator_id}" + (f"-{c.worker_id}" if c.worker_id else "")
+        self.transport = MqttTransport(c.mqtt(client_id), self.refusals).connect()
         self._recover()
-        uplink = [topics.UPLINK_ALL, topics.ENROL_ALL]
+        uplink = [self.topics.uplink_all, self.topics.enrol_all]
         if c.shared_group:
             uplink = [topics.shared(c.shared_group, t) for t in uplink]
         for t in uplink:
             self.transport.subscribe(t, self._enqueue)
-        self.transport.subscribe(topics.STATUS_ALL, self._enqueue)
-        self.transport.subscribe(topics.ROLLOUT_REPORT_ALL, self._enqueue)
-        announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, topics.AGGREGATOR_KEYS)
+        self.transport.subscribe(self.topics.status_all, self._enqueue)
+        self.transport.subscribe(self.topics.rollout_report_all, self._enqueue)
+        announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, self.topics.aggregator_keys)
         if c.metrics_port is not None:
             self.metrics_server = serve_metrics(self, c.metrics_port, c.metrics_addr)
         if c.role == "edge":
             self.cloud = CloudLink(c.aggregator_id, self.identity, c.cloud_url, c.cloud_token, c.cloud_fingerprint,
-                                   c.cloud_codec, self.shapes, self._on_cloud_mix, self.refusals).start()
+                                   c.cloud_codec, self.shapes, self._on_cloud_mix, self.refusals, c.mqtt_topic_prefix).start()
         self._worker = threading.Thread(target=self._run, name="aggregator", daemon=True)
         self._worker.start()
         self.generation.start()
@@ -187,19 +186,19 @@ class AggregatorService:
         try:
             if topic == CLOUD_MIX_TOPIC:
                 self._apply_cloud_mix(*payload)
-            elif topic.startswith(f"{topics.ROOT}/enrol/"):
+            elif topic.startswith(f"{self.topics.root}/enrol/"):
                 self._on_enrol(topic, payload)
-            elif topic.startswith(f"{topics.ROOT}/up/task/"):
+            elif topic.startswith(f"{self.topics.root}/up/task/"):
                 self._on_task(topic, payload)
-            elif topic.startswith(f"{topics.ROOT}/up/update/"):
+            elif topic.startswith(f"{self.topics.root}/up/update/"):
                 self._on_update(topic, payload)
-            elif topic.startswith(f"{topics.ROOT}/up/generate/"):
+            elif topic.startswith(f"{self.topics.root}/up/generate/"):
                 self._on_generate(topic, payload)
-            elif topic.startswith(f"{topics.ROOT}/up/status/"):
+            elif topic.startswith(f"{self.topics.root}/up/status/"):
                 self._on_device_status(topic, payload)
-            elif topic.startswith(f"{topics.ROOT}/status/"):
+            elif topic.startswith(f"{self.topics.root}/status/"):
                 self.online[topics.device_of(topic)] = payload == b"online"
-            elif topic.startswith(f"{topics.ROOT}/rollout/report/"):
+            elif topic.startswith(f"{self.topics.root}/rollout/report/"):
                 record_report(self.store, *read_report(self.verifier, self.identity, self.store, topic, payload))
         except RefusedMessage as e:
             self.refusals.record(e, topic)
@@ -221,7 +220,7 @@ class AggregatorService:
         if rec is None:
             return
         env = self.writer.build(mtype, self.identity.encrypt_to(rec.box_key, body), rnd)
-        self.transport.publish(topics.down(device), env)
+        self.transport.publish(self.topics.down(device), env)
         self._count(rnd, device, "down", len(env))
 
     def _count(self, rnd: int, device: str, direction: str, n: int) -> None:

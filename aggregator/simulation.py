@@ -26,6 +26,7 @@ import torch
 from aggregator.config import AggregatorConfig
 from aggregator.global_model import GlobalModel, adapter_name
 from aggregator.service import AggregatorService
+from edge_sdk.topics import DEFAULT_PREFIX
 from models.evaluate import evaluate, sample_for_personas
 from models.lora import set_mix
 
@@ -43,6 +44,7 @@ class FleetConfig:
     seed: int = 0
     sizes: tuple[int, ...] | None = None    # devices per style (uneven groups)
     mqtt_url: str = "mqtt://127.0.0.1:1883"
+    topic_prefix: str = DEFAULT_PREFIX
     codec: str = "fp32"
     task_noise: float = 0.0
     personalization: str = "none"
@@ -135,7 +137,7 @@ def _device_worker(cfg: FleetConfig, indices: list[int], ids: list[str], root: s
             data_dir=Path(root) / device_id, device_id=device_id, profile="simulator", enrolment_token=TOKEN,
             local_steps=cfg.local_steps, task_noise=cfg.task_noise, personalization=cfg.personalization,
             seed=cfg.seed + i))
-        session = FederatedSession(client, LocalData.from_persona(personas[i]), MqttConfig(url=cfg.mqtt_url),
+        session = FederatedSession(client, LocalData.from_persona(personas[i]), MqttConfig(url=cfg.mqtt_url, topic_prefix=cfg.topic_prefix),
                                    codec=cfg.codec)
         sessions.append((i, session.start()))
     events.put(("ready", ids))
@@ -272,7 +274,8 @@ def run_federation(cfg: FleetConfig, aggregator: dict | None = None, progress: b
     root.mkdir(parents=True, exist_ok=True)
     personas = _personas(cfg)
     agg_cfg = AggregatorConfig(**({
-        "aggregator_id": f"agg-{uuid.uuid4().hex[:6]}", "mqtt_url": cfg.mqtt_url, "state_dir": root / "aggregator",
+        "aggregator_id": f"agg-{uuid.uuid4().hex[:6]}", "mqtt_url": cfg.mqtt_url,
+        "mqtt_topic_prefix": cfg.topic_prefix, "state_dir": root / "aggregator",
         "tokens": (TOKEN,), "expected_devices": cfg.devices, "rounds": cfg.rounds, "local_steps": cfg.local_steps,
         "round_timeout_s": cfg.round_timeout_s, "seed": cfg.seed,
     } | (aggregator or {})))

@@ -140,7 +140,6 @@ def two_tier_round(devices_per_edge: int, edges: int = 2) -> dict:
     from aggregator.config import AggregatorConfig
     from aggregator.hierarchy import CloudAggregator
     from aggregator.service import AggregatorService
-    from edge_sdk import topics
     from edge_sdk.lite import LiteDevice
 
     root = Path(tempfile.mkdtemp(prefix="fedaigc-two-tier-"))
@@ -167,7 +166,7 @@ def two_tier_round(devices_per_edge: int, edges: int = 2) -> dict:
         for i, d in fleet:
             start = d.round_start(timeout=60)
             delta = {k: torch.randn(shape, generator=g) * 0.01 for k, shape in services[i].shapes.items()}
-            d.send(topics.update(d.id), d.update_envelope(start, delta))
+            d.send(d.topics.update(d.id), d.update_envelope(start, delta))
         while not all(s.done.is_set() for s in services) and time.monotonic() < deadline + 60:
             time.sleep(0.1)
         device_bytes = sum(v["up"] + v["down"] for s in services for v in s.traffic.get(1, {}).values())

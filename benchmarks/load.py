@@ -66,7 +66,6 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
     """Runs in a child process: drives ``ids`` through enrolment, then one update each on command."""
     import torch
 
-    from edge_sdk import topics
     from edge_sdk.envelope import EnvelopeVerifier, MessageType
     from edge_sdk.identity import PublicIdentity
     from edge_sdk.lite import LiteDevice, start_adapter
@@ -102,7 +101,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
                 self.started_at = time.time()
             elif env.type == MessageType.ROUND_START and self.answer is not None and self.acked_at is None:
                 # re-invited at the deadline: our update never arrived (like edge_sdk.session, re-send it)
-                self.transport.publish(topics.update(self.id), self.answer)
+                self.transport.publish(self.topics.update(self.id), self.answer)
                 self.resent += 1
 
     def wait_all(devices, mtype, timeout):
@@ -145,7 +144,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
         for d, env in zip(devices, envelopes):
             d.answer = env
             published_at.append(time.time())
-            infos.append(d.transport.publish(topics.update(d.id), env))
+            infos.append(d.transport.publish(d.topics.update(d.id), env))
         pubacked = [d.transport.wait_published(i, timeout=120) for d, i in zip(devices, infos)]
         conn.send(("published", len(devices)))
         deadline = time.monotonic() + float(conn.recv())  # how long to wait for acks

@@ -16,7 +16,6 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from edge_sdk import topics
 from edge_sdk.compression import decode_payload, make_codec
 from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.errors import Refusal, RefusedMessage
@@ -33,6 +32,7 @@ from edge_sdk.messages import (
     read_signed_keys,
 )
 from edge_sdk.tensors import Shapes, pack_tensors, unpack_tensors
+from edge_sdk.topics import DEFAULT_PREFIX
 from edge_sdk.transport import MqttConfig, MqttTransport
 
 
@@ -61,20 +61,23 @@ def _drawn(rank: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 class LiteDevice:
-    def __init__(self, mqtt_url: str, device_id: str | None = None, token: str = "fedaigc-demo-token") -> None:
+    def __init__(self, mqtt_url: str, device_id: str | None = None, token: str = "fedaigc-demo-token",
+                 topic_prefix: str = DEFAULT_PREFIX) -> None:
         self.id = device_id or f"lite-{uuid.uuid4().hex[:8]}"
         self.identity = Identity.generate()
         self.token = token
         self.writer = EnvelopeWriter(self.identity, self.id)
-        self.transport = MqttTransport(MqttConfig(url=mqtt_url, client_id=f"fedaigc-{self.id}"))
+        self.transport = MqttTransport(MqttConfig(url=mqtt_url, client_id=f"fedaigc-{self.id}",
+                                                  topic_prefix=topic_prefix))
+        self.topics = self.transport.topics
         self.aggregator: PublicIdentity | None = None
         self.aggregator_id = None
         self.inbox: list = []
         self.cond = threading.Condition()
 
     def start(self, timeout: float = 10) -> "LiteDevice":
-        self.transport.subscribe(topics.AGGREGATOR_KEYS, self._on_keys)  # before connecting: see session.start
-        self.transport.subscribe(topics.down(self.id), self._on_down)
+        self.transport.subscribe(self.topics.aggregator_keys, self._on_keys)  # before connecting: see session.start
+        self.transport.subscribe(self.topics.down(self.id), self._on_down)
         self.transport.connect()
         deadline = time.monotonic() + timeout
         while self.aggregator is None and time.monotonic() < deadline:
@@ -125,12 +128,12 @@ class LiteDevice:
     def enrol(self) -> None:
         pub = self.identity.public
         body = Enrol(self.token, pub.verify_key, pub.box_key, "lite").encode()
-        self.send(topics.enrol(self.id), self.writer.build(MessageType.ENROL, seal_to(self.aggregator.box_key, body)))
+        self.send(self.topics.enrol(self.id), self.writer.build(MessageType.ENROL, seal_to(self.aggregator.box_key, body)))
 
     def send_task(self, vector: np.ndarray) -> None:
         v = torch.from_numpy(np.asarray(vector, dtype=np.float32))
         payload = seal_to(self.aggregator.box_key, pack_tensors({"task": v / v.norm()}))
-        self.send(topics.task(self.id), self.writer.build(MessageType.TASK, payload))
+        self.send(self.topics.task(self.id), self.writer.build(MessageType.TASK, payload))
 
     def update_envelope(self, start: RoundStart, delta: dict[str, torch.Tensor], codec: str = "fp32",
                         samples: int = 10, round: int | None = None, epsilon: float = -1.0,
@@ -147,7 +150,7 @@ class LiteDevice:
         enc = torch.from_numpy(np.asarray(encoding, dtype=np.float32))
         body = GenerateRequest(rid, pack_tensors({"encoding": enc}), {str(c): float(w) for c, w in mix.items()}, n, seed)
         sealed = seal_to(self.aggregator.box_key, body.encode())
-        self.send(topics.generate(self.id), self.writer.build(MessageType.GENERATE_REQUEST, sealed))
+        self.send(self.topics.generate(self.id), self.writer.build(MessageType.GENERATE_REQUEST, sealed))
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:

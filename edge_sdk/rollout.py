@@ -43,7 +43,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from edge_sdk import topics
 from edge_sdk.atomic import atomic_write_bytes
 from edge_sdk.chunking import Reassembler, is_chunk, split_payload
 from edge_sdk.envelope import Envelope, EnvelopeWriter, MessageType, parse_envelope
@@ -163,6 +162,7 @@ class RolloutAgent:
                  on_installed: Callable[[int, Path], None] | None = None,
                  refusals: RefusalCounter | None = None, fetch_timeout_s: float = 120.0) -> None:
         self.transport, self.identity, self.writer = transport, identity, writer
+        self.topics = transport.topics
         self.root = Path(data_dir) / "exports"
         self.root.mkdir(parents=True, exist_ok=True)
         self.aggregator, self.cluster = aggregator, cluster
@@ -183,7 +183,7 @@ class RolloutAgent:
         """Subscribe before the transport connects, so the retained manifest finds its handler."""
         self._recover()
         self._thread.start()
-        self.transport.subscribe(topics.ROLLOUT_MANIFESTS, self._on_manifest)
+        self.transport.subscribe(self.topics.rollout_manifests, self._on_manifest)
         return self
 
     def stop(self) -> None:
@@ -322,7 +322,7 @@ class RolloutAgent:
             else:
                 fetches.append(_Fetch(name, sha, m.sizes[name], dest, aggregator_id, keys.verify_key))
         for f in fetches:
-            self.transport.subscribe(topics.rollout_artifact_parts(f.sha256), f.on_part)
+            self.transport.subscribe(self.topics.rollout_artifact_parts(f.sha256), f.on_part)
         deadline = time.monotonic() + self.fetch_timeout_s
         try:
             for f in fetches:
@@ -334,7 +334,7 @@ class RolloutAgent:
                 atomic_write_bytes(f.dest, f.blob)
         finally:
             for f in fetches:
-                self.transport.unsubscribe(topics.rollout_artifact_parts(f.sha256))
+                self.transport.unsubscribe(self.topics.rollout_artifact_parts(f.sha256))
         for name, sha in m.files.items():  # copies included: nothing unverified gets installed
             if sha256_file(staging / name) != sha:
                 raise RefusedMessage(Refusal.TAMPERED, f"{name} does not match the signed manifest")
@@ -362,5 +362,5 @@ class RolloutAgent:
         report = RolloutReport(version, self.installed, ok, reason[:500])
         self.reports.append(report)
         sealed = self.identity.encrypt_to(trusted[1].box_key, report.encode())
-        self.transport.publish(topics.rollout_report(self.device_id), self.writer.build(MessageType.STATUS, sealed))
+        self.transport.publish(self.topics.rollout_report(self.device_id), self.writer.build(MessageType.STATUS, sealed))
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from edge_sdk import topics
 from edge_sdk.atomic import atomic_write_bytes
 from edge_sdk.client import SHARED, EdgeClient, LocalData
 from edge_sdk.compression import ErrorFeedback, decode_payload, make_codec
@@ -43,6 +42,7 @@ from edge_sdk.messages import (
 )
 from edge_sdk.rollout import Check, RolloutAgent, check_export
 from edge_sdk.tensors import pack_tensors, shapes_of, unpack_tensors
+from edge_sdk.topics import Topics
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import get_adapter_state, shapes_at_rank
 
@@ -67,8 +67,9 @@ class FederatedSession:
         self.task_prompts = list(task_prompts or data.prompts)
         self.feedback = ErrorFeedback(make_codec(codec, seed=client.config.seed))
         self.refusals = RefusalCounter()
+        self.topics = Topics(mqtt.topic_prefix)
         self.mqtt = MqttConfig(**{**mqtt.__dict__, "client_id": f"fedaigc-{client.device_id}",
-                                  "will_topic": topics.status(client.device_id)})
+                                  "will_topic": self.topics.status(client.device_id)})
         self.transport = MqttTransport(self.mqtt, self.refusals)
         self.writer = EnvelopeWriter(client.identity, client.device_id)
         self.verifier: EnvelopeVerifier | None = None
@@ -101,11 +102,11 @@ class FederatedSession:
         self._worker.start()
         # handlers before the connection: what the broker kept for our session while we were away
         # (a round start, an ack) arrives right after CONNACK and would find no handler otherwise
-        self.transport.subscribe(topics.down(self.client.device_id), self._on_down)
-        self.transport.subscribe(topics.AGGREGATOR_KEYS, self._on_keys)
+        self.transport.subscribe(self.topics.down(self.client.device_id), self._on_down)
+        self.transport.subscribe(self.topics.aggregator_keys, self._on_keys)
         self.rollout.start()
         self.transport.connect(timeout)
-        self.transport.publish(topics.status(self.client.device_id), b"online", retain=True)
+        self.transport.publish(self.topics.status(self.client.device_id), b"online", retain=True)
         return self
 
     def stop(self) -> None:
@@ -189,7 +190,7 @@ class FederatedSession:
         pub = self.client.identity.public
         body = Enrol(self.client.config.enrolment_token, pub.verify_key, pub.box_key, self.client.config.profile)
         sealed = seal_to(self.client.aggregator.box_key, body.encode())
-        self.transport.publish(topics.enrol(self.client.device_id), self.writer.build(MessageType.ENROL, sealed))
+        self.transport.publish(self.topics.enrol(self.client.device_id), self.writer.build(MessageType.ENROL, sealed))
 
     # ------------------------------------------------------------ downlink
     def _on_down(self, topic: str, data: bytes) -> None:
@@ -242,7 +243,7 @@ class FederatedSession:
             self._results[request_id] = waiter
         try:
             sealed = seal_to(self.client.aggregator.box_key, body.encode())
-            self.transport.publish(topics.generate(self.client.device_id),
+            self.transport.publish(self.topics.generate(self.client.device_id),
                                    self.writer.build(MessageType.GENERATE_REQUEST, sealed))
             if not waiter[0].wait(timeout):
                 raise TimeoutError(f"no generation result within {timeout} s")
@@ -256,7 +257,7 @@ class FederatedSession:
 
     def _send_task(self) -> None:
         payload = self.client.task_payload(self.task_prompts)
-        self.transport.publish(topics.task(self.client.device_id), self.writer.build(MessageType.TASK, payload))
+        self.transport.publish(self.topics.task(self.client.device_id), self.writer.build(MessageType.TASK, payload))
 
     def _on_round(self, start: RoundStart) -> None:
         expected = shapes_at_rank(shapes_of(get_adapter_state(self.client.unet, SHARED)), start.rank)
@@ -280,7 +281,7 @@ class FederatedSession:
         if adapter is None:
             sealed = self.client.identity.encrypt_to(self.client.aggregator.box_key,
                                                      DeviceStatus("need_full", start.round).encode())
-            self.transport.publish(topics.device_status(self.client.device_id),
+            self.transport.publish(self.topics.device_status(self.client.device_id),
                                    self.writer.build(MessageType.STATUS, sealed, start.round))
             return
         if start.choices == 1:
@@ -291,7 +292,7 @@ class FederatedSession:
             self.finished.set()
             return
         if start.round in self._answers:  # asked again: our update was lost or not yet counted
-            self.transport.publish(topics.update(self.client.device_id), self._answers[start.round])
+            self.transport.publish(self.topics.update(self.client.device_id), self._answers[start.round])
             return
         if start.choices > 1:  # IFCA: wait for every candidate, then train the one that fits our data best
             candidates = self._candidates.setdefault(start.round, {})
@@ -305,7 +306,7 @@ class FederatedSession:
         sealed = self.client.seal_update(update, start.cluster, self.feedback)
         envelope = self.writer.build(MessageType.UPDATE, sealed, start.round)
         self._answers = {start.round: envelope}
-        self.transport.publish(topics.update(self.client.device_id), envelope)
+        self.transport.publish(self.topics.update(self.client.device_id), envelope)
         self.rounds.append(RoundRecord(start.round, start.cluster, update.loss_before, update.loss_after, len(envelope)))
         log.info("%s: round %d trained (loss %.4f -> %.4f), sent %d bytes", self.client.device_id, start.round,
                  update.loss_before, update.loss_after, len(envelope))

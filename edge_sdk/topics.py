@@ -1,5 +1,10 @@
 """The MQTT topic layout, in one place (README "Topic layout" mirrors this file).
 
+Every topic of a fleet lies under ``{prefix}/v1``, the prefix being ``fedaigc`` unless the
+fleet's ``MqttConfig.topic_prefix`` says otherwise: fleets that share a broker (staging and
+production, two tenants) pick different prefixes, and then neither sees the other's
+retained keys, enrolments or updates. ``v1`` is the protocol version, not configurable.
+
     fedaigc/v1/aggregator/keys                 retained  aggregator's public keys (signed)
     fedaigc/v1/enrol/{device}                  device -> aggregator  enrolment (sealed)
     fedaigc/v1/up/task/{device}                device -> aggregator  task vector (sealed)
@@ -16,79 +21,121 @@
     fedaigc/v1/cloud/up/{edge}                 edge -> cloud  cluster adapters + centroids of a round (box)
     fedaigc/v1/cloud/down/{edge}               cloud -> edge  the edge's clusters after cross-edge interaction (box)
 
-Aggregator workers share the uplink with ``$share/{group}/fedaigc/v1/up/#`` (MQTT v5).
+Aggregator workers share the uplink with ``$share/{group}/{prefix}/v1/up/#`` (MQTT v5).
 """
 
-ROOT = "fedaigc/v1"
-AGGREGATOR_KEYS = f"{ROOT}/aggregator/keys"
-ROLLOUT_MANIFESTS = f"{ROOT}/rollout/manifest/+"
-UPLINK_ALL = f"{ROOT}/up/#"
-ENROL_ALL = f"{ROOT}/enrol/+"
-STATUS_ALL = f"{ROOT}/status/+"
-ROLLOUT_REPORT_ALL = f"{ROOT}/rollout/report/+"
-CLOUD_KEYS = f"{ROOT}/cloud/keys"
-CLOUD_ENROL_ALL = f"{ROOT}/cloud/enrol/+"
-CLOUD_UP_ALL = f"{ROOT}/cloud/up/+"
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROTOCOL = "v1"
+DEFAULT_PREFIX = "fedaigc"
 
 
-def cloud_enrol(edge: str) -> str:
-    return f"{ROOT}/cloud/enrol/{edge}"
+def check_prefix(prefix: str) -> str:
+    """A prefix must be plain topic levels: a wildcard or an empty level would widen every
+    subscription built on it, and ``$`` topics are the broker's own."""
+    levels = prefix.split("/")
+    if not prefix or prefix.startswith("$") or any(not lv for lv in levels) \
+            or any(ch in prefix for ch in "+#\x00"):
+        raise ValueError(f"topic prefix must be non-empty levels without wildcards, '$' or '//', got {prefix!r}")
+    return prefix
 
 
-def cloud_up(edge: str) -> str:
-    return f"{ROOT}/cloud/up/{edge}"
+@dataclass(frozen=True)
+class Topics:
+    """The topics of one fleet."""
 
+    prefix: str = DEFAULT_PREFIX
 
-def cloud_down(edge: str) -> str:
-    return f"{ROOT}/cloud/down/{edge}"
+    def __post_init__(self) -> None:
+        check_prefix(self.prefix)
 
+    @property
+    def root(self) -> str:
+        return f"{self.prefix}/{PROTOCOL}"
 
-def enrol(device: str) -> str:
-    return f"{ROOT}/enrol/{device}"
+    @property
+    def aggregator_keys(self) -> str:
+        return f"{self.root}/aggregator/keys"
 
+    @property
+    def rollout_manifests(self) -> str:
+        return f"{self.root}/rollout/manifest/+"
 
-def task(device: str) -> str:
-    return f"{ROOT}/up/task/{device}"
+    @property
+    def uplink_all(self) -> str:
+        return f"{self.root}/up/#"
 
+    @property
+    def enrol_all(self) -> str:
+        return f"{self.root}/enrol/+"
 
-def update(device: str) -> str:
-    return f"{ROOT}/up/update/{device}"
+    @property
+    def status_all(self) -> str:
+        return f"{self.root}/status/+"
 
+    @property
+    def rollout_report_all(self) -> str:
+        return f"{self.root}/rollout/report/+"
 
-def generate(device: str) -> str:
-    return f"{ROOT}/up/generate/{device}"
+    @property
+    def cloud_keys(self) -> str:
+        return f"{self.root}/cloud/keys"
 
+    @property
+    def cloud_enrol_all(self) -> str:
+        return f"{self.root}/cloud/enrol/+"
 
-def device_status(device: str) -> str:
-    return f"{ROOT}/up/status/{device}"
+    @property
+    def cloud_up_all(self) -> str:
+        return f"{self.root}/cloud/up/+"
 
+    def cloud_enrol(self, edge: str) -> str:
+        return f"{self.root}/cloud/enrol/{edge}"
 
-def down(device: str) -> str:
-    return f"{ROOT}/down/{device}"
+    def cloud_up(self, edge: str) -> str:
+        return f"{self.root}/cloud/up/{edge}"
 
+    def cloud_down(self, edge: str) -> str:
+        return f"{self.root}/cloud/down/{edge}"
 
-def status(device: str) -> str:
-    return f"{ROOT}/status/{device}"
+    def enrol(self, device: str) -> str:
+        return f"{self.root}/enrol/{device}"
 
+    def task(self, device: str) -> str:
+        return f"{self.root}/up/task/{device}"
 
-def rollout_manifest(target: str) -> str:
-    """One retained manifest per target, so a rollout to one cluster does not hide another target's
-    version from a device that was offline."""
-    return f"{ROOT}/rollout/manifest/{target}"
+    def update(self, device: str) -> str:
+        return f"{self.root}/up/update/{device}"
 
+    def generate(self, device: str) -> str:
+        return f"{self.root}/up/generate/{device}"
 
-def rollout_artifact_part(sha256: str, index: int) -> str:
-    """One retained part of an export file: parts are retained one per topic, because a broker keeps
-    one retained message per topic and a file is larger than one frame."""
-    return f"{ROOT}/rollout/artifact/{sha256}/{index}"
+    def device_status(self, device: str) -> str:
+        return f"{self.root}/up/status/{device}"
 
+    def down(self, device: str) -> str:
+        return f"{self.root}/down/{device}"
 
-def rollout_artifact_parts(sha256: str) -> str:
-    return f"{ROOT}/rollout/artifact/{sha256}/+"
+    def status(self, device: str) -> str:
+        return f"{self.root}/status/{device}"
 
+    def rollout_manifest(self, target: str) -> str:
+        """One retained manifest per target, so a rollout to one cluster does not hide another target's
+        version from a device that was offline."""
+        return f"{self.root}/rollout/manifest/{target}"
 
-def rollout_report(device: str) -> str:
-    return f"{ROOT}/rollout/report/{device}"
+    def rollout_artifact_part(self, sha256: str, index: int) -> str:
+        """One retained part of an export file: parts are retained one per topic, because a broker keeps
+        one retained message per topic and a file is larger than one frame."""
+        return f"{self.root}/rollout/artifact/{sha256}/{index}"
+
+    def rollout_artifact_parts(self, sha256: str) -> str:
+        return f"{self.root}/rollout/artifact/{sha256}/+"
+
+    def rollout_report(self, device: str) -> str:
+        return f"{self.root}/rollout/report/{device}"
 
 
 def shared(group: str, topic_filter: str) -> str:

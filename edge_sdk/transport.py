@@ -30,6 +30,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_sdk.chunking import Reassembler, is_chunk, split_payload, wire_size
 from edge_sdk.errors import RefusalCounter, RefusedMessage
+from edge_sdk.topics import DEFAULT_PREFIX, Topics, check_prefix
 
 log = logging.getLogger("fedaigc.transport")
 
@@ -53,8 +54,10 @@ class MqttConfig:
     reconnect_min_s: int = 1
     reconnect_max_s: int = 30
     max_message_bytes: int = 256 * 1024 * 1024
+    topic_prefix: str = DEFAULT_PREFIX  # the fleet's topics lie under {topic_prefix}/v1 (edge_sdk.topics)
 
     def __post_init__(self) -> None:
+        check_prefix(self.topic_prefix)
         parsed = urlparse(self.url)
         if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise ValueError(f"MQTT url must start with mqtt:// or mqtts://, got {self.url!r}")
@@ -86,6 +89,7 @@ class MqttConfig:
 class MqttTransport:
     def __init__(self, config: MqttConfig, refusals: RefusalCounter | None = None) -> None:
         self.config = config
+        self.topics = Topics(config.topic_prefix)
         self.refusals = refusals or RefusalCounter()
         self.connected = threading.Event()
         self.bytes_out: Counter[str] = Counter()
@@ -267,8 +271,9 @@ class MqttTransport:
                 self.bytes_out[topic] += len(frame)
         return infos
 
-    def clear_retained(self, topic: str) -> None:
-        self._client.publish(topic, b"", qos=1, retain=True)
+    def clear_retained(self, topic: str, timeout: float = 30.0) -> bool:
+        """Withdraw the message retained on ``topic``; True once the broker acknowledged it."""
+        return self.wait_published(self.publish(topic, b"", retain=True), timeout)
 
     def wait_published(self, infos: list[mqtt.MQTTMessageInfo], timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout

@@ -16,7 +16,6 @@ from aggregator.config import AggregatorConfig
 from aggregator.hierarchy import CloudAggregator
 from aggregator.rules import ClientUpdate
 from aggregator.service import AggregatorService
-from edge_sdk import topics
 from edge_sdk.envelope import EnvelopeWriter, MessageType
 from edge_sdk.identity import Identity
 from edge_sdk.lite import LiteDevice
@@ -69,7 +68,7 @@ def run_round_one(edges, devices):
         start = d.round_start()
         g = torch.Generator().manual_seed(i)
         delta = {k: common[k] + torch.randn(shape, generator=g) * 0.03 for k, shape in edges[i].shapes.items()}
-        d.send(topics.update(d.id), d.update_envelope(start, delta))
+        d.send(d.topics.update(d.id), d.update_envelope(start, delta))
     wait_until(lambda: all(e.current_round() == 2 for e in edges), timeout=60)
 
 
@@ -110,7 +109,7 @@ def test_an_unenrolled_edge_report_is_refused(sites):
     try:
         env = EnvelopeWriter(intruder, "rogue-edge").build(MessageType.EDGE_REPORT, b"\x00" * 64, 1)
         before = cloud.refusals["unknown_sender"]
-        t.wait_published(t.publish(topics.cloud_up("rogue-edge"), env))
+        t.wait_published(t.publish(t.topics.cloud_up("rogue-edge"), env))
         wait_until(lambda: cloud.refusals["unknown_sender"] > before)
     finally:
         t.close()

@@ -8,7 +8,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from aggregator.broker import free_port
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
-from edge_sdk import topics
 from edge_sdk.envelope import MessageType
 from edge_sdk.lite import LiteDevice
 from tests.polling import wait_until
@@ -28,7 +27,7 @@ def test_metrics_show_refusals_and_bytes_as_they_happen(tmp_path, mqtt_url):
     try:
         before = scrape(port)
         assert before[("fedaigc_round", ())] == 0
-        device.send(topics.enrol(device.id), b"\x00not an envelope")
+        device.send(device.topics.enrol(device.id), b"\x00not an envelope")
         device.enrol()
         device.wait_for(MessageType.ENROL_ACK)
         # the daemon counts the ack after publishing it, so the device may hold it first

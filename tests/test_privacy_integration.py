@@ -11,7 +11,7 @@ import torch
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from aggregator.status import read_status, render_status
-from edge_sdk import SHARED, DeviceConfig, EdgeClient, LocalData, Update, topics
+from edge_sdk import SHARED, DeviceConfig, EdgeClient, LocalData, Update
 from edge_sdk.compression import decode_payload
 from edge_sdk.envelope import MessageType
 from edge_sdk.identity import Identity
@@ -175,17 +175,17 @@ def test_the_aggregator_records_each_devices_epsilon_per_round(tmp_path, mqtt_ur
         delta = {k: torch.zeros(s) for k, s in agg.shapes.items()}
         dp, off = devices
         before = agg.refusals["malformed"]
-        dp.send(topics.update(dp.id), dp.update_envelope(starts[0], delta, epsilon=float("nan"), dp_delta=1e-5))
+        dp.send(dp.topics.update(dp.id), dp.update_envelope(starts[0], delta, epsilon=float("nan"), dp_delta=1e-5))
         wait_until(lambda: agg.refusals["malformed"] > before, timeout=60)
-        dp.send(topics.update(dp.id), dp.update_envelope(starts[0], delta, epsilon=1.5, dp_delta=1e-5))
-        off.send(topics.update(off.id), off.update_envelope(starts[1], delta))
+        dp.send(dp.topics.update(dp.id), dp.update_envelope(starts[0], delta, epsilon=1.5, dp_delta=1e-5))
+        off.send(off.topics.update(off.id), off.update_envelope(starts[1], delta))
         wait_until(lambda: agg.current_round() == 2, timeout=60)
         for d in devices:
             d.wait_for(MessageType.ROUND_START, count=2)
         starts = [d.round_start(index=-1) for d in devices]
         assert [s.round for s in starts] == [2, 2]
-        dp.send(topics.update(dp.id), dp.update_envelope(starts[0], delta, epsilon=math.inf, dp_delta=1e-5))
-        off.send(topics.update(off.id), off.update_envelope(starts[1], delta, epsilon=2.25, dp_delta=1e-5))
+        dp.send(dp.topics.update(dp.id), dp.update_envelope(starts[0], delta, epsilon=math.inf, dp_delta=1e-5))
+        off.send(off.topics.update(off.id), off.update_envelope(starts[1], delta, epsilon=2.25, dp_delta=1e-5))
         wait_until(agg.done.is_set, timeout=60)
         recorded = agg.store.get("privacy")
         assert recorded == {"1": {dp.id: {"epsilon": 1.5, "delta": 1e-5}, off.id: {"epsilon": -1.0, "delta": 0.0}},

@@ -23,7 +23,6 @@ from aggregator.config import AggregatorConfig
 from aggregator.rollout import canary_devices
 from aggregator.service import AggregatorService
 from aggregator.status import read_status, render_status
-from edge_sdk import topics
 from edge_sdk.envelope import EnvelopeWriter, MessageType
 from edge_sdk.executorch_backend import swap_adapter
 from edge_sdk.identity import Identity
@@ -108,7 +107,7 @@ class Device:
         return self.agent.installed
 
     def fetched_bytes(self, file_sha: str) -> int:
-        prefix = topics.rollout_artifact_part(file_sha, 0)[:-1]
+        prefix = self.transport.topics.rollout_artifact_part(file_sha, 0)[:-1]
         return sum(n for t, n in self.transport.bytes_in.items() if t.startswith(prefix))
 
 
@@ -144,8 +143,8 @@ class Fleet:
             d.stop()
         state = self.service.store.get("rollout")
         records = [] if state is None else [*state["live"].values(), state["last"]]
-        leftovers = {topics.rollout_manifest(r["target"]) for r in records} | set(self.extra_topics)
-        leftovers |= {topics.rollout_artifact_part(f["sha256"], i)
+        leftovers = {self.service.topics.rollout_manifest(r["target"]) for r in records} | set(self.extra_topics)
+        leftovers |= {self.service.topics.rollout_artifact_part(f["sha256"], i)
                       for r in records for f in r["files"].values() for i in range(f["parts"])}
         with MqttTransport(MqttConfig(url=self.mqtt_url)) as t:  # retained messages outlive the test otherwise
             t.wait_published([info for topic in sorted(leftovers) for info in t.publish(topic, b"", retain=True)])
@@ -210,11 +209,11 @@ def test_a_tampered_artifact_or_forged_manifest_is_refused_and_the_device_keeps_
             signed = artifact_parts(bytes(sent), writer, publisher.max_frame())
             parts[name] = len(signed)
             for i, part in enumerate(signed):
-                fleet.extra_topics.append(topics.rollout_artifact_part(digest, i))
-                infos += publisher.publish(topics.rollout_artifact_part(digest, i), part, retain=True)
+                fleet.extra_topics.append(publisher.topics.rollout_artifact_part(digest, i))
+                infos += publisher.publish(publisher.topics.rollout_artifact_part(digest, i), part, retain=True)
         manifest = RolloutManifest(2, "all", [], [], {n: hashlib.sha256(b).hexdigest() for n, b in files.items()},
                                    {n: len(b) for n, b in files.items()}, parts, time.time())
-        infos += publisher.publish(topics.rollout_manifest("all"),
+        infos += publisher.publish(publisher.topics.rollout_manifest("all"),
                                    writer.build(MessageType.ROLLOUT_MANIFEST, manifest.encode()), retain=True)
         publisher.wait_published(infos)
         wait_until(lambda: len(device.agent.reports) == 2, what="the device's report on version 2")
@@ -226,7 +225,7 @@ def test_a_tampered_artifact_or_forged_manifest_is_refused_and_the_device_keeps_
         # a manifest for version 3 signed by someone else under the aggregator's name
         forged = EnvelopeWriter(Identity.generate(), service.config.aggregator_id)
         manifest3 = RolloutManifest(**{**manifest.__dict__, "version": 3})
-        publisher.wait_published(publisher.publish(topics.rollout_manifest("all"),
+        publisher.wait_published(publisher.publish(publisher.topics.rollout_manifest("all"),
                                                    forged.build(MessageType.ROLLOUT_MANIFEST, manifest3.encode()),
                                                    retain=True))
         wait_until(lambda: device.transport.refusals["bad_signature"] == 1, what="the forged manifest refused")

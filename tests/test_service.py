@@ -10,7 +10,6 @@ import torch
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
-from edge_sdk import topics
 from edge_sdk.envelope import MessageType, parse_envelope
 from edge_sdk.lite import LiteDevice
 from edge_sdk.messages import SEEDED_CODEC, SeededAdapter
@@ -56,8 +55,8 @@ def test_round_start_carries_the_cluster_adapter_as_its_seed(fleet):
 def test_a_duplicate_update_is_applied_once(fleet):
     service, devices, starts = fleet
     env = devices[0].update_envelope(starts[0], small_delta(service))
-    devices[0].send(topics.update(devices[0].id), env)
-    devices[0].send(topics.update(devices[0].id), env)  # QoS-1 style redelivery of the same bytes
+    devices[0].send(devices[0].topics.update(devices[0].id), env)
+    devices[0].send(devices[0].topics.update(devices[0].id), env)  # QoS-1 style redelivery of the same bytes
     wait_until(lambda: len(service.store.updates(1)) == 1)
     time.sleep(0.5)
     assert len(service.store.updates(1)) == 1
@@ -67,7 +66,7 @@ def test_a_duplicate_update_is_applied_once(fleet):
 def test_the_round_closes_when_every_member_reported_and_the_next_opens(fleet):
     service, devices, starts = fleet
     for i, (d, s) in enumerate(zip(devices, starts)):
-        d.send(topics.update(d.id), d.update_envelope(s, small_delta(service, seed=i)))
+        d.send(d.topics.update(d.id), d.update_envelope(s, small_delta(service, seed=i)))
     wait_until(lambda: service.current_round() == 2)
     assert {u.device_id for u in service.store.updates(1)} == {d.id for d in devices}
     devices[0].wait_for(MessageType.ROUND_START, count=2)
@@ -84,11 +83,11 @@ def refused(service, reason, action, timeout=15):
 def test_each_refusal_reason_is_provoked_and_counted(fleet, mqtt_url):
     service, (dev, other), starts = fleet
     start = starts[0]
-    up = topics.update(dev.id)
+    up = dev.topics.update(dev.id)
     good = dev.update_envelope(start, small_delta(service))
 
     stranger = LiteDevice(mqtt_url).start()
-    refused(service, "unknown_sender", lambda: stranger.send(topics.update(stranger.id), stranger.update_envelope(start, small_delta(service))))
+    refused(service, "unknown_sender", lambda: stranger.send(stranger.topics.update(stranger.id), stranger.update_envelope(start, small_delta(service))))
 
     env = parse_envelope(good)
     forged = msgpack.packb([env.version, env.type.value, env.sender, env.round, env.seq, env.nonce, env.timestamp_ms,
@@ -122,7 +121,7 @@ def test_each_refusal_reason_is_provoked_and_counted(fleet, mqtt_url):
     refused(service, "replayed", lambda: dev.send(up, good))
 
     service.store.revoke_device(other.id)
-    refused(service, "revoked", lambda: other.send(topics.update(other.id), other.update_envelope(starts[1], small_delta(service))))
+    refused(service, "revoked", lambda: other.send(other.topics.update(other.id), other.update_envelope(starts[1], small_delta(service))))
     for d in (stranger, intruder):
         d.stop()
     # every refusal was also reported back to the device where it could be authenticated
@@ -137,7 +136,7 @@ def test_a_restarted_daemon_resumes_the_round_and_loses_nothing(tmp_path, mqtt_u
         d.join(v)
     starts = [d.round_start() for d in devices]
     for i in range(2):
-        devices[i].send(topics.update(devices[i].id), devices[i].update_envelope(starts[i], small_delta(service, seed=i)))
+        devices[i].send(devices[i].topics.update(devices[i].id), devices[i].update_envelope(starts[i], small_delta(service, seed=i)))
     wait_until(lambda: len(service.store.updates(1)) == 2)
     service.stop()  # the daemon goes away mid-round with two accepted updates
 
@@ -145,7 +144,7 @@ def test_a_restarted_daemon_resumes_the_round_and_loses_nothing(tmp_path, mqtt_u
     try:
         assert again.identity.public == service.identity.public  # same keys: devices keep trusting it
         assert again.current_round() == 1 and len(again.store.updates(1)) == 2
-        devices[2].send(topics.update(devices[2].id), devices[2].update_envelope(starts[2], small_delta(service, seed=2)))
+        devices[2].send(devices[2].topics.update(devices[2].id), devices[2].update_envelope(starts[2], small_delta(service, seed=2)))
         wait_until(lambda: again.current_round() == 2)
         summary = again.store.round_summaries()[0][2]
         assert sorted(summary["accepted"]) == sorted(d.id for d in devices)  # all three, each once
@@ -165,3 +164,22 @@ def test_a_device_starting_after_the_daemon_gets_its_keys_not_the_last_daemons(t
         finally:
             device.stop()
             service.stop()
+
+
+def test_fleets_under_different_prefixes_share_a_broker_without_seeing_each_other(tmp_path, mqtt_url):
+    run = uuid.uuid4().hex[:6]
+    services = [make_service(tmp_path / name, mqtt_url, mqtt_topic_prefix=f"fleet-{name}-{run}") for name in "ab"]
+    devices = [LiteDevice(mqtt_url, topic_prefix=s.config.mqtt_topic_prefix).start() for s in services]
+    try:
+        for s, d in zip(services, devices):
+            assert d.aggregator.box_key == s.identity.public.box_key
+            d.enrol()
+            d.wait_for(MessageType.ENROL_ACK)
+        for s, d, other in zip(services, devices, devices[::-1]):
+            assert s.store.device(d.id) is not None
+            assert s.store.device(other.id) is None
+    finally:
+        for s, d in zip(services, devices):
+            d.transport.clear_retained(d.topics.aggregator_keys)  # a fresh prefix per run: leave the broker clean
+            d.stop()
+            s.stop()

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from aggregator.global_model import adapter_shapes
-from edge_sdk import topics
 from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.identity import PublicIdentity
 from edge_sdk.lite import LiteDevice, start_adapter
@@ -59,7 +58,7 @@ class FaultDevice(LiteDevice):
         if env.type == MessageType.ROUND_START:
             start = RoundStart.decode(body)
             if start.round in self.answers and start.local_steps > 0:  # re-invited: our update was not counted
-                self.transport.publish(topics.update(self.id), self.answers[start.round])
+                self.transport.publish(self.topics.update(self.id), self.answers[start.round])
 
     def starts(self) -> list[RoundStart]:
         with self.cond:
@@ -75,7 +74,7 @@ class FaultDevice(LiteDevice):
         """Build, remember and publish this device's update for ``start`` (QoS 1, queued while offline)."""
         env = self.update_envelope(start, delta, **kwargs)
         self.answers[start.round] = env
-        infos = self.transport.publish(topics.update(self.id), env)
+        infos = self.transport.publish(self.topics.update(self.id), env)
         if wait:
             self.transport.wait_published(infos)
         return env
@@ -93,9 +92,10 @@ class FaultDevice(LiteDevice):
         Handlers go in before the connection: what the broker kept for the session arrives right
         after CONNACK, and a transport with no handler yet would drop it."""
         self.transport.close()
-        self.transport = MqttTransport(MqttConfig(url=self.mqtt_url, client_id=f"fedaigc-{self.id}"))
-        self.transport.subscribe(topics.AGGREGATOR_KEYS, self._on_keys)
-        self.transport.subscribe(topics.down(self.id), self._on_down)
+        self.transport = MqttTransport(MqttConfig(url=self.mqtt_url, client_id=f"fedaigc-{self.id}",
+                                                  topic_prefix=self.topics.prefix))
+        self.transport.subscribe(self.topics.aggregator_keys, self._on_keys)
+        self.transport.subscribe(self.topics.down(self.id), self._on_down)
         self.transport.connect()
 
     def rewrite(self) -> None:

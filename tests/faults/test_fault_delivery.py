@@ -16,7 +16,6 @@ from faultkit import FaultDevice, delta_for, wait_until
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
-from edge_sdk import topics
 from edge_sdk.tensors import unpack_tensors
 
 
@@ -39,9 +38,9 @@ def test_duplicate_out_of_order_and_stale_round_deliveries(tmp_path, own_broker,
         # A: a redelivery of the same bytes, then a different second answer for the same round
         first = a.answer(s1[a.id], delta[a.id, 1], wait=True)
         wait_until(lambda: a.accepted(1), 15, "A's update acknowledged")
-        a.send(topics.update(a.id), first)
+        a.send(a.topics.update(a.id), first)
         wait_until(lambda: service.refusals["replayed"] >= 1, 15, "redelivery refused")
-        a.send(topics.update(a.id), a.update_envelope(s1[a.id], delta_for(service.shapes, seed=99)))
+        a.send(a.topics.update(a.id), a.update_envelope(s1[a.id], delta_for(service.shapes, seed=99)))
         wait_until(lambda: len(a.acks_for(1)) == 2, 15, "second answer acknowledged")
         assert [(x.accepted, x.reason) for x in a.acks_for(1)] == [(True, ""), (True, "duplicate")]
 
@@ -54,14 +53,14 @@ def test_duplicate_out_of_order_and_stale_round_deliveries(tmp_path, own_broker,
         # B: round 2 first, then the held-back round-1 update arrives
         b.answer(b.start_of(2), delta[b.id, 2], wait=True)
         wait_until(lambda: b.accepted(2), 15, "B's round-2 update acknowledged")
-        b.send(topics.update(b.id), held_back)
+        b.send(b.topics.update(b.id), held_back)
         wait_until(lambda: [(x.accepted, x.reason) for x in b.acks_for(1)] == [(False, "stale_round")], 15,
                    "late round-1 update refused")
 
         # D comes back still in round 1; its persistent session kept what was sent to it meanwhile
         d.reconnect()
         d.start_of(2, timeout=15)
-        d.send(topics.update(d.id), d.update_envelope(s1[d.id], delta_for(service.shapes, seed=98)))
+        d.send(d.topics.update(d.id), d.update_envelope(s1[d.id], delta_for(service.shapes, seed=98)))
         wait_until(lambda: [(x.accepted, x.reason) for x in d.acks_for(1)] == [(True, ""), (False, "stale_round")], 15,
                    "stale round-1 update from the reconnected device refused")
         before = len(d.starts())
