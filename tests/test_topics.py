@@ -8,7 +8,7 @@ from aggregator.config import AggregatorConfig
 from edge_sdk.topics import Topics, device_of
 from edge_sdk.transport import MqttConfig
 
-level = st.text(st.characters(blacklist_characters="/+#\x00", blacklist_categories=("Cs",)), min_size=1, max_size=8)
+level = st.text(st.characters(exclude_characters="/+#\x00", exclude_categories=("Cs",)), min_size=1, max_size=8)
 prefixes = st.lists(level, min_size=1, max_size=3).map("/".join).filter(lambda p: not p.startswith("$"))
 
 
