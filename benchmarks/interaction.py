@@ -3,8 +3,9 @@
     python -m benchmarks.interaction [--seeds 3] [--rounds 4] [--images 24]   (or: fedaigc bench interaction)
 
 In process, on *true* clusters (no clustering error, no broker: only the interaction rule
-differs), 12 devices in clusters of 4/3/3/2, each with few images (``--images``, 24 by
-default: a small cluster is short of data, which is where borrowing can pay). Each round
+differs), 12 devices in clusters of 4/3/3/2, each with few images (``--images``: 24 by
+default, where a 2-device cluster already scores like a 3-device one of its style; at 8,
+``interaction_images8.json``, data is scarce, which is where borrowing can pay). Each round
 every device trains its cluster's adapter for 12 steps, each cluster aggregates exactly,
 then one of ``intra`` (nothing more), ``mix`` (the shipped default: similarity mixing,
 gated by the cosine of the clusters' ΔW), ``mix_text`` (gated instead by the centered
