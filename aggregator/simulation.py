@@ -137,8 +137,8 @@ def _device_worker(cfg: FleetConfig, indices: list[int], ids: list[str], root: s
             data_dir=Path(root) / device_id, device_id=device_id, profile="simulator", enrolment_token=TOKEN,
             local_steps=cfg.local_steps, task_noise=cfg.task_noise, personalization=cfg.personalization,
             seed=cfg.seed + i))
-        session = FederatedSession(client, LocalData.from_persona(personas[i]), MqttConfig(url=cfg.mqtt_url, topic_prefix=cfg.topic_prefix),
-                                   codec=cfg.codec)
+        mqtt = MqttConfig(url=cfg.mqtt_url, topic_prefix=cfg.topic_prefix)
+        session = FederatedSession(client, LocalData.from_persona(personas[i]), mqtt, codec=cfg.codec)
         sessions.append((i, session.start()))
     events.put(("ready", ids))
     parent = os.getppid()
