@@ -16,9 +16,9 @@ from pathlib import Path
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from models.pretrain import pretrain_base
+    from models.digits.pretrain import pretrain_base
     from models.training import TrainConfig
-    from models.unet import UNetConfig
+    from models.digits.unet import UNetConfig
 
     blocks = tuple(int(b) for b in args.blocks.split(","))
     result = pretrain_base(
@@ -37,7 +37,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _train_central(args: argparse.Namespace) -> int:
-    from models.pretrain import central_report
+    from models.digits.pretrain import central_report
 
     print(json.dumps(central_report(args.clients, args.styles, args.seed, args.steps), indent=2))
     return 0
@@ -123,9 +123,9 @@ def _rollout(args: argparse.Namespace) -> int:
     from aggregator.config import AggregatorConfig
     from aggregator.rollout import Rollout, RolloutPlan, parse_fraction, parse_target
     from aggregator.state import open_store
-    from edge_sdk.identity import Identity
+    from edge_sdk.artifacts.manifest import ManifestError
+    from edge_sdk.protocol.identity import Identity
     from edge_sdk.transport import MqttTransport
-    from export_tools.manifest import ManifestError
 
     overrides = {"mqtt_url": args.mqtt_url, "mqtt_topic_prefix": args.topic_prefix, "state_dir": args.state_dir,
                  "state_url": args.state, "aggregator_id": args.aggregator_id}
@@ -191,7 +191,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.unet import BASE_MODEL_DIR
+    from models.digits.unet import BASE_MODEL_DIR
 
     parser = argparse.ArgumentParser(prog="fedaigc", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")

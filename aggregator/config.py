@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from aggregator.rules import RULES
-from edge_sdk.topics import DEFAULT_PREFIX, check_prefix
+from edge_sdk.protocol.topics import DEFAULT_PREFIX, check_prefix
 from edge_sdk.transport import MqttConfig
 
 ROLES = ("all", "edge", "cloud")

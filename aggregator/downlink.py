@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from edge_sdk.compression import make_codec
-from edge_sdk.messages import SEEDED_CODEC, SeededAdapter
+from edge_sdk.protocol.codecs import make_codec
+from edge_sdk.protocol.messages import SEEDED_CODEC, SeededAdapter
 
 Adapter = dict[str, torch.Tensor]
 

@@ -6,10 +6,10 @@ tiers announce and admit through these functions, each over its own transport an
 
 from __future__ import annotations
 
-from edge_sdk.envelope import Envelope, EnvelopeVerifier, EnvelopeWriter, MessageType
-from edge_sdk.errors import Refusal, RefusedMessage
-from edge_sdk.identity import Identity
-from edge_sdk.messages import AggregatorKeys, Enrol
+from edge_sdk.protocol.envelope import Envelope, EnvelopeVerifier, EnvelopeWriter, MessageType
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.identity import Identity
+from edge_sdk.protocol.messages import AggregatorKeys, Enrol
 from edge_sdk.transport import MqttTransport
 
 

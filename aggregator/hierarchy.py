@@ -32,13 +32,13 @@ from aggregator.enrolment import admit, announce_keys, verify_key_of
 from aggregator.global_model import adapter_shapes
 from aggregator.interaction import Spread, interact
 from aggregator.state import open_store
-from edge_sdk import topics
-from edge_sdk.compression import decode_payload, make_codec
-from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
-from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
-from edge_sdk.identity import Identity, PublicIdentity, seal_to
-from edge_sdk.messages import CloudMix, EdgeReport, Enrol, EnrolAck, read_signed_keys
-from edge_sdk.topics import DEFAULT_PREFIX, Topics
+from edge_sdk.protocol import topics
+from edge_sdk.protocol.codecs import decode_payload, make_codec
+from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
+from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
+from edge_sdk.protocol.identity import Identity, PublicIdentity, seal_to
+from edge_sdk.protocol.messages import CloudMix, EdgeReport, Enrol, EnrolAck, read_signed_keys
+from edge_sdk.protocol.topics import DEFAULT_PREFIX, Topics
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import LoraSpec, lora_modules
 from models.text import EMBEDDING_DIM

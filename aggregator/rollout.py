@@ -7,7 +7,7 @@ and cluster assignment from the aggregator's state store. It
 1. hashes every file of the export (``model.pte``, ``base.ptd``, ``adapter.ptd`` and the
    export's ``manifest.json``, checked against it first) and publishes each file
    *retained*, by content hash, in signed parts of one MQTT frame each
-   (``edge_sdk.rollout.artifact_parts``): a device that is offline now, or enrols next
+   (``edge_sdk.protocol.rollout.artifact_parts``): a device that is offline now, or enrols next
    month, still finds them; a file every version shares is published once;
 2. publishes the versioned ``RolloutManifest`` retained on the target's manifest topic,
    first for the **canary** devices only: the ``ceil(fraction * n)`` targeted devices
@@ -39,12 +39,12 @@ from pathlib import Path
 
 from aggregator.enrolment import verify_key_of
 from aggregator.state import StateStore
-from edge_sdk import topics
-from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
-from edge_sdk.errors import Refusal, RefusedMessage
-from edge_sdk.identity import Identity
-from edge_sdk.messages import RolloutManifest, RolloutReport
-from edge_sdk.rollout import artifact_parts
+from edge_sdk.protocol import topics
+from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.identity import Identity
+from edge_sdk.protocol.messages import RolloutManifest, RolloutReport
+from edge_sdk.protocol.rollout import artifact_parts
 from edge_sdk.transport import MqttTransport
 
 log = logging.getLogger("fedaigc.rollout")
@@ -91,7 +91,7 @@ def canary_devices(devices: list[str], fraction: float) -> list[str]:
 def export_files(export_dir: Path) -> dict[str, bytes]:
     """Every file of an export directory by relative path, after checking them against its manifest
     (a corrupt export is refused here, not on a thousand devices)."""
-    from export_tools.manifest import Manifest
+    from edge_sdk.artifacts.manifest import Manifest
 
     manifest = Manifest.load(export_dir)
     for name in manifest.files:

@@ -45,12 +45,12 @@ from aggregator.rollout import read_report, record_report
 from aggregator.rules import ClientUpdate, make_rule
 from aggregator.serve import GenerationService, Request
 from aggregator.state import StateStore, StateUnavailable, UpdateRecord, open_store
-from edge_sdk import topics
-from edge_sdk.compression import decode_payload
-from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
-from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
-from edge_sdk.identity import Identity
-from edge_sdk.messages import (
+from edge_sdk.protocol import topics
+from edge_sdk.protocol.codecs import decode_payload
+from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
+from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
+from edge_sdk.protocol.identity import Identity
+from edge_sdk.protocol.messages import (
     ClusterAssign,
     DeviceStatus,
     EnrolAck,
@@ -60,8 +60,8 @@ from edge_sdk.messages import (
     UpdateAck,
     UpdateBody,
 )
-from edge_sdk.tensors import pack_tensors, shapes_of, unpack_tensors
-from edge_sdk.topics import Topics
+from edge_sdk.protocol.tensors import pack_tensors, shapes_of, unpack_tensors
+from edge_sdk.protocol.topics import Topics
 from edge_sdk.transport import MqttTransport
 from models.lora import LoraSpec
 from models.text import EMBEDDING_DIM

@@ -26,8 +26,8 @@ import torch
 from aggregator.config import AggregatorConfig
 from aggregator.global_model import GlobalModel, adapter_name
 from aggregator.service import AggregatorService
-from edge_sdk.topics import DEFAULT_PREFIX
-from models.evaluate import evaluate, sample_for_personas
+from edge_sdk.protocol.topics import DEFAULT_PREFIX
+from models.digits.evaluate import evaluate, sample_for_personas
 from models.lora import set_mix
 
 log = logging.getLogger("fedaigc.simulation")
@@ -114,7 +114,7 @@ def score_styles(model_of, assignment: dict, persona_of: dict, samples: int, see
 
 
 def _personas(cfg: FleetConfig):
-    from models.data import make_personas
+    from models.digits.data import make_personas
 
     return make_personas(cfg.devices, cfg.styles, seed=cfg.seed, sizes=list(cfg.sizes) if cfg.sizes else None)
 
@@ -126,7 +126,7 @@ def _device_worker(cfg: FleetConfig, indices: list[int], ids: list[str], root: s
     from edge_sdk import DeviceConfig, EdgeClient, LocalData
     from edge_sdk.session import FederatedSession
     from edge_sdk.transport import MqttConfig
-    from models.evaluate import evaluate
+    from models.digits.evaluate import evaluate
     from models.text import PromptEncoder
 
     torch.set_num_threads(1)
@@ -152,7 +152,7 @@ def _device_worker(cfg: FleetConfig, indices: list[int], ids: list[str], root: s
         enc = torch.from_numpy(PromptEncoder().encode(prompts))
         from edge_sdk.client import PERSONAL, SHARED
         from models.lora import adapter_names, set_mix
-        from models.unet import generate
+        from models.digits.unet import generate
 
         report = {"style": p.style, "rounds": [asdict(r) for r in s.rounds], "bytes": s.transport.byte_totals()}
         for label, mix in (("base", {}), ("shared", {SHARED: 1.0}),

@@ -40,7 +40,7 @@ MODES = ("full_fp32", "lora_fp32", "lora_int8", "lora_int8_ckpt")
 def build(size: str, mode: str):
     from edge_sdk.quantize import quantize_base
     from models.lora import LoraSpec, add_adapter, set_mix
-    from models.unet import UNetConfig, build_unet, load_base_unet
+    from models.digits.unet import UNetConfig, build_unet, load_base_unet
 
     s = SIZES[size]
     unet = load_base_unet() if size == "small" else build_unet(
@@ -62,7 +62,7 @@ def build(size: str, mode: str):
 
 
 def data(batch: int):
-    from models.data import make_personas
+    from models.digits.data import make_personas
     from models.text import PromptEncoder
 
     p = make_personas(1, 1, seed=0, styles=["framed"])[0]
@@ -139,7 +139,7 @@ def time_modes(size: str, steps: int) -> dict:
 
 def quality_after_one_round(steps: int) -> dict:
     """Style/digit accuracy of the demo UNet after one local round of each mode on one persona."""
-    from models.evaluate import evaluate_personas
+    from models.digits.evaluate import evaluate_personas
     from models.training import LORA_LR, TrainConfig, train_denoiser
 
     out = {}

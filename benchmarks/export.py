@@ -3,7 +3,7 @@
     python -m benchmarks.export [--quick]
 
 1. Two style adapters ("framed", "inverted"; rank 2) are trained centrally on styled-digit
-   personas (the upper-bound recipe of ``models.pretrain.train_central``).
+   personas (the upper-bound recipe of ``models.digits.pretrain.train_central``).
 2. The shipped base UNet is exported with the "framed" adapter: ExecuTorch fp32 and int8
    (``export_tools.executorch``, batch 16 = 8 prompts with classifier-free guidance), and
    Core ML fp16 / 6-bit palettized / int8 weights plus a two-function package.
@@ -45,11 +45,11 @@ PROFILE_EXPORTS = {  # what each device class should run, and why
 
 
 def train_adapters(steps: int, seed: int = 0):
-    from models.data import make_personas
+    from models.digits.data import make_personas
     from models.lora import get_adapter_state
-    from models.pretrain import train_central
+    from models.digits.pretrain import train_central
     from models.training import LORA_LR, TrainConfig
-    from models.unet import BASE_MODEL_DIR
+    from models.digits.unet import BASE_MODEL_DIR
 
     personas = make_personas(8, 2, seed=seed, styles=list(STYLES))
     unet = train_central(BASE_MODEL_DIR, personas, train=TrainConfig(steps=steps, batch_size=32, lr=LORA_LR, seed=seed),
@@ -70,7 +70,7 @@ def sample_inputs(personas, style: str, samples: int, seed: int = 0):
 
 
 def sample(unet, encodings, noise, denoiser=None, steps: int = 20):
-    from models.unet import generate
+    from models.digits.unet import generate
 
     return generate(unet, encodings, steps=steps, seed=0, noise=noise, denoiser=denoiser, batch_size=BATCH // 2)
 
@@ -110,12 +110,12 @@ def memory_worker(kind: str, export_dir: str) -> dict:
         baseline = rss.now_mb()
         if kind == "eager":
             from export_tools.executorch import EagerDenoiser, with_adapters
-            from models.unet import load_base_unet
+            from models.digits.unet import load_base_unet
 
             adapters = {STYLES[0]: {k: v for k, v in torch.load(Path(export_dir) / "adapter.pt").items()}}
             fn = EagerDenoiser(with_adapters(load_base_unet(), adapters, {STYLES[0]: 1.0}))
         else:
-            from edge_sdk.executorch_backend import ExecuTorchDenoiser
+            from edge_sdk.artifacts.inference import ExecuTorchDenoiser
 
             fn = ExecuTorchDenoiser(export_dir, threads=1)
         with torch.no_grad():
@@ -143,13 +143,14 @@ def main() -> None:
         print(json.dumps(memory_worker(*args.memory_worker)))
         return
     torch.set_num_threads(1)
-    from edge_sdk.executorch_backend import ExecuTorchDenoiser, set_runtime_threads
+    from edge_sdk.artifacts.inference import ExecuTorchDenoiser, set_runtime_threads
     from export_tools.calibration import denoising_batches
+    from models.digits.data import calibration_samples
     from export_tools.coreml import export_coreml
     from export_tools.executorch import EagerDenoiser, errors, export_executorch, with_adapters
-    from models.evaluate import evaluate
+    from models.digits.evaluate import evaluate
     from models.lora import merge_adapters
-    from models.unet import load_base_unet
+    from models.digits.unet import load_base_unet
 
     set_runtime_threads(1)
     train_steps, samples, reps = (120, 32, 3) if args.quick else (300, 64, 10)
@@ -160,7 +161,7 @@ def main() -> None:
                     "adapter_train_seconds": time.perf_counter() - started}
     style, other = STYLES
     base = load_base_unet()
-    calibration = denoising_batches(4, BATCH)
+    calibration = denoising_batches(calibration_samples, 4, BATCH)
     work = Path(tempfile.mkdtemp(prefix="fedaigc-export-bench-"))
     exports, export_seconds = {}, {}
     for q in ("fp32", "int8"):

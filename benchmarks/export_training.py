@@ -38,14 +38,14 @@ def main() -> None:
     args = parser.parse_args()
     steps = args.steps or (12 if args.quick else 40)
     torch.set_num_threads(1)
-    from edge_sdk.executorch_backend import set_runtime_threads
-    from edge_sdk.executorch_training import ExecuTorchTrainer
+    from edge_sdk.artifacts.inference import set_runtime_threads
+    from edge_sdk.artifacts.training import ExecuTorchTrainer
     from export_tools.training import eager_unet, export_training
-    from models.data import make_personas
+    from models.digits.data import make_personas
     from models.lora import LoraSpec, get_adapter_state
     from models.text import PromptEncoder
     from models.training import LORA_LR, TrainConfig, evaluation_loss, train_denoiser
-    from models.unet import load_base_unet
+    from models.digits.unet import load_base_unet
 
     set_runtime_threads(1)
     spec = LoraSpec()

@@ -45,7 +45,7 @@ from aggregator.global_model import GlobalModel, adapter_name  # noqa: E402
 from aggregator.simulation import FleetConfig, _personas, run_federation, score_styles  # noqa: E402
 from models.lora import LoraSpec, add_adapter, get_adapter_state, set_mix  # noqa: E402
 from models.training import LORA_LR, TrainConfig, train_adapters  # noqa: E402
-from models.unet import load_base_unet  # noqa: E402
+from models.digits.unet import load_base_unet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FEDERATED = {

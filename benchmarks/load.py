@@ -66,10 +66,10 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
     """Runs in a child process: drives ``ids`` through enrolment, then one update each on command."""
     import torch
 
-    from edge_sdk.envelope import EnvelopeVerifier, MessageType
-    from edge_sdk.identity import PublicIdentity
     from edge_sdk.lite import LiteDevice, start_adapter
-    from edge_sdk.messages import RoundStart, UpdateAck
+    from edge_sdk.protocol.envelope import EnvelopeVerifier, MessageType
+    from edge_sdk.protocol.identity import PublicIdentity
+    from edge_sdk.protocol.messages import RoundStart, UpdateAck
 
     keys = PublicIdentity(verify_key, box_key)
 
@@ -172,7 +172,7 @@ class _Aggregators:
 
     def __init__(self, tmp: Path, mqtt_url: str, n: int, aggregator_id: str, round_timeout_s: float, workers: int,
                  pg_url: str) -> None:
-        from edge_sdk.identity import Identity
+        from edge_sdk.protocol.identity import Identity
 
         self.tmp, self.mqtt_url, self.aggregator_id, self.workers = tmp, mqtt_url, aggregator_id, workers
         state_dir = tmp / "state"

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from aggregator.rules import ClientUpdate, ExactLoraAggregation  # noqa: E402
 from edge_sdk import PERSONAL, SHARED, DeviceConfig, EdgeClient, LocalData  # noqa: E402
-from models.data import make_personas  # noqa: E402
-from models.evaluate import evaluate_personas  # noqa: E402
+from models.digits.data import make_personas  # noqa: E402
+from models.digits.evaluate import evaluate_personas  # noqa: E402
 from models.lora import LoraSpec, adapter_names, get_adapter_state, set_mix  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

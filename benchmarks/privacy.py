@@ -66,8 +66,8 @@ from edge_sdk.privacy import (  # noqa: E402
     task_vector_from_encodings,
     update_norm,
 )
-from models.data import _DIGIT_WORDINGS, _TICS, STYLES, Persona, make_personas, style_templates  # noqa: E402
-from models.evaluate import cache_dir, evaluate_personas  # noqa: E402
+from models.digits.data import _DIGIT_WORDINGS, _TICS, STYLES, Persona, make_personas, style_templates  # noqa: E402
+from models.digits.evaluate import cache_dir, evaluate_personas  # noqa: E402
 from models.lora import LoraSpec, get_adapter_state, set_mix  # noqa: E402
 from models.text import PromptEncoder  # noqa: E402
 

@@ -29,14 +29,14 @@ from safetensors.torch import load as st_load  # noqa: E402
 from safetensors.torch import save as st_save  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from edge_sdk.compression import decode_payload  # noqa: E402
-from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType  # noqa: E402
-from edge_sdk.errors import RefusedMessage  # noqa: E402
-from edge_sdk.identity import Identity, seal_to  # noqa: E402
-from edge_sdk.messages import UpdateBody  # noqa: E402
-from edge_sdk.tensors import pack_tensors, shapes_of, unpack_tensors  # noqa: E402
+from edge_sdk.protocol.codecs import decode_payload  # noqa: E402
+from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType  # noqa: E402
+from edge_sdk.protocol.errors import RefusedMessage  # noqa: E402
+from edge_sdk.protocol.identity import Identity, seal_to  # noqa: E402
+from edge_sdk.protocol.messages import UpdateBody  # noqa: E402
+from edge_sdk.protocol.tensors import pack_tensors, shapes_of, unpack_tensors  # noqa: E402
 from models.lora import LoraSpec, add_adapter, get_adapter_state  # noqa: E402
-from models.unet import load_base_unet  # noqa: E402
+from models.digits.unet import load_base_unet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,7 +75,7 @@ class Pipeline:
 
 
 def _unknown(sender: str) -> bytes:
-    from edge_sdk.errors import Refusal
+    from edge_sdk.protocol.errors import Refusal
 
     raise RefusedMessage(Refusal.UNKNOWN_SENDER, sender)
 

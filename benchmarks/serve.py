@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 from aggregator.broker import ensure_broker  # noqa: E402
 from aggregator.config import AggregatorConfig  # noqa: E402
 from aggregator.service import AggregatorService  # noqa: E402
-from edge_sdk.envelope import MessageType  # noqa: E402
 from edge_sdk.lite import LiteDevice  # noqa: E402
+from edge_sdk.protocol.envelope import MessageType  # noqa: E402
 from models.text import PromptEncoder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -18,12 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_sdk.atomic import atomic_write_bytes
-from edge_sdk.compression import ErrorFeedback, make_codec
 from edge_sdk.config import DeviceConfig
-from edge_sdk.identity import Identity, PublicIdentity, seal_to
 from edge_sdk.memory import MemoryBudgetExceeded, estimate_training_bytes
-from edge_sdk.messages import UpdateBody
 from edge_sdk.privacy import (
     PrivacyLedger,
     fleet_rotation,
@@ -32,9 +28,13 @@ from edge_sdk.privacy import (
     sample_prompts,
     task_vector_from_encodings,
 )
+from edge_sdk.protocol.codecs import ErrorFeedback, make_codec
+from edge_sdk.protocol.files import atomic_write_bytes
+from edge_sdk.protocol.identity import Identity, PublicIdentity, seal_to
+from edge_sdk.protocol.messages import UpdateBody
+from edge_sdk.protocol.tensors import pack_tensors
 from edge_sdk.quantize import quantize_base
 from edge_sdk.store import AdapterStore
-from edge_sdk.tensors import pack_tensors
 from models.lora import (
     LoraSpec,
     adapter_names,
@@ -47,8 +47,8 @@ from models.lora import (
 )
 from models.text import PromptEncoder
 from models.training import TrainConfig, evaluation_loss, train_adapters
-from models.unet import generate as sample_images
-from models.unet import load_base_unet
+from models.digits.unet import generate as sample_images
+from models.digits.unet import load_base_unet
 
 log = logging.getLogger("fedaigc.edge")
 
@@ -117,6 +117,7 @@ class EdgeClient:
         self.shared_version = 0
         self._executorch = None  # the exported program (inference_backend="executorch"), loaded on first use
         self._trainer = None  # the exported training program (training_backend="executorch"), loaded on first use
+        self._base_sha256: str | None = None
         self.load()
 
     # ---------------------------------------------------------------- identity
@@ -261,10 +262,11 @@ class EdgeClient:
         Same data, noise, timesteps and AdamW as the eager trainer; the program holds a full-precision
         copy of the base, so an int8 device trains against fp32 weights here.
         """
-        from edge_sdk.executorch_training import ExecuTorchTrainer
+        from edge_sdk.artifacts.training import ExecuTorchTrainer
 
         if self._trainer is None:
-            self._trainer = ExecuTorchTrainer.for_device(self.config)
+            self._trainer = ExecuTorchTrainer(self.config.training_export_dir, base_sha256=self.base_sha256(),
+                                              threads=self.config.effective("threads"))
         peft = self.unet.peft_config[SHARED]
         if self._trainer.rank != peft.r or self._trainer.scale != peft.lora_alpha / peft.r:
             raise ValueError(f"the training program holds a rank-{self._trainer.rank} adapter (scale "
@@ -324,14 +326,23 @@ class EdgeClient:
 
     def _exported_denoiser(self, mix: Mapping[str, float]):
         """The exported program with ``mix`` of this device's adapters as its adapter data (no re-export)."""
-        from edge_sdk.executorch_backend import ExecuTorchDenoiser
+        from edge_sdk.artifacts.inference import ExecuTorchDenoiser
 
         if self._executorch is None:
-            self._executorch = ExecuTorchDenoiser.for_device(self.config)
+            self._executorch = ExecuTorchDenoiser(self.config.export_dir, base_sha256=self.base_sha256(),
+                                                  threads=self.config.effective("threads"))
         peft = self.unet.peft_config
         self._executorch.set_mix({name: get_adapter_state(self.unet, name) for name in mix}, mix,
                                  {name: peft[name].lora_alpha / peft[name].r for name in mix})
         return self._executorch
+
+    def base_sha256(self) -> str:
+        """The digest of the full-precision base this device runs: an export must have been made from it."""
+        if self._base_sha256 is None:
+            from edge_sdk.artifacts.manifest import base_digest
+
+            self._base_sha256 = base_digest(load_base_unet(self.config.base_model))
+        return self._base_sha256
 
     def use_export(self, export_dir: Path) -> None:
         """Sample through another export from now on (a rollout installed it); loaded on next use."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edge_sdk.privacy import MIN_SECRET_BYTES, DPConfig
 from models.training import LORA_LR
-from models.unet import BASE_MODEL_DIR
+from models.digits.unet import BASE_MODEL_DIR
 
 QUANTIZATION_MODES = ("int8", "none")
 # What stays on the device (benchmarks/personalization.py, 8 devices / 4 styles, 6 rounds, 2 seeds):

@@ -16,11 +16,11 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from edge_sdk.compression import decode_payload, make_codec
-from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
-from edge_sdk.errors import Refusal, RefusedMessage
-from edge_sdk.identity import Identity, PublicIdentity, seal_to
-from edge_sdk.messages import (
+from edge_sdk.protocol.codecs import decode_payload, make_codec
+from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.identity import Identity, PublicIdentity, seal_to
+from edge_sdk.protocol.messages import (
     SEEDED_CODEC,
     Enrol,
     GenerateRequest,
@@ -31,8 +31,8 @@ from edge_sdk.messages import (
     UpdateBody,
     read_signed_keys,
 )
-from edge_sdk.tensors import Shapes, pack_tensors, unpack_tensors
-from edge_sdk.topics import DEFAULT_PREFIX
+from edge_sdk.protocol.tensors import Shapes, pack_tensors, unpack_tensors
+from edge_sdk.protocol.topics import DEFAULT_PREFIX
 from edge_sdk.transport import MqttConfig, MqttTransport
 
 
@@ -55,7 +55,7 @@ def start_adapter(start: RoundStart, shapes: Shapes) -> dict[str, torch.Tensor]:
 @lru_cache(maxsize=4)
 def _drawn(rank: int, seed: int) -> dict[str, torch.Tensor]:
     from models.lora import LoraSpec, draw_adapter
-    from models.unet import load_base_unet
+    from models.digits.unet import load_base_unet
 
     return draw_adapter(load_base_unet(), LoraSpec(rank=rank), seed)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from edge_sdk.quantize import weight_bytes
-from models.unet import denoise
+from models.digits.unet import denoise
 
 
 class MemoryBudgetExceeded(ValueError):

@@ -53,7 +53,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from edge_sdk.atomic import atomic_write_bytes
+from edge_sdk.protocol.files import atomic_write_bytes
 
 TASK_DIM = 384
 MIN_SECRET_BYTES = 16

@@ -1,10 +1,10 @@
 """A device's side of a fleet rollout: install signed export versions atomically, roll back on a failed check.
 
-What travels (``edge_sdk.topics``; the aggregator side is ``aggregator/rollout.py``)::
+What travels (``edge_sdk.protocol.topics``; the aggregator side is ``aggregator/rollout.py``)::
 
     rollout/manifest/{target}       retained  RolloutManifest, in an envelope signed by the aggregator;
                                               one per target ("all", "cluster-{id}")
-    rollout/artifact/{sha256}/{i}   retained  part i of one export file: a chunk frame (edge_sdk.chunking)
+    rollout/artifact/{sha256}/{i}   retained  part i of one export file: a chunk frame (edge_sdk.protocol.chunking)
                                               in an envelope signed by the aggregator
     rollout/report/{device}         device -> aggregator  RolloutReport (Box), signed by the device
 
@@ -20,7 +20,7 @@ adapter changed) are copied locally instead of fetched.
 On disk, under ``{data_dir}/exports/``::
 
     v{N}/             one directory per version: the current one and the previous one are kept
-    current           {"version": N, "previous": M}, written atomically (edge_sdk.atomic); while N is
+    current           {"version": N, "previous": M}, written atomically (edge_sdk.protocol.files); while N is
                       being checked it also says "checking", so a crash mid-check rolls back at start
     failed.json       {version: reason} of versions whose check failed here (never retried)
     .staging-v{N}/    files of a version being fetched
@@ -41,69 +41,28 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from edge_sdk.atomic import atomic_write_bytes
-from edge_sdk.chunking import Reassembler, is_chunk, split_payload
-from edge_sdk.envelope import Envelope, EnvelopeWriter, MessageType, parse_envelope
-from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
-from edge_sdk.identity import Identity, PublicIdentity, verify_signature
-from edge_sdk.messages import RolloutManifest, RolloutReport
+from edge_sdk.protocol.chunking import Reassembler, is_chunk
+from edge_sdk.protocol.digest import file_digest
+from edge_sdk.protocol.envelope import EnvelopeWriter, MessageType
+from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
+from edge_sdk.protocol.files import atomic_write_bytes
+from edge_sdk.protocol.identity import Identity, PublicIdentity
+from edge_sdk.protocol.messages import RolloutManifest, RolloutReport
+from edge_sdk.protocol.rollout import read_manifest, read_signed
 from edge_sdk.transport import MqttTransport
-from export_tools.ptd import sha256_file
 
 log = logging.getLogger("fedaigc.rollout")
-
-STAGES = ("canary", "all")
-PART_OVERHEAD = 512  # envelope fields around a part's chunk frame (sender id <= 128 characters, signature, ...)
 
 Check = Callable[[Path], None]
 """Raises (with the reason a person needs) when the export in that directory must not be used."""
 
 
-# ---------------------------------------------------------------- wire: shared with the aggregator
-def artifact_parts(blob: bytes, writer: EnvelopeWriter, max_frame: int) -> list[bytes]:
-    """Signed envelopes, each holding one chunk frame of ``blob`` and each fitting one MQTT frame,
-    so every part can be retained on its own topic."""
-    frames = split_payload(blob, max_frame - PART_OVERHEAD)
-    return [writer.build(MessageType.ROLLOUT_ARTIFACT, frame, round=i) for i, frame in enumerate(frames)]
-
-
-def read_signed(data: bytes, expect: MessageType, aggregator_id: str, verify_key: bytes) -> Envelope:
-    """A retained message from the aggregator: right type, right sender, valid signature (no clock window)."""
-    env = parse_envelope(data)
-    if env.type != expect:
-        raise RefusedMessage(Refusal.WRONG_TYPE, f"{env.type.value} where a {expect.value} belongs")
-    if env.sender != aggregator_id:
-        raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"{env.sender} is not this device's aggregator")
-    verify_signature(verify_key, env.signed_part(), env.signature)
-    return env
-
-
-def read_manifest(data: bytes, aggregator_id: str, verify_key: bytes) -> RolloutManifest:
-    """The manifest, signed by the aggregator and well-formed (safe relative paths, sha256 per file)."""
-    m = RolloutManifest.decode(read_signed(data, MessageType.ROLLOUT_MANIFEST, aggregator_id, verify_key).payload)
-    if m.stage not in STAGES:
-        raise RefusedMessage(Refusal.MALFORMED, f"rollout stage {m.stage[:20]!r} is not one of {STAGES}")
-    if m.version < 1 or not m.files or set(m.files) != set(m.sizes) or set(m.files) != set(m.parts):
-        raise RefusedMessage(Refusal.MALFORMED, "rollout manifest needs a version >= 1 and sizes and parts per file")
-    for name, sha in m.files.items():
-        path = PurePosixPath(name)
-        if path.is_absolute() or ".." in path.parts or not path.parts or str(path) != name:
-            raise RefusedMessage(Refusal.MALFORMED, f"rollout file name {name[:60]!r} is not a plain relative path")
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise RefusedMessage(Refusal.MALFORMED, f"rollout file {name} has no sha256")
-        if m.sizes[name] < 0 or m.parts[name] < 1:
-            raise RefusedMessage(Refusal.MALFORMED, f"rollout file {name} has a negative size or no parts")
-    if not all(isinstance(c, int) for c in m.clusters) or not all(isinstance(d, str) for d in m.canary):
-        raise RefusedMessage(Refusal.MALFORMED, "rollout clusters are ints and canary devices are ids")
-    return m
-
-
 def check_export(export_dir: Path, base_sha256: str | None = None) -> None:
     """The default load check: every file matches the export manifest, the export was made from this
     device's base model (when given), and an ExecuTorch program really loads with its data."""
-    from export_tools.manifest import Manifest, ManifestError
+    from edge_sdk.artifacts.manifest import Manifest, ManifestError
 
     manifest = Manifest.load(export_dir)
     for name in manifest.files:
@@ -112,7 +71,7 @@ def check_export(export_dir: Path, base_sha256: str | None = None) -> None:
         raise ManifestError(f"exported from base model {manifest.base_sha256[:12]}…, this device runs "
                             f"{base_sha256[:12]}…")
     if manifest.format == "executorch":
-        from edge_sdk.executorch_backend import ExecuTorchDenoiser
+        from edge_sdk.artifacts.inference import ExecuTorchDenoiser
 
         ExecuTorchDenoiser(export_dir).close()
 
@@ -336,7 +295,7 @@ class RolloutAgent:
             for f in fetches:
                 self.transport.unsubscribe(self.topics.rollout_artifact_parts(f.sha256))
         for name, sha in m.files.items():  # copies included: nothing unverified gets installed
-            if sha256_file(staging / name) != sha:
+            if file_digest(staging / name) != sha:
                 raise RefusedMessage(Refusal.TAMPERED, f"{name} does not match the signed manifest")
 
     def _held_files(self) -> dict[str, Path]:
@@ -347,7 +306,7 @@ class RolloutAgent:
             d = self.root / f"v{version}"
             for p in d.rglob("*") if d.exists() else ():
                 if p.is_file():
-                    held[sha256_file(p)] = p
+                    held[file_digest(p)] = p
         return held
 
     def _prune(self, keep: set[int]) -> None:

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from edge_sdk.atomic import atomic_write_bytes
 from edge_sdk.client import SHARED, EdgeClient, LocalData
-from edge_sdk.compression import ErrorFeedback, decode_payload, make_codec
-from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
-from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
-from edge_sdk.identity import PublicIdentity, seal_to
-from edge_sdk.messages import (
+from edge_sdk.protocol.codecs import ErrorFeedback, decode_payload, make_codec
+from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
+from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
+from edge_sdk.protocol.files import atomic_write_bytes
+from edge_sdk.protocol.identity import PublicIdentity, seal_to
+from edge_sdk.protocol.messages import (
     SEEDED_CODEC,
     ClusterAssign,
     DeviceStatus,
@@ -40,9 +40,9 @@ from edge_sdk.messages import (
     UpdateAck,
     read_signed_keys,
 )
+from edge_sdk.protocol.tensors import pack_tensors, shapes_of, unpack_tensors
+from edge_sdk.protocol.topics import Topics
 from edge_sdk.rollout import Check, RolloutAgent, check_export
-from edge_sdk.tensors import pack_tensors, shapes_of, unpack_tensors
-from edge_sdk.topics import Topics
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import get_adapter_state, shapes_at_rank
 
@@ -87,7 +87,6 @@ class FederatedSession:
         self._candidates: dict[int, dict[int, tuple]] = {}  # round -> cluster -> (start, adapter) under IFCA
         self.held: tuple[int, int, dict[str, torch.Tensor]] | None = None  # (cluster, version, adapter) as received
         self._results_lock = threading.Lock()
-        self._base_sha256: str | None = None
         self.rollout = RolloutAgent(self.transport, client.identity, self.writer, client.data_dir,
                                     aggregator=self._trusted, cluster=lambda: self.cluster,
                                     load_check=self._check_export, health_check=rollout_health_check,
@@ -179,12 +178,7 @@ class FederatedSession:
 
     def _check_export(self, export_dir: Path) -> None:
         """A rolled-out export must load and must have been made from this device's base model."""
-        if self._base_sha256 is None:
-            from export_tools.manifest import base_digest
-            from models.unet import load_base_unet
-
-            self._base_sha256 = base_digest(load_base_unet(self.client.config.base_model))
-        check_export(export_dir, self._base_sha256)
+        check_export(export_dir, self.client.base_sha256())
 
     def _enrol(self) -> None:
         pub = self.client.identity.public

@@ -8,7 +8,6 @@ file that fails its checksum (a disk error, a hand edit) is refused on load.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,23 +16,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from edge_sdk.atomic import atomic_write_bytes
+from edge_sdk.protocol.digest import tensor_digest
+from edge_sdk.protocol.files import atomic_write_bytes
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class CorruptAdapter(ValueError):
     """An adapter file exists but cannot be trusted."""
-
-
-def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 class AdapterStore:

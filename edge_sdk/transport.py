@@ -28,9 +28,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_sdk.chunking import Reassembler, is_chunk, split_payload, wire_size
-from edge_sdk.errors import RefusalCounter, RefusedMessage
-from edge_sdk.topics import DEFAULT_PREFIX, Topics, check_prefix
+from edge_sdk.protocol.chunking import Reassembler, is_chunk, split_payload, wire_size
+from edge_sdk.protocol.errors import RefusalCounter, RefusedMessage
+from edge_sdk.protocol.topics import DEFAULT_PREFIX, Topics, check_prefix
 
 log = logging.getLogger("fedaigc.transport")
 
@@ -54,7 +54,7 @@ class MqttConfig:
     reconnect_min_s: int = 1
     reconnect_max_s: int = 30
     max_message_bytes: int = 256 * 1024 * 1024
-    topic_prefix: str = DEFAULT_PREFIX  # the fleet's topics lie under {topic_prefix}/v1 (edge_sdk.topics)
+    topic_prefix: str = DEFAULT_PREFIX  # the fleet's topics lie under {topic_prefix}/v1 (edge_sdk.protocol.topics)
 
     def __post_init__(self) -> None:
         check_prefix(self.topic_prefix)

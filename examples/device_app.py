@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from edge_sdk import DeviceConfig, EdgeClient, LocalData  # noqa: E402
-from models.data import STYLES, make_personas  # noqa: E402
+from models.digits.data import STYLES, make_personas  # noqa: E402
 
 
 def main() -> None:

@@ -1,19 +1,27 @@
-"""Denoising inputs drawn from styled digits: int8 calibration and export-time parity checks.
+"""Denoising inputs for int8 calibration and export-time parity checks, from any dataset.
 
-Each row is what the sampler feeds the denoiser: a styled digit noised to a random
-timestep of the training schedule, with its user's prompt encoding, or — for a quarter
-of the rows — the all-zero unconditional encoding that classifier-free guidance uses.
+Each row is what the sampler feeds the denoiser: an image of the dataset noised to a
+random timestep of the training schedule, with its prompt's encoding, or (for a quarter of
+the rows) the all-zero unconditional encoding that classifier-free guidance uses. The
+dataset is a callable, so an app exports with inputs that look like its own users' data.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
-from models.data import STYLES, make_personas
-from models.unet import to_model_range, train_scheduler
+from models.digits.unet import to_model_range, train_scheduler
+
+Samples = Callable[[int, int, torch.Generator], tuple[torch.Tensor, Sequence[str]]]
+"""``samples(n, seed, generator) -> (n images in [0, 1] shaped (n, C, H, W), n prompts)``: deterministic
+for ``seed``, any random choice drawn from ``generator``."""
+
+UNCONDITIONAL_SHARE = 0.25
 
 
-def denoising_batches(batches: int, batch_size: int, seed: int = 0,
+def denoising_batches(samples: Samples, batches: int, batch_size: int, seed: int = 0,
                       encode=None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``batches`` deterministic ``(x, t, encoding)`` triples of ``batch_size`` rows each.
 
@@ -24,18 +32,16 @@ def denoising_batches(batches: int, batch_size: int, seed: int = 0,
 
         encode = PromptEncoder().encode
     n = batches * batch_size
-    personas = make_personas(len(STYLES), len(STYLES), seed=seed, images_per_client=max(8, n // len(STYLES) + 2))
-    images = torch.cat([p.train_images for p in personas])
-    prompts = [pr for p in personas for pr in p.train_prompts]
     g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(prompts), generator=g)[:n]
-    if len(pick) < n:
-        pick = pick.repeat(n // len(pick) + 1)[:n]
-    encodings = torch.as_tensor(encode([prompts[i] for i in pick.tolist()]), dtype=torch.float32)
-    encodings[torch.rand(n, generator=g) < 0.25] = 0.0
+    images, prompts = samples(n, seed, g)
+    if images.shape[0] != n or len(prompts) != n:
+        raise ValueError(f"the calibration dataset gave {images.shape[0]} images and {len(prompts)} prompts, "
+                         f"{n} were asked for")
+    encodings = torch.as_tensor(encode(list(prompts)), dtype=torch.float32)
+    encodings[torch.rand(n, generator=g) < UNCONDITIONAL_SHARE] = 0.0
     schedule = train_scheduler()
     t = torch.randint(0, schedule.config.num_train_timesteps, (n,), generator=g)
-    noise = torch.randn(n, 1, 16, 16, generator=g)
-    x = schedule.add_noise(to_model_range(images[pick]), noise, t)
+    noise = torch.randn(images.shape, generator=g)
+    x = schedule.add_noise(to_model_range(images), noise, t)
     return [(x[i:i + batch_size], t[i:i + batch_size].float(), encodings[i:i + batch_size])
             for i in range(0, n, batch_size)]

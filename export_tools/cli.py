@@ -64,7 +64,7 @@ def load_adapter_file(spec: str) -> tuple[str, dict, int]:
     """(name, tensors, version) from ``[NAME=]PATH``; refuses a file failing its checksum."""
     from safetensors import safe_open
 
-    from edge_sdk.store import tensor_digest
+    from edge_sdk.protocol.digest import tensor_digest
 
     name, sep, path = spec.partition("=")
     if not sep:
@@ -83,7 +83,7 @@ def load_adapter_file(spec: str) -> tuple[str, dict, int]:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from models.unet import BASE_MODEL_DIR, load_base_unet
+    from models.digits.unet import BASE_MODEL_DIR, load_base_unet
 
     quantize = args.quantize or DEFAULT_QUANTIZE[args.format]
     if quantize not in QUANTIZE_CHOICES[args.format]:
@@ -114,14 +114,18 @@ def run_export(args: argparse.Namespace) -> int:
         manifest = export_training(base, args.out, spec=LoraSpec(rank=args.lora_rank), batch=args.batch,
                                    measure=not args.no_measure)
     elif args.format == "executorch":
+        from export_tools.calibration import denoising_batches
         from export_tools.executorch import export_executorch
+        from models.digits.data import calibration_samples
 
         if mix is None:
             mix = {next(iter(adapters)): 1.0} if len(adapters) == 1 else {}
             if len(adapters) > 1:
                 raise SystemExit("several adapter files: choose one with --adapter or combine them with --mix")
+        calibration = denoising_batches(calibration_samples, 4, args.batch)
         manifest = export_executorch(base, adapters, mix, args.out, quantize=quantize, batch=args.batch,
-                                     slot_rank=args.slot_rank, versions=versions, measure=not args.no_measure)
+                                     slot_rank=args.slot_rank, versions=versions, calibration=calibration,
+                                     measure=not args.no_measure)
     else:
         from export_tools.coreml import export_coreml
 

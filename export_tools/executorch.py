@@ -38,11 +38,11 @@ from pathlib import Path
 
 import torch
 
+from edge_sdk.artifacts.manifest import Manifest, adapter_record, base_digest
+from edge_sdk.artifacts.ptd import SLOT, AdapterSlot, adapter_ptd, locate_slot, pack_mix, rank_of
 from export_tools.graph import exportable
-from export_tools.manifest import Manifest, adapter_record, base_digest
-from export_tools.ptd import SLOT, AdapterSlot, adapter_ptd, locate_slot, pack_mix, rank_of
 from models.lora import DEFAULT_TARGETS, LoraSpec, add_adapter, get_adapter_state, set_adapter_state, set_mix
-from models.unet import denoise, unet_config_of
+from models.digits.unet import denoise, unet_config_of
 
 log = logging.getLogger("fedaigc.export")
 
@@ -94,7 +94,7 @@ def _slot_param(name: str) -> str:
 
 
 class EagerDenoiser(torch.nn.Module):
-    """The eager call the sampler makes (``models.unet.denoise``), as a module: the parity reference."""
+    """The eager call the sampler makes (``models.digits.unet.denoise``), as a module: the parity reference."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
@@ -231,14 +231,14 @@ def export_executorch(
     batch: int = 16,
     slot_rank: int = 8,
     versions: Mapping[str, int] | None = None,
-    calibration=None,
+    calibration,
     measure: bool = True,
     latency_reps: int = 10,
 ) -> Manifest:
     """Export ``base`` with ``mix`` of ``adapters`` in its adapter slot to ``out_dir``; returns the manifest.
 
     ``base`` is a plain (adapter-free) UNet. ``calibration`` is a list of ``(x, t, encoding)``
-    batches (default: styled-digit denoising inputs); it also serves as the parity set.
+    batches (``export_tools.calibration.denoising_batches``); it also serves as the parity set.
     """
     if quantize not in QUANTIZATIONS:
         raise ExportError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
@@ -249,11 +249,6 @@ def export_executorch(
         raise ExportError(f"the mix needs rank {needed}, over slot_rank={slot_rank}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if calibration is None:
-        from export_tools.calibration import denoising_batches
-
-        calibration = denoising_batches(4, batch)
-
     reference = EagerDenoiser(with_adapters(base, adapters, mix))
     unet, probe = slot_unet(base, adapters, slot_rank)
     module = exportable(unet)
@@ -308,7 +303,7 @@ def _load_slot(gm: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 def measure_export(out_dir: Path, reference: torch.nn.Module, batches, reps: int = 10) -> tuple[dict, dict]:
     """(parity, latency) of the program in ``out_dir`` against the eager ``reference``, same process."""
-    from edge_sdk.executorch_backend import ExecuTorchDenoiser
+    from edge_sdk.artifacts.inference import ExecuTorchDenoiser
 
     threads = torch.get_num_threads()
     program = ExecuTorchDenoiser(out_dir, threads=threads)
@@ -321,7 +316,7 @@ def measure_export(out_dir: Path, reference: torch.nn.Module, batches, reps: int
         program.close()
     parity = {"max_abs_err": err, "rms_err": rms, "reference_max_abs": scale, "batches": len(batches),
               "rows": sum(b[0].shape[0] for b in batches),
-              "reference": "eager peft UNet with the same adapters and mix (models.unet.denoise)"}
+              "reference": "eager peft UNet with the same adapters and mix (models.digits.unet.denoise)"}
     latency = {"eager_ms": 1e3 * timing["eager"], "executorch_ms": 1e3 * timing["executorch"],
                "ratio_vs_eager": timing["executorch"] / timing["eager"], "batch": batches[0][0].shape[0],
                "threads": threads, "reps": reps, "note": "measured on the export machine's CPU, not the device"}

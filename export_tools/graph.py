@@ -1,6 +1,6 @@
 """The denoiser as an exportable graph: ``forward(x, t, encoding) -> eps`` over a copy of the UNet.
 
-Numerically the same network (max error ~1e-6 against ``models.unet.denoise``), spelled
+Numerically the same network (max error ~1e-6 against ``models.digits.unet.denoise``), spelled
 with ops XNNPACK delegates: GroupNorm and LayerNorm as 4-D means (XNNPACK's mean reduces
 the two innermost dims of a 4-D tensor; it has no group- or layer-norm op), attention as
 ``bmm → softmax → bmm`` (SDPA's decomposition adds masking ops that split the graph into
@@ -18,7 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from models.unet import denoise
+from models.digits.unet import denoise
 
 
 class GroupNorm4d(nn.Module):
@@ -90,7 +90,7 @@ class BmmAttnProcessor:
 
 
 class ExportableDenoiser(nn.Module):
-    """``forward(x, t, encoding)``: predicted noise, the call ``models.unet.generate`` makes each step."""
+    """``forward(x, t, encoding)``: predicted noise, the call ``models.digits.unet.generate`` makes each step."""
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()

@@ -8,7 +8,7 @@ encoding, noise)`` returns the noise-prediction MSE of ``models.training`` and, 
 ``executorch.extension.training.TrainingModule``, the gradients of every LoRA tensor; the
 base is frozen (no gradients are computed for it). The random draws — batch, noise,
 timestep, prompt dropout — stay outside the program in ``models.training.noised_batch``,
-so an exported round sees exactly the eager trainer's data; ``edge_sdk.executorch_training``
+so an exported round sees exactly the eager trainer's data; ``edge_sdk.artifacts.training``
 runs the loop and applies AdamW to the runtime's own parameter tensors.
 
 Lowering (torch.export → ``torch.export.experimental._export_forward_backward`` →
@@ -43,11 +43,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from edge_sdk.artifacts.manifest import Manifest, base_digest
+from edge_sdk.artifacts.ptd import SLOT, locate_slot
 from export_tools.graph import exportable
-from export_tools.manifest import Manifest, base_digest
-from export_tools.ptd import SLOT, locate_slot
 from models.lora import LoraSpec, add_adapter, get_adapter_state, set_adapter_state, set_mix
-from models.unet import denoise, unet_config_of
+from models.digits.unet import denoise, unet_config_of
 
 log = logging.getLogger("fedaigc.export")
 
@@ -199,10 +199,10 @@ def export_training(
 
 def styled_digit_batch(batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """One ``(x_t, t, encoding, noise)`` training batch from styled-digit personas, drawn as the trainer draws it."""
-    from models.data import STYLES, make_personas
+    from models.digits.data import STYLES, make_personas
     from models.text import PromptEncoder
     from models.training import noised_batch
-    from models.unet import train_scheduler
+    from models.digits.unet import train_scheduler
 
     personas = make_personas(len(STYLES), len(STYLES), seed=seed, images_per_client=max(8, batch // len(STYLES) + 2))
     images = torch.cat([p.train_images for p in personas])[:batch]
@@ -240,7 +240,7 @@ def eager_gradients(unet: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> t
 def measure_training(out_dir: Path, unet: torch.nn.Module, batch: tuple[torch.Tensor, ...],
                      reps: int = 5) -> tuple[dict, dict]:
     """(parity, latency) of the program in ``out_dir`` against eager autograd on ``unet``, same process."""
-    from edge_sdk.executorch_training import ExecuTorchTrainer
+    from edge_sdk.artifacts.training import ExecuTorchTrainer
 
     trainer = ExecuTorchTrainer(out_dir, threads=torch.get_num_threads())
     trainer.set_adapter(get_adapter_state(unet, SLOT))

@@ -146,6 +146,11 @@ def merge_adapters(unet: torch.nn.Module, weights: Mapping[str, float]) -> None:
             module.merge(adapter_names=list(weights))
 
 
+def base_weights(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's own tensors under their original names, whatever adapters sit on top."""
+    return {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if ".lora_" not in k}
+
+
 def trainable_share(unet: torch.nn.Module, name: str) -> float:
     """Adapter parameters as a fraction of the base model's parameters."""
     adapter = sum(v.numel() for v in get_peft_model_state_dict(unet, adapter_name=name).values())

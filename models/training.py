@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from models.unet import denoise, to_model_range, train_scheduler
+from models.digits.unet import denoise, to_model_range, train_scheduler
 
 # LoRA learning rate, measured on one styled-digits persona (rank 2, batch 16): 1e-2 reaches
 # the Fréchet distance 3e-3 reaches in 90 steps in 60, and 3e-2 is no faster.

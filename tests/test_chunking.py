@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_sdk.chunking import HEADER_BYTES, Reassembler, is_chunk, split_payload, wire_size
-from edge_sdk.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.chunking import HEADER_BYTES, Reassembler, is_chunk, split_payload, wire_size
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
 
 
 def test_small_payload_is_not_chunked():

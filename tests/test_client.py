@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from edge_sdk import PERSONAL, SHARED, DeviceConfig, EdgeClient, LocalData, MemoryBudgetExceeded
-from edge_sdk.identity import Identity
+from edge_sdk.protocol.identity import Identity
 from edge_sdk.store import AdapterStore, CorruptAdapter
-from models.data import make_personas
+from models.digits.data import make_personas
 from models.lora import get_adapter_state
 from models.text import PromptEncoder
-from models.unet import denoise, load_base_unet
+from models.digits.unet import denoise, load_base_unet
 
 AGGREGATOR = Identity.generate()
 PERSONA = make_personas(2, 2, seed=3)[0]
@@ -36,7 +36,7 @@ def test_sealed_task_payload_opens_only_with_the_aggregator_key_and_holds_no_tex
                 assert word.encode() not in sealed
     with pytest.raises(Exception):
         Identity.generate().open_sealed(sealed)
-    from edge_sdk.tensors import unpack_tensors
+    from edge_sdk.protocol.tensors import unpack_tensors
 
     vector = unpack_tensors(AGGREGATOR.open_sealed(sealed), {"task": (384,)})["task"]
     assert float(vector.norm()) == pytest.approx(1.0, abs=1e-5)
@@ -155,11 +155,11 @@ def test_negative_steps_in_a_round_raise_value_error(client):
 @pytest.mark.parametrize("quantization", ["none", "int8"])
 def test_a_device_draws_the_aggregators_initial_adapter_from_its_seed(tmp_path, quantization):
     from aggregator.global_model import GlobalModel
-    from edge_sdk.tensors import values_digest
+    from edge_sdk.protocol.digest import short, tensor_digest
     from models.lora import LoraSpec
 
     device = EdgeClient(DeviceConfig(data_dir=tmp_path / "d", profile="simulator", seed=5, quantization=quantization))
     before = get_adapter_state(device.unet, SHARED)
     drawn = device.seeded_adapter(seed=0, rank=2)
-    assert values_digest(drawn) == values_digest(GlobalModel(LoraSpec(rank=2)).initial_adapter(seed=0))
+    assert short(tensor_digest(drawn)) == short(tensor_digest(GlobalModel(LoraSpec(rank=2)).initial_adapter(seed=0)))
     assert all(torch.equal(before[k], v) for k, v in get_adapter_state(device.unet, SHARED).items())

@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_sdk.compression import ROW, ErrorFeedback, make_codec
-from edge_sdk.errors import RefusedMessage
+from edge_sdk.protocol.codecs import ROW, ErrorFeedback, make_codec
+from edge_sdk.protocol.errors import RefusedMessage
 
 
 def sample(seed=0):

@@ -3,7 +3,7 @@ import torch
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
-from models.data import STYLES, apply_style, make_personas, private_digits, public_digits, style_templates
+from models.digits.data import STYLES, apply_style, make_personas, private_digits, public_digits, style_templates
 
 
 def test_there_are_at_least_eight_deterministic_styles():

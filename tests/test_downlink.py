@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from aggregator.downlink import DownlinkMirror
-from edge_sdk.compression import make_codec
+from edge_sdk.protocol.codecs import make_codec
 
 
 def adapter(seed, scale=1.0):
@@ -58,14 +58,14 @@ def test_unconfirmed_starts_are_not_trusted_and_forget_resets():
 
 
 def test_the_fleets_initial_adapter_travels_as_its_seed():
-    from edge_sdk.messages import SEEDED_CODEC, SeededAdapter
-    from edge_sdk.tensors import values_digest
+    from edge_sdk.protocol.digest import short, tensor_digest
+    from edge_sdk.protocol.messages import SEEDED_CODEC, SeededAdapter
 
     initial = adapter(7)
     m = DownlinkMirror("int8", seeded=(7, initial))
     first = m.payload("d", 0, 1, {k: v.clone() for k, v in initial.items()})
     assert first.codec == SEEDED_CODEC and len(first.data) < 40
-    assert SeededAdapter.decode(first.data) == SeededAdapter(7, values_digest(initial))
+    assert SeededAdapter.decode(first.data) == SeededAdapter(7, short(tensor_digest(initial)))
     mirrored = m.confirm("d", 0, 1)
     assert all(torch.equal(mirrored[k], initial[k]) for k in initial)
 

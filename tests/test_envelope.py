@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_sdk.envelope import (
+from edge_sdk.protocol.envelope import (
     PROTOCOL_VERSION,
     Envelope,
     EnvelopeVerifier,
@@ -13,8 +13,8 @@ from edge_sdk.envelope import (
     MessageType,
     parse_envelope,
 )
-from edge_sdk.errors import Refusal, RefusalCounter, RefusedMessage
-from edge_sdk.identity import Identity
+from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
+from edge_sdk.protocol.identity import Identity
 
 ALICE = Identity.generate()
 MALLORY = Identity.generate()

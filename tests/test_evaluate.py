@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import STYLES, apply_style, private_digits
-from models.evaluate import evaluate, frechet_distance, load_evaluator
+from models.digits.data import STYLES, apply_style, private_digits
+from models.digits.evaluate import evaluate, frechet_distance, load_evaluator
 
 
 @pytest.mark.parametrize("style", STYLES)

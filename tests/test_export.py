@@ -25,12 +25,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from edge_sdk.executorch_backend import ExecuTorchDenoiser, swap_adapter
+from edge_sdk.artifacts.inference import ExecuTorchDenoiser, swap_adapter
+from edge_sdk.artifacts.manifest import Manifest, ManifestError, base_digest
+from edge_sdk.artifacts.ptd import DataFileError, pack_mix, read_ptd
 from export_tools.executorch import EagerDenoiser, errors, export_executorch, with_adapters
-from export_tools.manifest import Manifest, ManifestError, base_digest
-from export_tools.ptd import DataFileError, pack_mix, read_ptd
 from models.lora import LoraSpec, add_adapter, get_adapter_state
-from models.unet import UNetConfig, build_unet, generate
+from models.digits.unet import UNetConfig, build_unet, generate
 
 FP32_TOL = 1e-4
 INT8_RMS, INT8_MAX = 0.1, 1.5
@@ -44,7 +44,7 @@ SOURCES = ["export_tools/*.py", "edge_sdk/executorch_backend.py", "models/unet.p
 
 def cached_export(kind: str, tmp_path_factory, build) -> Path:
     """A copy of the export ``build(out_dir)`` makes, from the content-hash cache when the sources are unchanged."""
-    from models.evaluate import cache_dir
+    from models.digits.evaluate import cache_dir
 
     h = hashlib.sha256(kind.encode())
     for name in ("torch", "executorch", "coremltools", "diffusers", "peft"):
@@ -258,7 +258,7 @@ def test_cli_refuses_a_mix_naming_an_adapter_without_a_file(tiny, tmp_path):
 
 def test_pack_mix_is_exact_in_delta_w(tiny, fp32):
     base, _, adapters = tiny
-    from export_tools.ptd import AdapterSlot
+    from edge_sdk.artifacts.ptd import AdapterSlot
 
     slot = AdapterSlot.from_json(fp32[1].slot)
     packed = pack_mix(slot, adapters, {"a": 0.3, "b": 2.0})

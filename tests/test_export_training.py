@@ -23,16 +23,16 @@ import pytest
 import torch
 from test_export import cached_export, tiny_base  # tests/ is on sys.path (rootdir-relative, no package)
 
+from edge_sdk.artifacts.manifest import ManifestError, base_digest
+from edge_sdk.artifacts.training import ExecuTorchTrainer
 from edge_sdk.client import EdgeClient, LocalData
 from edge_sdk.config import DeviceConfig
-from edge_sdk.executorch_training import ExecuTorchTrainer
-from export_tools.manifest import ManifestError, base_digest
 from export_tools.training import eager_gradients, eager_unet, gradient_errors
-from models.data import make_personas
+from models.digits.data import make_personas
 from models.lora import LoraSpec, get_adapter_state
 from models.text import PromptEncoder
 from models.training import TrainConfig, noised_batch, train_denoiser
-from models.unet import train_scheduler
+from models.digits.unet import train_scheduler
 
 BATCH, RANK, STEPS = 8, 2, 30
 LOSS_TOL, GRAD_REL_TOL = 1e-5, 1e-4
@@ -90,7 +90,7 @@ def test_manifest_and_data_separation(tiny, program):
     trainable = manifest["adapter"]["trainable"]
     assert trainable == sorted(get_adapter_state(eager_unet(base, LoraSpec(rank=RANK)), "slot"))
     # base and adapter live outside the program: the adapter file holds exactly the trainable tensors
-    from export_tools.ptd import ptd_keys
+    from edge_sdk.artifacts.ptd import ptd_keys
 
     assert len(ptd_keys((program / "adapter.ptd").read_bytes())) == len(trainable)
     assert manifest["parity"]["grad_max_rel_err"] < GRAD_REL_TOL

@@ -9,12 +9,12 @@ import torch
 
 from aggregator.global_model import GlobalModel
 from aggregator.serve import GenerationService, Request
-from models.data import STYLES, make_personas
+from models.digits.data import STYLES, make_personas
 from models.lora import LoraSpec, get_adapter_state
-from models.pretrain import train_central
+from models.digits.pretrain import train_central
 from models.text import PromptEncoder
 from models.training import LORA_LR, TrainConfig
-from models.unet import BASE_MODEL_DIR
+from models.digits.unet import BASE_MODEL_DIR
 
 A, B, C = "framed", "slanted", "thin"
 
@@ -30,7 +30,7 @@ def model():
 
 
 def style_scores(model, mix, prompts):
-    from models.evaluate import load_evaluator
+    from models.digits.evaluate import load_evaluator
 
     enc = torch.from_numpy(PromptEncoder().encode(prompts))
     probs = load_evaluator().style_probabilities(model.generate(enc, mix, seed=0, steps=15))

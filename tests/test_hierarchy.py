@@ -16,10 +16,10 @@ from aggregator.config import AggregatorConfig
 from aggregator.hierarchy import CloudAggregator
 from aggregator.rules import ClientUpdate
 from aggregator.service import AggregatorService
-from edge_sdk.envelope import EnvelopeWriter, MessageType
-from edge_sdk.identity import Identity
 from edge_sdk.lite import LiteDevice
-from edge_sdk.tensors import unpack_tensors
+from edge_sdk.protocol.envelope import EnvelopeWriter, MessageType
+from edge_sdk.protocol.identity import Identity
+from edge_sdk.protocol.tensors import unpack_tensors
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import LoraSpec, delta_weight, lora_modules
 from tests.polling import wait_until

@@ -13,7 +13,7 @@ from models.lora import (
     trainable_share,
 )
 from models.text import PromptEncoder
-from models.unet import denoise, load_base_unet
+from models.digits.unet import denoise, load_base_unet
 
 
 def _probe(unet):

@@ -12,16 +12,16 @@ from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from aggregator.status import read_status, render_status
 from edge_sdk import SHARED, DeviceConfig, EdgeClient, LocalData, Update
-from edge_sdk.compression import decode_payload
-from edge_sdk.envelope import MessageType
-from edge_sdk.identity import Identity
 from edge_sdk.lite import LiteDevice
-from edge_sdk.messages import UpdateBody
 from edge_sdk.privacy import DPConfig, PrivacyAccountant, PrivacyLedger, fleet_rotation
+from edge_sdk.protocol.codecs import decode_payload
+from edge_sdk.protocol.envelope import MessageType
+from edge_sdk.protocol.identity import Identity
+from edge_sdk.protocol.messages import UpdateBody
+from edge_sdk.protocol.tensors import shapes_of, unpack_tensors
 from edge_sdk.session import FederatedSession
-from edge_sdk.tensors import shapes_of, unpack_tensors
 from edge_sdk.transport import MqttConfig
-from models.data import make_personas
+from models.digits.data import make_personas
 from models.lora import get_adapter_state
 from tests.polling import wait_until
 

@@ -23,14 +23,15 @@ from aggregator.config import AggregatorConfig
 from aggregator.rollout import canary_devices
 from aggregator.service import AggregatorService
 from aggregator.status import read_status, render_status
-from edge_sdk.envelope import EnvelopeWriter, MessageType
-from edge_sdk.executorch_backend import swap_adapter
-from edge_sdk.identity import Identity
-from edge_sdk.messages import RolloutManifest
-from edge_sdk.rollout import RolloutAgent, artifact_parts
-from edge_sdk.tensors import pack_tensors
+from edge_sdk.artifacts.inference import swap_adapter
+from edge_sdk.artifacts.manifest import Manifest
+from edge_sdk.protocol.envelope import EnvelopeWriter, MessageType
+from edge_sdk.protocol.identity import Identity
+from edge_sdk.protocol.messages import RolloutManifest
+from edge_sdk.protocol.rollout import artifact_parts
+from edge_sdk.protocol.tensors import pack_tensors
+from edge_sdk.rollout import RolloutAgent
 from edge_sdk.transport import MqttConfig, MqttTransport, discard_session
-from export_tools.manifest import Manifest
 from tests.polling import wait_until
 from tests.test_export import fp32, random_adapter, tiny  # noqa: F401  (fixtures: one cached export for both files)
 

@@ -10,10 +10,10 @@ import torch
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
-from edge_sdk.envelope import MessageType, parse_envelope
 from edge_sdk.lite import LiteDevice
-from edge_sdk.messages import SEEDED_CODEC, SeededAdapter
-from edge_sdk.tensors import values_digest
+from edge_sdk.protocol.digest import short, tensor_digest
+from edge_sdk.protocol.envelope import MessageType, parse_envelope
+from edge_sdk.protocol.messages import SEEDED_CODEC, SeededAdapter
 from tests.polling import wait_until
 
 
@@ -49,7 +49,7 @@ def test_round_start_carries_the_cluster_adapter_as_its_seed(fleet):
     seeded = SeededAdapter.decode(starts[0].adapter)
     assert starts[0].codec == SEEDED_CODEC and seeded.seed == service.config.seed
     assert starts[0].round == 1 and starts[0].local_steps == service.config.local_steps
-    assert seeded.digest == values_digest(service.initial)
+    assert seeded.digest == short(tensor_digest(service.initial))
 
 
 def test_a_duplicate_update_is_applied_once(fleet):

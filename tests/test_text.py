@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from models.data import style_templates
+from models.digits.data import style_templates
 from models.text import PromptEncoder
 
 

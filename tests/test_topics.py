@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.config import AggregatorConfig
-from edge_sdk.topics import Topics, device_of
+from edge_sdk.protocol.topics import Topics, device_of
 from edge_sdk.transport import MqttConfig
 
 level = st.text(st.characters(exclude_characters="/+#\x00", exclude_categories=("Cs",)), min_size=1, max_size=8)

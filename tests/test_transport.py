@@ -8,8 +8,8 @@ import time
 import pytest
 
 from aggregator.broker import EmbeddedBroker, free_port
-from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
-from edge_sdk.identity import Identity
+from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
+from edge_sdk.protocol.identity import Identity
 from edge_sdk.transport import MqttConfig, MqttTransport
 
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from models.data import plain_prompts
-from models.evaluate import load_evaluator
+from models.digits.data import plain_prompts
+from models.digits.evaluate import load_evaluator
 from models.text import PromptEncoder
 from models.training import TrainConfig, evaluation_loss, train_denoiser
-from models.unet import UNetConfig, build_unet, count_parameters, generate, load_base_unet, make_sampler
+from models.digits.unet import UNetConfig, build_unet, count_parameters, generate, load_base_unet, make_sampler
 
 
 def test_factory_builds_a_16x16_single_channel_text_conditioned_unet():
@@ -59,7 +59,7 @@ def test_shipped_base_model_draws_recognisable_digits():
 
 def test_a_short_training_run_lowers_the_loss():
     unet = build_unet(UNetConfig(), seed=0)
-    from models.data import public_digits
+    from models.digits.data import public_digits
 
     x, y = public_digits()
     x, y = x[:128], y[:128]

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edge_sdk.errors import Refusal, RefusedMessage
-from edge_sdk.tensors import check_shapes, shapes_of
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.tensors import check_shapes, shapes_of
 from models.lora import LoraSpec
 
 Adapter = dict[str, torch.Tensor]

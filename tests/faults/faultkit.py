@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from aggregator.global_model import adapter_shapes
-from edge_sdk.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
-from edge_sdk.identity import PublicIdentity
 from edge_sdk.lite import LiteDevice, start_adapter
-from edge_sdk.messages import RoundStart, UpdateAck
+from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
+from edge_sdk.protocol.identity import PublicIdentity
+from edge_sdk.protocol.messages import RoundStart, UpdateAck
 from edge_sdk.transport import MqttConfig, MqttTransport
 from tests.polling import wait_until
 

@@ -25,7 +25,7 @@ from faultkit import (
 )
 
 from aggregator.rules import ClientUpdate, make_rule
-from edge_sdk.tensors import shapes_of, unpack_tensors
+from edge_sdk.protocol.tensors import shapes_of, unpack_tensors
 from models.lora import LoraSpec
 
 N = 8

@@ -16,7 +16,7 @@ from faultkit import FaultDevice, delta_for, wait_until
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
-from edge_sdk.tensors import unpack_tensors
+from edge_sdk.protocol.tensors import unpack_tensors
 
 
 def close_to(a: dict, b: dict) -> bool:

@@ -25,7 +25,7 @@ from faultkit import (
     write_config,
 )
 
-from edge_sdk.tensors import shapes_of
+from edge_sdk.protocol.tensors import shapes_of
 
 N = 4
 

@@ -18,7 +18,7 @@ from faultkit import FaultDevice, delta_for, open_round_one, wait_until
 from aggregator.config import AggregatorConfig
 from aggregator.rules import ClientUpdate, make_rule
 from aggregator.service import AggregatorService
-from edge_sdk.tensors import shapes_of, unpack_tensors
+from edge_sdk.protocol.tensors import shapes_of, unpack_tensors
 from models.lora import LoraSpec, delta_weight, lora_modules
 
 N, BOUND = 20, 0.10

@@ -28,8 +28,8 @@ from faultkit import DaemonProcess, FaultDevice, delta_for, open_round_one, wait
 
 from aggregator.broker import broker_listening
 from aggregator.rules import ClientUpdate, make_rule
-from edge_sdk.identity import Identity
-from edge_sdk.tensors import shapes_of, unpack_tensors
+from edge_sdk.protocol.identity import Identity
+from edge_sdk.protocol.tensors import shapes_of, unpack_tensors
 from edge_sdk.transport import discard_session
 from models.lora import LoraSpec
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from models.data import Persona, plain_prompts, public_digits
+from models.digits.data import Persona, plain_prompts, public_digits
 from models.lora import LoraSpec, add_adapter, set_mix
 from models.text import PromptEncoder
 from models.training import LORA_LR, TrainConfig, train_adapters, train_denoiser
-from models.unet import UNetConfig, build_unet
+from models.digits.unet import UNetConfig, build_unet
 
 PROMPTS_PER_IMAGE = 4
 
@@ -73,7 +73,7 @@ def train_central(
     progress: bool = True,
 ) -> torch.nn.Module:
     """One adapter per style (named after the style) trained on all personas of that style."""
-    from models.unet import load_base_unet
+    from models.digits.unet import load_base_unet
 
     unet = load_base_unet(base_path)
     unet.requires_grad_(False)
@@ -89,9 +89,9 @@ def train_central(
 def central_report(clients: int = 12, styles: int = 4, seed: int = 0, steps: int = 400,
                    samples: int = 64, progress: bool = True) -> dict:
     """Per-style quality of the base model and of centrally trained adapters (the upper bound)."""
-    from models.data import make_personas
-    from models.evaluate import evaluate_personas
-    from models.unet import BASE_MODEL_DIR
+    from models.digits.data import make_personas
+    from models.digits.evaluate import evaluate_personas
+    from models.digits.unet import BASE_MODEL_DIR
 
     personas = make_personas(clients, styles, seed=seed)
     unet = train_central(BASE_MODEL_DIR, personas, train=TrainConfig(steps=steps, batch_size=32, lr=LORA_LR, seed=seed),

@@ -11,8 +11,8 @@ from typing import Any, ClassVar, TypeVar, get_type_hints
 
 import msgpack
 
-from edge_sdk.errors import Refusal, RefusedMessage
-from edge_sdk.tensors import values_digest
+from edge_sdk.protocol.digest import short, tensor_digest
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
 
 T = TypeVar("T", bound="Body")
 MAX_BODY_BYTES = 256 * 1024 * 1024
@@ -113,15 +113,15 @@ class SeededAdapter(Body):
     and checks the digest, so round 1 of a fleet costs bytes per device, not an adapter each."""
     kind: ClassVar[str] = "seeded_adapter"
     seed: int
-    digest: bytes       # values_digest of the adapter the aggregator drew
+    digest: bytes       # short(tensor_digest) of the adapter the aggregator drew
 
     @classmethod
     def of(cls, seed: int, adapter) -> "SeededAdapter":
-        return cls(seed, values_digest(adapter))
+        return cls(seed, short(tensor_digest(adapter)))
 
     def matches(self, drawn) -> bool:
         """Whether the receiver's own draw from ``seed`` is, value for value, the sender's adapter."""
-        return values_digest(drawn) == self.digest
+        return short(tensor_digest(drawn)) == self.digest
 
 
 @dataclass(frozen=True)
@@ -224,8 +224,8 @@ def read_signed_keys(data: bytes) -> AggregatorKeys:
     Self-signature proves the publisher holds the private key; whether to *trust* that key
     (pinned fingerprint, or trust on first use) is the receiver's decision.
     """
-    from edge_sdk.envelope import parse_envelope
-    from edge_sdk.identity import verify_signature
+    from edge_sdk.protocol.envelope import parse_envelope
+    from edge_sdk.protocol.identity import verify_signature
 
     env = parse_envelope(data)
     body = AggregatorKeys.decode(env.payload)

@@ -303,3 +303,14 @@ def make_personas(
             test_images=images[:n_test], test_digits=digits[:n_test], test_prompts=prompts[:n_test],
         ))
     return personas
+
+
+def calibration_samples(n: int, seed: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+    """``n`` styled digits over every style with their users' prompts (``export_tools.calibration``'s dataset)."""
+    personas = make_personas(len(STYLES), len(STYLES), seed=seed, images_per_client=max(8, n // len(STYLES) + 2))
+    images = torch.cat([p.train_images for p in personas])
+    prompts = [pr for p in personas for pr in p.train_prompts]
+    pick = torch.randperm(len(prompts), generator=generator)[:n]
+    if len(pick) < n:
+        pick = pick.repeat(n // len(pick) + 1)[:n]
+    return images[pick], [prompts[i] for i in pick.tolist()]

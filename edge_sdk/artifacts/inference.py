@@ -1,4 +1,4 @@
-"""Sampling through an exported ExecuTorch program: a drop-in ``denoiser`` for ``models.unet.generate``.
+"""Sampling through an exported ExecuTorch program: a drop-in ``denoiser`` for ``models.digits.unet.generate``.
 
 ``ExecuTorchDenoiser(export_dir)`` loads ``model.pte`` with its two data files,
 ``base.ptd`` and ``adapter.ptd`` (checked against ``manifest.json``), and is called like
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from export_tools.manifest import Manifest, ManifestError
-from export_tools.ptd import AdapterSlot, DataFileError, adapter_ptd, merge_ptd, pack_mix, ptd_keys
+from edge_sdk.artifacts.manifest import Manifest, ManifestError
+from edge_sdk.artifacts.ptd import AdapterSlot, DataFileError, adapter_ptd, merge_ptd, pack_mix, ptd_keys
 
 log = logging.getLogger("fedaigc.executorch")
 
@@ -64,15 +64,6 @@ class ExecuTorchDenoiser:
         self._adapter_digest = ""
         self.method = None
         self.load_adapter_data(self.manifest.verify_file(self.export_dir, ADAPTER_DATA).read_bytes())
-
-    @classmethod
-    def for_device(cls, config) -> "ExecuTorchDenoiser":
-        """The program in ``config.export_dir``, refused unless it was exported from ``config.base_model``."""
-        from export_tools.manifest import base_digest
-        from models.unet import load_base_unet
-
-        return cls(config.export_dir, base_sha256=base_digest(load_base_unet(config.base_model)),
-                   threads=config.effective("threads"))
 
     # ---------------------------------------------------------------- adapters
     def load_adapter_data(self, blob: bytes) -> None:
@@ -137,8 +128,8 @@ def swap_adapter(export_dir: str | Path, adapters: Mapping[str, Mapping[str, tor
     The data file is written atomically and the manifest's adapter record and file hash
     follow it; the export-time parity no longer describes this adapter, so it is dropped.
     """
-    from edge_sdk.atomic import atomic_write_bytes
-    from export_tools.manifest import adapter_record
+    from edge_sdk.artifacts.manifest import adapter_record
+    from edge_sdk.protocol.files import atomic_write_bytes
 
     export_dir = Path(export_dir)
     manifest = Manifest.load(export_dir)

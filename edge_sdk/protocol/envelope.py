@@ -28,8 +28,8 @@ from enum import Enum
 
 import msgpack
 
-from edge_sdk.errors import Refusal, RefusedMessage
-from edge_sdk.identity import Identity, verify_signature
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.identity import Identity, verify_signature
 
 PROTOCOL_VERSION = 1
 NONCE_BYTES = 16

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from scipy import linalg
 from torch import nn
 
-from models.data import STYLES, apply_style, check_style, public_digits
+from models.digits.data import STYLES, apply_style, check_style, public_digits
 
 _EVALUATOR_VERSION = "1"
 FEATURE_DIM = 32
@@ -231,7 +231,7 @@ def sample_for_personas(
     """(images, target digits): what ``unet`` (active adapters as set) draws for the personas'
     held-out test prompts, cycled to ``samples`` images in all."""
     from models.text import PromptEncoder
-    from models.unet import generate
+    from models.digits.unet import generate
 
     prompts = [pr for p in personas for pr in p.test_prompts]
     digits = torch.cat([p.test_digits for p in personas])

@@ -16,8 +16,8 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey, SealedBox
 from nacl.signing import SigningKey, VerifyKey
 
-from edge_sdk.atomic import atomic_write_bytes
-from edge_sdk.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,13 @@ shapes match the adapter template, dtypes are floating point, and every value is
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from edge_sdk.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -58,13 +57,3 @@ def check_shapes(tensors: Mapping[str, torch.Tensor], expected: Shapes) -> None:
 
 def shapes_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in tensors.items()}
-
-
-def values_digest(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """8 bytes naming exact float32 contents: two parties that rebuilt "the same" tensors
-    independently (from a seed) check that they really agree before training on them."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-    return h.digest()[:8]

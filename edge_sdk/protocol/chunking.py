@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from edge_sdk.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
 
 MAGIC = b"FCK1"
 _HEADER = struct.Struct("!4s16sII32s")

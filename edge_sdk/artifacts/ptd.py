@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -232,11 +231,3 @@ def locate_slot(probe: Mapping[str, torch.Tensor], blob: bytes, rank: int, fqn_p
         raise DataFileError(f"the exported adapter data holds {len(extra)} entries no adapter tensor explains: "
                             f"{extra[:3]}")
     return AdapterSlot(rank, tuple(found[n] for n in sorted(found)))
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from export_tools.ptd import sha256_file
+from edge_sdk.artifacts.ptd import rank_of
+from edge_sdk.protocol.digest import file_digest, tensor_digest
+from models.lora import base_weights
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -28,11 +30,8 @@ class ManifestError(ValueError):
 
 
 def base_digest(unet: torch.nn.Module) -> str:
-    """SHA-256 over the base weights (names, shapes, bytes), ignoring any LoRA adapters on top."""
-    from edge_sdk.store import tensor_digest
-
-    state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if ".lora_" not in k}
-    return tensor_digest(state)
+    """The digest of the base weights, ignoring any LoRA adapters on top."""
+    return tensor_digest(base_weights(unet))
 
 
 @dataclass
@@ -57,7 +56,7 @@ class Manifest:
     def record_files(self, out_dir: Path, names: list[str]) -> None:
         for name in names:
             path = Path(out_dir) / name
-            self.files[name] = {"sha256": _digest(path), "bytes": _size(path)}
+            self.files[name] = {"sha256": file_digest(path), "bytes": _size(path)}
 
     def save(self, out_dir: str | Path) -> Path:
         self.versions = self.versions or toolchain_versions()
@@ -83,22 +82,10 @@ class Manifest:
         if not path.exists():
             raise ManifestError(f"{path} is missing")
         want = self.files[name]
-        if _size(path) != want["bytes"] or _digest(path) != want["sha256"]:
+        if _size(path) != want["bytes"] or file_digest(path) != want["sha256"]:
             raise ManifestError(f"{path} does not match its manifest entry (sha256 {want['sha256'][:12]}…): "
                                 f"corrupt, or from another export")
         return path
-
-
-def _digest(path: Path) -> str:
-    if path.is_dir():  # an .mlpackage: hash every file, in a stable order
-        import hashlib
-
-        h = hashlib.sha256()
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            h.update(str(p.relative_to(path)).encode())
-            h.update(sha256_file(p).encode())
-        return h.hexdigest()
-    return sha256_file(path)
 
 
 def _size(path: Path) -> int:
@@ -121,9 +108,6 @@ def toolchain_versions() -> dict:
 
 def adapter_record(adapters: Mapping[str, Mapping[str, torch.Tensor]], mix: Mapping[str, float],
                    versions: Mapping[str, int] | None = None) -> dict:
-    from edge_sdk.store import tensor_digest
-    from export_tools.ptd import rank_of
-
     versions = dict(versions or {})
     return {"mix": {n: float(w) for n, w in mix.items()},
             "versions": {n: int(versions.get(n, 0)) for n in mix},

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from export_tools.manifest import Manifest, ManifestError
-from export_tools.ptd import AdapterSlot, merge_ptd
+from edge_sdk.artifacts.manifest import Manifest, ManifestError
+from edge_sdk.artifacts.ptd import AdapterSlot, merge_ptd
 from models.lora import check_adapter_state
 from models.training import TrainConfig, train_steps
 
@@ -35,7 +35,7 @@ class ExecuTorchTrainer:
         from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
         from executorch.extension.training import TrainingModule
 
-        from edge_sdk.executorch_backend import ExportLoadError, set_runtime_threads
+        from edge_sdk.artifacts.inference import ExportLoadError, set_runtime_threads
 
         self.export_dir = Path(export_dir)
         self.manifest = Manifest.load(self.export_dir)
@@ -69,15 +69,6 @@ class ExecuTorchTrainer:
             raise ManifestError(f"the program's trainable tensors do not match its manifest: missing {missing[:2]}, "
                                 f"{len(by_key)} in the program, {len(self.slot.tensors)} in the manifest")
         self.parameters: dict[str, torch.Tensor] = {t.name: by_key[t.key] for t in self.slot.tensors}
-
-    @classmethod
-    def for_device(cls, config) -> "ExecuTorchTrainer":
-        """The program in ``config.training_export_dir``, refused unless exported from ``config.base_model``."""
-        from export_tools.manifest import base_digest
-        from models.unet import load_base_unet
-
-        return cls(config.training_export_dir, base_sha256=base_digest(load_base_unet(config.base_model)),
-                   threads=config.effective("threads"))
 
     @property
     def rank(self) -> int:

@@ -28,7 +28,6 @@ running sum of decoded updates tracks the running sum of true updates.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
@@ -36,18 +35,13 @@ import msgpack
 import numpy as np
 import torch
 
-from edge_sdk.errors import Refusal, RefusedMessage
-from edge_sdk.tensors import Shapes
+from edge_sdk.protocol.digest import layout_digest, short
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.tensors import Shapes
 
 Tensors = dict[str, torch.Tensor]
 ROW = 64  # values per quantization scale
 MAX_VALUES = 64 * 1024 * 1024
-
-
-def layout_digest(shapes: Shapes) -> bytes:
-    """8 bytes naming an adapter layout: sorted tensor names with their shapes."""
-    canonical = msgpack.packb([[k, [int(d) for d in shapes[k]]] for k in sorted(shapes)])
-    return hashlib.sha256(canonical).digest()[:8]
 
 
 def _numel(shape) -> int:
@@ -93,7 +87,7 @@ class Codec(ABC):
     def encode(self, tensors: Mapping[str, torch.Tensor]) -> bytes:
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         fields = self.encode_flat(flatten(tensors), _segments(shapes))
-        return msgpack.packb({"codec": self.name, "layout": layout_digest(shapes)} | fields, use_bin_type=True)
+        return msgpack.packb({"codec": self.name, "layout": short(layout_digest(shapes))} | fields, use_bin_type=True)
 
     def decode(self, data: bytes, expected: Shapes) -> Tensors:
         """Decode and validate against ``expected`` names/shapes; refuses with RefusedMessage."""
@@ -106,7 +100,7 @@ class Codec(ABC):
             raise RefusedMessage(Refusal.MALFORMED, f"{self.name} payload is not msgpack ({type(e).__name__})") from None
         if not isinstance(raw, dict) or raw.get("codec") != self.name:
             raise RefusedMessage(Refusal.MALFORMED, f"not a {self.name} payload")
-        if raw.get("layout") != layout_digest(expected):
+        if raw.get("layout") != short(layout_digest(expected)):
             raise RefusedMessage(Refusal.BAD_TENSORS, f"{self.name} payload is for another adapter layout "
                                                       "(tensor names or shapes differ)")
         fields = {k: v for k, v in raw.items() if k not in ("codec", "layout")}
