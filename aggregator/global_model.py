@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from edge_sdk.protocol.tensors import shapes_of
+from models.digits.unet import BASE_MODEL_DIR, generate, load_base_unet
 from models.lora import (
     LoraSpec,
     adapter_names,
@@ -25,7 +26,6 @@ from models.lora import (
     set_adapter_state,
     set_mix,
 )
-from models.digits.unet import BASE_MODEL_DIR, generate, load_base_unet
 
 
 @functools.lru_cache(maxsize=4)

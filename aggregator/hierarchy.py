@@ -19,7 +19,6 @@ unknown senders are refused the same way.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,15 +29,15 @@ import torch
 
 from aggregator.enrolment import admit, announce_keys, verify_key_of
 from aggregator.global_model import adapter_shapes
+from aggregator.inbox import Inbox
 from aggregator.interaction import Spread, interact
 from aggregator.state import open_store
-from edge_sdk.protocol import topics
 from edge_sdk.protocol.codecs import decode_payload, make_codec
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.protocol.identity import Identity, PublicIdentity, seal_to
 from edge_sdk.protocol.messages import CloudMix, EdgeReport, Enrol, EnrolAck, read_signed_keys
-from edge_sdk.protocol.topics import DEFAULT_PREFIX, Topics
+from edge_sdk.protocol.topics import DEFAULT_PREFIX, Topics, check_sender
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import LoraSpec, lora_modules
 from models.text import EMBEDDING_DIM
@@ -172,7 +171,7 @@ class CloudAggregator:
         self.traffic: dict[int, dict[str, dict[str, int]]] = {}  # round -> edge -> {"up", "down"}
         self.topics = Topics(config.mqtt_topic_prefix)
         self.transport: MqttTransport | None = None
-        self._queue: queue.Queue = queue.Queue()
+        self.inbox = Inbox(self.refusals)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         for token in config.tokens:
@@ -181,8 +180,8 @@ class CloudAggregator:
     def start(self) -> "CloudAggregator":
         c = self.config
         self.transport = MqttTransport(c.mqtt(f"fedaigc-{c.aggregator_id}"), self.refusals).connect()
-        for t in (self.topics.cloud_enrol_all, self.topics.cloud_up_all):
-            self.transport.subscribe(t, lambda topic, payload: self._queue.put((topic, payload)))
+        self.inbox.route(self.transport, self.topics.cloud_enrol_all, self.on_enrol)
+        self.inbox.route(self.transport, self.topics.cloud_up_all, self.on_report)
         announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, self.topics.cloud_keys)
         self._worker = threading.Thread(target=self._run, name="cloud", daemon=True)
         self._worker.start()
@@ -200,18 +199,11 @@ class CloudAggregator:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.inbox.run_one(timeout=0.2)
             try:
-                topic, payload = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                topic = None
-            try:
-                if topic is not None:
-                    self.handle(topic, payload)
                 self._close_late_rounds()
-            except RefusedMessage as e:
-                self.refusals.record(e, topic or "cloud")
             except Exception:
-                log.exception("cloud: unexpected error handling %s", topic)
+                log.exception("cloud: mixing a late round failed")
 
     def _edge_key(self, sender: str) -> bytes:
         return verify_key_of(self.store, sender, "edge")
@@ -226,20 +218,18 @@ class CloudAggregator:
         self.transport.publish(self.topics.cloud_down(edge), env)
         self._count(rnd, edge, "down", len(env))
 
-    def handle(self, topic: str, data: bytes) -> None:
-        edge = topics.device_of(topic)
-        if topic.startswith(f"{self.topics.root}/cloud/enrol/"):
-            env = self.verifier.parse(data, {MessageType.ENROL})
-            if env.sender != edge:
-                raise RefusedMessage(Refusal.MALFORMED, f"sender {env.sender} published on {topic}")
-            admit(self.store, self.identity, self.verifier, env, "edge")
-            self._count(0, edge, "up", len(data))
-            self._send(edge, MessageType.ENROL_ACK, EnrolAck(True, "").encode())
-            log.info("enrolled edge aggregator %s", edge)
-            return
+    def on_enrol(self, topic: str, data: bytes) -> None:
+        env = self.verifier.parse(data, {MessageType.ENROL})
+        check_sender(topic, env.sender)
+        admit(self.store, self.identity, self.verifier, env, "edge")
+        self._count(0, env.sender, "up", len(data))
+        self._send(env.sender, MessageType.ENROL_ACK, EnrolAck(True, "").encode())
+        log.info("enrolled edge aggregator %s", env.sender)
+
+    def on_report(self, topic: str, data: bytes) -> None:
         env = self.verifier.open(data, {MessageType.EDGE_REPORT})
-        if env.sender != edge:
-            raise RefusedMessage(Refusal.MALFORMED, f"sender {env.sender} published on {topic}")
+        check_sender(topic, env.sender)
+        edge = env.sender
         report = EdgeReport.decode(self.identity.decrypt_from(self.store.device(edge).box_key, env.payload))
         self._count(report.round, edge, "up", len(data))
         ids = report.clusters

@@ -19,12 +19,12 @@ class ServiceCollector:
         yield GaugeMetricFamily("fedaigc_round", "Current federated round", value=s.current_round())
         yield GaugeMetricFamily("fedaigc_finished", "1 once the federation finished", value=float(s.done.is_set()))
         yield GaugeMetricFamily("fedaigc_devices_clustered", "Devices with a cluster",
-                                value=len(s.clusters.assignment))
+                                value=len(s.membership.assignment))
         yield GaugeMetricFamily("fedaigc_devices_online", "Devices whose last will says online",
-                                value=sum(1 for v in s.online.values() if v))
+                                value=sum(1 for v in s.telemetry.online.values() if v))
         clusters = GaugeMetricFamily("fedaigc_cluster_devices", "Devices per cluster", labels=["cluster"])
-        for cid in sorted(set(s.clusters.assignment.values())):
-            clusters.add_metric([str(cid)], len(s.members(cid)))
+        for cid in sorted(set(s.membership.assignment.values())):
+            clusters.add_metric([str(cid)], len(s.membership.members(cid)))
         yield clusters
         refusals = CounterMetricFamily("fedaigc_refusals", "Refused messages by reason", labels=["reason"])
         for reason, n in sorted(s.refusals.counts().items()):
@@ -32,7 +32,7 @@ class ServiceCollector:
         yield refusals
         wire = CounterMetricFamily("fedaigc_payload_bytes", "MQTT payload bytes (envelopes and chunk headers)",
                                    labels=["direction"])
-        for direction, n in s.traffic_totals().items():
+        for direction, n in s.telemetry.totals().items():
             wire.add_metric([direction], n)
         yield wire
 

@@ -20,6 +20,15 @@ from dataclasses import dataclass
 import torch
 
 from aggregator.global_model import GlobalModel
+from aggregator.outbox import Outbox
+from aggregator.telemetry import Telemetry
+from edge_sdk.protocol.envelope import EnvelopeVerifier, MessageType
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.identity import Identity
+from edge_sdk.protocol.messages import GenerateRequest, GenerateResult
+from edge_sdk.protocol.tensors import pack_tensors, unpack_tensors
+from edge_sdk.protocol.topics import check_sender
+from models.text import EMBEDDING_DIM
 
 log = logging.getLogger("fedaigc.serve")
 
@@ -65,8 +74,8 @@ class GenerationService:
         """Validate and queue; raises ValueError with the reason for a request that cannot be served."""
         if not 1 <= request.n <= MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"n must be between 1 and {MAX_IMAGES_PER_REQUEST}, got {request.n}")
-        if tuple(request.encoding.shape) != (384,):
-            raise ValueError(f"encoding must have shape (384,), got {tuple(request.encoding.shape)}")
+        if tuple(request.encoding.shape) != (EMBEDDING_DIM,):
+            raise ValueError(f"encoding must have shape ({EMBEDDING_DIM},), got {tuple(request.encoding.shape)}")
         self.model.check_mix(request.mix)
         self._queue.put(request)
 
@@ -118,3 +127,34 @@ class GenerationService:
         for r in requests:
             self.reply(r, images[start:start + r.n], "")
             start += r.n
+
+
+class GenerationEndpoint:
+    """Sealed generation requests in, images encrypted to the requesting device out, served in batches."""
+
+    def __init__(self, model: GlobalModel, verifier: EnvelopeVerifier, identity: Identity, outbox: Outbox,
+                 telemetry: Telemetry, *, max_batch: int, max_wait_s: float) -> None:
+        self.verifier, self.identity, self.outbox, self.telemetry = verifier, identity, outbox, telemetry
+        self.service = GenerationService(model, self.reply, max_batch=max_batch, max_wait_s=max_wait_s)
+
+    def on_request(self, topic: str, data: bytes) -> None:
+        env = self.verifier.open(data, {MessageType.GENERATE_REQUEST})
+        check_sender(topic, env.sender)
+        body = GenerateRequest.decode(self.identity.open_sealed(env.payload))
+        encoding = unpack_tensors(body.encoding, {"encoding": (EMBEDDING_DIM,)})["encoding"]
+        try:
+            mix = {int(c): float(w) for c, w in body.mix.items()}
+        except ValueError:
+            raise RefusedMessage(Refusal.MALFORMED, f"mix keys must be cluster ids, got {list(body.mix)[:3]}") from None
+        self.telemetry.count(0, env.sender, "up", len(data))
+        request = Request(env.sender, body.request_id, encoding, mix, body.n, body.seed, time.monotonic())
+        try:
+            self.service.submit(request)
+        except ValueError as e:
+            self.reply(request, None, str(e))
+            raise RefusedMessage(Refusal.MALFORMED, f"generation request from {env.sender}: {e}") from None
+
+    def reply(self, request: Request, images: torch.Tensor | None, reason: str) -> None:
+        payload = b"" if images is None else pack_tensors({"images": images})
+        body = GenerateResult(request.request_id, images is not None, reason, payload)
+        self.outbox.send(request.device, MessageType.GENERATE_RESULT, body.encode())

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS devices (
@@ -61,6 +62,16 @@ class DeviceRecord:
     profile: str
     token: str
     revoked: bool
+
+
+class RoundRow(NamedTuple):
+    """One cluster's part of one round: ``open`` while it takes updates, ``closed`` once aggregated."""
+
+    round: int
+    cluster_id: int
+    state: str
+    opened_at: float
+    deadline: float
 
 
 @dataclass(frozen=True)
@@ -235,13 +246,13 @@ class StateStore:
         with self.transaction() as cur:
             self.execute(cur, "UPDATE rounds SET deadline = ? WHERE round = ? AND cluster_id = ?", (deadline, rnd, cluster_id))
 
-    def rounds(self, state: str | None = None) -> list[tuple[int, int, str, float, float]]:
+    def rounds(self, state: str | None = None) -> list[RoundRow]:
         sql = "SELECT round, cluster_id, state, opened_at, deadline FROM rounds"
         params: tuple = ()
         if state is not None:
             sql += " WHERE state = ?"
             params = (state,)
-        return self.query(sql + " ORDER BY round, cluster_id", params)
+        return [RoundRow(*row) for row in self.query(sql + " ORDER BY round, cluster_id", params)]
 
     def round_summaries(self) -> list[tuple[int, int, dict]]:
         rows = self.query("SELECT round, cluster_id, summary FROM rounds WHERE state = 'closed' ORDER BY round, cluster_id")
@@ -279,8 +290,11 @@ class StateStore:
             sql, params = sql + " AND cluster_id = ?", (rnd, cluster_id)
         return {d for (d,) in self.query(sql, params)}
 
-    def reported_count(self, rnd: int, cluster_id: int) -> int:
-        return int(self.query("SELECT COUNT(*) FROM updates WHERE round = ? AND cluster_id = ?", (rnd, cluster_id))[0][0])
+    def reported_count(self, rnd: int, cluster_id: int | None = None) -> int:
+        sql, params = "SELECT COUNT(*) FROM updates WHERE round = ?", (rnd,)
+        if cluster_id is not None:
+            sql, params = sql + " AND cluster_id = ?", (rnd, cluster_id)
+        return int(self.query(sql, params)[0][0])
 
     @contextmanager
     def closing_round(self, rnd: int, cluster_id: int) -> Iterator[tuple | None]:

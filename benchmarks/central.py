@@ -26,8 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models.digits.pretrain import central_report, pretrain_base  # noqa: E402
-from models.training import TrainConfig  # noqa: E402
 from models.digits.unet import BASE_MODEL_DIR  # noqa: E402
+from models.training import TrainConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

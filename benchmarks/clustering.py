@@ -28,8 +28,8 @@ from tqdm.auto import tqdm  # noqa: E402
 from aggregator.clustering import cluster_tasks, refine_with_updates  # noqa: E402
 from edge_sdk import DeviceConfig, EdgeClient, LocalData  # noqa: E402
 from models.digits.data import make_personas  # noqa: E402
-from models.lora import LoraSpec, add_adapter, get_adapter_state  # noqa: E402
 from models.digits.unet import load_base_unet  # noqa: E402
+from models.lora import LoraSpec, add_adapter, get_adapter_state  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from aggregator.simulation import FleetConfig, run_federation  # noqa: E402
+from aggregator.simulation.fleet import FleetConfig, run_federation  # noqa: E402
 from benchmarks.federation import cumulative_bytes, mean_over_styles  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -140,7 +140,7 @@ def two_tier_round(devices_per_edge: int, edges: int = 2) -> dict:
     from aggregator.config import AggregatorConfig
     from aggregator.hierarchy import CloudAggregator
     from aggregator.service import AggregatorService
-    from edge_sdk.lite import LiteDevice
+    from aggregator.simulation.lite import LiteDevice
 
     root = Path(tempfile.mkdtemp(prefix="fedaigc-two-tier-"))
     brokers = [EmbeddedBroker(port=free_port()).start() for _ in range(edges + 1)]
@@ -169,7 +169,7 @@ def two_tier_round(devices_per_edge: int, edges: int = 2) -> dict:
             d.send(d.topics.update(d.id), d.update_envelope(start, delta))
         while not all(s.done.is_set() for s in services) and time.monotonic() < deadline + 60:
             time.sleep(0.1)
-        device_bytes = sum(v["up"] + v["down"] for s in services for v in s.traffic.get(1, {}).values())
+        device_bytes = sum(v["up"] + v["down"] for s in services for v in s.telemetry.traffic.get(1, {}).values())
         wan_bytes = sum(v["up"] + v["down"] for v in cloud.traffic.get(1, {}).values())
         return {"edges": edges, "devices_per_edge": devices_per_edge, "clusters_per_edge": 2,
                 "device_edge_bytes": device_bytes, "wan_bytes": wan_bytes,

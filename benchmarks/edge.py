@@ -39,8 +39,8 @@ MODES = ("full_fp32", "lora_fp32", "lora_int8", "lora_int8_ckpt")
 
 def build(size: str, mode: str):
     from edge_sdk.quantize import quantize_base
-    from models.lora import LoraSpec, add_adapter, set_mix
     from models.digits.unet import UNetConfig, build_unet, load_base_unet
+    from models.lora import LoraSpec, add_adapter, set_mix
 
     s = SIZES[size]
     unet = load_base_unet() if size == "small" else build_unet(

@@ -46,10 +46,10 @@ PROFILE_EXPORTS = {  # what each device class should run, and why
 
 def train_adapters(steps: int, seed: int = 0):
     from models.digits.data import make_personas
-    from models.lora import get_adapter_state
     from models.digits.pretrain import train_central
-    from models.training import LORA_LR, TrainConfig
     from models.digits.unet import BASE_MODEL_DIR
+    from models.lora import get_adapter_state
+    from models.training import LORA_LR, TrainConfig
 
     personas = make_personas(8, 2, seed=seed, styles=list(STYLES))
     unet = train_central(BASE_MODEL_DIR, personas, train=TrainConfig(steps=steps, batch_size=32, lr=LORA_LR, seed=seed),
@@ -145,12 +145,12 @@ def main() -> None:
     torch.set_num_threads(1)
     from edge_sdk.artifacts.inference import ExecuTorchDenoiser, set_runtime_threads
     from export_tools.calibration import denoising_batches
-    from models.digits.data import calibration_samples
     from export_tools.coreml import export_coreml
     from export_tools.executorch import EagerDenoiser, errors, export_executorch, with_adapters
+    from models.digits.data import calibration_samples
     from models.digits.evaluate import evaluate
-    from models.lora import merge_adapters
     from models.digits.unet import load_base_unet
+    from models.lora import merge_adapters
 
     set_runtime_threads(1)
     train_steps, samples, reps = (120, 32, 3) if args.quick else (300, 64, 10)

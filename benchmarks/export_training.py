@@ -42,10 +42,10 @@ def main() -> None:
     from edge_sdk.artifacts.training import ExecuTorchTrainer
     from export_tools.training import eager_unet, export_training
     from models.digits.data import make_personas
+    from models.digits.unet import load_base_unet
     from models.lora import LoraSpec, get_adapter_state
     from models.text import PromptEncoder
     from models.training import LORA_LR, TrainConfig, evaluation_loss, train_denoiser
-    from models.digits.unet import load_base_unet
 
     set_runtime_threads(1)
     spec = LoraSpec()

@@ -42,10 +42,10 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from aggregator.global_model import GlobalModel, adapter_name  # noqa: E402
-from aggregator.simulation import FleetConfig, _personas, run_federation, score_styles  # noqa: E402
+from aggregator.simulation.fleet import FleetConfig, run_federation, score_styles  # noqa: E402
+from models.digits.unet import load_base_unet  # noqa: E402
 from models.lora import LoraSpec, add_adapter, get_adapter_state, set_mix  # noqa: E402
 from models.training import LORA_LR, TrainConfig, train_adapters  # noqa: E402
-from models.digits.unet import load_base_unet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FEDERATED = {
@@ -62,7 +62,7 @@ def in_process(cfg: FleetConfig, pooled: bool) -> dict:
     """``local`` (one adapter per device) or ``central`` (one per style, pooled data), per round."""
     from models.text import PromptEncoder
 
-    personas = _personas(cfg)
+    personas = cfg.personas()
     ids = [f"d{i}" for i in range(len(personas))]
     persona_of = dict(zip(ids, personas))
     groups = {d: (p.style if pooled else d) for d, p in persona_of.items()}
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
                           eval_samples=32, eval_steps=8, mqtt_url=args.mqtt_url, task_noise=0.3)
         seeds = list(range(args.seeds))
     methods = [m for m in args.methods.split(",") if m]
-    smallest = _personas(cfg)[-1].style
+    smallest = cfg.personas()[-1].style
     started = time.monotonic()
     runs: dict = {m: {} for m in methods}
     out = Path(args.out)

@@ -48,10 +48,10 @@ from aggregator.rules import ClientUpdate, make_rule  # noqa: E402
 from edge_sdk.privacy import task_vector_from_encodings  # noqa: E402
 from models.digits.data import STYLES, make_personas  # noqa: E402
 from models.digits.evaluate import evaluate, sample_for_personas  # noqa: E402
+from models.digits.unet import load_base_unet  # noqa: E402
 from models.lora import LoraSpec, add_adapter, draw_adapter, get_adapter_state, set_adapter_state, set_mix  # noqa: E402
 from models.text import PromptEncoder  # noqa: E402
 from models.training import LORA_LR, TrainConfig, train_adapters  # noqa: E402
-from models.digits.unet import load_base_unet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("intra", "mix", "mix_text", "shrink")

@@ -66,7 +66,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
     """Runs in a child process: drives ``ids`` through enrolment, then one update each on command."""
     import torch
 
-    from edge_sdk.lite import LiteDevice, start_adapter
+    from aggregator.simulation.lite import LiteDevice, start_adapter
     from edge_sdk.protocol.envelope import EnvelopeVerifier, MessageType
     from edge_sdk.protocol.identity import PublicIdentity
     from edge_sdk.protocol.messages import RoundStart, UpdateAck

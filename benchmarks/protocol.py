@@ -35,8 +35,8 @@ from edge_sdk.protocol.errors import RefusedMessage  # noqa: E402
 from edge_sdk.protocol.identity import Identity, seal_to  # noqa: E402
 from edge_sdk.protocol.messages import UpdateBody  # noqa: E402
 from edge_sdk.protocol.tensors import pack_tensors, shapes_of, unpack_tensors  # noqa: E402
-from models.lora import LoraSpec, add_adapter, get_adapter_state  # noqa: E402
 from models.digits.unet import load_base_unet  # noqa: E402
+from models.lora import LoraSpec, add_adapter, get_adapter_state  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from aggregator.broker import ensure_broker  # noqa: E402
 from aggregator.config import AggregatorConfig  # noqa: E402
 from aggregator.service import AggregatorService  # noqa: E402
-from edge_sdk.lite import LiteDevice  # noqa: E402
+from aggregator.simulation.lite import LiteDevice  # noqa: E402
 from edge_sdk.protocol.envelope import MessageType  # noqa: E402
 from models.text import PromptEncoder  # noqa: E402
 
@@ -49,7 +49,7 @@ def run_mode(mqtt_url: str, batched: bool, concurrency: int, seconds: float, ste
                                expected_devices=1, serve_max_batch=64 if batched else 1,
                                serve_max_wait_s=0.02 if batched else 0.0)
         service = AggregatorService(cfg).start()
-        service.generation.steps = steps
+        service.generation.service.steps = steps
         service.global_model.set_cluster(0, service.initial, 0)
         devices = [LiteDevice(mqtt_url).start() for _ in range(concurrency)]
         for d in devices:
@@ -67,7 +67,7 @@ def run_mode(mqtt_url: str, batched: bool, concurrency: int, seconds: float, ste
         for t in threads:
             t.join()
         elapsed = time.monotonic() - started
-        calls = len(service.generation.batches)
+        calls = len(service.generation.service.batches)
         for d in devices:
             d.stop()
         service.stop()

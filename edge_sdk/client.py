@@ -35,6 +35,8 @@ from edge_sdk.protocol.messages import UpdateBody
 from edge_sdk.protocol.tensors import pack_tensors
 from edge_sdk.quantize import quantize_base
 from edge_sdk.store import AdapterStore
+from models.digits.unet import generate as sample_images
+from models.digits.unet import load_base_unet
 from models.lora import (
     LoraSpec,
     adapter_names,
@@ -47,8 +49,6 @@ from models.lora import (
 )
 from models.text import PromptEncoder
 from models.training import TrainConfig, evaluation_loss, train_adapters
-from models.digits.unet import generate as sample_images
-from models.digits.unet import load_base_unet
 
 log = logging.getLogger("fedaigc.edge")
 

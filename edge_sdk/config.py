@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edge_sdk.privacy import MIN_SECRET_BYTES, DPConfig
-from models.training import LORA_LR
 from models.digits.unet import BASE_MODEL_DIR
+from models.training import LORA_LR
 
 QUANTIZATION_MODES = ("int8", "none")
 # What stays on the device (benchmarks/personalization.py, 8 devices / 4 styles, 6 rounds, 2 seeds):

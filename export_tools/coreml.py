@@ -33,8 +33,8 @@ from edge_sdk.artifacts.manifest import Manifest, adapter_record, base_digest
 from edge_sdk.artifacts.ptd import SLOT, AdapterSlot, pack_mix, rank_of
 from export_tools.executorch import ExportError, example_inputs, slot_unet
 from export_tools.graph import exportable
-from models.lora import set_adapter_state
 from models.digits.unet import unet_config_of
+from models.lora import set_adapter_state
 
 PACKAGE = "model.mlpackage"
 WEIGHTS = ("fp16", "palettize", "int8")

@@ -41,8 +41,8 @@ import torch
 from edge_sdk.artifacts.manifest import Manifest, adapter_record, base_digest
 from edge_sdk.artifacts.ptd import SLOT, AdapterSlot, adapter_ptd, locate_slot, pack_mix, rank_of
 from export_tools.graph import exportable
-from models.lora import DEFAULT_TARGETS, LoraSpec, add_adapter, get_adapter_state, set_adapter_state, set_mix
 from models.digits.unet import denoise, unet_config_of
+from models.lora import DEFAULT_TARGETS, LoraSpec, add_adapter, get_adapter_state, set_adapter_state, set_mix
 
 log = logging.getLogger("fedaigc.export")
 

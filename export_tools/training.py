@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from edge_sdk.artifacts.manifest import Manifest, base_digest
 from edge_sdk.artifacts.ptd import SLOT, locate_slot
 from export_tools.graph import exportable
-from models.lora import LoraSpec, add_adapter, get_adapter_state, set_adapter_state, set_mix
 from models.digits.unet import denoise, unet_config_of
+from models.lora import LoraSpec, add_adapter, get_adapter_state, set_adapter_state, set_mix
 
 log = logging.getLogger("fedaigc.export")
 
@@ -200,9 +200,9 @@ def export_training(
 def styled_digit_batch(batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """One ``(x_t, t, encoding, noise)`` training batch from styled-digit personas, drawn as the trainer draws it."""
     from models.digits.data import STYLES, make_personas
+    from models.digits.unet import train_scheduler
     from models.text import PromptEncoder
     from models.training import noised_batch
-    from models.digits.unet import train_scheduler
 
     personas = make_personas(len(STYLES), len(STYLES), seed=seed, images_per_client=max(8, batch // len(STYLES) + 2))
     images = torch.cat([p.train_images for p in personas])[:batch]

@@ -11,9 +11,9 @@ from edge_sdk import PERSONAL, SHARED, DeviceConfig, EdgeClient, LocalData, Memo
 from edge_sdk.protocol.identity import Identity
 from edge_sdk.store import AdapterStore, CorruptAdapter
 from models.digits.data import make_personas
+from models.digits.unet import denoise, load_base_unet
 from models.lora import get_adapter_state
 from models.text import PromptEncoder
-from models.digits.unet import denoise, load_base_unet
 
 AGGREGATOR = Identity.generate()
 PERSONA = make_personas(2, 2, seed=3)[0]

@@ -29,8 +29,8 @@ from edge_sdk.artifacts.inference import ExecuTorchDenoiser, swap_adapter
 from edge_sdk.artifacts.manifest import Manifest, ManifestError, base_digest
 from edge_sdk.artifacts.ptd import DataFileError, pack_mix, read_ptd
 from export_tools.executorch import EagerDenoiser, errors, export_executorch, with_adapters
-from models.lora import LoraSpec, add_adapter, get_adapter_state
 from models.digits.unet import UNetConfig, build_unet, generate
+from models.lora import LoraSpec, add_adapter, get_adapter_state
 
 FP32_TOL = 1e-4
 INT8_RMS, INT8_MAX = 0.1, 1.5
@@ -38,7 +38,7 @@ BATCH, SLOT_RANK = 4, 4
 
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ["export_tools/*.py", "edge_sdk/executorch_backend.py", "models/unet.py", "models/lora.py",
+SOURCES = ["export_tools/*.py", "edge_sdk/artifacts/*.py", "models/digits/unet.py", "models/lora.py",
            "tests/test_export.py"]
 
 

@@ -29,16 +29,16 @@ from edge_sdk.client import EdgeClient, LocalData
 from edge_sdk.config import DeviceConfig
 from export_tools.training import eager_gradients, eager_unet, gradient_errors
 from models.digits.data import make_personas
+from models.digits.unet import train_scheduler
 from models.lora import LoraSpec, get_adapter_state
 from models.text import PromptEncoder
 from models.training import TrainConfig, noised_batch, train_denoiser
-from models.digits.unet import train_scheduler
 
 BATCH, RANK, STEPS = 8, 2, 30
 LOSS_TOL, GRAD_REL_TOL = 1e-5, 1e-4
 CURVE_TOL, STATE_TOL = 1e-3, 1e-3
 ROOT = Path(__file__).resolve().parent.parent
-EXTRA_SOURCES = ["export_tools/training.py", "edge_sdk/executorch_training.py", "models/training.py"]
+EXTRA_SOURCES = ["export_tools/training.py", "edge_sdk/artifacts/training.py", "models/training.py"]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from aggregator.simulation import FleetConfig, run_federation
+from aggregator.simulation.fleet import FleetConfig, run_federation
 from aggregator.state import open_store
 
 

@@ -10,11 +10,11 @@ import torch
 from aggregator.global_model import GlobalModel
 from aggregator.serve import GenerationService, Request
 from models.digits.data import STYLES, make_personas
-from models.lora import LoraSpec, get_adapter_state
 from models.digits.pretrain import train_central
+from models.digits.unet import BASE_MODEL_DIR
+from models.lora import LoraSpec, get_adapter_state
 from models.text import PromptEncoder
 from models.training import LORA_LR, TrainConfig
-from models.digits.unet import BASE_MODEL_DIR
 
 A, B, C = "framed", "slanted", "thin"
 

@@ -16,7 +16,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.hierarchy import CloudAggregator
 from aggregator.rules import ClientUpdate
 from aggregator.service import AggregatorService
-from edge_sdk.lite import LiteDevice
+from aggregator.simulation.lite import LiteDevice
 from edge_sdk.protocol.envelope import EnvelopeWriter, MessageType
 from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.tensors import unpack_tensors
@@ -77,14 +77,14 @@ def test_each_edge_learns_from_the_other_site_through_the_cloud(sites):
     run_round_one(edges, devices)
     summaries = [{cid: s for r, cid, s in e.store.round_summaries() if r == 1} for e in edges]
     assert all(len(s) == 1 for s in summaries)
-    own = [delta_w(edges[i].cluster_adapter(next(iter(summaries[i])))[0]) for i in range(2)]
+    own = [delta_w(edges[i].rounds.cluster_adapter(next(iter(summaries[i])))[0]) for i in range(2)]
     # what each edge would have had alone: its rule over its own devices' updates
     alone = []
     for e in edges:
-        cid = next(iter(e.clusters.centroid))
+        cid = next(iter(e.membership.centroid))
         ups = [ClientUpdate.from_delta(r.device_id, e.initial, unpack_tensors(r.delta, e.shapes), r.samples)
                for r in e.store.updates(1, cid)]
-        alone.append(delta_w(e.rule.aggregate(e.initial, ups, e.spec).adapter))
+        alone.append(delta_w(e.rounds.rule.aggregate(e.initial, ups, e.rounds.spec).adapter))
     cos = torch.nn.functional.cosine_similarity
     for i in range(2):
         assert cos(own[i], alone[1 - i], dim=0) > cos(alone[i], alone[1 - i], dim=0) + 0.1
@@ -95,7 +95,7 @@ def test_only_cluster_adapters_cross_the_wide_area_link(sites):
     cloud, edges, devices = sites
     run_round_one(edges, devices)
     wan_up = sum(v["up"] for v in cloud.traffic[1].values())
-    device_up = sum(v["up"] for e in edges for v in e.traffic[1].values())
+    device_up = sum(v["up"] for e in edges for v in e.telemetry.traffic[1].values())
     # one report per edge (one cluster each) against one update per device (two per edge)
     assert set(cloud.traffic[1]) == {e.config.aggregator_id for e in edges}
     assert wan_up < 0.6 * device_up

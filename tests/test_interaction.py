@@ -166,10 +166,10 @@ def test_opposite_styles_that_prompts_put_close_disagree_in_their_updates():
     # real model: two clusters of "bold" and one of "thin" train one round from the same adapter
     from aggregator.rules import make_rule
     from models.digits.data import make_personas
+    from models.digits.unet import load_base_unet
     from models.lora import add_adapter, draw_adapter, get_adapter_state, set_adapter_state, set_mix
     from models.text import PromptEncoder
     from models.training import LORA_LR, TrainConfig, train_adapters
-    from models.digits.unet import load_base_unet
 
     spec = LoraSpec()
     personas = make_personas(6, 3, seed=0, sizes=(2, 2, 2), styles=("bold", "thin", "bold"), images_per_client=24)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from models.digits.unet import denoise, load_base_unet
 from models.lora import (
     LoraSpec,
     add_adapter,
@@ -13,7 +14,6 @@ from models.lora import (
     trainable_share,
 )
 from models.text import PromptEncoder
-from models.digits.unet import denoise, load_base_unet
 
 
 def _probe(unet):

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aggregator.broker import free_port
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
-from edge_sdk.lite import LiteDevice
+from aggregator.simulation.lite import LiteDevice
 from edge_sdk.protocol.envelope import MessageType
 from tests.polling import wait_until
 

@@ -10,9 +10,9 @@ import torch
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
+from aggregator.simulation.lite import LiteDevice
 from aggregator.status import read_status, render_status
 from edge_sdk import SHARED, DeviceConfig, EdgeClient, LocalData, Update
-from edge_sdk.lite import LiteDevice
 from edge_sdk.privacy import DPConfig, PrivacyAccountant, PrivacyLedger, fleet_rotation
 from edge_sdk.protocol.codecs import decode_payload
 from edge_sdk.protocol.envelope import MessageType
@@ -201,16 +201,16 @@ def test_the_aggregator_records_each_devices_epsilon_per_round(tmp_path, mqtt_ur
     assert "privacy round 2: epsilon 2.25 at delta 1e-05 (1 device); epsilon inf (1 device: no finite bound)" in text
     again = AggregatorService(agg.config)  # a restart keeps the record
     try:
-        again._recover()
-        assert again.privacy == {int(r): v for r, v in recorded.items()}
+        again.recover()
+        assert again.telemetry.privacy == {int(r): v for r, v in recorded.items()}
     finally:
         again.store.close()
     worker = AggregatorService(agg.config)  # a scale-out worker that saw other devices merges, never overwrites
     try:
-        worker.privacy = {2: {"dev-x": {"epsilon": 0.5, "delta": 1e-5}}}
-        worker._persist_metrics()
+        worker.telemetry.privacy = {2: {"dev-x": {"epsilon": 0.5, "delta": 1e-5}}}
+        worker.telemetry.persist()
         merged = worker.store.get("privacy")
-        assert merged["1"] == recorded["1"] and merged["2"] == recorded["2"] | worker.privacy[2]
+        assert merged["1"] == recorded["1"] and merged["2"] == recorded["2"] | worker.telemetry.privacy[2]
     finally:
         worker.store.close()
 

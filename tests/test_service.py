@@ -10,7 +10,7 @@ import torch
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
-from edge_sdk.lite import LiteDevice
+from aggregator.simulation.lite import LiteDevice
 from edge_sdk.protocol.digest import short, tensor_digest
 from edge_sdk.protocol.envelope import MessageType, parse_envelope
 from edge_sdk.protocol.messages import SEEDED_CODEC, SeededAdapter

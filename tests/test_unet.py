@@ -3,9 +3,9 @@ import torch
 
 from models.digits.data import plain_prompts
 from models.digits.evaluate import load_evaluator
+from models.digits.unet import UNetConfig, build_unet, count_parameters, generate, load_base_unet, make_sampler
 from models.text import PromptEncoder
 from models.training import TrainConfig, evaluation_loss, train_denoiser
-from models.digits.unet import UNetConfig, build_unet, count_parameters, generate, load_base_unet, make_sampler
 
 
 def test_factory_builds_a_16x16_single_channel_text_conditioned_unet():

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
+
 PROTOCOL = "v1"
 DEFAULT_PREFIX = "fedaigc"
 
@@ -64,8 +66,20 @@ class Topics:
         return f"{self.root}/rollout/manifest/+"
 
     @property
-    def uplink_all(self) -> str:
-        return f"{self.root}/up/#"
+    def task_all(self) -> str:
+        return f"{self.root}/up/task/+"
+
+    @property
+    def update_all(self) -> str:
+        return f"{self.root}/up/update/+"
+
+    @property
+    def generate_all(self) -> str:
+        return f"{self.root}/up/generate/+"
+
+    @property
+    def device_status_all(self) -> str:
+        return f"{self.root}/up/status/+"
 
     @property
     def enrol_all(self) -> str:
@@ -145,3 +159,9 @@ def shared(group: str, topic_filter: str) -> str:
 def device_of(topic: str) -> str:
     """The device id a per-device topic ends with."""
     return topic.rsplit("/", 1)[-1]
+
+
+def check_sender(topic: str, sender: str) -> None:
+    """A signed envelope on a per-device topic must come from that device: no one speaks on another's topic."""
+    if device_of(topic) != sender:
+        raise RefusedMessage(Refusal.MALFORMED, f"sender {sender} published on {topic}")

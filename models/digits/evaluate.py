@@ -230,8 +230,8 @@ def sample_for_personas(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, target digits): what ``unet`` (active adapters as set) draws for the personas'
     held-out test prompts, cycled to ``samples`` images in all."""
-    from models.text import PromptEncoder
     from models.digits.unet import generate
+    from models.text import PromptEncoder
 
     prompts = [pr for p in personas for pr in p.test_prompts]
     digits = torch.cat([p.test_digits for p in personas])

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from models.digits.data import Persona, plain_prompts, public_digits
+from models.digits.unet import UNetConfig, build_unet
 from models.lora import LoraSpec, add_adapter, set_mix
 from models.text import PromptEncoder
 from models.training import LORA_LR, TrainConfig, train_adapters, train_denoiser
-from models.digits.unet import UNetConfig, build_unet
 
 PROMPTS_PER_IMAGE = 4
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from aggregator.global_model import adapter_shapes
-from edge_sdk.lite import LiteDevice, start_adapter
+from aggregator.simulation.lite import LiteDevice, start_adapter
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.protocol.identity import PublicIdentity
 from edge_sdk.protocol.messages import RoundStart, UpdateAck

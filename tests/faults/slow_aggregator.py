@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = AggregatorService(AggregatorConfig.from_toml(args.config))
-    service.rule = SlowRule(service.rule, Path(args.marker), args.delay)
+    service.rounds.rule = SlowRule(service.rounds.rule, Path(args.marker), args.delay)
     service.start()
     print("slow aggregator running", file=sys.stderr, flush=True)
     stop = threading.Event()

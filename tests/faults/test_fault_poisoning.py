@@ -75,7 +75,7 @@ def test_poisoned_minority_moves_the_aggregate_less_than_the_bound(tmp_path, own
         assert attackers["sign_flipped"].id in summary["accepted"] and attackers["random"].id in summary["accepted"]
 
         spec = LoraSpec(rank=cfg.lora_rank)
-        committed, _ = service.cluster_adapter(0)
+        committed, _ = service.rounds.cluster_adapter(0)
         clean_updates = [ClientUpdate.from_delta(d.id, initial, honest[d.id], 10) for d in devices[4:]]
         clean = weight_change(make_rule(rule, 3.0).aggregate(initial, clean_updates, spec).adapter, initial, spec)
         error = float((weight_change(committed, initial, spec) - clean).norm() / clean.norm())

@@ -1,4 +1,4 @@
-"""``fedaigc export``: arguments and the command (``aggregator/cli.py`` only registers the subparser).
+"""``fedaigc export``: the denoiser for devices, as ExecuTorch ``.pte``/``.ptd`` or a Core ML ``.mlpackage``.
 
     fedaigc export --format executorch --adapter-file cluster-0.safetensors --adapter cluster-0 --out out/
     fedaigc export --format executorch --adapter-file a=a.safetensors --adapter-file b=b.safetensors \\
@@ -27,7 +27,10 @@ QUANTIZE_CHOICES = {"executorch": ("fp32", "int8"), "coreml": ("fp16", "palettiz
                     "executorch-training": ("fp32",)}
 
 
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export the denoiser for devices: ExecuTorch .pte/.ptd or Core ML .mlpackage",
+                       description="Export the base UNet with an adapter (or a mix) for on-device inference; "
+                                   "writes the model files and a manifest with parity and latency.")
     p.add_argument("--format", choices=FORMATS, required=True)
     choose = p.add_mutually_exclusive_group()
     choose.add_argument("--adapter", metavar="NAME", help="export this adapter (weight 1)")
@@ -43,6 +46,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, default=2,
                    help="executorch-training: rank of the trainable adapter (the fleet's shared rank; default: 2)")
     p.add_argument("--no-measure", action="store_true", help="executorch: skip the parity/latency measurement")
+    p.set_defaults(func=run)
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -82,7 +86,7 @@ def load_adapter_file(spec: str) -> tuple[str, dict, int]:
     return name, tensors, int(meta.get("version", "0"))
 
 
-def run_export(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from models.digits.unet import BASE_MODEL_DIR, load_base_unet
 
     quantize = args.quantize or DEFAULT_QUANTIZE[args.format]

@@ -54,8 +54,8 @@ def start_adapter(start: RoundStart, shapes: Shapes) -> dict[str, torch.Tensor]:
 
 @lru_cache(maxsize=4)
 def _drawn(rank: int, seed: int) -> dict[str, torch.Tensor]:
-    from models.lora import LoraSpec, draw_adapter
     from models.digits.unet import load_base_unet
+    from models.lora import LoraSpec, draw_adapter
 
     return draw_adapter(load_base_unet(), LoraSpec(rank=rank), seed)
 

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from aggregator.global_model import GlobalModel  # noqa: E402
-from aggregator.simulation import FederationResult, FleetConfig, _personas, run_federation  # noqa: E402
+from aggregator.simulation.fleet import FederationResult, FleetConfig, run_federation  # noqa: E402
 from models.lora import LoraSpec  # noqa: E402
 from models.text import PromptEncoder  # noqa: E402
 
@@ -42,7 +42,7 @@ def image_grid(rows: list[torch.Tensor], labels: list[str], path: Path, title: s
 
 def write_outputs(result: FederationResult, cfg: FleetConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    personas = _personas(cfg)
+    personas = cfg.personas()
     ids = sorted(result.true_style)
     persona_of = dict(zip(ids, personas))
     rank = next(v.shape[0] for k, v in next(iter(result.adapters.values())).items() if k.endswith("lora_A.weight"))

@@ -55,6 +55,12 @@ class FleetConfig:
     round_timeout_s: float = 300.0
     state_dir: Path | None = None
 
+    def personas(self):
+        """The fleet's simulated users, one per device, deterministic for ``seed``."""
+        from models.digits.data import make_personas
+
+        return make_personas(self.devices, self.styles, seed=self.seed, sizes=list(self.sizes) if self.sizes else None)
+
 
 @dataclass
 class FederationResult:
@@ -113,12 +119,6 @@ def score_styles(model_of, assignment: dict, persona_of: dict, samples: int, see
     return {"styles": styles, "clusters": composition}
 
 
-def _personas(cfg: FleetConfig):
-    from models.digits.data import make_personas
-
-    return make_personas(cfg.devices, cfg.styles, seed=cfg.seed, sizes=list(cfg.sizes) if cfg.sizes else None)
-
-
 def _device_worker(cfg: FleetConfig, indices: list[int], ids: list[str], root: str, events: mp.Queue) -> None:
     """One worker process hosting several devices until the federation finishes."""
     logging.basicConfig(level=os.environ.get("FEDAIGC_DEVICE_LOG", "WARNING"),
@@ -130,7 +130,7 @@ def _device_worker(cfg: FleetConfig, indices: list[int], ids: list[str], root: s
     from models.text import PromptEncoder
 
     torch.set_num_threads(1)
-    personas = _personas(cfg)
+    personas = cfg.personas()
     sessions = []
     for i, device_id in zip(indices, ids):
         client = EdgeClient(DeviceConfig(
@@ -151,8 +151,8 @@ def _device_worker(cfg: FleetConfig, indices: list[int], ids: list[str], root: s
         prompts = list(p.test_prompts)
         enc = torch.from_numpy(PromptEncoder().encode(prompts))
         from edge_sdk.client import PERSONAL, SHARED
-        from models.lora import adapter_names, set_mix
         from models.digits.unet import generate
+        from models.lora import adapter_names, set_mix
 
         report = {"style": p.style, "rounds": [asdict(r) for r in s.rounds], "bytes": s.transport.byte_totals()}
         for label, mix in (("base", {}), ("shared", {SHARED: 1.0}),
@@ -223,14 +223,15 @@ class RoundEvaluator:
         self._error: BaseException | None = None
 
     def start(self) -> "RoundEvaluator":
-        self.service.round_listeners.append(lambda rnd, adapters: self._queue.put((rnd, adapters,
-                                                                                    dict(self.service.clusters.assignment))))
+        membership = self.service.membership
+        self.service.rounds.events.committed.append(
+            lambda rnd, adapters: self._queue.put((rnd, adapters, dict(membership.assignment))))
         self._thread.start()
         return self
 
     def _run(self) -> None:
         try:
-            self._model = GlobalModel(self.service.spec)
+            self._model = GlobalModel(self.service.rounds.spec)
             while (item := self._queue.get()) is not None:
                 rnd, adapters, assignment = item
                 self.curves[rnd] = self.score(adapters, assignment, self.cfg.eval_samples, self.cfg.eval_steps)
@@ -272,7 +273,7 @@ def run_federation(cfg: FleetConfig, aggregator: dict | None = None, progress: b
     broker = ensure_broker(cfg.mqtt_url)
     root = Path(cfg.state_dir) if cfg.state_dir else Path(tempfile.mkdtemp(prefix="fedaigc-fleet-"))
     root.mkdir(parents=True, exist_ok=True)
-    personas = _personas(cfg)
+    personas = cfg.personas()
     agg_cfg = AggregatorConfig(**({
         "aggregator_id": f"agg-{uuid.uuid4().hex[:6]}", "mqtt_url": cfg.mqtt_url,
         "mqtt_topic_prefix": cfg.topic_prefix, "state_dir": root / "aggregator",
@@ -284,13 +285,7 @@ def run_federation(cfg: FleetConfig, aggregator: dict | None = None, progress: b
     persona_of = dict(zip(fleet.ids, personas))
     evaluator = RoundEvaluator(service, cfg, persona_of).start()
     text_assignment: dict[str, int] = {}
-    original_form = service.form_clusters
-
-    def form_and_record() -> None:
-        original_form()
-        text_assignment.update(service.clusters.assignment)
-
-    service.form_clusters = form_and_record
+    service.rounds.events.formed.append(text_assignment.update)
     round_times: list[float] = []
     try:
         service.start()
@@ -319,17 +314,17 @@ def run_federation(cfg: FleetConfig, aggregator: dict | None = None, progress: b
             bar.close()
         fleet.collect(timeout=600)
         evaluator.drain()
-        final_adapters = {cid: service.cluster_adapter(cid)[0] for cid in service.store.clusters()}
-        final = evaluator.score(final_adapters, dict(service.clusters.assignment), cfg.final_eval_samples, 20)
+        final_adapters = {cid: service.rounds.cluster_adapter(cid)[0] for cid in service.store.clusters()}
+        final = evaluator.score(final_adapters, dict(service.membership.assignment), cfg.final_eval_samples, 20)
         losses = {}
         for rnd, cid, summary in service.store.round_summaries():
             losses.setdefault(rnd, []).append((summary.get("samples", 0), summary.get("loss", 0.0)))
         result = FederationResult(
             config=asdict(cfg) | {"aggregator": {k: str(v) for k, v in (aggregator or {}).items()}},
             seconds=time.monotonic() - started,
-            curves=evaluator.curves, final=final, assignment=dict(service.clusters.assignment),
+            curves=evaluator.curves, final=final, assignment=dict(service.membership.assignment),
             true_style={d: p.style for d, p in persona_of.items()}, text_assignment=text_assignment,
-            devices=fleet.reports, traffic=service.traffic, refusals=service.refusals.counts(),
+            devices=fleet.reports, traffic=service.telemetry.traffic, refusals=service.refusals.counts(),
             round_seconds=round_times,
             losses={r: sum(n * lo for n, lo in v) / max(1, sum(n for n, _ in v)) for r, v in losses.items()},
             adapters=final_adapters,

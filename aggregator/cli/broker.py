@@ -1,0 +1,28 @@
+"""``fedaigc broker``: the embedded MQTT broker, unless one already answers."""
+
+from __future__ import annotations
+
+import argparse
+
+from aggregator.cli._common import wait_for_signal
+
+
+def register(sub) -> None:
+    p = sub.add_parser("broker", help="run the embedded MQTT broker unless one already answers",
+                       description="Start mosquitto (if installed) or amqtt at --mqtt-url when nothing listens there.")
+    p.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
+    p.add_argument("--kind", choices=["auto", "mosquitto", "amqtt"], default="auto")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from aggregator.broker import ensure_broker
+
+    broker = ensure_broker(args.mqtt_url, kind=args.kind)
+    if broker is None:
+        print(f"a broker already answers at {args.mqtt_url}; nothing to start")
+        return 0
+    print(f"embedded {broker.kind} broker at {broker.url}; Ctrl-C stops it")
+    wait_for_signal()
+    broker.close()
+    return 0

@@ -1,0 +1,52 @@
+"""``fedaigc aggregator``: the aggregator daemon (roles all, edge, cloud) until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aggregator.cli._common import add_topic_prefix_argument, load_config, wait_for_signal
+
+
+def register(sub) -> None:
+    p = sub.add_parser("aggregator", help="run the aggregator daemon",
+                       description="Run the aggregator (roles: edge, cloud, all) until SIGINT/SIGTERM.")
+    p.add_argument("--config", help="aggregator.toml (see examples/aggregator.toml)")
+    p.add_argument("--role", choices=["all", "edge", "cloud"],
+                   help="all: one tier (default); edge: serve devices and report clusters to the cloud at "
+                        "--cloud-url; cloud: mix the clusters of every edge")
+    p.add_argument("--cloud-url", help="the cloud aggregator's broker (role edge)")
+    p.add_argument("--mqtt-url")
+    add_topic_prefix_argument(p)
+    p.add_argument("--state", help="state store: a SQLite path or postgresql://...")
+    p.add_argument("--start-broker", action="store_true", help="start an embedded broker if none answers")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from aggregator.broker import ensure_broker
+    from aggregator.hierarchy import CloudAggregator
+    from aggregator.service import AggregatorService
+    from aggregator.state import StateUnavailable
+
+    config = load_config(args.config, role=args.role, mqtt_url=args.mqtt_url, mqtt_topic_prefix=args.topic_prefix,
+                         state_url=args.state, cloud_url=args.cloud_url)
+    broker = ensure_broker(config.mqtt_url) if args.start_broker else None
+    # the MQTT network thread must take a burst of updates off the broker while the worker thread
+    # computes: brokers drop what a slow subscriber has not taken beyond their queue limit (Mosquitto's
+    # max_queued_messages), and a short GIL switch interval lets it in more often
+    sys.setswitchinterval(0.0005)
+    try:
+        service = (CloudAggregator(config) if config.role == "cloud" else AggregatorService(config)).start()
+    except StateUnavailable as e:  # unusable state directory, unwritable or full disk, database down
+        print(f"fedaigc aggregator: {e}", file=sys.stderr)
+        if broker is not None:
+            broker.close()
+        return 2
+    print(f"aggregator {config.aggregator_id} ({config.role}) running; key fingerprint "
+          f"{service.identity.public.fingerprint}; Ctrl-C stops it", file=sys.stderr)
+    wait_for_signal()
+    service.stop()
+    if broker is not None:
+        broker.close()
+    return 0

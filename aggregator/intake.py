@@ -1,0 +1,190 @@
+"""What devices send: enrolments, sealed task vectors, adapter updates and status.
+
+Each handler authenticates the envelope, checks the sender owns its topic, validates the
+body, commits what it accepts to the state store and only then answers, so a crash never
+acknowledges what was not kept. A task vector either joins its device to the federation
+(grouping the fleet once enough are in, or placing a late device) or re-invites a known
+one; an update is refused with a reason (stale round, bad values, a codec not accepted
+here) or accepted once (duplicates are acknowledged as such) and may complete its cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from aggregator.config import AggregatorConfig
+from aggregator.downlink import DownlinkMirror
+from aggregator.enrolment import admit
+from aggregator.membership import Membership
+from aggregator.outbox import Outbox
+from aggregator.rounds import RoundController
+from aggregator.state import StateStore, StateUnavailable, UpdateRecord
+from aggregator.telemetry import Telemetry
+from edge_sdk.protocol.codecs import decode_payload
+from edge_sdk.protocol.envelope import EnvelopeVerifier, MessageType
+from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
+from edge_sdk.protocol.identity import Identity
+from edge_sdk.protocol.messages import DeviceStatus, EnrolAck, UpdateAck, UpdateBody
+from edge_sdk.protocol.tensors import pack_tensors, unpack_tensors
+from edge_sdk.protocol.topics import check_sender, device_of
+from models.text import EMBEDDING_DIM
+
+log = logging.getLogger("fedaigc.aggregator")
+
+
+class TaskIntake:
+    def __init__(self, config: AggregatorConfig, verifier: EnvelopeVerifier, identity: Identity, store: StateStore,
+                 membership: Membership, rounds: RoundController, telemetry: Telemetry,
+                 is_leader: Callable[[], bool]) -> None:
+        self.config, self.verifier, self.identity, self.store = config, verifier, identity, store
+        self.membership, self.rounds, self.telemetry, self.is_leader = membership, rounds, telemetry, is_leader
+        self.first_task_at: float | None = None
+
+    def on_task(self, topic: str, data: bytes) -> None:
+        env = self.verifier.open(data, {MessageType.TASK})
+        check_sender(topic, env.sender)
+        vector = unpack_tensors(self.identity.open_sealed(env.payload), {"task": (EMBEDDING_DIM,)})["task"]
+        if float(vector.norm()) == 0.0:
+            raise RefusedMessage(Refusal.MALFORMED, "task vector is all zeros")
+        self.store.put_task(env.sender, vector.numpy().astype(np.float32).tobytes())
+        self.telemetry.count(0, env.sender, "up", len(data))
+        if self.first_task_at is None:
+            self.first_task_at = time.monotonic()
+        if self.membership.assignment:
+            if env.sender in self.membership.assignment:
+                self.rounds.resume_device(env.sender)
+            elif self.is_leader():  # only the leader writes clusters; it finds joiners other workers stored
+                self.rounds.join_late(env.sender, vector.numpy())
+        elif self._enough(self.store.task_count()) and self.is_leader():
+            self.rounds.start()
+
+    def _enough(self, tasks: int) -> bool:
+        return self.config.expected_devices is not None and tasks >= self.config.expected_devices
+
+    def tick(self) -> None:
+        """The leader's enrolment window, and late joiners whose task vectors other workers stored."""
+        if not self.membership.assignment:
+            tasks = self.store.task_count()  # other workers may have received them
+            if tasks and self.first_task_at is None:
+                self.first_task_at = time.monotonic()
+            if self._enough(tasks) or (self.first_task_at is not None
+                                       and time.monotonic() - self.first_task_at >= self.config.enrol_window_s):
+                self.rounds.start()
+        if self.config.shared_group and self.membership.assignment:
+            for device, vector in self.store.unassigned_tasks().items():
+                self.rounds.join_late(device, np.frombuffer(vector, dtype=np.float32).astype(np.float64))
+
+
+class UpdateIntake:
+    def __init__(self, config: AggregatorConfig, verifier: EnvelopeVerifier, identity: Identity, store: StateStore,
+                 membership: Membership, rounds: RoundController, downlink: DownlinkMirror, outbox: Outbox,
+                 telemetry: Telemetry, refusals: RefusalCounter, follow: Callable[[], None]) -> None:
+        self.config, self.verifier, self.identity, self.store = config, verifier, identity, store
+        self.membership, self.rounds, self.downlink, self.outbox = membership, rounds, downlink, outbox
+        self.telemetry, self.refusals, self.follow = telemetry, refusals, follow
+        self.policy = membership.policy
+
+    def on_update(self, topic: str, data: bytes) -> None:
+        self.follow()  # a worker that does not lead catches up with the leader's rounds first
+        env = self.verifier.open(data, {MessageType.UPDATE})
+        device = env.sender
+        check_sender(topic, device)
+        rec = self.store.device(device)
+        body = UpdateBody.decode(self.identity.decrypt_from(rec.box_key, env.payload))
+        self.telemetry.count(env.round, device, "up", len(data))
+        cid = self.policy.cluster_of_update(body.cluster, self.membership.assignment.get(device))
+        open_rounds = {(row.round, row.cluster_id) for row in self.store.rounds("open")}
+        if cid is None or body.cluster != cid or (env.round, cid) not in open_rounds:
+            self._refuse(device, env.round, RefusedMessage(
+                Refusal.STALE_ROUND, f"{device}: round {env.round} of cluster {body.cluster} is not open"))
+            return
+        try:
+            delta = self._checked_delta(device, body)
+        except RefusedMessage as e:
+            self._refuse(device, env.round, e)
+            return
+        if self.policy.report_scope(cid) is None and \
+                device in self.store.reported(env.round) - self.store.reported(env.round, cid):
+            self._refuse(device, env.round, RefusedMessage(
+                Refusal.STALE_ROUND, f"{device} already chose another cluster in round {env.round}"))
+            return
+        start = self.downlink.confirm(device, cid, body.base_version)
+        if start is not None:  # the device started from its (possibly lossy) copy: rebase onto ours
+            current, _ = self.rounds.cluster_adapter(cid)
+            delta = {k: start[k] + delta[k] - current[k] for k in delta}
+        try:
+            new = self.store.accept_update(UpdateRecord(env.round, cid, device, pack_tensors(delta), body.samples,
+                                                        body.loss_after, body.base_version))
+        except StateUnavailable:
+            self.verifier.replays.forget(device, env.nonce)  # not kept: the device's re-send must not be a "replay"
+            raise
+        except ValueError:  # another worker closed the round since we looked
+            self._refuse(device, env.round, RefusedMessage(
+                Refusal.STALE_ROUND, f"{device}: round {env.round} of cluster {cid} closed meanwhile"))
+            return
+        self.telemetry.record_privacy(env.round, device, body.epsilon, body.dp_delta)
+        self.membership.assignment[device] = cid  # the cluster it answered (a choice, under IFCA)
+        self.outbox.send(device, MessageType.UPDATE_ACK, UpdateAck(env.round, True, "" if new else "duplicate").encode(),
+                         env.round)
+        if new:
+            self.rounds.maybe_close(env.round, cid)
+
+    def _checked_delta(self, device: str, body: UpdateBody):
+        if body.samples < 1 or body.steps < 0:
+            raise RefusedMessage(Refusal.MALFORMED, f"{device} reports {body.samples} samples")
+        if not (math.isfinite(body.loss_before) and math.isfinite(body.loss_after)):
+            raise RefusedMessage(Refusal.NON_FINITE, f"{device} reports a non-finite loss")
+        if not (body.epsilon == -1.0 or body.epsilon >= 0) or not (body.dp_delta == 0 or 0 < body.dp_delta < 1):
+            raise RefusedMessage(Refusal.MALFORMED, f"{device} reports epsilon {body.epsilon} at delta {body.dp_delta}")
+        return decode_payload(body.codec, body.tensors, self.rounds.shapes, set(self.config.uplink_codecs))
+
+    def _refuse(self, device: str, rnd: int, error: RefusedMessage) -> None:
+        self.refusals.record(error, device)
+        self.outbox.send(device, MessageType.UPDATE_ACK, UpdateAck(rnd, False, error.reason.value).encode(), rnd)
+
+
+class EnrolmentIntake:
+    """A device's sealed, self-signed enrolment: admitted by token, acknowledged, then told what is open."""
+
+    def __init__(self, verifier: EnvelopeVerifier, identity: Identity, store: StateStore, rounds: RoundController,
+                 outbox: Outbox, telemetry: Telemetry) -> None:
+        self.verifier, self.identity, self.store, self.rounds = verifier, identity, store, rounds
+        self.outbox, self.telemetry = outbox, telemetry
+
+    def on_enrol(self, topic: str, data: bytes) -> None:
+        env = self.verifier.parse(data, {MessageType.ENROL})
+        check_sender(topic, env.sender)
+        body = admit(self.store, self.identity, self.verifier, env)
+        self.telemetry.count(0, env.sender, "up", len(data))
+        self.outbox.send(env.sender, MessageType.ENROL_ACK, EnrolAck(True, "").encode())
+        log.info("enrolled %s (%s)", env.sender, body.profile)
+        self.rounds.resume_device(env.sender)
+
+
+class StatusIntake:
+    """Signed device status (a device that lost its adapter copy asks for full adapters) and last wills."""
+
+    def __init__(self, verifier: EnvelopeVerifier, identity: Identity, store: StateStore, rounds: RoundController,
+                 downlink: DownlinkMirror, telemetry: Telemetry) -> None:
+        self.verifier, self.identity, self.store, self.rounds = verifier, identity, store, rounds
+        self.downlink, self.telemetry = downlink, telemetry
+
+    def on_status(self, topic: str, data: bytes) -> None:
+        env = self.verifier.open(data, {MessageType.STATUS})
+        check_sender(topic, env.sender)
+        rec = self.store.device(env.sender)
+        status = DeviceStatus.decode(self.identity.decrypt_from(rec.box_key, env.payload))
+        if status.state != "need_full":
+            raise RefusedMessage(Refusal.MALFORMED, f"unknown device status {status.state[:40]!r}")
+        log.info("%s lost its adapter copy; sending full adapters from now on", env.sender)
+        self.downlink.forget(env.sender)
+        self.rounds.resume_device(env.sender)
+
+    def on_presence(self, topic: str, data: bytes) -> None:
+        """The retained ``online`` / ``offline`` (last will) a device's connection publishes."""
+        self.telemetry.set_online(device_of(topic), data == b"online")
