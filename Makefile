@@ -10,13 +10,14 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "fedaigc needs Python 3.11 (torch 2.13.0 CPU wheel)")'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, pinned: its CPU wheel lies on disk; an unpinned torch pulls GBs of CUDA
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev,export]'
-	rm -f $(VENV)/.installed-*
-	touch $@
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing fedaigc with every extra into $(VENV)/ (pip's output: $(VENV)/install.log)"
+	@# torch first, pinned: its CPU wheel lies on disk; an unpinned torch pulls GBs of CUDA
+	@( $(BIN)/python -m pip install --upgrade pip && $(BIN)/python -m pip install torch==2.13.0 \
+	   && $(BIN)/python -m pip install -e '.[dev]' ) > $(VENV)/install.log 2>&1 \
+	   || { tail -n 40 $(VENV)/install.log; echo "install failed; the whole log is $(VENV)/install.log"; exit 1; }
+	@rm -f $(VENV)/.installed-*
+	@touch $@
 
 install: $(STAMP)
 

@@ -310,7 +310,11 @@ class PrivacyAccountant:
     """
 
     def __init__(self, delta: float = 1e-5, adjacency: Adjacency = "replace") -> None:
-        from opacus.accountants import RDPAccountant
+        try:
+            from opacus.accountants import RDPAccountant
+        except ImportError:
+            raise ImportError("accounting differentially private updates needs opacus: "
+                              "pip install 'fedaigc[dp]'") from None
 
         _check_delta(delta)
         if adjacency not in ADJACENCIES:

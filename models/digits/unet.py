@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from models.text import EMBEDDING_DIM
@@ -111,6 +111,8 @@ def make_sampler(name: str = "ddim") -> SchedulerMixin:
     if name == "ddim":
         return DDIMScheduler.from_config(base)
     if name == "dpm":
+        from diffusers import DPMSolverMultistepScheduler  # it imports SciPy, which a device need not load
+
         return DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++")
     if name == "ddpm":
         return DDPMScheduler.from_config(base)
