@@ -21,7 +21,6 @@ from aggregator.config import AggregatorConfig
 from aggregator.hierarchy import CloudLink
 from aggregator.interaction import Spread, interact
 from edge_sdk.protocol.errors import Refusal, RefusedMessage
-from models.lora import LoraSpec
 
 log = logging.getLogger("fedaigc.aggregator")
 
@@ -40,9 +39,8 @@ class AwaitingCloud:
 
 
 class CloudStep:
-    def __init__(self, config: AggregatorConfig, spec: LoraSpec, link: CloudLink | None = None) -> None:
+    def __init__(self, config: AggregatorConfig, link: CloudLink | None = None) -> None:
         self.config = config
-        self.spec = spec
         self.link = link
         self.awaiting: AwaitingCloud | None = None
 
@@ -60,7 +58,7 @@ class CloudStep:
         if not (c.interaction and len(adapters) > 1):
             return adapters
         return interact(adapters, {cid: centroids[cid] for cid in adapters},
-                        {cid: float(sizes[cid]) for cid in adapters}, self.spec, c.borrow, c.temperature,
+                        {cid: float(sizes[cid]) for cid in adapters}, c.lora, c.borrow, c.temperature,
                         c.interaction_min_similarity, spreads=spreads if c.global_shrinkage else None,
                         min_agreement=c.interaction_min_agreement, label=f"round {rnd}")
 

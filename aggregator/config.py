@@ -3,73 +3,97 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from aggregator.policies import make_policy
 from aggregator.rules import RULES
 from edge_sdk.protocol.topics import DEFAULT_PREFIX, check_prefix
 from edge_sdk.transport import MqttConfig
+from models.lora import LoraConfig, lora_config, lora_from_dict
 
 ROLES = ("all", "edge", "cloud")
-CLUSTERING_MODES = ("tasks", "single", "ifca")
+
+
+def _setting(default=None, doc: str = "", *, factory=None):
+    """A setting with the sentence ``docs/aggregator.md`` shows for it (generated: ``tests/test_docs.py``)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass(frozen=True)
 class AggregatorConfig:
-    aggregator_id: str = "aggregator"
-    role: str = "all"
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
-    mqtt_username: str | None = None
-    mqtt_password: str | None = None
-    mqtt_tls_ca: str | None = None
-    mqtt_topic_prefix: str = DEFAULT_PREFIX  # the fleet's topics, on its broker and the cloud's: {prefix}/v1/...
-    state_dir: Path = Path("fedaigc-state")
-    state_url: str | None = None           # default: sqlite under state_dir; or postgresql://...
-    tokens: tuple[str, ...] = ("fedaigc-demo-token",)
-    shared_group: str | None = None        # MQTT v5 shared subscription group for scale-out workers
-    worker_id: str | None = None           # one per worker of a shared group (its MQTT session); a replacement reuses it
-    expected_devices: int | None = None    # cluster as soon as this many task vectors arrived
-    enrol_window_s: float = 60.0           # ... or this long after the first task vector
-    rounds: int = 10
-    round_timeout_s: float = 300.0
-    max_extensions: int = 2                # deadline extensions before closing below quorum
-    quorum: float = 0.6                    # fraction of a cluster's devices needed to close at the deadline
-    local_steps: int = 20
-    lora_rank: int = 2
-    rule: str = "exact"
-    clip: float | None = 3.0               # clip updates at this multiple of the median update norm
-    clustering: str = "tasks"              # "tasks" (ours), "single" (one shared adapter: FedAvg), "ifca"
-    k: int | None = None                   # fixed number of clusters (None: found from the data; ifca: required)
-    refine_after_round: int = 1            # CFL-style refinement with update similarity (0: never)
-    interaction: bool = True
-    borrow: float = 1.0                    # inter-cluster shrinkage strength (device-equivalents)
-    temperature: float = 0.1
-    # what a lender needs (None: that signal does not gate); measured in benchmarks/interaction.py,
-    # one task in two clusters vs different tasks: ΔW cosine 0.55-0.89 vs <= 0.29, but centered
-    # task-centroid cosine -0.08-0.61 vs up to 0.43 (opposite styles): the ΔW decides by default
-    interaction_min_agreement: float | None = 0.5   # cosine of the two clusters' ΔW
-    interaction_min_similarity: float | None = None  # centered task-centroid cosine
-    # per-module James-Stein pull toward the fleet's mean ΔW (aggregator/interaction.py); measured on
-    # styled digits (benchmarks/interaction.py) it does not help the smallest cluster and costs the
-    # others 0.04-0.06 style accuracy: off by default
-    global_shrinkage: bool = False
-    downlink_codec: str = "fp32"
-    downlink_deltas: bool = True           # send adapters as deltas against what each device holds
-    uplink_codecs: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "topk:0.1", "topk:0.1+int8",
-                                      "topk:0.05+int8", "topk:0.1+int4", "topk:0.05+int4", "topk:0.2+int8")
-    max_message_bytes: int = 64 * 1024 * 1024
-    metrics_port: int | None = None        # serve Prometheus /metrics here (None: off)
-    metrics_addr: str = "127.0.0.1"        # bind address for /metrics ("0.0.0.0" to expose it)
-    # two tiers: an "edge" reports its clusters to the cloud aggregator at cloud_url each round
-    cloud_url: str | None = None
-    cloud_token: str = "fedaigc-demo-token"
-    cloud_fingerprint: str | None = None   # pin the cloud's keys; None = trust on first use
-    cloud_timeout_s: float = 60.0          # then the edge carries on with local interaction
-    cloud_codec: str = "fp32"              # edge -> cloud cluster adapters
-    expected_edges: int | None = None      # "cloud": mix as soon as this many edges reported a round
-    serve_max_batch: int = 64              # generation service: images per batched sampling call
-    serve_max_wait_s: float = 0.05         # ... and how long to wait for batch-mates
-    seed: int = 0
+    """Everything an aggregator daemon is told; ``[aggregator]`` of ``aggregator.toml`` holds the same names."""
+
+    # identity and broker
+    aggregator_id: str = _setting("aggregator", "The id devices know this aggregator by (its envelopes' sender).")
+    role: str = _setting("all", "`all`: one tier; `edge`: serve devices and report clusters to the cloud; "
+                                "`cloud`: mix the clusters of every edge.")
+    mqtt_url: str = _setting("mqtt://127.0.0.1:1883", "This aggregator's broker; `mqtts://host:8883` for TLS.")
+    mqtt_username: str | None = _setting(None, "Broker user name (also accepted inside `mqtt_url`).")
+    mqtt_password: str | None = _setting(None, "Broker password.")
+    mqtt_tls_ca: str | None = _setting(None, "CA bundle for the broker's certificate (default: the system's).")
+    mqtt_topic_prefix: str = _setting(DEFAULT_PREFIX, "The fleet's topics lie under `{prefix}/v1/`; fleets "
+                                                      "sharing a broker pick different prefixes.")
+    # state
+    state_dir: Path = _setting(Path("fedaigc-state"), "Holds the aggregator's key and the default SQLite store.")
+    state_url: str | None = _setting(None, "The state store: default SQLite under `state_dir`, or "
+                                           "`postgresql://...` for scale-out workers.")
+    tokens: tuple[str, ...] = _setting(("fedaigc-demo-token",), "Enrolment tokens a device may present.")
+    shared_group: str | None = _setting(None, "MQTT v5 shared-subscription group: several workers share the uplink.")
+    worker_id: str | None = _setting(None, "One per worker of a shared group (its MQTT session); a replacement "
+                                           "reuses it.")
+    # enrolment and rounds
+    expected_devices: int | None = _setting(None, "Group the fleet as soon as this many task vectors arrived ...")
+    enrol_window_s: float = _setting(60.0, "... or this long after the first one.")
+    rounds: int = _setting(10, "Federated rounds; the last one's adapters are installed on every device.")
+    round_timeout_s: float = _setting(300.0, "A cluster's deadline per round.")
+    max_extensions: int = _setting(2, "Deadline extensions for stragglers before a cluster closes below quorum.")
+    quorum: float = _setting(0.6, "Share of a cluster's devices whose updates close it at the deadline.")
+    local_steps: int = _setting(20, "Optimizer steps each device trains per round.")
+    lora: LoraConfig = _setting(doc="The fleet's adapter, peft's `LoraConfig`: `[aggregator.lora]` with `r`, "
+                                    "`lora_alpha`, `target_modules` (default: rank 2 on the model's default targets). "
+                                    "Every round start carries it.", factory=lora_config)
+    # learning
+    rule: str = _setting("exact", f"Aggregation inside a cluster: {', '.join(RULES)} (docs/algorithms.md).")
+    clip: float | None = _setting(3.0, "Clip updates at this multiple of the round's median update norm "
+                                       "(and screen those far beyond it); none: off.")
+    clustering: str = _setting("tasks", "`tasks` (task vectors, then update similarity), `single` (one adapter "
+                                        "for all: FedAvg), `ifca` (devices choose among k).")
+    k: int | None = _setting(None, "A fixed number of clusters (none: found from the data; `ifca` needs it).")
+    refine_after_round: int = _setting(1, "Regroup once on task and update similarity after this round (0: never).")
+    interaction: bool = _setting(True, "Let clusters borrow from each other between rounds.")
+    borrow: float = _setting(1.0, "How much a cluster borrows, in device-equivalents.")
+    temperature: float = _setting(0.1, "Softmax temperature over lenders' similarity.")
+    interaction_min_agreement: float | None = _setting(0.5, "A lender's ΔW cosine with the borrower's must reach "
+                                                            "this (none: no gate).")
+    interaction_min_similarity: float | None = _setting(None, "A lender's centred task-centroid cosine must reach "
+                                                              "this (none: no gate).")
+    global_shrinkage: bool = _setting(False, "Per-module James-Stein pull toward the fleet's mean ΔW "
+                                             "(docs/results.md says why it is off).")
+    # wire
+    downlink_codec: str = _setting("fp32", "Codec of adapters sent to devices.")
+    downlink_deltas: bool = _setting(True, "Send adapters as deltas against what each device holds.")
+    uplink_codecs: tuple[str, ...] = _setting(("fp32", "fp16", "int8", "int4", "topk:0.1", "topk:0.1+int8",
+                                               "topk:0.05+int8", "topk:0.1+int4", "topk:0.05+int4", "topk:0.2+int8"),
+                                              "Update codecs accepted from devices.")
+    max_message_bytes: int = _setting(64 * 1024 * 1024, "Largest message accepted, chunked or not.")
+    # operations
+    metrics_port: int | None = _setting(None, "Serve Prometheus `/metrics` on this port (none: off).")
+    metrics_addr: str = _setting("127.0.0.1", "Bind address of `/metrics` (`0.0.0.0` exposes it).")
+    # two tiers
+    cloud_url: str | None = _setting(None, "`edge`: the cloud aggregator's broker.")
+    cloud_token: str = _setting("fedaigc-demo-token", "`edge`: the token this edge enrols at the cloud with.")
+    cloud_fingerprint: str | None = _setting(None, "`edge`: pin the cloud's keys (printed when it starts).")
+    cloud_timeout_s: float = _setting(60.0, "`edge`: then interact locally if the cloud has not answered.")
+    cloud_codec: str = _setting("fp32", "`edge`: codec of the cluster adapters sent to the cloud.")
+    expected_edges: int | None = _setting(None, "`cloud`: mix a round as soon as this many edges reported it.")
+    # generation service
+    serve_max_batch: int = _setting(64, "Images per batched sampling call of the generation service.")
+    serve_max_wait_s: float = _setting(0.05, "How long a request waits for batch-mates.")
+    seed: int = _setting(0, "Seeds the fleet's round-1 adapter (devices draw the same one from it).")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -78,16 +102,18 @@ class AggregatorConfig:
         check_prefix(self.mqtt_topic_prefix)
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        if self.clustering not in CLUSTERING_MODES:
-            raise ValueError(f"clustering must be one of {CLUSTERING_MODES}, got {self.clustering!r}")
-        if self.clustering == "ifca" and not (self.k and self.k >= 2):
-            raise ValueError("ifca clustering needs k >= 2 clusters")
+        make_policy(self.clustering, self.k, self.refine_after_round)  # refuses unknown names, IFCA without k
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {tuple(RULES)}, got {self.rule!r}")
         if not 0.0 < self.quorum <= 1.0:
             raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
-        if self.rounds < 1 or self.local_steps < 0 or self.lora_rank < 1:
-            raise ValueError("rounds and lora_rank must be >= 1 and local_steps >= 0")
+        if isinstance(self.lora, Mapping):  # e.g. from a TOML table
+            object.__setattr__(self, "lora", lora_from_dict(self.lora))
+        if not isinstance(self.lora, LoraConfig):
+            raise ValueError(f"lora must be a LoraConfig or a table of r, lora_alpha, target_modules, "
+                             f"got {type(self.lora).__name__}")
+        if self.rounds < 1 or self.local_steps < 0:
+            raise ValueError("rounds must be >= 1 and local_steps >= 0")
         if self.round_timeout_s <= 0 or self.enrol_window_s <= 0:
             raise ValueError("round_timeout_s and enrol_window_s must be > 0")
         if self.expected_devices is not None and self.expected_devices < 1:

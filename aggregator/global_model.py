@@ -9,6 +9,7 @@ its rounds produce (and the generation service samples from it).
 from __future__ import annotations
 
 import functools
+import json
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,21 +19,27 @@ import torch
 from edge_sdk.protocol.tensors import shapes_of
 from models.digits.unet import BASE_MODEL_DIR, generate, load_base_unet
 from models.lora import (
-    LoraSpec,
+    LoraConfig,
     adapter_names,
     add_adapter,
     delete_adapter,
     draw_adapter,
+    lora_from_dict,
+    lora_to_dict,
     set_adapter_state,
     set_mix,
 )
 
 
+def adapter_shapes(lora: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the fleet's shared adapter: what a receiver validates payloads against
+    when it holds no adapter of its own (codecs carry only a digest of them)."""
+    return dict(_adapter_shapes(json.dumps(lora_to_dict(lora), sort_keys=True)))
+
+
 @functools.lru_cache(maxsize=4)
-def adapter_shapes(rank: int = 2) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the fleet's shared adapter at ``rank``: what a receiver validates
-    payloads against when it holds no adapter of its own (codecs carry only a digest of them)."""
-    return shapes_of(GlobalModel(LoraSpec(rank=rank)).initial_adapter(seed=0))
+def _adapter_shapes(lora_json: str) -> tuple:
+    return tuple(shapes_of(GlobalModel(lora_from_dict(json.loads(lora_json))).initial_adapter(seed=0)).items())
 
 
 def adapter_name(cluster_id: int) -> str:
@@ -40,8 +47,8 @@ def adapter_name(cluster_id: int) -> str:
 
 
 class GlobalModel:
-    def __init__(self, spec: LoraSpec, base_model: str | Path = BASE_MODEL_DIR) -> None:
-        self.spec = spec
+    def __init__(self, lora: LoraConfig, base_model: str | Path = BASE_MODEL_DIR) -> None:
+        self.lora = lora
         self.unet = load_base_unet(base_model)
         self.unet.requires_grad_(False)
         self.versions: dict[int, int] = {}
@@ -55,7 +62,7 @@ class GlobalModel:
         name = adapter_name(cluster_id)
         with self._lock:
             if name not in adapter_names(self.unet):
-                add_adapter(self.unet, name, self.spec)
+                add_adapter(self.unet, name, self.lora)
             set_adapter_state(self.unet, name, adapter)
             self.versions[int(cluster_id)] = int(version)
 
@@ -63,7 +70,7 @@ class GlobalModel:
         """A fresh adapter, deterministic for ``seed``: A random, B zero (no effect yet) unless
         ``b_std`` > 0 asks for small random B too (IFCA's k starting points must differ)."""
         with self._lock:
-            state = draw_adapter(self.unet, self.spec, seed)
+            state = draw_adapter(self.unet, self.lora, seed)
         if b_std > 0:
             g = torch.Generator().manual_seed(seed)
             state = {k: torch.randn(v.shape, generator=g) * b_std if ".lora_B." in k else v for k, v in state.items()}

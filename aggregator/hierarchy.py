@@ -39,7 +39,7 @@ from edge_sdk.protocol.identity import Identity, PublicIdentity, seal_to
 from edge_sdk.protocol.messages import CloudMix, EdgeReport, Enrol, EnrolAck, read_signed_keys
 from edge_sdk.protocol.topics import DEFAULT_PREFIX, Topics, check_sender
 from edge_sdk.transport import MqttConfig, MqttTransport
-from models.lora import LoraSpec, lora_modules
+from models.lora import lora_modules
 from models.text import EMBEDDING_DIM
 
 log = logging.getLogger("fedaigc.hierarchy")
@@ -160,8 +160,7 @@ class CloudAggregator:
         Path(config.state_dir).mkdir(parents=True, exist_ok=True)
         self.store = open_store(config.store_url)
         self.identity = Identity.load_or_generate(Path(config.state_dir) / "cloud.key")
-        self.spec = LoraSpec(rank=config.lora_rank)
-        self.modules = lora_modules(adapter_shapes(config.lora_rank))
+        self.modules = lora_modules(adapter_shapes(config.lora))
         self.refusals = RefusalCounter()
         self.verifier = EnvelopeVerifier(self._edge_key, max_bytes=config.max_message_bytes)
         self.writer = EnvelopeWriter(self.identity, config.aggregator_id)
@@ -240,7 +239,7 @@ class CloudAggregator:
             raise RefusedMessage(Refusal.MALFORMED, f"edge {edge}'s report for round {report.round} is inconsistent")
         if report.round in self.mixed_rounds:
             raise RefusedMessage(Refusal.STALE_ROUND, f"round {report.round} was already mixed")
-        shapes = adapter_shapes(self.spec.rank)
+        shapes = adapter_shapes(self.config.lora)
         adapters = unpack_clusters(decode_payload(report.codec, report.adapters, cluster_shapes(ids, shapes),
                                                   set(self.config.uplink_codecs)))
         self.reports.setdefault(report.round, {})[edge] = (report, adapters)
@@ -268,7 +267,7 @@ class CloudAggregator:
                 adapters[key], centroids[key], sizes[key] = per_cluster[cid], centroid.astype(np.float64), float(devices)
                 known = bool(np.isfinite(var).all() and (var >= 0).all())
                 spreads[key] = dict(zip(self.modules, map(float, var))) if known else None
-        mixed = (interact(adapters, centroids, sizes, self.spec, self.config.borrow, self.config.temperature,
+        mixed = (interact(adapters, centroids, sizes, self.config.lora, self.config.borrow, self.config.temperature,
                           self.config.interaction_min_similarity,
                           spreads=spreads if self.config.global_shrinkage else None,
                           min_agreement=self.config.interaction_min_agreement, label=f"cloud round {rnd}")

@@ -51,7 +51,7 @@ import torch
 
 from aggregator.rules.base import Adapter, ClientUpdate
 from aggregator.rules.exact import mean_delta, refactorize
-from models.lora import LoraSpec, delta_weight, lora_modules
+from models.lora import LoraConfig, delta_weight, lora_modules, lora_scale
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ Key = Hashable  # a cluster id; at the cloud, (edge, cluster id)
 Spread = Mapping[str, float]  # per LoRA module: per-device variance of ΔW around the cluster mean
 
 
-def update_spread(updates: Sequence[ClientUpdate], spec: LoraSpec) -> dict[str, float] | None:
+def update_spread(updates: Sequence[ClientUpdate], lora: LoraConfig) -> dict[str, float] | None:
     """Per module, the per-device variance Σ‖ΔW_i − ΔW̄‖² of one cluster's updated adapters.
 
     Sample-weighted with the unbiased correction 1 / (1 − Σw²); ``None`` for a single device,
@@ -77,14 +77,14 @@ def update_spread(updates: Sequence[ClientUpdate], spec: LoraSpec) -> dict[str, 
         ka, kb = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
         a = torch.stack([u.adapter[ka].reshape(u.adapter[ka].shape[0], -1) for u in updates]).double()
         b = torch.stack([u.adapter[kb].reshape(u.adapter[kb].shape[0], -1) for u in updates]).double()
-        own = spec.scale ** 2 * torch.einsum("nij,nji->n", b.transpose(1, 2) @ b, a @ a.transpose(1, 2))
-        mean = mean_delta(a, b, w, spec.scale)
+        own = lora_scale(lora) ** 2 * torch.einsum("nij,nji->n", b.transpose(1, 2) @ b, a @ a.transpose(1, 2))
+        mean = mean_delta(a, b, w, lora_scale(lora))
         spread[module] = max(0.0, float((w * own).sum() - (mean ** 2).sum())) / correction
     return spread
 
 
 def shrink_to_global(adapters: Mapping[Key, Adapter], sizes: Mapping[Key, float],
-                     spreads: Mapping[Key, Spread | None], spec: LoraSpec,
+                     spreads: Mapping[Key, Spread | None], lora: LoraConfig,
                      leave_one_out: bool = False) -> tuple[dict[Key, Adapter], dict]:
     """Pull each cluster toward the fleet's mean ΔW, per module, by James-Stein shrinkage.
 
@@ -107,7 +107,7 @@ def shrink_to_global(adapters: Mapping[Key, Adapter], sizes: Mapping[Key, float]
     for module in lora_modules(adapters[ids[0]]):
         ka, kb = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
         sigma2 = sum(dof[c] * known[c][module] for c in known) / sum(dof.values())
-        deltas = {c: delta_weight(adapters[c][ka], adapters[c][kb], spec.scale) for c in ids}
+        deltas = {c: delta_weight(adapters[c][ka], adapters[c][kb], lora_scale(lora)) for c in ids}
         fleet = sum(sizes[c] * deltas[c] for c in ids)
         p = deltas[ids[0]].numel()
         for c in ids:
@@ -117,7 +117,7 @@ def shrink_to_global(adapters: Mapping[Key, Adapter], sizes: Mapping[Key, float]
             s = 1.0 if gap <= noise else noise / gap
             factors[c][module] = s
             shrunk = mean + (1.0 - s) * (deltas[c] - mean)
-            out[c][ka], out[c][kb] = refactorize(shrunk, adapters[c][ka], adapters[c][kb], spec.scale)
+            out[c][ka], out[c][kb] = refactorize(shrunk, adapters[c][ka], adapters[c][kb], lora_scale(lora))
     return out, factors
 
 
@@ -145,7 +145,7 @@ def centered_similarity(centroids: Mapping[Key, np.ndarray]) -> dict[Key, dict[K
     return sim
 
 
-def adapter_agreement(adapters: Mapping[Key, Adapter], spec: LoraSpec) -> dict[Key, dict[Key, float]]:
+def adapter_agreement(adapters: Mapping[Key, Adapter], lora: LoraConfig) -> dict[Key, dict[Key, float]]:
     """Cosine between clusters' whole ΔW (every module), from the rank-r factors.
 
     ⟨B₁A₁, B₂A₂⟩ = tr((B₁ᵀB₂)(A₂A₁ᵀ)), so no ΔW is formed. A cluster that has learnt nothing
@@ -158,7 +158,7 @@ def adapter_agreement(adapters: Mapping[Key, Adapter], spec: LoraSpec) -> dict[K
         b = [adapters[c][f"{module}.lora_B.weight"].double().flatten(1) for c in ids]
         for x in range(len(ids)):
             for y in range(x, len(ids)):
-                gram[x, y] += spec.scale ** 2 * float(torch.trace((b[x].T @ b[y]) @ (a[y] @ a[x].T)))
+                gram[x, y] += lora_scale(lora) ** 2 * float(torch.trace((b[x].T @ b[y]) @ (a[y] @ a[x].T)))
     gram = np.triu(gram) + np.triu(gram, 1).T
     norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
     return {c: {j: float(gram[x, y] / (norms[x] * norms[y])) if norms[x] > 0 and norms[y] > 0 else 0.0
@@ -200,7 +200,7 @@ def mixing_weights(centroids: Mapping[Key, np.ndarray], sizes: Mapping[Key, floa
 
 
 def interact(adapters: Mapping[Key, Adapter], centroids: Mapping[Key, np.ndarray], sizes: Mapping[Key, float],
-             spec: LoraSpec, borrow: float = 1.0, temperature: float = 0.1,
+             lora: LoraConfig, borrow: float = 1.0, temperature: float = 0.1,
              min_similarity: float | None = None, spreads: Mapping[Key, Spread | None] | None = None,
              min_agreement: float | None = None, label: str = "") -> dict[Key, Adapter]:
     """New adapter per cluster: the global component (with ``spreads``), then similarity mixing,
@@ -209,11 +209,11 @@ def interact(adapters: Mapping[Key, Adapter], centroids: Mapping[Key, np.ndarray
     Identity when there is one cluster, or no spread is known and ``borrow`` = 0.
     """
     if spreads is not None:
-        adapters, factors = shrink_to_global(adapters, sizes, spreads, spec)
+        adapters, factors = shrink_to_global(adapters, sizes, spreads, lora)
         if factors:
             log.info("interaction %s: share taken from the global component per cluster (mean over modules) %s",
                      label, {c: round(float(np.mean(list(f.values()))), 3) for c, f in sorted(factors.items())})
-    agreement = adapter_agreement(adapters, spec) if min_agreement is not None and borrow > 0 else None
+    agreement = adapter_agreement(adapters, lora) if min_agreement is not None and borrow > 0 else None
     weights = mixing_weights(centroids, sizes, borrow, temperature, min_similarity, agreement,
                              0.0 if min_agreement is None else min_agreement)
     lenders = {c: {j: round(x, 3) for j, x in w.items() if j != c} for c, w in sorted(weights.items()) if len(w) > 1}
@@ -224,8 +224,8 @@ def interact(adapters: Mapping[Key, Adapter], centroids: Mapping[Key, np.ndarray
     out: dict[Key, Adapter] = {c: {} for c in adapters}
     for module in modules:
         ka, kb = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
-        deltas = {c: delta_weight(a[ka], a[kb], spec.scale) for c, a in adapters.items()}
+        deltas = {c: delta_weight(a[ka], a[kb], lora_scale(lora)) for c, a in adapters.items()}
         for c in adapters:
             mixed = sum(w * deltas[j] for j, w in weights[c].items())
-            out[c][ka], out[c][kb] = refactorize(mixed, adapters[c][ka], adapters[c][kb], spec.scale)
+            out[c][ka], out[c][kb] = refactorize(mixed, adapters[c][ka], adapters[c][kb], lora_scale(lora))
     return out

@@ -45,7 +45,7 @@ from edge_sdk.protocol.envelope import MessageType
 from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.protocol.messages import ClusterAssign, RoundStart
 from edge_sdk.protocol.tensors import pack_tensors, unpack_tensors
-from models.lora import LoraSpec
+from models.lora import LoraConfig, lora_to_dict
 
 log = logging.getLogger("fedaigc.aggregator")
 
@@ -77,10 +77,10 @@ class RoundEvents:
 
 class RoundController:
     def __init__(self, config: AggregatorConfig, store: StateStore, membership: Membership, rule: AggregationRule,
-                 spec: LoraSpec, global_model: GlobalModel, initial: dict[str, torch.Tensor], downlink: DownlinkMirror,
+                 lora: LoraConfig, global_model: GlobalModel, initial: dict[str, torch.Tensor], downlink: DownlinkMirror,
                  outbox: Outbox, cloud: CloudStep, refusals: RefusalCounter, persist: Callable[[], None],
                  is_leader: Callable[[], bool]) -> None:
-        self.config, self.store, self.membership, self.rule, self.spec = config, store, membership, rule, spec
+        self.config, self.store, self.membership, self.rule, self.lora = config, store, membership, rule, lora
         self.policy = membership.policy
         self.global_model, self.initial, self.downlink, self.outbox = global_model, initial, downlink, outbox
         self.cloud, self.refusals, self.persist, self.is_leader = cloud, refusals, persist, is_leader
@@ -160,7 +160,7 @@ class RoundController:
             payload = self.downlink.full(cid, context.version, context.adapter)
         else:
             payload = self.downlink.payload(device, cid, context.version, context.adapter)
-        body = RoundStart(rnd, cid, context.version, self.spec.rank, payload.base_cluster, payload.base_version,
+        body = RoundStart(rnd, cid, context.version, lora_to_dict(self.lora), payload.base_cluster, payload.base_version,
                           float(context.deadline), 0 if install_only else self.config.local_steps,
                           1 if install_only else context.plan.candidates, payload.codec, payload.data)
         self.outbox.send(device, MessageType.ROUND_START, body.encode(), rnd)
@@ -228,7 +228,7 @@ class RoundController:
                        for r in records]
             if updates:
                 with one_torch_thread():
-                    result = self.rule.aggregate(current, updates, self.spec)
+                    result = self.rule.aggregate(current, updates, self.lora)
                 adapter, accepted, rejected = result.adapter, result.accepted, result.rejected
             else:
                 adapter, accepted, rejected = current, [], {}
@@ -236,7 +236,7 @@ class RoundController:
             loss = sum(r.loss * r.samples for r in records if r.device_id in accepted) / max(samples, 1)
             kept = [u for u in updates if u.device_id in accepted]
             summary = {"accepted": accepted, "rejected": rejected, "samples": samples, "loss": loss,
-                       "members": members, "closed_at": time.time(), "spread": update_spread(kept, self.spec)}
+                       "members": members, "closed_at": time.time(), "spread": update_spread(kept, self.lora)}
             self.store.close_round(rnd, cid, pack_tensors(adapter), version + 1, summary, cur=cur)
         for device, reason in rejected.items():
             self.refusals.record(RefusedMessage(Refusal(reason), f"{device}'s update screened out at aggregation"))
@@ -280,10 +280,10 @@ class RoundController:
         for cid in sorted(set(assignment.values())):
             group = [ClientUpdate.from_delta(d, self.initial, deltas[d], records[d].samples)
                      for d in devices if assignment[d] == cid]
-            result = self.rule.aggregate(self.initial, group, self.spec)
+            result = self.rule.aggregate(self.initial, group, self.lora)
             new_adapters[cid] = result.adapter
             new_versions[cid] = max(versions.values()) if versions else 1
-            new_spreads[cid] = update_spread([u for u in group if u.device_id in result.accepted], self.spec)
+            new_spreads[cid] = update_spread([u for u in group if u.device_id in result.accepted], self.lora)
         return new_adapters, new_versions, new_spreads
 
     def cloud_mix_arrived(self, rnd: int, adapters: Adapters) -> None:

@@ -45,7 +45,6 @@ from edge_sdk.protocol.errors import RefusalCounter
 from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.topics import Topics
 from edge_sdk.transport import MqttTransport
-from models.lora import LoraSpec
 
 log = logging.getLogger("fedaigc.aggregator")
 
@@ -72,8 +71,7 @@ class AggregatorService:
         self.verifier = EnvelopeVerifier(lambda sender: verify_key_of(self.store, sender), max_bytes=c.max_message_bytes)
         self.writer = EnvelopeWriter(self.identity, c.aggregator_id)
         self.outbox = Outbox(self.transport, self.writer, self.identity, self.store, self.topics, self.telemetry)
-        spec = LoraSpec(rank=c.lora_rank)
-        self.global_model = GlobalModel(spec)
+        self.global_model = GlobalModel(c.lora)
         self.initial = self.global_model.initial_adapter(seed=c.seed)
         self.downlink = DownlinkMirror(c.downlink_codec, deltas=c.downlink_deltas, seeded=(c.seed, self.initial))
         self.membership = Membership(self.store, make_policy(c.clustering, c.k, c.refine_after_round))
@@ -83,9 +81,9 @@ class AggregatorService:
             {k: tuple(v.shape) for k, v in self.initial.items()},
             lambda rnd, adapters: self.inbox.post(lambda: self.rounds.cloud_mix_arrived(rnd, adapters), "cloud mix"),
             self.refusals, c.mqtt_topic_prefix)
-        self.rounds = RoundController(c, self.store, self.membership, make_rule(c.rule, c.clip), spec,
+        self.rounds = RoundController(c, self.store, self.membership, make_rule(c.rule, c.clip), c.lora,
                                       self.global_model, self.initial, self.downlink, self.outbox,
-                                      CloudStep(c, spec, link), self.refusals, self.telemetry.persist, self.is_leader)
+                                      CloudStep(c, link), self.refusals, self.telemetry.persist, self.is_leader)
         self.tasks = TaskIntake(c, self.verifier, self.identity, self.store, self.membership, self.rounds,
                                 self.telemetry, self.is_leader)
         self.updates = UpdateIntake(c, self.verifier, self.identity, self.store, self.membership, self.rounds,

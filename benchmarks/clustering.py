@@ -29,7 +29,7 @@ from aggregator.clustering import cluster_tasks, refine_with_updates  # noqa: E4
 from edge_sdk import DeviceConfig, EdgeClient, LocalData  # noqa: E402
 from models.digits.data import make_personas  # noqa: E402
 from models.digits.unet import load_base_unet  # noqa: E402
-from models.lora import LoraSpec, add_adapter, get_adapter_state  # noqa: E402
+from models.lora import add_adapter, get_adapter_state, lora_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,7 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def first_round_updates(personas, seed: int, steps: int) -> np.ndarray:
     """Each device trains ``steps`` from the same initial adapter; rows = flattened deltas."""
     unet = load_base_unet()
-    add_adapter(unet, "init", LoraSpec(), seed=seed)
+    add_adapter(unet, "init", lora_config(), seed=seed)
     init = get_adapter_state(unet, "init")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -40,7 +40,7 @@ MODES = ("full_fp32", "lora_fp32", "lora_int8", "lora_int8_ckpt")
 def build(size: str, mode: str):
     from edge_sdk.quantize import quantize_base
     from models.digits.unet import UNetConfig, build_unet, load_base_unet
-    from models.lora import LoraSpec, add_adapter, set_mix
+    from models.lora import add_adapter, lora_config, set_mix
 
     s = SIZES[size]
     unet = load_base_unet() if size == "small" else build_unet(
@@ -53,7 +53,7 @@ def build(size: str, mode: str):
     if mode.endswith("_ckpt"):  # what the raspberry-pi-4 profile does: recompute activations in backward
         unet.enable_gradient_checkpointing()
     unet.requires_grad_(False)
-    add_adapter(unet, "a", LoraSpec())
+    add_adapter(unet, "a", lora_config())
     set_mix(unet, {"a": 1.0})
     params = [p for n, p in unet.named_parameters() if ".lora_" in n]
     for p in params:

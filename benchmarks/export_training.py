@@ -43,16 +43,16 @@ def main() -> None:
     from export_tools.training import eager_unet, export_training
     from models.digits.data import make_personas
     from models.digits.unet import load_base_unet
-    from models.lora import LoraSpec, get_adapter_state
+    from models.lora import get_adapter_state, lora_config
     from models.text import PromptEncoder
     from models.training import LORA_LR, TrainConfig, evaluation_loss, train_denoiser
 
     set_runtime_threads(1)
-    spec = LoraSpec()
+    lora = lora_config()
     base = load_base_unet()
     work = Path(tempfile.mkdtemp(prefix="fedaigc-export-training-"))
     started = time.perf_counter()
-    manifest = export_training(base, work, spec=spec, batch=BATCH)
+    manifest = export_training(base, work, lora=lora, batch=BATCH)
     export_seconds = time.perf_counter() - started
     print(f"exported in {export_seconds:.0f} s", flush=True)
 
@@ -64,7 +64,7 @@ def main() -> None:
     test_encodings = torch.as_tensor(encode(list(persona.test_prompts)), dtype=torch.float32)
     config = TrainConfig(steps=steps, batch_size=BATCH, lr=LORA_LR, seed=0)
 
-    eager = eager_unet(base, spec)
+    eager = eager_unet(base, lora)
     start = get_adapter_state(eager, "slot")
     held_out_before = evaluation_loss(eager, test_images, test_encodings)
     started = time.perf_counter()
@@ -82,12 +82,12 @@ def main() -> None:
     print(f"executorch: {et_seconds / steps:.3f} s/step", flush=True)
 
     held_out = {"before": held_out_before,
-                "eager": evaluation_loss(eager_unet(base, spec, eager_state), test_images, test_encodings),
-                "executorch": evaluation_loss(eager_unet(base, spec, et_state), test_images, test_encodings)}
+                "eager": evaluation_loss(eager_unet(base, lora, eager_state), test_images, test_encodings),
+                "executorch": evaluation_loss(eager_unet(base, lora, et_state), test_images, test_encodings)}
     files = {name: entry["bytes"] for name, entry in manifest.files.items()}
     window = max(1, steps // 4)
     result = {
-        "style": STYLE, "steps": steps, "batch": BATCH, "lora_rank": spec.rank, "lr": LORA_LR, "threads": 1,
+        "style": STYLE, "steps": steps, "batch": BATCH, "lora_rank": lora.r, "lr": LORA_LR, "threads": 1,
         "cpu_note": "measured on a shared 2-core x86 CPU, not on the devices",
         "loss_curves": {"eager": eager_losses, "executorch": et_losses},
         "max_step_loss_abs_diff": max(abs(a - b) for a, b in zip(eager_losses, et_losses)),

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from aggregator.global_model import GlobalModel, adapter_name  # noqa: E402
 from aggregator.simulation.fleet import FleetConfig, run_federation, score_styles  # noqa: E402
 from models.digits.unet import load_base_unet  # noqa: E402
-from models.lora import LoraSpec, add_adapter, get_adapter_state, set_mix  # noqa: E402
+from models.lora import add_adapter, get_adapter_state, lora_config, set_mix  # noqa: E402
 from models.training import LORA_LR, TrainConfig, train_adapters  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,11 +72,11 @@ def in_process(cfg: FleetConfig, pooled: bool) -> dict:
     data = {}
     for g in sorted(set(groups.values())):
         members = [persona_of[d] for d in ids if groups[d] == g]
-        add_adapter(unet, f"g-{g}", LoraSpec(), seed=cfg.seed)
+        add_adapter(unet, f"g-{g}", lora_config(), seed=cfg.seed)
         images = torch.cat([p.train_images for p in members])
         enc = torch.from_numpy(encoder.encode([q for p in members for q in p.train_prompts]))
         data[g] = (images, enc, len(members))
-    model = GlobalModel(LoraSpec())
+    model = GlobalModel(lora_config())
     index = {g: i for i, g in enumerate(sorted(set(groups.values())))}
 
     def model_of(g):

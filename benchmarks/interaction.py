@@ -49,7 +49,7 @@ from edge_sdk.privacy import task_vector_from_encodings  # noqa: E402
 from models.digits.data import STYLES, make_personas  # noqa: E402
 from models.digits.evaluate import evaluate, sample_for_personas  # noqa: E402
 from models.digits.unet import load_base_unet  # noqa: E402
-from models.lora import LoraSpec, add_adapter, draw_adapter, get_adapter_state, set_adapter_state, set_mix  # noqa: E402
+from models.lora import add_adapter, draw_adapter, get_adapter_state, lora_config, set_adapter_state, set_mix  # noqa: E402
 from models.text import PromptEncoder  # noqa: E402
 from models.training import LORA_LR, TrainConfig, train_adapters  # noqa: E402
 
@@ -104,7 +104,7 @@ def run(fleet: str, mode: str, seed: int, rounds: int, local_steps: int, images:
     cluster_of = [c for c, k in enumerate(SIZES) for _ in range(k)]
     clusters = range(len(SIZES))
     defaults = AggregatorConfig()
-    spec = LoraSpec()
+    spec = lora_config()
     unet = load_base_unet()
     unet.requires_grad_(False)
     add_adapter(unet, "device", spec, seed=seed)

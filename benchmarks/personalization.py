@@ -38,7 +38,7 @@ from aggregator.rules import ClientUpdate, ExactLoraAggregation  # noqa: E402
 from edge_sdk import PERSONAL, SHARED, DeviceConfig, EdgeClient, LocalData  # noqa: E402
 from models.digits.data import make_personas  # noqa: E402
 from models.digits.evaluate import evaluate_personas  # noqa: E402
-from models.lora import LoraSpec, adapter_names, get_adapter_state, set_mix  # noqa: E402
+from models.lora import adapter_names, get_adapter_state, lora_config, set_mix  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("none", "dual", "residual")
@@ -47,7 +47,7 @@ MODES = ("none", "dual", "residual")
 def run_mode(mode: str, devices: int, styles: int, rounds: int, steps: int, seed: int, samples: int) -> dict:
     personas = make_personas(devices, styles, seed=seed)
     rule = ExactLoraAggregation()
-    spec = LoraSpec()
+    spec = lora_config()
     with tempfile.TemporaryDirectory() as tmp:
         clients = [EdgeClient(DeviceConfig(data_dir=Path(tmp) / str(i), profile="simulator", personalization=mode,
                                            seed=seed + i)) for i in range(devices)]

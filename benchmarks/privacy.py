@@ -68,7 +68,7 @@ from edge_sdk.privacy import (  # noqa: E402
 )
 from models.digits.data import _DIGIT_WORDINGS, _TICS, STYLES, Persona, make_personas, style_templates  # noqa: E402
 from models.digits.evaluate import cache_dir, evaluate_personas  # noqa: E402
-from models.lora import LoraSpec, get_adapter_state, set_mix  # noqa: E402
+from models.lora import get_adapter_state, lora_config, set_mix  # noqa: E402
 from models.text import PromptEncoder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -297,7 +297,7 @@ def choose_default(rows: Sequence[dict]) -> tuple[dict, str]:
 def run_federation(personas: Sequence[Persona], rounds: int, steps: int, seed: int, dp: DPConfig | None,
                    samples: int, tmp: Path) -> dict:
     """True-cluster federation with DP (or none) on every delta; final cluster-adapter quality and epsilon."""
-    rule, spec = ExactLoraAggregation(), LoraSpec()
+    rule, spec = ExactLoraAggregation(), lora_config()
     clients = [EdgeClient(DeviceConfig(data_dir=tmp / f"{i}", profile="simulator", personalization="none",
                                        seed=seed + i)) for i in range(len(personas))]
     init = get_adapter_state(clients[0].unet, SHARED)

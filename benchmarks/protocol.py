@@ -36,14 +36,14 @@ from edge_sdk.protocol.identity import Identity, seal_to  # noqa: E402
 from edge_sdk.protocol.messages import UpdateBody  # noqa: E402
 from edge_sdk.protocol.tensors import pack_tensors, shapes_of, unpack_tensors  # noqa: E402
 from models.digits.unet import load_base_unet  # noqa: E402
-from models.lora import LoraSpec, add_adapter, get_adapter_state  # noqa: E402
+from models.lora import add_adapter, get_adapter_state, lora_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def adapter_tensors(rank: int) -> dict[str, torch.Tensor]:
     unet = load_base_unet()
-    add_adapter(unet, "a", LoraSpec(rank=rank))
+    add_adapter(unet, "a", lora_config(rank))
     return {k: torch.randn_like(v) for k, v in get_adapter_state(unet, "a").items()}
 
 

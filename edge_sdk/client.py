@@ -38,12 +38,17 @@ from edge_sdk.store import AdapterStore
 from models.digits.unet import generate as sample_images
 from models.digits.unet import load_base_unet
 from models.lora import (
-    LoraSpec,
+    DEFAULT_RANK,
+    LoraConfig,
     adapter_names,
     add_adapter,
     delete_adapter,
     draw_adapter,
     get_adapter_state,
+    lora_config,
+    lora_from_dict,
+    lora_to_dict,
+    same_lora,
     set_adapter_state,
     set_mix,
 )
@@ -103,16 +108,17 @@ class EdgeClient:
         self._rotation = None if config.fleet_secret is None else fleet_rotation(config.fleet_secret)
         self.encoder = PromptEncoder()
         self._encoding_cache: dict[str, np.ndarray] = {}
-        self.shared_spec = LoraSpec(rank=config.effective("lora_rank"))
+        # the fleet's LoRA config replaces this one with its first round start (``adopt_lora``)
+        self.shared_lora = lora_config(min(DEFAULT_RANK, config.effective("max_lora_rank")))
         self.unet = load_base_unet(config.base_model)
         if config.effective("quantization") == "int8":
             quantize_base(self.unet)
         if config.effective("gradient_checkpointing"):
             self.unet.enable_gradient_checkpointing()
         self.unet.requires_grad_(False)
-        add_adapter(self.unet, SHARED, self.shared_spec, seed=config.seed)
+        add_adapter(self.unet, SHARED, self.shared_lora, seed=config.seed)
         if config.personalization in ("dual", "residual"):
-            add_adapter(self.unet, PERSONAL, LoraSpec(rank=config.personal_rank), seed=config.seed + 1)
+            add_adapter(self.unet, PERSONAL, lora_config(config.personal_rank), seed=config.seed + 1)
             # B starts at zero, so a fresh personal adapter changes nothing until trained
         self.shared_version = 0
         self._executorch = None  # the exported program (inference_backend="executorch"), loaded on first use
@@ -187,7 +193,6 @@ class EdgeClient:
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
         if cluster_adapter is not None:
-            self._adopt_shape(cluster_adapter)
             set_adapter_state(self.unet, SHARED, cluster_adapter)
             self.shared_version = version
         start = get_adapter_state(self.unet, SHARED)
@@ -220,26 +225,34 @@ class EdgeClient:
 
     def local_loss(self, adapter: Mapping[str, torch.Tensor], data: LocalData) -> float:
         """The denoising loss of our data under a candidate shared adapter (IFCA's cluster choice)."""
-        self._adopt_shape(adapter)
         set_adapter_state(self.unet, SHARED, adapter)
         set_mix(self.unet, self.default_mix())
         encodings = torch.from_numpy(self.encode(data.prompts))
         probe = slice(0, 64)
         return evaluation_loss(self.unet, data.images[probe], encodings[probe], seed=self.config.seed, repeats=4)
 
-    def _adopt_shape(self, adapter: Mapping[str, torch.Tensor]) -> None:
-        """The fleet decides the shared adapter's rank: follow it if ours differs."""
-        rank = next(v.shape[0] for k, v in adapter.items() if k.endswith("lora_A.weight"))
-        if rank != self.shared_spec.rank:
-            log.info("shared adapter rank %d -> %d (the fleet's)", self.shared_spec.rank, rank)
-            self.shared_spec = LoraSpec(rank=rank, target_modules=self.shared_spec.target_modules)
-            delete_adapter(self.unet, SHARED)
-            add_adapter(self.unet, SHARED, self.shared_spec, seed=self.config.seed)
+    def adopt_lora(self, lora: LoraConfig) -> None:
+        """Shape the shared adapter by the fleet's LoRA config (every round start carries it).
 
-    def seeded_adapter(self, seed: int, rank: int) -> dict[str, torch.Tensor]:
-        """The fresh shared-shaped adapter ``add_adapter`` draws from ``seed`` (what the aggregator
+        A config over this device's ``max_lora_rank`` is refused: the profile says what the device
+        can afford to train. A changed config starts the shared adapter afresh (the next round
+        start carries the cluster's tensors for it).
+        """
+        if same_lora(lora, self.shared_lora):
+            return
+        limit = self.config.effective("max_lora_rank")
+        if lora.r > limit:
+            raise ValueError(f"the fleet's LoRA rank {lora.r} is above this device's max_lora_rank {limit} "
+                             f"(profile {self.config.profile!r}); raise max_lora_rank if the device can afford it")
+        log.info("shared adapter %s -> %s (the fleet's)", lora_to_dict(self.shared_lora), lora_to_dict(lora))
+        self.shared_lora = lora
+        delete_adapter(self.unet, SHARED)
+        add_adapter(self.unet, SHARED, lora, seed=self.config.seed)
+
+    def seeded_adapter(self, seed: int, lora: LoraConfig) -> dict[str, torch.Tensor]:
+        """The fresh adapter of config ``lora`` that ``add_adapter`` draws from ``seed`` (what the aggregator
         sends as a seed instead of tensors); drawn on a scratch slot, ours untouched."""
-        return draw_adapter(self.unet, LoraSpec(rank=rank, target_modules=self.shared_spec.target_modules), seed)
+        return draw_adapter(self.unet, lora, seed)
 
     def default_mix(self) -> dict[str, float]:
         """Shared adapter, plus the personal one where this device has it."""
@@ -270,8 +283,8 @@ class EdgeClient:
         peft = self.unet.peft_config[SHARED]
         if self._trainer.rank != peft.r or self._trainer.scale != peft.lora_alpha / peft.r:
             raise ValueError(f"the training program holds a rank-{self._trainer.rank} adapter (scale "
-                             f"{self._trainer.scale}); the shared adapter has rank {peft.r}: export it again "
-                             f"with --lora-rank {peft.r}")
+                             f"{self._trainer.scale}); the fleet's shared adapter has rank {peft.r}: export it "
+                             f"again with the fleet's LoRA config (fedaigc export --config aggregator.toml)")
         self._trainer.set_adapter(get_adapter_state(self.unet, SHARED))
         self._trainer.train(images, encodings, config)
         set_adapter_state(self.unet, SHARED, self._trainer.adapter_state())
@@ -284,7 +297,7 @@ class EdgeClient:
             raise MemoryBudgetExceeded(
                 f"a training step at batch {batch_size} needs ~{need / 2**20:.1f} MB, over this device's "
                 f"memory budget of {budget / 2**20:.0f} MB (profile {self.config.profile!r}); "
-                f"lower batch_size or lora_rank, or raise memory_budget_mb"
+                f"lower batch_size, or raise memory_budget_mb"
             )
 
     def seal_update(self, update: Update, cluster: int = 0, encoder: ErrorFeedback | None = None) -> bytes:
@@ -299,16 +312,15 @@ class EdgeClient:
 
     def install_shared(self, adapter: Mapping[str, torch.Tensor], version: int) -> None:
         """Adopt a cluster adapter without training (e.g. the final one of a federation)."""
-        self._adopt_shape(adapter)
         set_adapter_state(self.unet, SHARED, adapter)
         self.shared_version = version
         self.save()
 
     # ---------------------------------------------------------------- inference
-    def set_adapter(self, name: str, tensors: Mapping[str, torch.Tensor], spec: LoraSpec | None = None) -> None:
-        """Hold another named adapter (e.g. another cluster's, for hybrid styles)."""
+    def set_adapter(self, name: str, tensors: Mapping[str, torch.Tensor], lora: LoraConfig | None = None) -> None:
+        """Hold another named adapter (e.g. another cluster's, for hybrid styles); ``lora`` defaults to the shared one's."""
         if name not in adapter_names(self.unet):
-            add_adapter(self.unet, name, spec or self.shared_spec)
+            add_adapter(self.unet, name, lora or self.shared_lora)
         set_adapter_state(self.unet, name, tensors)
 
     def generate(self, prompt: str, n: int = 8, mix: Mapping[str, float] | None = None,
@@ -351,16 +363,19 @@ class EdgeClient:
 
     # ---------------------------------------------------------------- persistence
     def save(self) -> None:
-        self.store.save(SHARED, get_adapter_state(self.unet, SHARED), version=self.shared_version)
+        self.store.save(SHARED, get_adapter_state(self.unet, SHARED), version=self.shared_version,
+                        lora=lora_to_dict(self.shared_lora))
         if PERSONAL in adapter_names(self.unet):
-            self.store.save(PERSONAL, get_adapter_state(self.unet, PERSONAL))
+            self.store.save(PERSONAL, get_adapter_state(self.unet, PERSONAL),
+                            lora=lora_to_dict(self.unet.peft_config[PERSONAL]))
 
     def load(self) -> None:
         """Restore adapters saved by an earlier run (no-op on a fresh device)."""
         for name in (SHARED, PERSONAL):
             if name in adapter_names(self.unet) and self.store.exists(name):
-                tensors, version = self.store.load(name)
+                stored = self.store.load(name)
                 if name == SHARED:
-                    self._adopt_shape(tensors)
-                    self.shared_version = version
-                set_adapter_state(self.unet, name, tensors)
+                    if stored.lora is not None:
+                        self.adopt_lora(lora_from_dict(stored.lora))
+                    self.shared_version = stored.version
+                set_adapter_state(self.unet, name, stored.tensors)

@@ -1,9 +1,11 @@
 """Device configuration: a named hardware profile plus the app's own overrides.
 
 A profile encodes what a class of device can afford (threads, a memory budget for the
-training step, LoRA rank, batch size, whether the frozen base is int8). ``DeviceConfig``
-starts from a profile and lets the app override any field; it validates everything up
-front so a bad setting fails at construction, not in the middle of a round.
+training step, batch size, whether the frozen base is int8 and activations recomputed,
+and the largest LoRA rank it will train). The adapter's shape itself is the fleet's: the
+aggregator's LoRA config arrives with every round start. ``DeviceConfig`` starts from a
+profile and lets the app override any field; it validates everything up front so a bad
+setting fails at construction, not in the middle of a round.
 """
 
 from __future__ import annotations
@@ -18,13 +20,9 @@ from models.digits.unet import BASE_MODEL_DIR
 from models.training import LORA_LR
 
 QUANTIZATION_MODES = ("int8", "none")
-# What stays on the device (benchmarks/personalization.py, 8 devices / 4 styles, 6 rounds, 2 seeds):
-#   none      shared adapter only          cluster style acc 0.90, device style 0.94, device Fréchet 1633
-#   dual      + rank-1 personal, jointly   cluster 0.77 (the personal part takes signal from the shared one),
-#                                          device 0.94, device Fréchet 1598
-#   residual  + rank-1 personal on top     cluster 0.90, device 0.90, device Fréchet 1831 (it overfits)
-# On styled digits a persona's style is its cluster's, so a personal part has little to add and
-# "none" is the default; "dual" trades the cluster's quality for ~2% on the device's own Fréchet.
+# What stays on the device: "none" (the shared adapter only, the default), "dual" (plus a personal
+# adapter trained jointly) or "residual" (a personal adapter trained on top); docs/device-sdk.md
+# says when each pays and docs/results.md what benchmarks/personalization.py measured.
 PERSONALIZATION_MODES = ("none", "dual", "residual")
 INFERENCE_BACKENDS = ("eager", "executorch")
 TRAINING_BACKENDS = ("eager", "executorch")
@@ -36,28 +34,28 @@ class DeviceProfile:
     description: str
     threads: int
     memory_budget_mb: int  # for the training step: weights, adapters, gradients, optimizer, activations
-    lora_rank: int
+    max_lora_rank: int     # the largest shared-adapter rank this device trains (the fleet chooses the rank)
     batch_size: int
     quantization: str
     local_steps: int
-    gradient_checkpointing: bool  # recompute activations in backward: ~0.4x the memory, ~1.6x the time
+    gradient_checkpointing: bool  # recompute activations in backward: less memory for more time
 
 
 PROFILES: dict[str, DeviceProfile] = {
     p.name: p
     for p in (
         DeviceProfile("raspberry-pi-4", "Raspberry Pi 4 class: 4 Cortex-A72 cores, 1 GB for training",
-                      threads=4, memory_budget_mb=1024, lora_rank=2, batch_size=16, quantization="int8", local_steps=20,
-                      gradient_checkpointing=True),
+                      threads=4, memory_budget_mb=1024, max_lora_rank=4, batch_size=16, quantization="int8",
+                      local_steps=20, gradient_checkpointing=True),
         DeviceProfile("jetson-orin-nano", "Jetson Orin Nano class: 6 Cortex-A78AE cores, 8 GB shared",
-                      threads=6, memory_budget_mb=3072, lora_rank=4, batch_size=32, quantization="int8", local_steps=40,
-                      gradient_checkpointing=False),
+                      threads=6, memory_budget_mb=3072, max_lora_rank=8, batch_size=32, quantization="int8",
+                      local_steps=40, gradient_checkpointing=False),
         DeviceProfile("apple-m", "Apple M-series class: 8+ cores, 16 GB unified memory",
-                      threads=8, memory_budget_mb=6144, lora_rank=4, batch_size=64, quantization="none", local_steps=40,
-                      gradient_checkpointing=False),
+                      threads=8, memory_budget_mb=6144, max_lora_rank=16, batch_size=64, quantization="none",
+                      local_steps=40, gradient_checkpointing=False),
         DeviceProfile("simulator", "a simulated device sharing a CI machine: 1 thread, small steps",
-                      threads=1, memory_budget_mb=1024, lora_rank=2, batch_size=16, quantization="int8", local_steps=20,
-                      gradient_checkpointing=False),
+                      threads=1, memory_budget_mb=1024, max_lora_rank=8, batch_size=16, quantization="int8",
+                      local_steps=20, gradient_checkpointing=False),
     )
 }
 
@@ -69,7 +67,7 @@ class DeviceConfig:
     profile: str = "raspberry-pi-4"
     threads: int | None = None
     memory_budget_mb: int | None = None
-    lora_rank: int | None = None
+    max_lora_rank: int | None = None
     batch_size: int | None = None
     quantization: str | None = None
     local_steps: int | None = None
@@ -99,7 +97,7 @@ class DeviceConfig:
         object.__setattr__(self, "base_model", Path(self.base_model))
         _positive("threads", self.effective("threads"))
         _positive("memory_budget_mb", self.effective("memory_budget_mb"))
-        _positive("lora_rank", self.effective("lora_rank"))
+        _positive("max_lora_rank", self.effective("max_lora_rank"))
         _positive("batch_size", self.effective("batch_size"))
         _positive("personal_rank", self.personal_rank)
         if self.effective("local_steps") < 0 or not isinstance(self.effective("local_steps"), int):

@@ -44,7 +44,7 @@ from edge_sdk.protocol.tensors import pack_tensors, shapes_of, unpack_tensors
 from edge_sdk.protocol.topics import Topics
 from edge_sdk.rollout import Check, RolloutAgent, check_export
 from edge_sdk.transport import MqttConfig, MqttTransport
-from models.lora import get_adapter_state, shapes_at_rank
+from models.lora import get_adapter_state, lora_from_dict
 
 log = logging.getLogger("fedaigc.session")
 
@@ -254,11 +254,16 @@ class FederatedSession:
         self.transport.publish(self.topics.task(self.client.device_id), self.writer.build(MessageType.TASK, payload))
 
     def _on_round(self, start: RoundStart) -> None:
-        expected = shapes_at_rank(shapes_of(get_adapter_state(self.client.unet, SHARED)), start.rank)
+        try:
+            lora = lora_from_dict(start.lora)
+            self.client.adopt_lora(lora)
+        except ValueError as e:  # a config this device cannot take: say why, do not train
+            raise RefusedMessage(Refusal.MALFORMED, f"round {start.round}'s LoRA config: {e}") from None
+        expected = shapes_of(get_adapter_state(self.client.unet, SHARED))
         adapter = None
         if start.codec == SEEDED_CODEC:
             seeded = SeededAdapter.decode(start.adapter)
-            drawn = self.client.seeded_adapter(seeded.seed, start.rank)
+            drawn = self.client.seeded_adapter(seeded.seed, lora)
             if seeded.matches(drawn):
                 adapter = drawn
             else:

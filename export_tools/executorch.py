@@ -42,7 +42,7 @@ from edge_sdk.artifacts.manifest import Manifest, adapter_record, base_digest
 from edge_sdk.artifacts.ptd import SLOT, AdapterSlot, adapter_ptd, locate_slot, pack_mix, rank_of
 from export_tools.graph import exportable
 from models.digits.unet import denoise, unet_config_of
-from models.lora import DEFAULT_TARGETS, LoraSpec, add_adapter, get_adapter_state, set_adapter_state, set_mix
+from models.lora import DEFAULT_TARGETS, add_adapter, get_adapter_state, lora_config, set_adapter_state, set_mix
 
 log = logging.getLogger("fedaigc.export")
 
@@ -66,7 +66,7 @@ def with_adapters(base: torch.nn.Module, adapters: Mapping[str, Mapping[str, tor
     unet = copy.deepcopy(base).eval()
     unet.requires_grad_(False)
     for name, state in adapters.items():
-        add_adapter(unet, name, LoraSpec(rank=rank_of(state), target_modules=tuple(adapter_modules(state))))
+        add_adapter(unet, name, lora_config(rank_of(state), target_modules=tuple(adapter_modules(state))))
         set_adapter_state(unet, name, state)
     set_mix(unet, dict(mix))
     return unet
@@ -78,7 +78,7 @@ def slot_unet(base: torch.nn.Module, adapters: Mapping[str, Mapping[str, torch.T
     extra = sorted({m for s in adapters.values() for m in adapter_modules(s)})
     unet = copy.deepcopy(base).eval()
     unet.requires_grad_(False)
-    add_adapter(unet, SLOT, LoraSpec(rank=rank, target_modules=tuple(DEFAULT_TARGETS) + tuple(extra)))
+    add_adapter(unet, SLOT, lora_config(rank, target_modules=tuple(DEFAULT_TARGETS) + tuple(extra)))
     shapes = {k: v.shape for k, v in get_adapter_state(unet, SLOT).items()}
     g = torch.Generator().manual_seed(seed)
     probe = {k: (torch.rand(s, generator=g) + 0.5) * 0.02 * torch.sign(torch.randn(s, generator=g))

@@ -1,6 +1,6 @@
 """ExecuTorch on-device training: the denoiser's LoRA training step as one joint forward–backward program.
 
-    export_training(load_base_unet(), "out/train", spec=LoraSpec(rank=2), batch=16)
+    export_training(load_base_unet(), "out/train", lora=lora_config(2), batch=16)
 
 writes ``train.pte`` (the program), ``base.ptd`` (the frozen base weights), ``adapter.ptd``
 (the trainable LoRA tensors) and ``manifest.json``. The program's method ``forward(x_t, t,
@@ -47,7 +47,7 @@ from edge_sdk.artifacts.manifest import Manifest, base_digest
 from edge_sdk.artifacts.ptd import SLOT, locate_slot
 from export_tools.graph import exportable
 from models.digits.unet import denoise, unet_config_of
-from models.lora import LoraSpec, add_adapter, get_adapter_state, set_adapter_state, set_mix
+from models.lora import LoraConfig, add_adapter, get_adapter_state, lora_config, lora_scale, set_adapter_state, set_mix
 
 log = logging.getLogger("fedaigc.export")
 
@@ -68,12 +68,12 @@ class TrainingStep(torch.nn.Module):
         return (F.mse_loss(denoise(self.unet, x, t, encoding), noise),)
 
 
-def eager_unet(base: torch.nn.Module, spec: LoraSpec, adapter: Mapping[str, torch.Tensor] | None = None,
+def eager_unet(base: torch.nn.Module, lora: LoraConfig, adapter: Mapping[str, torch.Tensor] | None = None,
                seed: int = 0) -> torch.nn.Module:
-    """A copy of ``base`` with adapter ``SLOT`` (``spec``; ``adapter``'s values if given) active and trainable."""
+    """A copy of ``base`` with adapter ``SLOT`` (``lora``; ``adapter``'s values if given) active and trainable."""
     unet = copy.deepcopy(base).eval()
     unet.requires_grad_(False)
-    add_adapter(unet, SLOT, spec, seed=seed)
+    add_adapter(unet, SLOT, lora, seed=seed)
     if adapter is not None:
         set_adapter_state(unet, SLOT, adapter)
     set_mix(unet, {SLOT: 1.0})
@@ -137,13 +137,14 @@ def export_training(
     base: torch.nn.Module,
     out_dir: str | Path,
     *,
-    spec: LoraSpec = LoraSpec(),
+    lora: LoraConfig | None = None,
     batch: int = 16,
     measure: bool = True,
     parity_batch: tuple[torch.Tensor, ...] | None = None,
     latency_reps: int = 5,
 ) -> Manifest:
-    """Export the LoRA training step of ``base`` (a plain UNet) with a ``spec`` adapter to ``out_dir``.
+    """Export the LoRA training step of ``base`` (a plain UNet) with a ``lora`` adapter (the fleet's;
+    default: ``lora_config()``) to ``out_dir``.
 
     ``parity_batch`` ``(x_t, t, encoding, noise)`` of ``batch`` rows is where the program's loss
     and step-1 gradients are checked against eager autograd (default: styled-digit inputs).
@@ -154,7 +155,8 @@ def export_training(
         raise ExportError("export from the plain base UNet; the trainable adapter is added by the exporter")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    unet = eager_unet(base, spec)
+    lora = lora if lora is not None else lora_config()
+    unet = eager_unet(base, lora)
     initial = get_adapter_state(unet, SLOT)
     example = example_inputs(batch, base.config.sample_size)
     started = time.perf_counter()
@@ -169,13 +171,13 @@ def export_training(
         raise ExportError(f"the exporter did not write {BASE_DATA} and {ADAPTER_DATA} to {out}")
     # the program keys its trainable tensors by module path (with their tensor layouts, which the
     # runtime checks, so the file stays as written); the slot maps the keys to peft names
-    slot = locate_slot(initial, (out / ADAPTER_DATA).read_bytes(), spec.rank, fqn_prefix="unet.")
+    slot = locate_slot(initial, (out / ADAPTER_DATA).read_bytes(), lora.r, fqn_prefix="unet.")
 
     shape = list(example[0].shape)
     manifest = Manifest(
         format=FORMAT, base_sha256=base_digest(base), unet_config=asdict(unet_config_of(base)), quantization="fp32",
-        adapter={"rank": spec.rank, "alpha": spec.alpha, "scale": spec.scale,
-                 "target_modules": list(spec.target_modules), "trainable": [t.name for t in slot.tensors]},
+        adapter={"rank": lora.r, "alpha": lora.lora_alpha, "scale": lora_scale(lora),
+                 "target_modules": sorted(lora.target_modules), "trainable": [t.name for t in slot.tensors]},
         slot=slot.to_json(),
         inputs={"x": {"shape": shape, "dtype": "float32"}, "t": {"shape": [batch], "dtype": "float32"},
                 "encoding": {"shape": list(example[2].shape), "dtype": "float32"},

@@ -8,53 +8,69 @@ styles. Nothing here hand-rolls a LoRA layer: peft owns the layers, we own the b
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-# Chosen by measurement on styled digits (style/digit accuracy after 200 LoRA steps, see
-# README "LoRA targets"): attention values/outputs read the prompt, the class-embedding
-# projection and the ResNets' time projections turn it into per-block modulation, and
-# the input/output and first ResNet convolutions carry the spatial part of a style
-# (slant, frames) that attention-only adapters miss. Rank 2: 3.7% of the demo UNet.
+# The default targets of the bundled digits UNet (docs/results.md, "LoRA targets", says why):
+# attention values/outputs read the prompt, the class-embedding projection and the ResNets' time
+# projections turn it into per-block modulation, and the input/output and first ResNet
+# convolutions carry the spatial part of a style (slant, frames) that attention alone misses.
 DEFAULT_TARGETS = ("to_v", "to_out.0", "linear_1", "linear_2", "time_emb_proj", "conv_in", "conv_out", "conv1")
+DEFAULT_RANK = 2
+_WIRE_FIELDS = ("r", "lora_alpha", "target_modules")
 
 
-@dataclass(frozen=True)
-class LoraSpec:
-    """What an adapter looks like (data only; peft's ``LoraConfig`` is derived from it)."""
-
-    rank: int = 2
-    alpha: float | None = None  # None: alpha = rank, i.e. a scale of 1
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
-        if not self.target_modules:
-            raise ValueError("LoRA needs at least one target module")
-
-    @property
-    def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
-
-    def to_peft(self) -> LoraConfig:
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha if self.alpha is not None else self.rank,
-            target_modules=list(self.target_modules),
-            init_lora_weights=True,  # A Kaiming-uniform, B zero: a new adapter changes nothing
-        )
+def lora_config(rank: int = DEFAULT_RANK, alpha: float | None = None,
+                target_modules: Iterable[str] = DEFAULT_TARGETS) -> LoraConfig:
+    """peft's ``LoraConfig``, the one adapter configuration: a fleet owns it and sends it in every
+    round start (``lora_to_dict``); ``alpha=None`` means alpha = rank, a scale of 1."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+                                  and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
+    targets = sorted(set(target_modules)) if not isinstance(target_modules, str) else []
+    if not targets or not all(isinstance(t, str) and t and len(t) <= 128 for t in targets):
+        raise ValueError(f"LoRA needs target module names, got {target_modules!r}")
+    # init_lora_weights=True: A Kaiming-uniform, B zero, so a new adapter changes nothing
+    return LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank), target_modules=targets,
+                      init_lora_weights=True)
 
 
-def add_adapter(unet: torch.nn.Module, name: str, spec: LoraSpec, seed: int = 0) -> None:
+def lora_scale(config: LoraConfig) -> float:
+    """The factor peft multiplies B·A by: ΔW = scale · B · A."""
+    return config.lora_alpha / config.r
+
+
+def lora_to_dict(config: LoraConfig) -> dict:
+    """What of a ``LoraConfig`` shapes an adapter, as plain values (the wire, TOML, adapter metadata)."""
+    return {"r": int(config.r), "lora_alpha": float(config.lora_alpha), "target_modules": sorted(config.target_modules)}
+
+
+def lora_from_dict(raw: Mapping) -> LoraConfig:
+    """The inverse of ``lora_to_dict``; a missing, unknown or mistyped field is a ``ValueError`` naming it."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"a LoRA config is a table of {', '.join(_WIRE_FIELDS)}, got {type(raw).__name__}")
+    unknown = sorted(map(str, set(raw) - set(_WIRE_FIELDS)))
+    if unknown or "r" not in raw:
+        raise ValueError(f"a LoRA config has the fields {', '.join(_WIRE_FIELDS)} (r required); got {sorted(map(str, raw))}")
+    targets = raw.get("target_modules", DEFAULT_TARGETS)
+    if not isinstance(targets, (list, tuple)):
+        raise ValueError(f"LoRA target_modules must be a list of module names, got {type(targets).__name__}")
+    return lora_config(raw["r"], raw.get("lora_alpha"), targets)
+
+
+def same_lora(a: LoraConfig, b: LoraConfig) -> bool:
+    return lora_to_dict(a) == lora_to_dict(b)
+
+
+def add_adapter(unet: torch.nn.Module, name: str, config: LoraConfig, seed: int = 0) -> None:
     """Attach a fresh adapter ``name``; its initial A is deterministic for ``seed``."""
     if name in adapter_names(unet):
         raise ValueError(f"adapter {name!r} already exists")
@@ -63,10 +79,10 @@ def add_adapter(unet: torch.nn.Module, name: str, spec: LoraSpec, seed: int = 0)
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
         torch.manual_seed(seed)
-        unet.add_adapter(spec.to_peft(), adapter_name=name)
+        unet.add_adapter(copy.deepcopy(config), adapter_name=name)  # peft keeps (and may amend) the object
 
 
-def draw_adapter(unet: torch.nn.Module, spec: LoraSpec, seed: int) -> dict[str, torch.Tensor]:
+def draw_adapter(unet: torch.nn.Module, config: LoraConfig, seed: int) -> dict[str, torch.Tensor]:
     """A fresh adapter for ``seed`` (A: peft's Kaiming-uniform init, B: zero) that an aggregator
     and a device each compute to agree on round 1 without sending it.
 
@@ -75,7 +91,7 @@ def draw_adapter(unet: torch.nn.Module, spec: LoraSpec, seed: int) -> dict[str, 
     meanwhile made two draws of the same seed differ (measured in the simulator).
     """
     scratch = "_drawn"
-    add_adapter(unet, scratch, spec, seed=seed)
+    add_adapter(unet, scratch, config, seed=seed)
     try:
         state = get_adapter_state(unet, scratch)
     finally:
@@ -165,19 +181,6 @@ def lora_modules(state: Mapping[str, torch.Tensor]) -> list[str]:
         if f"{m}.lora_B.weight" not in state:
             raise ValueError(f"adapter tensor {m}.lora_B.weight is missing")
     return modules
-
-
-def shapes_at_rank(shapes: Mapping[str, tuple[int, ...]], rank: int) -> dict[str, tuple[int, ...]]:
-    """The tensor shapes of the same adapter at another rank (A's first, B's second dimension)."""
-    out = {}
-    for k, shape in shapes.items():
-        shape = list(shape)
-        if k.endswith("lora_A.weight"):
-            shape[0] = rank
-        elif k.endswith("lora_B.weight"):
-            shape[1] = rank
-        out[k] = tuple(shape)
-    return out
 
 
 def delta_weight(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

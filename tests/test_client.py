@@ -12,7 +12,7 @@ from edge_sdk.protocol.identity import Identity
 from edge_sdk.store import AdapterStore, CorruptAdapter
 from models.digits.data import make_personas
 from models.digits.unet import denoise, load_base_unet
-from models.lora import get_adapter_state
+from models.lora import get_adapter_state, lora_config
 from models.text import PromptEncoder
 
 AGGREGATOR = Identity.generate()
@@ -112,7 +112,8 @@ def test_an_interrupted_save_leaves_the_previous_adapter_loadable(tmp_path, monk
     with pytest.raises(OSError):
         store.save("shared", {"w": torch.zeros(3)}, version=2)
     monkeypatch.undo()
-    tensors, version = store.load("shared")
+    stored = store.load("shared")
+    tensors, version = stored.tensors, stored.version
     assert version == 1 and torch.equal(tensors["w"], first["w"])
     assert [p.name for p in tmp_path.iterdir()] == ["shared.safetensors"]  # no temp file left behind
 
@@ -140,7 +141,7 @@ def test_a_step_over_the_memory_budget_fails_early_naming_the_budget(tmp_path):
         c.train_round(None, LocalData.from_persona(PERSONA), steps=1)
 
 
-@pytest.mark.parametrize("bad", [{"lora_rank": 0}, {"local_steps": -1}, {"profile": "toaster"},
+@pytest.mark.parametrize("bad", [{"max_lora_rank": 0}, {"local_steps": -1}, {"profile": "toaster"},
                                  {"quantization": "int3"}, {"task_noise": -0.1}, {"batch_size": 0}])
 def test_bad_config_raises_a_clear_value_error(tmp_path, bad):
     with pytest.raises(ValueError):
@@ -156,10 +157,25 @@ def test_negative_steps_in_a_round_raise_value_error(client):
 def test_a_device_draws_the_aggregators_initial_adapter_from_its_seed(tmp_path, quantization):
     from aggregator.global_model import GlobalModel
     from edge_sdk.protocol.digest import short, tensor_digest
-    from models.lora import LoraSpec
 
     device = EdgeClient(DeviceConfig(data_dir=tmp_path / "d", profile="simulator", seed=5, quantization=quantization))
     before = get_adapter_state(device.unet, SHARED)
-    drawn = device.seeded_adapter(seed=0, rank=2)
-    assert short(tensor_digest(drawn)) == short(tensor_digest(GlobalModel(LoraSpec(rank=2)).initial_adapter(seed=0)))
+    drawn = device.seeded_adapter(seed=0, lora=lora_config(2))
+    assert short(tensor_digest(drawn)) == short(tensor_digest(GlobalModel(lora_config(2)).initial_adapter(seed=0)))
     assert all(torch.equal(before[k], v) for k, v in get_adapter_state(device.unet, SHARED).items())
+
+
+def test_a_device_takes_the_fleets_lora_config_and_keeps_it_across_restarts(tmp_path):
+    config = DeviceConfig(data_dir=tmp_path / "d", profile="simulator")
+    device = EdgeClient(config)
+    device.adopt_lora(lora_config(4, 8.0))
+    assert device.unet.peft_config[SHARED].r == 4
+    device.save()
+    again = EdgeClient(config)
+    assert (again.shared_lora.r, again.shared_lora.lora_alpha) == (4, 8.0)
+
+
+def test_a_fleet_rank_above_the_devices_maximum_is_refused_by_name(tmp_path):
+    device = EdgeClient(DeviceConfig(data_dir=tmp_path / "d", profile="simulator", max_lora_rank=2))
+    with pytest.raises(ValueError, match="max_lora_rank 2"):
+        device.adopt_lora(lora_config(4))

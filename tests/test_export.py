@@ -30,7 +30,7 @@ from edge_sdk.artifacts.manifest import Manifest, ManifestError, base_digest
 from edge_sdk.artifacts.ptd import DataFileError, pack_mix, read_ptd
 from export_tools.executorch import EagerDenoiser, errors, export_executorch, with_adapters
 from models.digits.unet import UNetConfig, build_unet, generate
-from models.lora import LoraSpec, add_adapter, get_adapter_state
+from models.lora import add_adapter, get_adapter_state, lora_config
 
 FP32_TOL = 1e-4
 INT8_RMS, INT8_MAX = 0.1, 1.5
@@ -67,7 +67,7 @@ def random_adapter(base, rank: int, seed: int) -> dict[str, torch.Tensor]:
     import copy
 
     unet = copy.deepcopy(base)
-    add_adapter(unet, "x", LoraSpec(rank=rank), seed=seed)
+    add_adapter(unet, "x", lora_config(rank), seed=seed)
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(v.shape, generator=g) * 0.2 if "lora_B" in k else v
             for k, v in get_adapter_state(unet, "x").items()}

@@ -30,7 +30,7 @@ from edge_sdk.config import DeviceConfig
 from export_tools.training import eager_gradients, eager_unet, gradient_errors
 from models.digits.data import make_personas
 from models.digits.unet import train_scheduler
-from models.lora import LoraSpec, get_adapter_state
+from models.lora import get_adapter_state, lora_config
 from models.text import PromptEncoder
 from models.training import TrainConfig, noised_batch, train_denoiser
 
@@ -61,9 +61,12 @@ def program(tiny, tmp_path_factory):
     _, path = tiny
     digest = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in EXTRA_SOURCES)).hexdigest()[:12]
 
+    fleet = tmp_path_factory.mktemp("fleet") / "aggregator.toml"
+    fleet.write_text(f"[aggregator.lora]\nr = {RANK}\n")  # the training program takes the fleet's LoRA config
+
     def build(out):
         assert main(["export", "--format", "executorch-training", "--base-model", str(path), "--out", str(out),
-                     "--batch", str(BATCH), "--lora-rank", str(RANK)]) == 0
+                     "--batch", str(BATCH), "--config", str(fleet)]) == 0
 
     return cached_export(f"et-train-b{BATCH}-r{RANK}-{digest}", tmp_path_factory, build)
 
@@ -71,7 +74,7 @@ def program(tiny, tmp_path_factory):
 def started_adapter(base, seed: int = 3) -> dict[str, torch.Tensor]:
     """A rank-2 adapter with non-zero B, as a cluster adapter mid-federation is (fresh B=0 zeroes A's gradients)."""
     g = torch.Generator().manual_seed(seed)
-    state = get_adapter_state(eager_unet(base, LoraSpec(rank=RANK), seed=seed), "slot")
+    state = get_adapter_state(eager_unet(base, lora_config(RANK), seed=seed), "slot")
     return {k: torch.randn(v.shape, generator=g) * 0.05 if "lora_B" in k else v for k, v in state.items()}
 
 
@@ -88,7 +91,7 @@ def test_manifest_and_data_separation(tiny, program):
     assert set(manifest["files"]) == {"train.pte", "base.ptd", "adapter.ptd"}
     assert manifest["adapter"]["rank"] == RANK and manifest["inputs"]["x"]["shape"] == [BATCH, 1, 16, 16]
     trainable = manifest["adapter"]["trainable"]
-    assert trainable == sorted(get_adapter_state(eager_unet(base, LoraSpec(rank=RANK)), "slot"))
+    assert trainable == sorted(get_adapter_state(eager_unet(base, lora_config(RANK)), "slot"))
     # base and adapter live outside the program: the adapter file holds exactly the trainable tensors
     from edge_sdk.artifacts.ptd import ptd_keys
 
@@ -105,7 +108,7 @@ def test_step_one_loss_and_gradients_match_eager(tiny, program, data):
     trainer.set_adapter(adapter)
     batch = fixed_batch(images, encodings)
     loss, grads = trainer.forward_backward(*batch)
-    eager_loss, eager_grads = eager_gradients(eager_unet(base, LoraSpec(rank=RANK), adapter), batch)
+    eager_loss, eager_grads = eager_gradients(eager_unet(base, lora_config(RANK), adapter), batch)
     assert abs(loss - eager_loss) < LOSS_TOL
     errs = gradient_errors(grads, eager_grads)
     assert errs["grad_max_rel_err"] < GRAD_REL_TOL, errs
@@ -117,7 +120,7 @@ def test_loss_curve_falls_and_tracks_eager(tiny, program, data):
     _, images, encodings = data
     adapter = started_adapter(base)
     config = TrainConfig(steps=STEPS, batch_size=BATCH, lr=1e-2, seed=5)
-    unet = eager_unet(base, LoraSpec(rank=RANK), adapter)
+    unet = eager_unet(base, lora_config(RANK), adapter)
     eager_losses = train_denoiser(unet, [p for p in unet.parameters() if p.requires_grad], images, encodings, config)
     trainer = ExecuTorchTrainer(program)
     trainer.set_adapter(adapter)
@@ -140,7 +143,7 @@ def test_edge_client_trains_its_round_through_the_program(tiny, program, data, t
     _, path = tiny
     persona, _, _ = data
     local = LocalData.from_persona(persona)
-    common = dict(base_model=path, profile="simulator", quantization="none", lora_rank=RANK, batch_size=BATCH, seed=0)
+    common = dict(base_model=path, profile="simulator", quantization="none", batch_size=BATCH, seed=0)
     eager = EdgeClient(DeviceConfig(tmp_path / "eager", **common))
     exported = EdgeClient(DeviceConfig(tmp_path / "et", training_backend="executorch", training_export_dir=program,
                                        **common))
@@ -162,7 +165,7 @@ def test_mismatches_are_refused(tiny, program, data, tmp_path):
     with pytest.raises(ValueError, match="batches of 8"):
         trainer.train(images, encodings, TrainConfig(steps=1, batch_size=4))
     with pytest.raises(ValueError, match="has shape"):
-        trainer.set_adapter(get_adapter_state(eager_unet(base, LoraSpec(rank=1)), "slot"))
+        trainer.set_adapter(get_adapter_state(eager_unet(base, lora_config(1)), "slot"))
     corrupt = tmp_path / "corrupt"
     shutil.copytree(program, corrupt)
     (corrupt / "base.ptd").write_bytes(b"\0" * 64)

@@ -12,7 +12,7 @@ from aggregator.serve import GenerationService, Request
 from models.digits.data import STYLES, make_personas
 from models.digits.pretrain import train_central
 from models.digits.unet import BASE_MODEL_DIR
-from models.lora import LoraSpec, get_adapter_state
+from models.lora import get_adapter_state, lora_config
 from models.text import PromptEncoder
 from models.training import LORA_LR, TrainConfig
 
@@ -23,7 +23,7 @@ A, B, C = "framed", "slanted", "thin"
 def model():
     personas = make_personas(6, 3, seed=0, styles=[A, B, C])
     central = train_central(BASE_MODEL_DIR, personas, train=TrainConfig(steps=150, batch_size=16, lr=LORA_LR), progress=False)
-    g = GlobalModel(LoraSpec())
+    g = GlobalModel(lora_config())
     for cid, style in enumerate((A, B, C)):
         g.set_cluster(cid, get_adapter_state(central, style), 1)
     return g

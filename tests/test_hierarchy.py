@@ -21,7 +21,7 @@ from edge_sdk.protocol.envelope import EnvelopeWriter, MessageType
 from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.tensors import unpack_tensors
 from edge_sdk.transport import MqttConfig, MqttTransport
-from models.lora import LoraSpec, delta_weight, lora_modules
+from models.lora import delta_weight, lora_config, lora_modules, lora_scale
 from tests.polling import wait_until
 
 
@@ -55,8 +55,8 @@ def sites(tmp_path):
 
 
 def delta_w(adapter):
-    spec = LoraSpec()
-    return torch.cat([delta_weight(adapter[f"{m}.lora_A.weight"], adapter[f"{m}.lora_B.weight"], spec.scale).flatten()
+    spec = lora_config()
+    return torch.cat([delta_weight(adapter[f"{m}.lora_A.weight"], adapter[f"{m}.lora_B.weight"], lora_scale(spec)).flatten()
                       for m in lora_modules(adapter)])
 
 
@@ -84,7 +84,7 @@ def test_each_edge_learns_from_the_other_site_through_the_cloud(sites):
         cid = next(iter(e.membership.centroid))
         ups = [ClientUpdate.from_delta(r.device_id, e.initial, unpack_tensors(r.delta, e.shapes), r.samples)
                for r in e.store.updates(1, cid)]
-        alone.append(delta_w(e.rounds.rule.aggregate(e.initial, ups, e.rounds.spec).adapter))
+        alone.append(delta_w(e.rounds.rule.aggregate(e.initial, ups, e.rounds.lora).adapter))
     cos = torch.nn.functional.cosine_similarity
     for i in range(2):
         assert cos(own[i], alone[1 - i], dim=0) > cos(alone[i], alone[1 - i], dim=0) + 0.1

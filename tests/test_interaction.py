@@ -3,9 +3,9 @@ import torch
 
 from aggregator.interaction import adapter_agreement, interact, mixing_weights, shrink_to_global, update_spread
 from aggregator.rules.base import ClientUpdate
-from models.lora import LoraSpec, delta_weight
+from models.lora import delta_weight, lora_config, lora_scale
 
-SPEC = LoraSpec(rank=2, target_modules=("m",))
+SPEC = lora_config(2, target_modules=("m",))
 
 
 def adapter(seed):
@@ -14,7 +14,7 @@ def adapter(seed):
 
 
 def dw(a):
-    return delta_weight(a["m.lora_A.weight"], a["m.lora_B.weight"], SPEC.scale)
+    return delta_weight(a["m.lora_A.weight"], a["m.lora_B.weight"], lora_scale(SPEC))
 
 
 def test_mixing_weights_sum_to_one_and_favour_similar_clusters():
@@ -134,9 +134,9 @@ def test_leave_one_out_measures_a_large_cluster_against_the_others_not_itself():
 
 
 def test_adapter_agreement_is_the_cosine_of_the_whole_delta_w():
-    spec = LoraSpec(rank=2, target_modules=("m", "n"))
+    spec = lora_config(2, target_modules=("m", "n"))
     adapters = {c: adapter(2 * c) | {k.replace("m.", "n."): v for k, v in adapter(2 * c + 1).items()} for c in range(3)}
-    flat = {c: torch.cat([delta_weight(a[f"{m}.lora_A.weight"], a[f"{m}.lora_B.weight"], spec.scale).flatten()
+    flat = {c: torch.cat([delta_weight(a[f"{m}.lora_A.weight"], a[f"{m}.lora_B.weight"], lora_scale(spec)).flatten()
                           for m in ("m", "n")]) for c, a in adapters.items()}
     cos = adapter_agreement(adapters, spec)
     for c in range(3):
@@ -167,11 +167,11 @@ def test_opposite_styles_that_prompts_put_close_disagree_in_their_updates():
     from aggregator.rules import make_rule
     from models.digits.data import make_personas
     from models.digits.unet import load_base_unet
-    from models.lora import add_adapter, draw_adapter, get_adapter_state, set_adapter_state, set_mix
+    from models.lora import add_adapter, draw_adapter, get_adapter_state, lora_config, set_adapter_state, set_mix
     from models.text import PromptEncoder
     from models.training import LORA_LR, TrainConfig, train_adapters
 
-    spec = LoraSpec()
+    spec = lora_config()
     personas = make_personas(6, 3, seed=0, sizes=(2, 2, 2), styles=("bold", "thin", "bold"), images_per_client=24)
     unet = load_base_unet()
     unet.requires_grad_(False)

@@ -3,11 +3,13 @@ import torch
 
 from models.digits.unet import denoise, load_base_unet
 from models.lora import (
-    LoraSpec,
     add_adapter,
     delta_weight,
     factorize,
     get_adapter_state,
+    lora_config,
+    lora_from_dict,
+    lora_to_dict,
     merge_adapters,
     set_adapter_state,
     set_mix,
@@ -33,14 +35,14 @@ def _randomize(unet, name, seed):
 
 def test_adapter_is_under_five_percent_of_the_unet():
     unet = load_base_unet()
-    add_adapter(unet, "a", LoraSpec())
+    add_adapter(unet, "a", lora_config())
     assert 0 < trainable_share(unet, "a") < 0.05
 
 
 def test_fresh_adapter_changes_nothing_and_a_trained_one_changes_outputs():
     unet = load_base_unet()
     base = _probe(unet)
-    add_adapter(unet, "a", LoraSpec())
+    add_adapter(unet, "a", lora_config())
     set_mix(unet, {"a": 1.0})
     torch.testing.assert_close(_probe(unet), base)
     _randomize(unet, "a", 0)
@@ -49,10 +51,10 @@ def test_fresh_adapter_changes_nothing_and_a_trained_one_changes_outputs():
 
 def test_adapter_state_round_trips_and_refuses_wrong_names():
     unet = load_base_unet()
-    add_adapter(unet, "a", LoraSpec())
+    add_adapter(unet, "a", lora_config())
     _randomize(unet, "a", 0)
     state = get_adapter_state(unet, "a")
-    add_adapter(unet, "b", LoraSpec())
+    add_adapter(unet, "b", lora_config())
     set_adapter_state(unet, "b", state)
     assert all(torch.equal(state[k], get_adapter_state(unet, "b")[k]) for k in state)
     with pytest.raises(ValueError):
@@ -64,7 +66,7 @@ def test_adapter_state_round_trips_and_refuses_wrong_names():
 def test_weighted_mix_is_linear_in_the_adapter_weights():
     unet = load_base_unet()
     base = _probe(unet)
-    add_adapter(unet, "a", LoraSpec())
+    add_adapter(unet, "a", lora_config())
     _randomize(unet, "a", 0)
     set_mix(unet, {"a": 1.0})
     full = _probe(unet) - base
@@ -77,7 +79,7 @@ def test_weighted_mix_is_linear_in_the_adapter_weights():
 
 def test_merging_an_adapter_keeps_outputs():
     unet = load_base_unet()
-    add_adapter(unet, "a", LoraSpec())
+    add_adapter(unet, "a", lora_config())
     _randomize(unet, "a", 3)
     set_mix(unet, {"a": 1.0})
     expected = _probe(unet)
@@ -93,19 +95,33 @@ def test_factorize_recovers_a_low_rank_product():
     torch.testing.assert_close(delta_weight(a2, b2, 0.5), delta, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("bad", [{"rank": 0}, {"rank": -1}, {"rank": 2.5}, {"alpha": 0.0}, {"target_modules": ()}])
-def test_bad_lora_spec_raises_value_error(bad):
+@pytest.mark.parametrize("bad", [{"rank": 0}, {"rank": -1}, {"rank": 2.5}, {"rank": True}, {"alpha": 0.0},
+                                 {"alpha": float("nan")}, {"target_modules": ()}, {"target_modules": "to_v"}])
+def test_bad_lora_config_raises_value_error(bad):
     with pytest.raises(ValueError):
-        LoraSpec(**bad)
+        lora_config(**bad)
+
+
+def test_a_lora_config_survives_its_plain_form():
+    config = lora_config(4, 8.0, ("to_v", "conv1"))
+    again = lora_from_dict(lora_to_dict(config))
+    assert (again.r, again.lora_alpha, sorted(again.target_modules)) == (4, 8.0, ["conv1", "to_v"])
+
+
+@pytest.mark.parametrize("raw", [{"lora_alpha": 2}, {"r": 2, "dropout": 0.1}, {"r": "2"},
+                                 {"r": 2, "target_modules": "to_v"}, ["r", 2]])
+def test_a_malformed_plain_lora_config_is_refused_naming_the_problem(raw):
+    with pytest.raises(ValueError, match="LoRA"):
+        lora_from_dict(raw)
 
 
 def test_a_drawn_adapter_does_not_depend_on_other_threads_using_the_global_rng():
     import threading
 
-    from models.lora import draw_adapter
+    from models.lora import draw_adapter, lora_config
 
     unet = load_base_unet()
-    reference = draw_adapter(unet, LoraSpec(), seed=3)
+    reference = draw_adapter(unet, lora_config(), seed=3)
     stop = threading.Event()
 
     def noise():
@@ -115,7 +131,7 @@ def test_a_drawn_adapter_does_not_depend_on_other_threads_using_the_global_rng()
     t = threading.Thread(target=noise)
     t.start()
     try:
-        draws = [draw_adapter(unet, LoraSpec(), seed=3) for _ in range(3)]
+        draws = [draw_adapter(unet, lora_config(), seed=3) for _ in range(3)]
     finally:
         stop.set()
         t.join()
@@ -129,7 +145,7 @@ def test_train_adapters_moves_only_the_named_adapter_and_freezes_it_again():
     unet = load_base_unet()
     unet.requires_grad_(False)
     for name in ("a", "b"):
-        add_adapter(unet, name, LoraSpec(), seed=1)
+        add_adapter(unet, name, lora_config(), seed=1)
     set_mix(unet, {"a": 1.0, "b": 1.0})
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     images = torch.rand(8, 1, 16, 16)

@@ -5,9 +5,9 @@ import torch
 
 from aggregator.rules import ClientUpdate, ExactLoraAggregation, ExactMedian, ExactTrimmedMean, FedAvgLora, NormClipping
 from aggregator.rules.clipping import update_norm
-from models.lora import LoraSpec, delta_weight
+from models.lora import delta_weight, lora_config, lora_scale
 
-SPEC = LoraSpec(rank=4, target_modules=("m",))
+SPEC = lora_config(4, target_modules=("m",))
 
 
 def adapter(a, b):
@@ -24,7 +24,7 @@ def block_client(slot, seed):
 
 
 def product(ad):
-    return delta_weight(ad["m.lora_A.weight"], ad["m.lora_B.weight"], SPEC.scale)
+    return delta_weight(ad["m.lora_A.weight"], ad["m.lora_B.weight"], lora_scale(SPEC))
 
 
 CURRENT = adapter(torch.zeros(4, 6), torch.zeros(5, 4))

@@ -4,7 +4,7 @@
     fedaigc export --format executorch --adapter-file a=a.safetensors --adapter-file b=b.safetensors \\
         --mix a=0.5,b=0.5 --quantize int8 --out out/
     fedaigc export --format coreml --adapter-file a.safetensors --adapter-file b.safetensors --out out/
-    fedaigc export --format executorch-training --lora-rank 2 --batch 16 --out out/train
+    fedaigc export --format executorch-training --config aggregator.toml --batch 16 --out out/train
 
 Adapter files are safetensors in peft naming (``<module>.lora_A.weight``), as the edge
 SDK's adapter store writes them (its ``version``/``sha256`` metadata is checked when
@@ -43,8 +43,9 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=16, help="rows per call the program is built for (default: 16)")
     p.add_argument("--slot-rank", type=int, default=8,
                    help="executorch: rank of the swappable adapter slot (default: 8)")
-    p.add_argument("--lora-rank", type=int, default=2,
-                   help="executorch-training: rank of the trainable adapter (the fleet's shared rank; default: 2)")
+    p.add_argument("--config", metavar="AGGREGATOR_TOML",
+                   help="executorch-training: the fleet's aggregator.toml, whose [aggregator.lora] the trainable "
+                        "adapter takes (default: the default LoRA config)")
     p.add_argument("--no-measure", action="store_true", help="executorch: skip the parity/latency measurement")
     p.set_defaults(func=run)
 
@@ -112,10 +113,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--format executorch-training takes no adapter: the device writes its own each round")
     base = load_base_unet(args.base_model or BASE_MODEL_DIR)
     if args.format == "executorch-training":
+        from aggregator.cli._common import load_config
         from export_tools.training import export_training
-        from models.lora import LoraSpec
 
-        manifest = export_training(base, args.out, spec=LoraSpec(rank=args.lora_rank), batch=args.batch,
+        manifest = export_training(base, args.out, lora=load_config(args.config).lora, batch=args.batch,
                                    measure=not args.no_measure)
     elif args.format == "executorch":
         from export_tools.calibration import denoising_batches

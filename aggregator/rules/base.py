@@ -16,7 +16,7 @@ import torch
 
 from edge_sdk.protocol.errors import Refusal, RefusedMessage
 from edge_sdk.protocol.tensors import check_shapes, shapes_of
-from models.lora import LoraSpec
+from models.lora import LoraConfig
 
 Adapter = dict[str, torch.Tensor]
 
@@ -48,7 +48,7 @@ class AggregationRule(ABC):
     name: str = "rule"
 
     def aggregate(self, current: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
-                  spec: LoraSpec) -> AggregateResult:
+                  lora: LoraConfig) -> AggregateResult:
         shapes = shapes_of(current)
         valid: list[ClientUpdate] = []
         rejected: dict[str, str] = {}
@@ -61,13 +61,13 @@ class AggregationRule(ABC):
             valid.append(u)
         if not valid:
             return AggregateResult({k: v.clone() for k, v in current.items()}, [], rejected)
-        adapter, screened = self.combine(dict(current), valid, spec)
+        adapter, screened = self.combine(dict(current), valid, lora)
         for device in screened:
             rejected[device] = Refusal.POISONED.value
         return AggregateResult(adapter, [u.device_id for u in valid if u.device_id not in screened], rejected)
 
     @abstractmethod
-    def combine(self, current: Adapter, updates: Sequence[ClientUpdate], spec: LoraSpec) -> tuple[Adapter, set[str]]:
+    def combine(self, current: Adapter, updates: Sequence[ClientUpdate], lora: LoraConfig) -> tuple[Adapter, set[str]]:
         """Return the new adapter and the devices this rule screened out as outliers."""
 
 

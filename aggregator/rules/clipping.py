@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from aggregator.rules.base import Adapter, AggregationRule, ClientUpdate
-from models.lora import LoraSpec
+from models.lora import LoraConfig
 
 
 class NormClipping(AggregationRule):
@@ -26,7 +26,7 @@ class NormClipping(AggregationRule):
         self.screen_multiple = screen_multiple
         self.name = f"clipped_{inner.name}"
 
-    def combine(self, current: Adapter, updates: Sequence[ClientUpdate], spec: LoraSpec) -> tuple[Adapter, set[str]]:
+    def combine(self, current: Adapter, updates: Sequence[ClientUpdate], lora: LoraConfig) -> tuple[Adapter, set[str]]:
         norms = torch.tensor([update_norm(current, u.adapter) for u in updates])
         median = float(norms.median())
         screened = set()
@@ -39,7 +39,7 @@ class NormClipping(AggregationRule):
             factor = 1.0 if n <= bound or n == 0 else bound / n
             kept.append(ClientUpdate(u.device_id, {k: current[k] + factor * (u.adapter[k] - current[k]) for k in current},
                                      u.samples))
-        adapter, inner_screened = self.inner.combine(current, kept, spec)
+        adapter, inner_screened = self.inner.combine(current, kept, lora)
         return adapter, screened | inner_screened
 
 

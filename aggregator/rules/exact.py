@@ -17,7 +17,7 @@ import torch
 
 from aggregator.rules.base import Adapter, AggregationRule, ClientUpdate, sample_weights
 from aggregator.rules.reducers import weighted_mean
-from models.lora import LoraSpec, factorize, lora_modules
+from models.lora import LoraConfig, factorize, lora_modules, lora_scale
 
 
 class ExactLoraAggregation(AggregationRule):
@@ -29,15 +29,15 @@ class ExactLoraAggregation(AggregationRule):
     def reduce(self, stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return weighted_mean(stack, weights)
 
-    def combine(self, current: Adapter, updates: Sequence[ClientUpdate], spec: LoraSpec) -> tuple[Adapter, set[str]]:
+    def combine(self, current: Adapter, updates: Sequence[ClientUpdate], lora: LoraConfig) -> tuple[Adapter, set[str]]:
         w = sample_weights(updates)
         out: Adapter = {}
         for module in lora_modules(current):
             ka, kb = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
             a = torch.stack([u.adapter[ka].reshape(u.adapter[ka].shape[0], -1) for u in updates]).double()
             b = torch.stack([u.adapter[kb].reshape(u.adapter[kb].shape[0], -1) for u in updates]).double()
-            mean = self.reduce_factors(a, b, w, spec.scale)
-            out[ka], out[kb] = refactorize(mean, current[ka], current[kb], spec.scale, self.rank)
+            mean = self.reduce_factors(a, b, w, lora_scale(lora))
+            out[ka], out[kb] = refactorize(mean, current[ka], current[kb], lora_scale(lora), self.rank)
         return out, set()
 
     def reduce_factors(self, a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:

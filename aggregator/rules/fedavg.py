@@ -13,13 +13,13 @@ import torch
 
 from aggregator.rules.base import Adapter, AggregationRule, ClientUpdate, sample_weights
 from aggregator.rules.reducers import weighted_mean
-from models.lora import LoraSpec
+from models.lora import LoraConfig
 
 
 class FedAvgLora(AggregationRule):
     name = "fedavg"
 
-    def combine(self, current: Adapter, updates: Sequence[ClientUpdate], spec: LoraSpec) -> tuple[Adapter, set[str]]:
+    def combine(self, current: Adapter, updates: Sequence[ClientUpdate], lora: LoraConfig) -> tuple[Adapter, set[str]]:
         w = sample_weights(updates)
         out = {k: weighted_mean(torch.stack([u.adapter[k].double() for u in updates]), w).float() for k in current}
         return out, set()

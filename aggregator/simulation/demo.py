@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from aggregator.global_model import GlobalModel  # noqa: E402
 from aggregator.simulation.fleet import FederationResult, FleetConfig, run_federation  # noqa: E402
-from models.lora import LoraSpec  # noqa: E402
+from models.lora import lora_config  # noqa: E402
 from models.text import PromptEncoder  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def write_outputs(result: FederationResult, cfg: FleetConfig, out: Path) -> dict
     ids = sorted(result.true_style)
     persona_of = dict(zip(ids, personas))
     rank = next(v.shape[0] for k, v in next(iter(result.adapters.values())).items() if k.endswith("lora_A.weight"))
-    model = GlobalModel(LoraSpec(rank=rank))
+    model = GlobalModel(lora_config(rank))
     for cid, adapter in result.adapters.items():
         model.set_cluster(cid, adapter, cfg.rounds)
     encoder = PromptEncoder()

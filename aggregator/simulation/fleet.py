@@ -231,7 +231,7 @@ class RoundEvaluator:
 
     def _run(self) -> None:
         try:
-            self._model = GlobalModel(self.service.rounds.spec)
+            self._model = GlobalModel(self.service.rounds.lora)
             while (item := self._queue.get()) is not None:
                 rnd, adapters, assignment = item
                 self.curves[rnd] = self.score(adapters, assignment, self.cfg.eval_samples, self.cfg.eval_steps)

@@ -8,6 +8,7 @@ per process instead of training a UNet for every update.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -46,18 +47,18 @@ def start_adapter(start: RoundStart, shapes: Shapes) -> dict[str, torch.Tensor]:
     if start.codec != SEEDED_CODEC:
         return decode_payload(start.codec, start.adapter, shapes)
     seeded = SeededAdapter.decode(start.adapter)
-    adapter = _drawn(start.rank, seeded.seed)
+    adapter = _drawn(json.dumps(start.lora, sort_keys=True), seeded.seed)
     if not seeded.matches(adapter):
         raise RefusedMessage(Refusal.BAD_TENSORS, f"the adapter drawn from seed {seeded.seed} differs from the sender's")
     return {k: v.clone() for k, v in adapter.items()}
 
 
 @lru_cache(maxsize=4)
-def _drawn(rank: int, seed: int) -> dict[str, torch.Tensor]:
+def _drawn(lora_json: str, seed: int) -> dict[str, torch.Tensor]:
     from models.digits.unet import load_base_unet
-    from models.lora import LoraSpec, draw_adapter
+    from models.lora import draw_adapter, lora_from_dict
 
-    return draw_adapter(load_base_unet(), LoraSpec(rank=rank), seed)
+    return draw_adapter(load_base_unet(), lora_from_dict(json.loads(lora_json)), seed)
 
 
 class LiteDevice:

@@ -94,7 +94,7 @@ class RoundStart(Body):
     round: int
     cluster: int
     version: int
-    rank: int           # the fleet's shared-adapter rank
+    lora: dict[str, object]  # the fleet's LoRA config (models.lora.lora_to_dict): the shared adapter's shape
     base_cluster: int   # the adapter payload is a delta against (base_cluster, base_version); -1: full
     base_version: int
     deadline: float

@@ -17,7 +17,7 @@ import torch
 
 from models.digits.data import Persona, plain_prompts, public_digits
 from models.digits.unet import UNetConfig, build_unet
-from models.lora import LoraSpec, add_adapter, set_mix
+from models.lora import LoraConfig, add_adapter, lora_config, set_mix
 from models.text import PromptEncoder
 from models.training import LORA_LR, TrainConfig, train_adapters, train_denoiser
 
@@ -68,7 +68,7 @@ def persona_encodings(personas: Sequence[Persona], split: str = "train") -> torc
 def train_central(
     base_path: str | Path,
     personas: Sequence[Persona],
-    spec: LoraSpec = LoraSpec(),
+    spec: LoraConfig = lora_config(),
     train: TrainConfig = TrainConfig(steps=600, batch_size=32, lr=LORA_LR, seed=0),
     progress: bool = True,
 ) -> torch.nn.Module:

@@ -24,6 +24,7 @@ from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, Message
 from edge_sdk.protocol.identity import PublicIdentity
 from edge_sdk.protocol.messages import RoundStart, UpdateAck
 from edge_sdk.transport import MqttConfig, MqttTransport
+from models.lora import lora_from_dict
 from tests.polling import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,7 +115,7 @@ def open_round_one(devices: list, seed: int) -> tuple[list[RoundStart], dict[str
 
 def adapter_of(start: RoundStart) -> dict[str, torch.Tensor]:
     """The adapter a first round start carries, in full or as the seed a device draws it from."""
-    return start_adapter(start, adapter_shapes(start.rank))
+    return start_adapter(start, adapter_shapes(lora_from_dict(start.lora)))
 
 
 def write_config(path: Path, **settings) -> Path:

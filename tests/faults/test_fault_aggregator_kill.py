@@ -26,7 +26,7 @@ from faultkit import (
 
 from aggregator.rules import ClientUpdate, make_rule
 from edge_sdk.protocol.tensors import shapes_of, unpack_tensors
-from models.lora import LoraSpec
+from models.lora import lora_config
 
 N = 8
 SLOW = Path(__file__).resolve().parent / "slow_aggregator.py"
@@ -81,7 +81,7 @@ def test_sigkill_mid_round_and_mid_aggregation_counts_every_acknowledged_update_
         blob, version = sqlite_rows(db, "SELECT adapter, version FROM clusters WHERE cluster_id = 0")[0]
         assert version == 1
         committed = unpack_tensors(blob)
-        spec, rule = LoraSpec(rank=2), make_rule("exact", 3.0)
+        spec, rule = lora_config(2), make_rule("exact", 3.0)
         expected = rule.aggregate(initial, [ClientUpdate.from_delta(i, initial, deltas[i], 10) for i in deltas],
                                   spec).adapter
         twice = rule.aggregate(initial, [ClientUpdate.from_delta(i, initial, deltas[i], 10) for i in deltas]

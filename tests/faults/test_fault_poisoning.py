@@ -19,7 +19,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.rules import ClientUpdate, make_rule
 from aggregator.service import AggregatorService
 from edge_sdk.protocol.tensors import shapes_of, unpack_tensors
-from models.lora import LoraSpec, delta_weight, lora_modules
+from models.lora import delta_weight, lora_modules, lora_scale
 
 N, BOUND = 20, 0.10
 
@@ -43,8 +43,8 @@ def _norm(t: dict[str, torch.Tensor]) -> float:
 
 
 def weight_change(adapter, initial, spec) -> torch.Tensor:
-    return torch.cat([(delta_weight(adapter[f"{m}.lora_A.weight"], adapter[f"{m}.lora_B.weight"], spec.scale)
-                       - delta_weight(initial[f"{m}.lora_A.weight"], initial[f"{m}.lora_B.weight"], spec.scale)).flatten()
+    return torch.cat([(delta_weight(adapter[f"{m}.lora_A.weight"], adapter[f"{m}.lora_B.weight"], lora_scale(spec))
+                       - delta_weight(initial[f"{m}.lora_A.weight"], initial[f"{m}.lora_B.weight"], lora_scale(spec))).flatten()
                       for m in lora_modules(initial)])
 
 
@@ -74,7 +74,7 @@ def test_poisoned_minority_moves_the_aggregate_less_than_the_bound(tmp_path, own
         assert summary["rejected"] == {attackers["scaled"].id: "poisoned"}
         assert attackers["sign_flipped"].id in summary["accepted"] and attackers["random"].id in summary["accepted"]
 
-        spec = LoraSpec(rank=cfg.lora_rank)
+        spec = cfg.lora
         committed, _ = service.rounds.cluster_adapter(0)
         clean_updates = [ClientUpdate.from_delta(d.id, initial, honest[d.id], 10) for d in devices[4:]]
         clean = weight_change(make_rule(rule, 3.0).aggregate(initial, clean_updates, spec).adapter, initial, spec)

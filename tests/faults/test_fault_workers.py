@@ -31,7 +31,7 @@ from aggregator.rules import ClientUpdate, make_rule
 from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.tensors import shapes_of, unpack_tensors
 from edge_sdk.transport import discard_session
-from models.lora import LoraSpec
+from models.lora import lora_config
 
 N = 12
 PG = "postgresql://postgres@127.0.0.1:5432/test"
@@ -108,7 +108,7 @@ def test_a_killed_worker_is_replaced_without_losing_or_double_counting(tmp_path,
         blob, version = rows("SELECT adapter, version FROM clusters WHERE cluster_id = 0")[0]
         committed = unpack_tensors(bytes(blob))
         expected = make_rule("exact", 3.0).aggregate(
-            initial, [ClientUpdate.from_delta(i, initial, deltas[i], 10) for i in deltas], LoraSpec(rank=2)).adapter
+            initial, [ClientUpdate.from_delta(i, initial, deltas[i], 10) for i in deltas], lora_config(2)).adapter
         assert version == 1
         assert max(float((committed[k] - expected[k]).abs().max()) for k in expected) < 1e-6
 
