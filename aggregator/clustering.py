@@ -2,10 +2,10 @@
 
 Task vectors are devices' mean prompt encodings (noised, L2-normalised, decrypted by the
 aggregator only). Three facts measured on styled digits shape this module
-(``benchmarks/clustering.py`` reproduces them):
+(``benchmarks/clustering.py``; the numbers are in docs/results.md):
 
 * MiniLM embeddings share a large common direction; centring the vectors on their
-  fleet mean before cosine clustering raises the ARI by ~0.05-0.15.
+  fleet mean before cosine clustering separates the tasks better.
 * A generic encoder puts opposite styles close ("heavy strokes" vs "hairline strokes"):
   the silhouette-best k often merges exactly such a pair. We therefore take the
   *largest* k whose silhouette is within ``tolerance`` of the best: over-splitting a

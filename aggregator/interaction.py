@@ -9,10 +9,9 @@ Two mechanisms, both exact in ΔW = scale·B·A and re-factorised to rank r:
    sits from the global mean. Modules on which the clusters agree (what every style shares)
    are pooled over the whole fleet; modules that carry a cluster's own style, far from the
    mean relative to the noise, are left alone. Nothing is a tuned constant. Opt-in
-   (``global_shrinkage``): measured on styled digits (benchmarks/interaction.py) it does not
-   lift the smallest cluster and costs the others 0.04-0.06 style accuracy, because
-   the factor minimises squared error in ΔW under isotropic noise and device noise is not
-   isotropic: a small-norm, decisive style direction is pooled away with the noise.
+   (``global_shrinkage``): the factor minimises squared error in ΔW under isotropic noise,
+   and device noise is not isotropic, so a small-norm, decisive style direction can be pooled
+   away with the noise (docs/results.md, "interaction", has what that cost on styled digits).
 2. **Similarity-weighted mixing** (``interact``), gated by task and update similarity (below).
 
 After each cluster has aggregated its own devices, the cloud step lets every cluster
@@ -30,15 +29,10 @@ products are exact ΔW matrices, re-factorised to rank r like intra-cluster aggr
 The aggregator gates the lenders: by default a cluster lends only if its ΔW has a cosine of
 at least ``interaction_min_agreement`` with the borrower's (``adapter_agreement``); a gate on
 the *centered* task-centroid cosine (``interaction_min_similarity``) is available as well.
-Measured on styled digits (benchmarks/interaction.py): ungated mixing pulled every cluster
-toward the other styles (the one-device cluster fell from 0.92 style accuracy to 0.17). Two
-clusters of one task have ΔW cosines of 0.55-0.89, clusters of different tasks 0.29 at
-most; their task centroids do not separate as cleanly (one task -0.08 to 0.61 centered
-cosine, different tasks up to 0.43: *bold* and *thin*, opposite styles that a sentence
-encoder puts close), and with that gate alone *bold* and *thin* lent to each other and lost
-0.12 style accuracy each. Clusters of one task split across edge sites, or across clustering
-mistakes, are what the gate lets through; from such a lender a 2-device cluster's Fréchet
-distance fell 5-11% on average (its style accuracy did not rise).
+Why the ΔW decides: ungated mixing pulls every cluster toward the other styles, and task
+centroids do not separate tasks as cleanly as updates do (a sentence encoder puts opposite
+styles such as *bold* and *thin* close). Clusters of one task split across edge sites, or
+across clustering mistakes, are what the gate lets through (docs/results.md, "interaction").
 """
 
 from __future__ import annotations
@@ -174,8 +168,7 @@ def mixing_weights(centroids: Mapping[Key, np.ndarray], sizes: Mapping[Key, floa
     With ``min_similarity`` a cluster borrows only from clusters whose centered centroid
     cosine reaches it, and with ``agreement`` (``adapter_agreement``) only from those whose ΔW
     cosine with its own reaches ``min_agreement``; it keeps everything when none does:
-    mixing in a different task's ΔW costs more than a small cluster's noise, as measured on
-    styled digits.
+    mixing in a different task's ΔW costs more than a small cluster's noise.
     """
     if borrow < 0 or temperature <= 0:
         raise ValueError("borrow must be >= 0 and temperature > 0")

@@ -1,5 +1,8 @@
 """The round engine: an explicit state machine over the state store.
 
+(About 350 lines: each transition reads and writes the same store rows; one file keeps every
+transition of the machine in view.)
+
 A global round r moves through four phases, each read from the store (``phase``), never
 kept beside it, so a restarted or replacement worker resumes exactly where the last one
 stopped::

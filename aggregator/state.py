@@ -1,5 +1,8 @@
 """Durable aggregator state: SQLite (WAL) by default, PostgreSQL for scale-out.
 
+(Over 350 lines: every query the daemon runs is here, beside the transaction and row locks that
+make accepting an update and closing its round exclusive; apart, that guarantee is not readable.)
+
 Everything the aggregator must not forget lives here: enrolled devices and tokens, task
 vectors, clusters with their adapters, round progress and every accepted update. An
 update counts as *accepted* only once its row is committed; the primary key

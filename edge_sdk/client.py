@@ -1,5 +1,8 @@
 """``EdgeClient``: everything a device app needs, usable fully offline.
 
+(Over 350 lines: it is the SDK's one public object; training, inference, keys and the adapter
+store are short methods over one model, and moving them apart would split that model's state.)
+
 The client owns the device's identity keys, the frozen (optionally int8) base UNet with
 a *shared* adapter (the cluster's, aggregated across devices) and a *personal* adapter
 (never leaves the device), the prompt encoder and the adapter store. Networking lives

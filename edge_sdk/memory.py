@@ -5,8 +5,8 @@ cost three times their size again (gradient, two AdamW moments); activations are
 measured by running one batch-1 forward pass under ``saved_tensors_hooks``, which sees
 the tensors autograd keeps for backward, and scaling by the batch size; a fixed
 workspace covers the rest. ``benchmarks/edge.py`` compares the estimate with the
-measured peak: it errs on the high side, so a step that would not fit fails before it
-starts instead of being killed halfway.
+measured peak (docs/results.md): the aim is to err on the high side, so a step that would
+not fit fails before it starts instead of being killed halfway.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def _storage(t: torch.Tensor) -> int | None:
         return None
 
 
-# Allocator arenas and backward workspaces that do not scale with the model: measured at
-# 55-66 MB above the loaded model for a LoRA step of the 0.37M-parameter demo UNet.
+# Allocator arenas and backward workspaces that do not scale with the model, sized from the peak
+# above the loaded model that benchmarks/edge.py measures for a LoRA step (docs/results.md, "edge").
 WORKSPACE_BYTES = 64 * 2**20
 
 

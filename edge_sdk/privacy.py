@@ -1,5 +1,8 @@
 """Privacy you can measure and dial: task-vector defences and client-level DP for updates.
 
+(Over 350 lines: both defences, their accounting and the device's ledger are one contract with
+``benchmarks/privacy.py``, which measures them together; a split into the two defences is due.)
+
 Two things leave a device, and each gets its own defence, applied on the device:
 
 * **The task vector** (mean MiniLM encoding of the user's prompts, sealed to the

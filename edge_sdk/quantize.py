@@ -2,9 +2,9 @@
 
 Measured on this stack (``benchmarks/edge.py``): torchao's ``Int8WeightOnlyConfig``
 stores linear weights as int8 with per-channel scales, peft wraps the quantized
-linears with its torchao LoRA layer, gradients reach the adapters, and outputs stay
-within a few 1e-3 of fp32 on the demo UNet. Convolutions stay fp32 under this config;
-the benchmark reports how much of each UNet that leaves unquantized.
+linears with its torchao LoRA layer, gradients reach the adapters, and outputs stay close
+to fp32 (docs/results.md, "edge"). Convolutions stay fp32 under this config; the benchmark
+reports how much of each UNet that leaves unquantized.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """A device's side of a fleet rollout: install signed export versions atomically, roll back on a failed check.
 
-What travels (``edge_sdk.protocol.topics``; the aggregator side is ``aggregator/rollout.py``)::
-
-    rollout/manifest/{target}       retained  RolloutManifest, in an envelope signed by the aggregator;
-                                              one per target ("all", "cluster-{id}")
-    rollout/artifact/{sha256}/{i}   retained  part i of one export file: a chunk frame (edge_sdk.protocol.chunking)
-                                              in an envelope signed by the aggregator
-    rollout/report/{device}         device -> aggregator  RolloutReport (Box), signed by the device
+A rollout travels as retained, aggregator-signed manifests (one per target) and artifact
+parts on the ``rollout/`` topics (``edge_sdk.protocol.topics.LAYOUT``; their format is
+``edge_sdk.protocol.rollout``, the publisher ``aggregator/rollout.py``); the device answers
+with a signed report.
 
 Retained messages may be days old, so the envelope clock window does not apply to them: a
 manifest is checked the way the aggregator's key announcement is (signature by the key

@@ -12,8 +12,7 @@ from diffusers import DDPMScheduler
 
 from models.digits.unet import denoise, to_model_range, train_scheduler
 
-# LoRA learning rate, measured on one styled-digits persona (rank 2, batch 16): 1e-2 reaches
-# the Fréchet distance 3e-3 reaches in 90 steps in 60, and 3e-2 is no faster.
+# The LoRA learning rate chosen on a styled-digits persona (docs/results.md, "LoRA learning rate").
 LORA_LR = 1e-2
 
 

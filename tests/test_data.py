@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
 from models.digits.data import STYLES, apply_style, make_personas, private_digits, public_digits, style_templates
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def test_there_are_at_least_eight_deterministic_styles():

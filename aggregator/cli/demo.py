@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -24,12 +25,23 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from aggregator.broker import ensure_broker
     from aggregator.simulation.demo import run_demo
     from aggregator.simulation.fleet import FleetConfig
 
     cfg = FleetConfig(devices=args.devices, styles=args.styles, rounds=args.rounds, local_steps=args.local_steps,
                       seed=args.seed, mqtt_url=args.mqtt_url, codec=args.codec, processes=args.processes)
-    summary = run_demo(cfg, Path(args.out))
+    broker = ensure_broker(args.mqtt_url)  # announces an embedded broker it had to start
+    if broker is None:
+        print(f"fedaigc demo: using the MQTT broker that answers at {args.mqtt_url}", file=sys.stderr)
+    print(f"fedaigc demo: {cfg.devices} devices of {cfg.styles} styles in {cfg.processes} worker processes, "
+          f"{cfg.rounds} rounds of {cfg.local_steps} local steps, then pictures and a report in {args.out}/",
+          file=sys.stderr)
+    try:
+        summary = run_demo(cfg, Path(args.out))
+    finally:
+        if broker is not None:
+            broker.close()
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote {args.out}/ in {summary['total_seconds']} s")
     return 0

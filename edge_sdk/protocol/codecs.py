@@ -17,9 +17,7 @@ msgpack map whose fields are checked for type and size before any value is trust
   ``ErrorFeedback``.
 * ``topk:F+int8`` / ``topk:F+int4`` - top-k whose kept values are then quantized.
 
-For a rank-2 adapter of 13,812 values: fp32 55.3 kB, fp16 27.7 kB, int8 14.3 kB, int4
-7.4 kB, topk:0.1+int8 4.3 kB, topk:0.05+int4 1.8 kB (``benchmarks/comm.py`` measures
-what that buys at equal quality).
+``benchmarks/comm.py`` measures the bytes of each and what they cost in quality (docs/results.md).
 
 ``ErrorFeedback`` keeps, on the device, what the codec dropped and adds it to the next
 update (Seide et al., 2014; Stich et al., "Sparsified SGD with Memory", 2018), so the

@@ -1,27 +1,10 @@
-"""The MQTT topic layout, in one place (README "Topic layout" mirrors this file).
+"""The MQTT topic layout, in one place: ``LAYOUT`` below is the table ``docs/protocol.md`` shows.
 
 Every topic of a fleet lies under ``{prefix}/v1``, the prefix being ``fedaigc`` unless the
 fleet's ``MqttConfig.topic_prefix`` says otherwise: fleets that share a broker (staging and
 production, two tenants) pick different prefixes, and then neither sees the other's
 retained keys, enrolments or updates. ``v1`` is the protocol version, not configurable.
-
-    fedaigc/v1/aggregator/keys                 retained  aggregator's public keys (signed)
-    fedaigc/v1/enrol/{device}                  device -> aggregator  enrolment (sealed)
-    fedaigc/v1/up/task/{device}                device -> aggregator  task vector (sealed)
-    fedaigc/v1/up/update/{device}              device -> aggregator  adapter delta (box)
-    fedaigc/v1/up/generate/{device}            device -> aggregator  generation request (sealed)
-    fedaigc/v1/up/status/{device}              device -> aggregator  signed status (e.g. "need a full adapter")
-    fedaigc/v1/down/{device}                   aggregator -> device  everything addressed to one device (box)
-    fedaigc/v1/status/{device}                 retained  "online" / "offline" (last will)
-    fedaigc/v1/rollout/manifest/{target}       retained  signed rollout manifest per target ("all", "cluster-{id}")
-    fedaigc/v1/rollout/artifact/{sha256}/{i}   retained  part i of an export file, by content hash (signed)
-    fedaigc/v1/rollout/report/{device}         device -> aggregator  installed version
-    fedaigc/v1/cloud/keys                      retained  cloud aggregator's public keys (signed)
-    fedaigc/v1/cloud/enrol/{edge}              edge -> cloud  edge aggregator enrolment (sealed)
-    fedaigc/v1/cloud/up/{edge}                 edge -> cloud  cluster adapters + centroids of a round (box)
-    fedaigc/v1/cloud/down/{edge}               cloud -> edge  the edge's clusters after cross-edge interaction (box)
-
-Aggregator workers share the uplink with ``$share/{group}/{prefix}/v1/up/#`` (MQTT v5).
+Scale-out aggregator workers subscribe to each uplink filter as ``$share/{group}/...`` (MQTT v5).
 """
 
 from __future__ import annotations
@@ -32,6 +15,41 @@ from edge_sdk.protocol.errors import Refusal, RefusedMessage
 
 PROTOCOL = "v1"
 DEFAULT_PREFIX = "fedaigc"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One topic of the layout: its pattern under ``{prefix}/v1``, who publishes, who reads, what it carries."""
+
+    pattern: str
+    publisher: str
+    reader: str
+    retained: bool
+    carries: str
+
+
+LAYOUT: tuple[TopicSpec, ...] = (
+    TopicSpec("aggregator/keys", "aggregator", "devices", True, "the aggregator's public keys, self-signed"),
+    TopicSpec("enrol/{device}", "device", "aggregator", False, "enrolment: token and public keys (sealed)"),
+    TopicSpec("up/task/{device}", "device", "aggregator", False, "the task vector (sealed)"),
+    TopicSpec("up/update/{device}", "device", "aggregator", False, "the shared adapter's delta (box)"),
+    TopicSpec("up/generate/{device}", "device", "aggregator", False, "a generation request: encoding and mix (sealed)"),
+    TopicSpec("up/status/{device}", "device", "aggregator", False, "signed status, e.g. \"need a full adapter\" (box)"),
+    TopicSpec("down/{device}", "aggregator", "device", False,
+              "everything addressed to one device: acks, cluster, round starts, images (box)"),
+    TopicSpec("status/{device}", "device (last will)", "aggregator", True, "\"online\" / \"offline\""),
+    TopicSpec("rollout/manifest/{target}", "rollout", "devices", True,
+              "the signed rollout manifest of a target (\"all\", \"cluster-{id}\")"),
+    TopicSpec("rollout/artifact/{sha256}/{i}", "rollout", "devices", True,
+              "part i of an export file, by content hash (signed)"),
+    TopicSpec("rollout/report/{device}", "device", "aggregator", False, "the version a device runs (box)"),
+    TopicSpec("cloud/keys", "cloud aggregator", "edge aggregators", True, "the cloud's public keys, self-signed"),
+    TopicSpec("cloud/enrol/{edge}", "edge aggregator", "cloud aggregator", False, "edge enrolment (sealed)"),
+    TopicSpec("cloud/up/{edge}", "edge aggregator", "cloud aggregator", False,
+              "a round's cluster adapters, centroids and sizes (box)"),
+    TopicSpec("cloud/down/{edge}", "cloud aggregator", "edge aggregator", False,
+              "the edge's clusters after cross-edge interaction (box)"),
+)
 
 
 def check_prefix(prefix: str) -> str:
