@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from aggregator.policies import make_policy
 from aggregator.rules import RULES
 from edge_sdk.protocol.topics import DEFAULT_PREFIX, check_prefix
 from edge_sdk.transport import MqttConfig
-from models.lora import LoraConfig, lora_config, lora_from_dict
+from models.backend import family_of
+from models.digits.unet import BASE_MODEL_DIR
+from models.lora import DEFAULT_TARGETS, LoraConfig, lora_config, lora_from_dict
 
 ROLES = ("all", "edge", "cloud")
 
 
-def _setting(default=None, doc: str = "", *, factory=None):
+def _setting(default=None, doc: str = ""):
     """A setting with the sentence ``docs/aggregator.md`` shows for it (generated: ``tests/test_docs.py``)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
 
 
@@ -53,9 +53,12 @@ class AggregatorConfig:
     max_extensions: int = _setting(2, "Deadline extensions for stragglers before a cluster closes below quorum.")
     quorum: float = _setting(0.6, "Share of a cluster's devices whose updates close it at the deadline.")
     local_steps: int = _setting(20, "Optimizer steps each device trains per round.")
-    lora: LoraConfig = _setting(doc="The fleet's adapter, peft's `LoraConfig`: `[aggregator.lora]` with `r`, "
-                                    "`lora_alpha`, `target_modules` (default: rank 2 on the model's default targets). "
-                                    "Every round start carries it.", factory=lora_config)
+    base_model: Path = _setting(BASE_MODEL_DIR, "The fleet's base model: the bundled digits UNet, or a local "
+                                                "Stable-Diffusion-family pipeline directory (`save_pretrained`). "
+                                                "A device running another is refused at enrolment.")
+    lora: LoraConfig | None = _setting(None, "The fleet's adapter, peft's `LoraConfig`: `[aggregator.lora]` with `r`, "
+                                             "`lora_alpha`, `target_modules` (default: rank 2 on the base model's "
+                                             "default targets). Every round start carries it.")
     # learning
     rule: str = _setting("exact", f"Aggregation inside a cluster: {', '.join(RULES)} (docs/algorithms.md).")
     clip: float | None = _setting(3.0, "Clip updates at this multiple of the round's median update norm "
@@ -107,8 +110,12 @@ class AggregatorConfig:
             raise ValueError(f"rule must be one of {tuple(RULES)}, got {self.rule!r}")
         if not 0.0 < self.quorum <= 1.0:
             raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
-        if isinstance(self.lora, Mapping):  # e.g. from a TOML table
-            object.__setattr__(self, "lora", lora_from_dict(self.lora))
+        object.__setattr__(self, "base_model", Path(self.base_model))
+        targets = DEFAULT_TARGETS[family_of(self.base_model)]  # reads the directory's files, loads nothing
+        if self.lora is None:
+            object.__setattr__(self, "lora", lora_config(target_modules=targets))
+        elif isinstance(self.lora, Mapping):  # e.g. from a TOML table
+            object.__setattr__(self, "lora", lora_from_dict(self.lora, targets))
         if not isinstance(self.lora, LoraConfig):
             raise ValueError(f"lora must be a LoraConfig or a table of r, lora_alpha, target_modules, "
                              f"got {type(self.lora).__name__}")
@@ -142,4 +149,5 @@ class AggregatorConfig:
         unknown = sorted(set(section) - known)
         if unknown:
             raise ValueError(f"unknown settings in {path}: {', '.join(unknown)}")
-        return replace(cls(**section), **{k: v for k, v in overrides.items() if v is not None})
+        # one construction, so settings derived from others (the LoRA targets from base_model) see the overrides
+        return cls(**(section | {k: v for k, v in overrides.items() if v is not None}))

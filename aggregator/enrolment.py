@@ -14,15 +14,16 @@ from edge_sdk.transport import MqttTransport
 
 
 def announce_keys(transport: MqttTransport, writer: EnvelopeWriter, identity: Identity, aggregator_id: str,
-                  topic: str, timeout: float = 30.0) -> None:
-    """Publish the signed key announcement retained, and return only once the broker holds it.
+                  topic: str, model: str, lora: dict, timeout: float = 30.0) -> None:
+    """Publish the signed key announcement, with the fleet's model identity (``model`` digest, ``lora``
+    config), retained, and return only once the broker holds it.
 
     A broker keeps the retained announcement of whichever aggregator last ran on this topic.
     Until ours is acknowledged, a device that subscribes gets that stale key, seals its
     enrolment to it, and is refused as tampered, so start-up waits for the acknowledgement.
     """
     pub = identity.public
-    body = AggregatorKeys(aggregator_id, pub.verify_key, pub.box_key).encode()
+    body = AggregatorKeys(aggregator_id, pub.verify_key, pub.box_key, model, dict(lora)).encode()
     infos = transport.publish(topic, writer.build(MessageType.AGGREGATOR_KEYS, body), retain=True)
     if not transport.wait_published(infos, timeout):
         raise TimeoutError(f"the broker did not acknowledge the key announcement on {topic} in {timeout} s")
@@ -38,16 +39,23 @@ def verify_key_of(store, sender: str, kind: str = "device") -> bytes:
     return rec.verify_key
 
 
-def admit(store, identity: Identity, verifier: EnvelopeVerifier, env: Envelope, kind: str = "device") -> Enrol:
-    """Open a sealed enrolment, check it is self-signed and its token valid, and record the keys.
+def open_enrolment(identity: Identity, verifier: EnvelopeVerifier, env: Envelope) -> Enrol:
+    """The sealed enrolment, checked to be signed by the key it enrols (proof of possession)."""
+    body = Enrol.decode(identity.open_sealed(env.payload))
+    verifier.authenticate(env, body.verify_key)
+    return body
+
+
+def admit(store, env: Envelope, body: Enrol, model: str, kind: str = "device") -> None:
+    """Admit an opened enrolment: the fleet's model, a valid token, then the keys recorded.
 
     Enrolling again with the same keys is idempotent; another sender claiming an enrolled id
     with different keys is refused.
     """
-    body = Enrol.decode(identity.open_sealed(env.payload))
-    verifier.authenticate(env, body.verify_key)  # self-signed: proves key possession
+    if body.model != model:
+        raise RefusedMessage(Refusal.MODEL_MISMATCH, f"model mismatch: fleet runs {model[:16]}, "
+                                                     f"{kind} {env.sender} has {body.model[:16]}")
     if not store.token_valid(body.token):
         raise RefusedMessage(Refusal.BAD_TOKEN, f"{kind} {env.sender} presented an unknown or revoked token")
     if not store.enrol(env.sender, body.verify_key, body.box_key, body.profile, body.token):
         raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"{kind} id {env.sender} is enrolled with other keys")
-    return body

@@ -1,7 +1,7 @@
 """The global model: one base UNet carrying every cluster's adapter by name.
 
 Adapters are named ``cluster-<id>`` and mixed through diffusers' ``set_adapters`` with
-weights, so ``generate(encodings, mix={0: 0.5, 2: 0.5})`` draws a hybrid of two styles
+weights, so ``generate(conditioning, mix={0: 0.5, 2: 0.5})`` draws a hybrid of two styles
 from one network. The aggregator never trains this model; it only loads the adapters
 its rounds produce (and the generation service samples from it).
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from edge_sdk.protocol.tensors import shapes_of
-from models.digits.unet import BASE_MODEL_DIR, generate, load_base_unet
+from models.backend import load_backend
+from models.digits.unet import BASE_MODEL_DIR
 from models.lora import (
     LoraConfig,
     adapter_names,
@@ -31,15 +32,16 @@ from models.lora import (
 )
 
 
-def adapter_shapes(lora: LoraConfig) -> dict[str, tuple[int, ...]]:
+def adapter_shapes(lora: LoraConfig, base_model: str | Path = BASE_MODEL_DIR) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the fleet's shared adapter: what a receiver validates payloads against
     when it holds no adapter of its own (codecs carry only a digest of them)."""
-    return dict(_adapter_shapes(json.dumps(lora_to_dict(lora), sort_keys=True)))
+    return dict(_adapter_shapes(json.dumps(lora_to_dict(lora), sort_keys=True), str(base_model)))
 
 
 @functools.lru_cache(maxsize=4)
-def _adapter_shapes(lora_json: str) -> tuple:
-    return tuple(shapes_of(GlobalModel(lora_from_dict(json.loads(lora_json))).initial_adapter(seed=0)).items())
+def _adapter_shapes(lora_json: str, base_model: str) -> tuple:
+    denoiser = load_backend(base_model).denoiser
+    return tuple(shapes_of(draw_adapter(denoiser, lora_from_dict(json.loads(lora_json)), seed=0)).items())
 
 
 def adapter_name(cluster_id: int) -> str:
@@ -49,10 +51,15 @@ def adapter_name(cluster_id: int) -> str:
 class GlobalModel:
     def __init__(self, lora: LoraConfig, base_model: str | Path = BASE_MODEL_DIR) -> None:
         self.lora = lora
-        self.unet = load_base_unet(base_model)
+        self.backend = load_backend(base_model)
         self.unet.requires_grad_(False)
         self.versions: dict[int, int] = {}
         self._lock = threading.Lock()  # adapter activation is model-global state
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The base model's denoiser, carrying one adapter per cluster."""
+        return self.backend.denoiser
 
     @property
     def clusters(self) -> list[int]:
@@ -92,10 +99,12 @@ class GlobalModel:
                 raise ValueError(f"mix weights must be numbers in [-4, 4], got {w!r}")
         return {adapter_name(c): float(w) for c, w in mix.items()}
 
-    def generate(self, encodings: torch.Tensor, mix: Mapping[int, float], seed: int = 0, steps: int = 20,
+    def generate(self, conditioning: torch.Tensor, mix: Mapping[int, float], seed: int = 0, steps: int = 20,
                  guidance_scale: float = 2.0, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Images for ``(n, 384)`` encodings from the weighted mix of cluster adapters."""
+        """Images for the base model's conditioning (``backend.conditioning_shape`` per row) from the
+        weighted mix of cluster adapters."""
         weights = self.check_mix(mix)
         with self._lock:
             set_mix(self.unet, weights)
-            return generate(self.unet, encodings, steps=steps, seed=seed, guidance_scale=guidance_scale, noise=noise)
+            return self.backend.generate(conditioning, steps=steps, seed=seed, guidance_scale=guidance_scale,
+                                         noise=noise)

@@ -27,19 +27,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aggregator.enrolment import admit, announce_keys, verify_key_of
-from aggregator.global_model import adapter_shapes
+from aggregator.enrolment import admit, announce_keys, open_enrolment, verify_key_of
 from aggregator.inbox import Inbox
 from aggregator.interaction import Spread, interact
 from aggregator.state import open_store
+from edge_sdk.artifacts.manifest import model_digest, part_digests
 from edge_sdk.protocol.codecs import decode_payload, make_codec
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.protocol.identity import Identity, PublicIdentity, seal_to
 from edge_sdk.protocol.messages import CloudMix, EdgeReport, Enrol, EnrolAck, read_signed_keys
+from edge_sdk.protocol.tensors import shapes_of
 from edge_sdk.protocol.topics import DEFAULT_PREFIX, Topics, check_sender
 from edge_sdk.transport import MqttConfig, MqttTransport
-from models.lora import lora_modules
+from models.backend import load_backend
+from models.lora import draw_adapter, lora_modules, lora_to_dict
 from models.text import EMBEDDING_DIM
 
 log = logging.getLogger("fedaigc.hierarchy")
@@ -72,8 +74,9 @@ class CloudLink:
 
     def __init__(self, edge_id: str, identity: Identity, url: str, token: str, fingerprint: str | None,
                  codec: str, shapes: Mapping[str, tuple[int, ...]], deliver: Callable[[int, dict[int, Adapter]], None],
-                 refusals: RefusalCounter, topic_prefix: str = DEFAULT_PREFIX) -> None:
+                 refusals: RefusalCounter, model: str, topic_prefix: str = DEFAULT_PREFIX) -> None:
         self.edge_id, self.identity, self.token, self.fingerprint = edge_id, identity, token, fingerprint
+        self.model = model  # the edge fleet's base model: the cloud must mix adapters of the same one
         self.codec, self.shapes, self.deliver, self.refusals = codec, dict(shapes), deliver, refusals
         self.writer = EnvelopeWriter(identity, edge_id)
         self.transport = MqttTransport(MqttConfig(url=url, client_id=f"fedaigc-{edge_id}-cloudlink",
@@ -103,10 +106,14 @@ class CloudLink:
             raise RefusedMessage(Refusal.BAD_SIGNATURE, f"cloud keys {keys.fingerprint} are not the pinned ones")
         if self.cloud is not None and keys != self.cloud:
             raise RefusedMessage(Refusal.BAD_SIGNATURE, "cloud keys changed; restart the edge to trust new ones")
+        if body.model != self.model:
+            raise RefusedMessage(Refusal.MODEL_MISMATCH, f"model mismatch: the cloud runs {body.model[:16]}, "
+                                                         f"this edge's fleet {self.model[:16]}; not enrolling")
         self.cloud, self.cloud_id = keys, body.aggregator_id
         self.verifier = EnvelopeVerifier(self._cloud_key)
         pub = self.identity.public
-        sealed = seal_to(keys.box_key, Enrol(self.token, pub.verify_key, pub.box_key, "edge-aggregator").encode())
+        sealed = seal_to(keys.box_key, Enrol(self.token, pub.verify_key, pub.box_key, "edge-aggregator",
+                                             self.model).encode())
         self.transport.publish(self.topics.cloud_enrol(self.edge_id), self.writer.build(MessageType.ENROL, sealed))
 
     def _cloud_key(self, sender: str) -> bytes:
@@ -160,7 +167,10 @@ class CloudAggregator:
         Path(config.state_dir).mkdir(parents=True, exist_ok=True)
         self.store = open_store(config.store_url)
         self.identity = Identity.load_or_generate(Path(config.state_dir) / "cloud.key")
-        self.modules = lora_modules(adapter_shapes(config.lora))
+        backend = load_backend(config.base_model)  # the edges' fleets must run it: the cloud mixes their adapters
+        self.model = model_digest(part_digests(backend))
+        self.shapes = shapes_of(draw_adapter(backend.denoiser, config.lora, seed=0))
+        self.modules = lora_modules(self.shapes)
         self.refusals = RefusalCounter()
         self.verifier = EnvelopeVerifier(self._edge_key, max_bytes=config.max_message_bytes)
         self.writer = EnvelopeWriter(self.identity, config.aggregator_id)
@@ -181,7 +191,8 @@ class CloudAggregator:
         self.transport = MqttTransport(c.mqtt(f"fedaigc-{c.aggregator_id}"), self.refusals).connect()
         self.inbox.route(self.transport, self.topics.cloud_enrol_all, self.on_enrol)
         self.inbox.route(self.transport, self.topics.cloud_up_all, self.on_report)
-        announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, self.topics.cloud_keys)
+        announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, self.topics.cloud_keys, self.model,
+                      lora_to_dict(c.lora))
         self._worker = threading.Thread(target=self._run, name="cloud", daemon=True)
         self._worker.start()
         log.info("cloud aggregator %s up at %s, key fingerprint %s", c.aggregator_id, c.mqtt_url,
@@ -220,7 +231,7 @@ class CloudAggregator:
     def on_enrol(self, topic: str, data: bytes) -> None:
         env = self.verifier.parse(data, {MessageType.ENROL})
         check_sender(topic, env.sender)
-        admit(self.store, self.identity, self.verifier, env, "edge")
+        admit(self.store, env, open_enrolment(self.identity, self.verifier, env), self.model, "edge")
         self._count(0, env.sender, "up", len(data))
         self._send(env.sender, MessageType.ENROL_ACK, EnrolAck(True, "").encode())
         log.info("enrolled edge aggregator %s", env.sender)
@@ -239,7 +250,7 @@ class CloudAggregator:
             raise RefusedMessage(Refusal.MALFORMED, f"edge {edge}'s report for round {report.round} is inconsistent")
         if report.round in self.mixed_rounds:
             raise RefusedMessage(Refusal.STALE_ROUND, f"round {report.round} was already mixed")
-        shapes = adapter_shapes(self.config.lora)
+        shapes = self.shapes
         adapters = unpack_clusters(decode_payload(report.codec, report.adapters, cluster_shapes(ids, shapes),
                                                   set(self.config.uplink_codecs)))
         self.reports.setdefault(report.round, {})[edge] = (report, adapters)

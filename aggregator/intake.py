@@ -19,7 +19,7 @@ import numpy as np
 
 from aggregator.config import AggregatorConfig
 from aggregator.downlink import DownlinkMirror
-from aggregator.enrolment import admit
+from aggregator.enrolment import admit, open_enrolment
 from aggregator.membership import Membership
 from aggregator.outbox import Outbox
 from aggregator.rounds import RoundController
@@ -149,17 +149,24 @@ class UpdateIntake:
 
 
 class EnrolmentIntake:
-    """A device's sealed, self-signed enrolment: admitted by token, acknowledged, then told what is open."""
+    """A device's sealed, self-signed enrolment: admitted by model and token, acknowledged, then told what
+    is open. A device running another base model, or presenting a bad token, is told why it was refused."""
 
     def __init__(self, verifier: EnvelopeVerifier, identity: Identity, store: StateStore, rounds: RoundController,
-                 outbox: Outbox, telemetry: Telemetry) -> None:
+                 outbox: Outbox, telemetry: Telemetry, model: str) -> None:
         self.verifier, self.identity, self.store, self.rounds = verifier, identity, store, rounds
-        self.outbox, self.telemetry = outbox, telemetry
+        self.outbox, self.telemetry, self.model = outbox, telemetry, model
 
     def on_enrol(self, topic: str, data: bytes) -> None:
         env = self.verifier.parse(data, {MessageType.ENROL})
         check_sender(topic, env.sender)
-        body = admit(self.store, self.identity, self.verifier, env)
+        body = open_enrolment(self.identity, self.verifier, env)
+        try:
+            admit(self.store, env, body, self.model)
+        except RefusedMessage as e:
+            if e.reason in (Refusal.MODEL_MISMATCH, Refusal.BAD_TOKEN):
+                self.outbox.refuse_enrolment(env.sender, body.box_key, str(e))
+            raise
         self.telemetry.count(0, env.sender, "up", len(data))
         self.outbox.send(env.sender, MessageType.ENROL_ACK, EnrolAck(True, "").encode())
         log.info("enrolled %s (%s)", env.sender, body.profile)

@@ -28,7 +28,6 @@ from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.messages import GenerateRequest, GenerateResult
 from edge_sdk.protocol.tensors import pack_tensors, unpack_tensors
 from edge_sdk.protocol.topics import check_sender
-from models.text import EMBEDDING_DIM
 
 log = logging.getLogger("fedaigc.serve")
 
@@ -39,7 +38,7 @@ MAX_IMAGES_PER_REQUEST = 16
 class Request:
     device: str
     request_id: str
-    encoding: torch.Tensor  # (384,)
+    encoding: torch.Tensor  # one prompt's conditioning, backend.conditioning_shape
     mix: dict[int, float]
     n: int
     seed: int
@@ -74,8 +73,9 @@ class GenerationService:
         """Validate and queue; raises ValueError with the reason for a request that cannot be served."""
         if not 1 <= request.n <= MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"n must be between 1 and {MAX_IMAGES_PER_REQUEST}, got {request.n}")
-        if tuple(request.encoding.shape) != (EMBEDDING_DIM,):
-            raise ValueError(f"encoding must have shape ({EMBEDDING_DIM},), got {tuple(request.encoding.shape)}")
+        expected = self.model.backend.conditioning_shape
+        if tuple(request.encoding.shape) != expected:
+            raise ValueError(f"conditioning must have shape {expected}, got {tuple(request.encoding.shape)}")
         self.model.check_mix(request.mix)
         self._queue.put(request)
 
@@ -109,20 +109,20 @@ class GenerationService:
                 self._serve_group(dict(key), requests)
 
     def _serve_group(self, mix: dict[int, float], requests: list[Request]) -> None:
-        encodings = torch.cat([r.encoding.expand(r.n, -1) for r in requests])
+        conditioning = torch.cat([r.encoding.expand(r.n, *r.encoding.shape) for r in requests])
         # each request's starting noise comes from its own seed: its images do not depend on its batch-mates
-        size = self.model.unet.config.sample_size
-        noise = torch.cat([torch.randn((r.n, 1, size, size), generator=torch.Generator().manual_seed(r.seed))
+        shape = self.model.backend.sample_shape
+        noise = torch.cat([torch.randn((r.n, *shape), generator=torch.Generator().manual_seed(r.seed))
                            for r in requests])
         try:
-            images = self.model.generate(encodings, mix, steps=self.steps, guidance_scale=self.guidance_scale,
+            images = self.model.generate(conditioning, mix, steps=self.steps, guidance_scale=self.guidance_scale,
                                          noise=noise)
         except Exception as e:  # a failed sampling call must not take the service down
             log.exception("generation failed")
             for r in requests:
                 self.reply(r, None, f"generation failed: {type(e).__name__}")
             return
-        self.batches.append(len(encodings))
+        self.batches.append(len(conditioning))
         start = 0
         for r in requests:
             self.reply(r, images[start:start + r.n], "")
@@ -141,7 +141,8 @@ class GenerationEndpoint:
         env = self.verifier.open(data, {MessageType.GENERATE_REQUEST})
         check_sender(topic, env.sender)
         body = GenerateRequest.decode(self.identity.open_sealed(env.payload))
-        encoding = unpack_tensors(body.encoding, {"encoding": (EMBEDDING_DIM,)})["encoding"]
+        encoding = unpack_tensors(body.encoding,
+                                  {"encoding": self.service.model.backend.conditioning_shape})["encoding"]
         try:
             mix = {int(c): float(w) for c, w in body.mix.items()}
         except ValueError:

@@ -39,12 +39,14 @@ from aggregator.rules import make_rule
 from aggregator.serve import GenerationEndpoint
 from aggregator.state import StateStore, StateUnavailable, open_store
 from aggregator.telemetry import Telemetry
+from edge_sdk.artifacts.manifest import model_digest, part_digests
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter
 from edge_sdk.protocol.errors import RefusalCounter
 from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.topics import Topics
 from edge_sdk.transport import MqttTransport
+from models.lora import lora_to_dict
 
 log = logging.getLogger("fedaigc.aggregator")
 
@@ -71,7 +73,8 @@ class AggregatorService:
         self.verifier = EnvelopeVerifier(lambda sender: verify_key_of(self.store, sender), max_bytes=c.max_message_bytes)
         self.writer = EnvelopeWriter(self.identity, c.aggregator_id)
         self.outbox = Outbox(self.transport, self.writer, self.identity, self.store, self.topics, self.telemetry)
-        self.global_model = GlobalModel(c.lora)
+        self.global_model = GlobalModel(c.lora, c.base_model)
+        self.model_digest = model_digest(part_digests(self.global_model.backend))
         self.initial = self.global_model.initial_adapter(seed=c.seed)
         self.downlink = DownlinkMirror(c.downlink_codec, deltas=c.downlink_deltas, seeded=(c.seed, self.initial))
         self.membership = Membership(self.store, make_policy(c.clustering, c.k, c.refine_after_round))
@@ -80,7 +83,7 @@ class AggregatorService:
             c.aggregator_id, self.identity, c.cloud_url, c.cloud_token, c.cloud_fingerprint, c.cloud_codec,
             {k: tuple(v.shape) for k, v in self.initial.items()},
             lambda rnd, adapters: self.inbox.post(lambda: self.rounds.cloud_mix_arrived(rnd, adapters), "cloud mix"),
-            self.refusals, c.mqtt_topic_prefix)
+            self.refusals, self.model_digest, c.mqtt_topic_prefix)
         self.rounds = RoundController(c, self.store, self.membership, make_rule(c.rule, c.clip), c.lora,
                                       self.global_model, self.initial, self.downlink, self.outbox,
                                       CloudStep(c, link), self.refusals, self.telemetry.persist, self.is_leader)
@@ -89,7 +92,7 @@ class AggregatorService:
         self.updates = UpdateIntake(c, self.verifier, self.identity, self.store, self.membership, self.rounds,
                                     self.downlink, self.outbox, self.telemetry, self.refusals, self.follow)
         self.enrolment = EnrolmentIntake(self.verifier, self.identity, self.store, self.rounds, self.outbox,
-                                         self.telemetry)
+                                         self.telemetry, self.model_digest)
         self.status = StatusIntake(self.verifier, self.identity, self.store, self.rounds, self.downlink, self.telemetry)
         self.generation = GenerationEndpoint(self.global_model, self.verifier, self.identity, self.outbox,
                                              self.telemetry, max_batch=c.serve_max_batch,
@@ -134,7 +137,8 @@ class AggregatorService:
         }
         for topic_filter, handler in routes.items():
             self.inbox.route(self.transport, topic_filter, handler)
-        announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, self.topics.aggregator_keys)
+        announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, self.topics.aggregator_keys,
+                      self.model_digest, lora_to_dict(c.lora))
         if c.metrics_port is not None:
             from aggregator.metrics import serve_metrics
 

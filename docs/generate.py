@@ -31,19 +31,14 @@ def topics_table() -> str:
 
 
 def _default(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    else:
-        value = f.default_factory()
-        if type(value).__name__ == "LoraConfig":
-            from models.lora import lora_to_dict
-
-            value = lora_to_dict(value)
+    value = f.default
+    if isinstance(value, Path) and value.is_absolute():  # the bundled model: where it lies in the package
+        value = value.relative_to(ROOT)
     if value is None:
         return "none"
     if isinstance(value, (tuple, list)) and len(str(value)) > 40:
         return f"{len(value)} values"
-    return f"`{value}`" if not isinstance(value, dict) else f"`r = {value['r']}, lora_alpha = {value['lora_alpha']}`"
+    return f"`{value}`"
 
 
 def config_table() -> str:

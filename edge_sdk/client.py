@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_sdk.artifacts.manifest import model_digest, part_digests
 from edge_sdk.config import DeviceConfig
 from edge_sdk.memory import MemoryBudgetExceeded, estimate_training_bytes
 from edge_sdk.privacy import (
@@ -38,8 +39,7 @@ from edge_sdk.protocol.messages import UpdateBody
 from edge_sdk.protocol.tensors import pack_tensors
 from edge_sdk.quantize import quantize_base
 from edge_sdk.store import AdapterStore
-from models.digits.unet import generate as sample_images
-from models.digits.unet import load_base_unet
+from models.backend import load_backend
 from models.lora import (
     DEFAULT_RANK,
     LoraConfig,
@@ -55,6 +55,7 @@ from models.lora import (
     set_adapter_state,
     set_mix,
 )
+from models.lora_formats import save_lora
 from models.text import PromptEncoder
 from models.training import TrainConfig, evaluation_loss, train_adapters
 
@@ -66,14 +67,20 @@ PERSONAL = "personal"
 
 @dataclass(frozen=True)
 class LocalData:
-    """A device's own training data: images in [0, 1] and the prompt the user gave for each."""
+    """A device's own training data: images ``(n, C, H, W)`` in [0, 1] and the prompt the user gave for each.
+
+    The base model checks the images' shape and values when it trains on them
+    (``DiffusionBackend.check_images`` names what it takes).
+    """
 
     images: torch.Tensor
     prompts: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.shape[1:] != (1, 16, 16):
-            raise ValueError(f"images must have shape (n, 1, 16, 16), got {tuple(self.images.shape)}")
+        if not isinstance(self.images, torch.Tensor) or self.images.ndim != 4:
+            raise ValueError(f"images must be a tensor shaped (n, channels, height, width), "
+                             f"got {getattr(self.images, 'shape', type(self.images).__name__)}")
+        object.__setattr__(self, "prompts", tuple(self.prompts))
         if len(self.prompts) != self.images.shape[0]:
             raise ValueError(f"{self.images.shape[0]} images but {len(self.prompts)} prompts")
         if len(self.prompts) == 0:
@@ -109,11 +116,14 @@ class EdgeClient:
         self.aggregator: PublicIdentity | None = None
         self.privacy = PrivacyLedger(self.data_dir / "privacy.json")
         self._rotation = None if config.fleet_secret is None else fleet_rotation(config.fleet_secret)
-        self.encoder = PromptEncoder()
-        self._encoding_cache: dict[str, np.ndarray] = {}
+        self.encoder = PromptEncoder()  # task vectors (whatever the model's own text encoder is)
+        self._task_cache: dict[str, np.ndarray] = {}
+        self._conditioning_cache: dict[str, torch.Tensor] = {}
+        self.backend = load_backend(config.base_model)
+        self._part_digests = part_digests(self.backend)  # of the full-precision weights, before quantizing
         # the fleet's LoRA config replaces this one with its first round start (``adopt_lora``)
-        self.shared_lora = lora_config(min(DEFAULT_RANK, config.effective("max_lora_rank")))
-        self.unet = load_base_unet(config.base_model)
+        self.shared_lora = lora_config(min(DEFAULT_RANK, config.effective("max_lora_rank")),
+                                       target_modules=self.backend.default_targets)
         if config.effective("quantization") == "int8":
             quantize_base(self.unet)
         if config.effective("gradient_checkpointing"):
@@ -121,13 +131,18 @@ class EdgeClient:
         self.unet.requires_grad_(False)
         add_adapter(self.unet, SHARED, self.shared_lora, seed=config.seed)
         if config.personalization in ("dual", "residual"):
-            add_adapter(self.unet, PERSONAL, lora_config(config.personal_rank), seed=config.seed + 1)
+            add_adapter(self.unet, PERSONAL, lora_config(config.personal_rank, target_modules=self.backend.default_targets),
+                        seed=config.seed + 1)
             # B starts at zero, so a fresh personal adapter changes nothing until trained
         self.shared_version = 0
         self._executorch = None  # the exported program (inference_backend="executorch"), loaded on first use
         self._trainer = None  # the exported training program (training_backend="executorch"), loaded on first use
-        self._base_sha256: str | None = None
         self.load()
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The base model's denoiser, which carries this device's adapters."""
+        return self.backend.denoiser
 
     # ---------------------------------------------------------------- identity
     @property
@@ -163,11 +178,23 @@ class EdgeClient:
 
     # ---------------------------------------------------------------- prompts
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._encoding_cache]
+        """MiniLM encodings of prompts: what task vectors are made of (cached per prompt)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._task_cache]
         if missing:
             for p, v in zip(missing, self.encoder.encode(missing)):
-                self._encoding_cache[p] = v
-        return np.stack([self._encoding_cache[p] for p in prompts])
+                self._task_cache[p] = v
+        return np.stack([self._task_cache[p] for p in prompts])
+
+    def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The base model's own conditioning of prompts (cached per prompt); it never leaves the device
+        in clear."""
+        if self.backend.conditioning_is_task_encoding:
+            return torch.from_numpy(self.encode(prompts))
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._conditioning_cache]
+        if missing:
+            for p, v in zip(missing, self.backend.encode_prompts(missing)):
+                self._conditioning_cache[p] = v
+        return torch.stack([self._conditioning_cache[p] for p in prompts])
 
     def task_vector(self, prompts: Sequence[str], seed: int | None = None) -> np.ndarray:
         """The defended task vector (``edge_sdk.privacy``): the mean encoding of ``task_prompt_count`` of the
@@ -201,22 +228,21 @@ class EdgeClient:
         start = get_adapter_state(self.unet, SHARED)
         batch = self.config.effective("batch_size")
         self.check_memory(batch)
-        encodings = torch.from_numpy(self.encode(data.prompts))
+        samples, conditioning = self._model_inputs(data)
         eval_seed = self.config.seed if seed is None else seed
-        probe = slice(0, 64)  # a fixed probe of the local data keeps the before/after loss cheap and comparable
         set_mix(self.unet, self.default_mix())
-        before = evaluation_loss(self.unet, data.images[probe], encodings[probe], seed=eval_seed, repeats=4)
+        before = self._probe_loss(samples, conditioning, eval_seed)
         mode = self.config.personalization
         if mode == "dual":  # shared and personal adapters learn together
-            self._train([SHARED, PERSONAL], self.default_mix(), data.images, encodings, steps, eval_seed + version)
+            self._train([SHARED, PERSONAL], self.default_mix(), samples, conditioning, steps, eval_seed + version)
         else:  # the shared adapter learns alone, so it carries everything the cluster can share ...
-            self._train([SHARED], {SHARED: 1.0}, data.images, encodings, steps, eval_seed + version)
+            self._train([SHARED], {SHARED: 1.0}, samples, conditioning, steps, eval_seed + version)
             if mode == "residual":  # ... and the personal adapter then fits only what it could not
                 personal_steps = max(1, steps // 2) if steps else 0
-                self._train([PERSONAL], self.default_mix(), data.images, encodings, personal_steps,
+                self._train([PERSONAL], self.default_mix(), samples, conditioning, personal_steps,
                             eval_seed + version + 1)
         set_mix(self.unet, self.default_mix())
-        after = evaluation_loss(self.unet, data.images[probe], encodings[probe], seed=eval_seed, repeats=4)
+        after = self._probe_loss(samples, conditioning, eval_seed)
         end = get_adapter_state(self.unet, SHARED)
         self.save()
         delta = {k: end[k] - start[k] for k in end}
@@ -230,9 +256,18 @@ class EdgeClient:
         """The denoising loss of our data under a candidate shared adapter (IFCA's cluster choice)."""
         set_adapter_state(self.unet, SHARED, adapter)
         set_mix(self.unet, self.default_mix())
-        encodings = torch.from_numpy(self.encode(data.prompts))
+        return self._probe_loss(*self._model_inputs(data), self.config.seed)
+
+    def _model_inputs(self, data: LocalData) -> tuple[torch.Tensor, torch.Tensor]:
+        """The data in the denoiser's space: samples (the VAE encodes once per round, not per step) and
+        conditioning; images the model cannot take are refused here, naming what it takes."""
+        with torch.no_grad():
+            return self.backend.encode_images(data.images), self.conditioning(data.prompts)
+
+    def _probe_loss(self, samples: torch.Tensor, conditioning: torch.Tensor, seed: int) -> float:
+        """The loss on a fixed probe of the local data: cheap, and comparable before and after training."""
         probe = slice(0, 64)
-        return evaluation_loss(self.unet, data.images[probe], encodings[probe], seed=self.config.seed, repeats=4)
+        return evaluation_loss(self.backend, samples[probe], conditioning[probe], seed=seed, repeats=4)
 
     def adopt_lora(self, lora: LoraConfig) -> None:
         """Shape the shared adapter by the fleet's LoRA config (every round start carries it).
@@ -261,18 +296,18 @@ class EdgeClient:
         """Shared adapter, plus the personal one where this device has it."""
         return {SHARED: 1.0} | ({PERSONAL: 1.0} if PERSONAL in adapter_names(self.unet) else {})
 
-    def _train(self, names: list[str], mix: dict[str, float], images: torch.Tensor, encodings: torch.Tensor,
+    def _train(self, names: list[str], mix: dict[str, float], samples: torch.Tensor, conditioning: torch.Tensor,
                steps: int, seed: int) -> None:
         if steps == 0:
             return
         config = TrainConfig(steps=steps, batch_size=self.config.effective("batch_size"), lr=self.config.lr, seed=seed)
         if self.config.training_backend == "executorch":  # config allows it only for the shared adapter alone
-            self._train_exported(images, encodings, config)
+            self._train_exported(samples, conditioning, config)
             return
         set_mix(self.unet, mix)
-        train_adapters(self.unet, names, images, encodings, config)
+        train_adapters(self.backend, names, samples, conditioning, config)
 
-    def _train_exported(self, images: torch.Tensor, encodings: torch.Tensor, config: TrainConfig) -> None:
+    def _train_exported(self, samples: torch.Tensor, conditioning: torch.Tensor, config: TrainConfig) -> None:
         """Train the shared adapter through the exported training program, then take its result back.
 
         Same data, noise, timesteps and AdamW as the eager trainer; the program holds a full-precision
@@ -289,13 +324,13 @@ class EdgeClient:
                              f"{self._trainer.scale}); the fleet's shared adapter has rank {peft.r}: export it "
                              f"again with the fleet's LoRA config (fedaigc export --config aggregator.toml)")
         self._trainer.set_adapter(get_adapter_state(self.unet, SHARED))
-        self._trainer.train(images, encodings, config)
+        self._trainer.train(self.backend, samples, conditioning, config)
         set_adapter_state(self.unet, SHARED, self._trainer.adapter_state())
 
     def check_memory(self, batch_size: int) -> None:
         """Fail before training if the step would not fit the profile's memory budget."""
         budget = self.config.effective("memory_budget_mb") * 1024 * 1024
-        need = estimate_training_bytes(self.unet, batch_size)
+        need = estimate_training_bytes(self.backend, batch_size)
         if need > budget:
             raise MemoryBudgetExceeded(
                 f"a training step at batch {batch_size} needs ~{need / 2**20:.1f} MB, over this device's "
@@ -334,10 +369,10 @@ class EdgeClient:
         if mix is None:
             mix = self.default_mix()
         set_mix(self.unet, mix)
-        encodings = torch.from_numpy(self.encode([prompt] * n))
+        conditioning = self.conditioning([prompt] * n)
         denoiser = self._exported_denoiser(mix) if self.config.inference_backend == "executorch" else None
-        return sample_images(self.unet, encodings, steps=steps, seed=seed, guidance_scale=guidance_scale,
-                             denoiser=denoiser)
+        return self.backend.generate(conditioning, steps=steps, seed=seed, guidance_scale=guidance_scale,
+                                     denoiser=denoiser)
 
     def _exported_denoiser(self, mix: Mapping[str, float]):
         """The exported program with ``mix`` of this device's adapters as its adapter data (no re-export)."""
@@ -351,13 +386,21 @@ class EdgeClient:
                                  {name: peft[name].lora_alpha / peft[name].r for name in mix})
         return self._executorch
 
-    def base_sha256(self) -> str:
-        """The digest of the full-precision base this device runs: an export must have been made from it."""
-        if self._base_sha256 is None:
-            from edge_sdk.artifacts.manifest import base_digest
+    def save_lora(self, path: str | Path, format: str = "diffusers", adapter: str = SHARED) -> Path:
+        """This device's adapter in a format image tools load: ``diffusers`` (a directory ``pipe.load_lora_weights``
+        reads), ``kohya`` (one ``.safetensors`` for A1111 / ComfyUI) or ``peft``; refused unless every key lands."""
+        if adapter not in adapter_names(self.unet):
+            raise ValueError(f"no adapter {adapter!r} on this device; it holds {adapter_names(self.unet)}")
+        return save_lora(get_adapter_state(self.unet, adapter), self.unet.peft_config[adapter], path, format,
+                         self.unet, self.backend.model_version)
 
-            self._base_sha256 = base_digest(load_base_unet(self.config.base_model))
-        return self._base_sha256
+    def base_sha256(self) -> str:
+        """The digest of the full-precision denoiser this device runs: an export must have been made from it."""
+        return self._part_digests["denoiser"]
+
+    def model_sha256(self) -> str:
+        """The identity of the whole base model (every part): a fleet runs one."""
+        return model_digest(self._part_digests)
 
     def use_export(self, export_dir: Path) -> None:
         """Sample through another export from now on (a rollout installed it); loaded on next use."""

@@ -14,16 +14,17 @@ from __future__ import annotations
 import torch
 
 from edge_sdk.quantize import weight_bytes
-from models.digits.unet import denoise
+from models.backend import DiffusionBackend
 
 
 class MemoryBudgetExceeded(ValueError):
     """A training step would not fit the device's memory budget."""
 
 
-def activation_bytes_per_sample(unet: torch.nn.Module) -> int:
+def activation_bytes_per_sample(backend: DiffusionBackend) -> int:
     """Bytes autograd keeps for backward for one sample (each storage once, weights excluded)."""
-    weights = {_storage(p) for p in unet.parameters()}
+    unet = backend.denoiser
+    weights = {_storage(p) for p in [*unet.parameters(), *unet.buffers()]}  # int8 weights are buffers
     seen: set[int] = set()
     saved = 0
 
@@ -35,10 +36,9 @@ def activation_bytes_per_sample(unet: torch.nn.Module) -> int:
             saved += t.numel() * t.element_size()
         return t
 
-    size = unet.config.sample_size
-    x = torch.zeros(1, 1, size, size)
+    x = torch.zeros(1, *backend.sample_shape)
     t = torch.zeros(1, dtype=torch.long)
-    enc = torch.zeros(1, unet.config.cross_attention_dim)
+    enc = torch.zeros(1, *backend.conditioning_shape)
     trainable = [p for p in unet.parameters() if p.requires_grad]
     flags = [p.requires_grad for p in unet.parameters()]
     if not trainable:  # autograd saves nothing without a trainable leaf; mimic LoRA training
@@ -48,7 +48,7 @@ def activation_bytes_per_sample(unet: torch.nn.Module) -> int:
     unet.train()  # gradient checkpointing, when enabled, only acts in training mode
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            denoise(unet, x, t, enc)
+            backend.predict(x, t, enc)
     finally:
         unet.train(was_training)
         for p, f in zip(unet.parameters(), flags):
@@ -68,10 +68,13 @@ def _storage(t: torch.Tensor) -> int | None:
 WORKSPACE_BYTES = 64 * 2**20
 
 
-def estimate_training_bytes(unet: torch.nn.Module, batch_size: int) -> int:
-    """A conservative estimate: weights + trainable x 3 (grad, two AdamW moments) + activations + workspace."""
+def estimate_training_bytes(backend: DiffusionBackend, batch_size: int) -> int:
+    """A conservative estimate: every part's weights + trainable x 3 (grad, two AdamW moments) + activations
+    + workspace."""
+    unet = backend.denoiser
     trainable = [p for p in unet.parameters() if p.requires_grad]
     if not trainable:  # adapters are frozen between rounds; a round trains the LoRA tensors
         trainable = [p for n, p in unet.named_parameters() if ".lora_" in n]
     states = 3 * sum(p.numel() * p.element_size() for p in trainable)
-    return weight_bytes(unet) + states + batch_size * activation_bytes_per_sample(unet) + WORKSPACE_BYTES
+    weights = sum(weight_bytes(module) for module in backend.modules().values())
+    return weights + states + batch_size * activation_bytes_per_sample(backend) + WORKSPACE_BYTES

@@ -159,6 +159,10 @@ class FederatedSession:
             return
         body = read_signed_keys(data)
         keys = PublicIdentity(body.verify_key, body.box_key)
+        if body.model != self.client.model_sha256():
+            raise RefusedMessage(Refusal.MODEL_MISMATCH, f"model mismatch: fleet runs {body.model[:16]}, this device "
+                                                         f"has {self.client.model_sha256()[:16]} "
+                                                         f"({self.client.config.base_model}); not enrolling")
         known = self.client.aggregator
         if known is not None and known != keys:
             pinned = self.client.config.aggregator_fingerprint
@@ -182,7 +186,8 @@ class FederatedSession:
 
     def _enrol(self) -> None:
         pub = self.client.identity.public
-        body = Enrol(self.client.config.enrolment_token, pub.verify_key, pub.box_key, self.client.config.profile)
+        body = Enrol(self.client.config.enrolment_token, pub.verify_key, pub.box_key, self.client.config.profile,
+                     self.client.model_sha256())
         sealed = seal_to(self.client.aggregator.box_key, body.encode())
         self.transport.publish(self.topics.enrol(self.client.device_id), self.writer.build(MessageType.ENROL, sealed))
 
@@ -226,10 +231,10 @@ class FederatedSession:
                         timeout: float = 60.0) -> torch.Tensor:
         """Ask the aggregator's global model for images (for devices too weak to sample locally).
 
-        Only the sealed prompt *encoding* leaves the device, never the prompt text.
+        Only the sealed conditioning (the model's own encoding of the prompt) leaves the device, never the text.
         """
         request_id = uuid.uuid4().hex
-        encoding = torch.from_numpy(self.client.encode([prompt])[0])
+        encoding = self.client.conditioning([prompt])[0]
         body = GenerateRequest(request_id, pack_tensors({"encoding": encoding}),
                                {str(c): float(w) for c, w in mix.items()}, n, seed)
         waiter = [threading.Event(), None]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from models.digits.unet import to_model_range, train_scheduler
+from models.backend import DiffusionBackend
 
 Samples = Callable[[int, int, torch.Generator], tuple[torch.Tensor, Sequence[str]]]
 """``samples(n, seed, generator) -> (n images in [0, 1] shaped (n, C, H, W), n prompts)``: deterministic
@@ -21,27 +21,37 @@ for ``seed``, any random choice drawn from ``generator``."""
 UNCONDITIONAL_SHARE = 0.25
 
 
-def denoising_batches(samples: Samples, batches: int, batch_size: int, seed: int = 0,
-                      encode=None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``batches`` deterministic ``(x, t, encoding)`` triples of ``batch_size`` rows each.
-
-    ``encode(prompts) -> (n, 384) array`` defaults to the MiniLM ``PromptEncoder``.
-    """
-    if encode is None:
-        from models.text import PromptEncoder
-
-        encode = PromptEncoder().encode
+def denoising_batches(backend: DiffusionBackend, samples: Samples, batches: int, batch_size: int,
+                      seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``batches`` deterministic ``(x, t, conditioning)`` triples of ``batch_size`` rows each, for ``backend``."""
     n = batches * batch_size
     g = torch.Generator().manual_seed(seed)
     images, prompts = samples(n, seed, g)
     if images.shape[0] != n or len(prompts) != n:
         raise ValueError(f"the calibration dataset gave {images.shape[0]} images and {len(prompts)} prompts, "
                          f"{n} were asked for")
-    encodings = torch.as_tensor(encode(list(prompts)), dtype=torch.float32)
-    encodings[torch.rand(n, generator=g) < UNCONDITIONAL_SHARE] = 0.0
-    schedule = train_scheduler()
+    conditioning = backend.encode_prompts(list(prompts))
+    dropped = torch.rand(n, generator=g) < UNCONDITIONAL_SHARE
+    conditioning = torch.where(dropped.reshape(n, *[1] * (conditioning.ndim - 1)), backend.unconditional(n),
+                               conditioning)
+    schedule = backend.train_scheduler()
     t = torch.randint(0, schedule.config.num_train_timesteps, (n,), generator=g)
-    noise = torch.randn(images.shape, generator=g)
-    x = schedule.add_noise(to_model_range(images), noise, t)
-    return [(x[i:i + batch_size], t[i:i + batch_size].float(), encodings[i:i + batch_size])
+    clean = backend.encode_images(images)
+    noise = torch.randn(clean.shape, generator=g)
+    x = schedule.add_noise(clean, noise, t)
+    return [(x[i:i + batch_size], t[i:i + batch_size].float(), conditioning[i:i + batch_size])
             for i in range(0, n, batch_size)]
+
+
+def training_batch(backend: DiffusionBackend, samples: Samples, batch: int, seed: int = 0,
+                   p_uncond: float = 0.1) -> tuple[torch.Tensor, ...]:
+    """One ``(x_t, t, conditioning, target)`` training batch of the dataset, drawn as the trainer draws it
+    (an exported training program's parity batch)."""
+    from models.training import noised_batch
+
+    g = torch.Generator().manual_seed(seed)
+    images, prompts = samples(batch, seed, g)
+    xt, t, conditioning, target = noised_batch(backend, backend.encode_images(images),
+                                               backend.encode_prompts(list(prompts)), backend.train_scheduler(), g,
+                                               p_uncond)
+    return xt, t.float(), conditioning, target

@@ -23,7 +23,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +30,9 @@ import torch
 
 from edge_sdk.artifacts.manifest import Manifest, adapter_record, base_digest
 from edge_sdk.artifacts.ptd import SLOT, AdapterSlot, pack_mix, rank_of
-from export_tools.executorch import ExportError, example_inputs, slot_unet
+from export_tools.executorch import ExportError, example_inputs, model_config, slot_unet
 from export_tools.graph import exportable
-from models.digits.unet import unet_config_of
+from models.backend import DiffusionBackend
 from models.lora import set_adapter_state
 
 PACKAGE = "model.mlpackage"
@@ -48,15 +47,15 @@ def function_name(name: str) -> str:
     return fn if re.match(r"[A-Za-z_]", fn) else f"f_{fn}"
 
 
-def convert_one(base: torch.nn.Module, adapters, mix: Mapping[str, float], rank: int, batch: int, weights: str):
+def convert_one(backend: DiffusionBackend, adapters, mix: Mapping[str, float], rank: int, batch: int, weights: str):
     """One ``MLModel`` (function ``main``) for ``mix`` of ``adapters``."""
     import coremltools as ct
 
-    unet, probe = slot_unet(base, adapters, rank)
+    unet, probe = slot_unet(backend, adapters, rank)
     slot = AdapterSlot.of_shapes({k: v.shape for k, v in probe.items()}, rank)
     set_adapter_state(unet, SLOT, pack_mix(slot, adapters, mix))
-    example = example_inputs(batch, base.config.sample_size)
-    ep = torch.export.export(exportable(unet), example, strict=False).run_decompositions({})
+    example = example_inputs(backend, batch)
+    ep = torch.export.export(exportable(unet, backend), example, strict=False).run_decompositions({})
     model = ct.convert(
         ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
         compute_precision=ct.precision.FLOAT16,
@@ -83,7 +82,7 @@ def compress(model, weights: str):
 
 
 def export_coreml(
-    base: torch.nn.Module,
+    backend: DiffusionBackend,
     adapters: Mapping[str, Mapping[str, torch.Tensor]],
     functions: Mapping[str, Mapping[str, float]],
     out_dir: str | Path,
@@ -95,6 +94,7 @@ def export_coreml(
     """``out_dir/model.mlpackage`` with one function per entry of ``functions`` (name -> mix)."""
     import coremltools as ct
 
+    base = backend.denoiser
     if weights not in WEIGHTS:
         raise ExportError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     if not functions:
@@ -113,7 +113,7 @@ def export_coreml(
         paths = {}
         for fn, mix in names.items():
             paths[fn] = Path(tmp) / f"{fn}.mlpackage"
-            convert_one(base, adapters, mix, rank, batch, weights).save(str(paths[fn]))
+            convert_one(backend, adapters, mix, rank, batch, weights).save(str(paths[fn]))
         if len(paths) == 1:
             shutil.copytree(next(iter(paths.values())), package)
         else:
@@ -124,10 +124,10 @@ def export_coreml(
             ct.utils.save_multifunction(desc, str(package))
         single_sizes = {fn: _dir_bytes(p) for fn, p in paths.items()}
     seconds = time.perf_counter() - started
-    example = example_inputs(batch, base.config.sample_size)
+    example = example_inputs(backend, batch)
     used = sorted({a for mix in names.values() for a in mix})
     manifest = Manifest(
-        format="coreml", base_sha256=base_digest(base), unet_config=asdict(unet_config_of(base)),
+        format="coreml", base_sha256=base_digest(base), unet_config=model_config(base),
         quantization=weights,
         adapter={"functions": {fn: dict(mix) for fn, mix in names.items()},
                  **adapter_record({a: adapters[a] for a in used}, {a: 1.0 for a in used}, versions)},

@@ -1,12 +1,12 @@
 """ExecuTorch export: the denoiser as ``model.pte`` + ``base.ptd`` + ``adapter.ptd`` (XNNPACK, fp32 or int8).
 
-    export_executorch(load_base_unet(), adapters, {"cluster-0": 1.0}, "out/", quantize="int8")
+    export_executorch(load_backend(path), adapters, {"cluster-0": 1.0}, "out/", quantize="int8", calibration=...)
 
-1. A copy of the base UNet gets one LoRA *slot* (peft, rank ``slot_rank``, on the default
-   LoRA targets plus any module the adapters touch) and the XNNPACK-friendly spelling
+1. A copy of the backend's denoiser gets one LoRA *slot* (peft, rank ``slot_rank``, on the
+   model's default LoRA targets plus any module the adapters touch) and the XNNPACK-friendly spelling
    of ``export_tools.graph``.
 2. ``torch.export`` at a fixed batch; for int8, pt2e ``XNNPACKQuantizer`` (per-channel
-   symmetric int8 weights, static int8 activations) calibrated on styled-digit denoising
+   symmetric int8 weights, static int8 activations) calibrated on the model's denoising
    inputs on convolutions and linears except the first and last convolution (int8 norms,
    softmax and adds wrecked the samples: 20-step sample error 0.83 vs 0.07) — the slot's
    own LoRA matmuls stay fp32 so adapters stay swappable.
@@ -29,20 +29,21 @@ convolution-backend guard. The runtime pads or splits to the exported batch.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import statistics
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from edge_sdk.artifacts.manifest import Manifest, adapter_record, base_digest
 from edge_sdk.artifacts.ptd import SLOT, AdapterSlot, adapter_ptd, locate_slot, pack_mix, rank_of
+from export_tools.encoders import export_encoders
 from export_tools.graph import exportable
-from models.digits.unet import denoise, unet_config_of
-from models.lora import DEFAULT_TARGETS, add_adapter, get_adapter_state, lora_config, set_adapter_state, set_mix
+from models.backend import DiffusionBackend
+from models.lora import add_adapter, get_adapter_state, lora_config, set_adapter_state, set_mix
 
 log = logging.getLogger("fedaigc.export")
 
@@ -72,13 +73,14 @@ def with_adapters(base: torch.nn.Module, adapters: Mapping[str, Mapping[str, tor
     return unet
 
 
-def slot_unet(base: torch.nn.Module, adapters: Mapping[str, Mapping[str, torch.Tensor]], rank: int,
+def slot_unet(backend: DiffusionBackend, adapters: Mapping[str, Mapping[str, torch.Tensor]], rank: int,
               seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """A copy of ``base`` with the adapter slot filled by a seeded probe: (unet, probe tensors by peft name)."""
+    """A copy of the backend's denoiser with the adapter slot (on the model's default targets and whatever
+    the adapters touch) filled by a seeded probe: (unet, probe tensors by peft name)."""
     extra = sorted({m for s in adapters.values() for m in adapter_modules(s)})
-    unet = copy.deepcopy(base).eval()
+    unet = copy.deepcopy(backend.denoiser).eval()
     unet.requires_grad_(False)
-    add_adapter(unet, SLOT, lora_config(rank, target_modules=tuple(DEFAULT_TARGETS) + tuple(extra)))
+    add_adapter(unet, SLOT, lora_config(rank, target_modules=tuple(backend.default_targets) + tuple(extra)))
     shapes = {k: v.shape for k, v in get_adapter_state(unet, SLOT).items()}
     g = torch.Generator().manual_seed(seed)
     probe = {k: (torch.rand(s, generator=g) + 0.5) * 0.02 * torch.sign(torch.randn(s, generator=g))
@@ -94,21 +96,29 @@ def _slot_param(name: str) -> str:
 
 
 class EagerDenoiser(torch.nn.Module):
-    """The eager call the sampler makes (``models.digits.unet.denoise``), as a module: the parity reference."""
+    """The eager call the sampler makes (``DiffusionBackend.run``), as a module: the parity reference."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, unet: torch.nn.Module, backend: DiffusionBackend) -> None:
         super().__init__()
         self.unet = unet
+        self.run = backend.run
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, encoding: torch.Tensor) -> torch.Tensor:
-        return denoise(self.unet, x, t, encoding)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        return self.run(self.unet, x, t, conditioning)
 
 
 # ---------------------------------------------------------------- lowering
-def example_inputs(batch: int, sample_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def example_inputs(backend: DiffusionBackend, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, t, conditioning)`` of the model's shapes at a fixed batch (what the program is traced with)."""
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(batch, 1, sample_size, sample_size, generator=g), torch.full((batch,), 500.0),
-            torch.randn(batch, 384, generator=g) * 0.05)
+    return (torch.randn(batch, *backend.sample_shape, generator=g), torch.full((batch,), 500.0),
+            torch.randn(batch, *backend.conditioning_shape, generator=g) * 0.05)
+
+
+def model_config(unet: torch.nn.Module) -> dict:
+    """The denoiser's diffusers config, as the manifest records it (JSON values)."""
+    return json.loads(json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
+                                 default=list))
 
 
 def _is_adapter_module(node: torch.fx.Node) -> bool:
@@ -222,7 +232,7 @@ def errors(fn, reference, batches) -> tuple[float, float]:
 
 # ---------------------------------------------------------------- the export
 def export_executorch(
-    base: torch.nn.Module,
+    backend: DiffusionBackend,
     adapters: Mapping[str, Mapping[str, torch.Tensor]],
     mix: Mapping[str, float],
     out_dir: str | Path,
@@ -234,12 +244,16 @@ def export_executorch(
     calibration,
     measure: bool = True,
     latency_reps: int = 10,
+    encoders: bool = True,
 ) -> Manifest:
-    """Export ``base`` with ``mix`` of ``adapters`` in its adapter slot to ``out_dir``; returns the manifest.
+    """Export the backend's denoiser with ``mix`` of ``adapters`` in its adapter slot to ``out_dir``.
 
-    ``base`` is a plain (adapter-free) UNet. ``calibration`` is a list of ``(x, t, encoding)``
-    batches (``export_tools.calibration.denoising_batches``); it also serves as the parity set.
+    The backend's denoiser is the plain (adapter-free) base. ``calibration`` is a list of
+    ``(x, t, conditioning)`` batches (``export_tools.calibration.denoising_batches``); it also serves
+    as the parity set. With ``encoders``, a latent model's text encoder and VAE decoder programs
+    are written beside it (``export_tools.encoders``). Returns the manifest.
     """
+    base = backend.denoiser
     if quantize not in QUANTIZATIONS:
         raise ExportError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
     if getattr(base, "peft_config", None):
@@ -249,11 +263,11 @@ def export_executorch(
         raise ExportError(f"the mix needs rank {needed}, over slot_rank={slot_rank}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    reference = EagerDenoiser(with_adapters(base, adapters, mix))
-    unet, probe = slot_unet(base, adapters, slot_rank)
-    module = exportable(unet)
+    reference = EagerDenoiser(with_adapters(base, adapters, mix), backend)
+    unet, probe = slot_unet(backend, adapters, slot_rank)
+    module = exportable(unet, backend)
     slot_state = pack_mix(AdapterSlot.of_shapes({k: v.shape for k, v in probe.items()}, slot_rank), adapters, mix)
-    example = example_inputs(batch, base.config.sample_size)
+    example = example_inputs(backend, batch)
     started = time.perf_counter()
     gm = torch.export.export(module, example, strict=False).module()
     if quantize == "int8":
@@ -273,7 +287,7 @@ def export_executorch(
     (out / ADAPTER_DATA).write_bytes(adapter_ptd(slot, slot_state))
 
     manifest = Manifest(
-        format="executorch", base_sha256=base_digest(base), unet_config=asdict(unet_config_of(base)),
+        format="executorch", base_sha256=base_digest(base), unet_config=model_config(base),
         quantization=quantize, adapter=adapter_record(adapters, mix, versions), slot=slot.to_json(),
         inputs={"x": {"shape": list(example[0].shape), "dtype": "float32"},
                 "t": {"shape": list(example[1].shape), "dtype": "float32"},
@@ -283,11 +297,13 @@ def export_executorch(
                "base.ptd holds the base weights, adapter.ptd the adapter slot; swap adapter.ptd to change adapters",
                "the Python runtime loads one data file: base.ptd and adapter.ptd are merged at load"],
     )
-    manifest.record_files(out, [PROGRAM, BASE_DATA, ADAPTER_DATA])
+    parts = export_encoders(backend, out) if encoders else {}
+    manifest.record_files(out, [PROGRAM, BASE_DATA, ADAPTER_DATA, *parts])
     manifest.save(out)
     if measure:
         manifest.parity, manifest.latency = measure_export(out, reference, calibration, latency_reps)
-        manifest.save(out)
+    manifest.parity |= parts
+    manifest.save(out)
     return manifest
 
 
@@ -316,7 +332,7 @@ def measure_export(out_dir: Path, reference: torch.nn.Module, batches, reps: int
         program.close()
     parity = {"max_abs_err": err, "rms_err": rms, "reference_max_abs": scale, "batches": len(batches),
               "rows": sum(b[0].shape[0] for b in batches),
-              "reference": "eager peft UNet with the same adapters and mix (models.digits.unet.denoise)"}
+              "reference": "eager peft UNet with the same adapters and mix (DiffusionBackend.run)"}
     latency = {"eager_ms": 1e3 * timing["eager"], "executorch_ms": 1e3 * timing["executorch"],
                "ratio_vs_eager": timing["executorch"] / timing["eager"], "batch": batches[0][0].shape[0],
                "threads": threads, "reps": reps, "note": "measured on the export machine's CPU, not the device"}

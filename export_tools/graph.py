@@ -1,6 +1,6 @@
-"""The denoiser as an exportable graph: ``forward(x, t, encoding) -> eps`` over a copy of the UNet.
+"""The denoiser as an exportable graph: ``forward(x, t, conditioning) -> eps`` over a copy of the UNet.
 
-Numerically the same network (max error ~1e-6 against ``models.digits.unet.denoise``), spelled
+Numerically the same network as the backend's eager call (``DiffusionBackend.run``), spelled
 with ops XNNPACK delegates: GroupNorm and LayerNorm as 4-D means (XNNPACK's mean reduces
 the two innermost dims of a 4-D tensor; it has no group- or layer-norm op), attention as
 ``bmm → softmax → bmm`` (SDPA's decomposition adds masking ops that split the graph into
@@ -18,7 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from models.digits.unet import denoise
+from models.backend import DiffusionBackend
 
 
 class GroupNorm4d(nn.Module):
@@ -90,17 +90,18 @@ class BmmAttnProcessor:
 
 
 class ExportableDenoiser(nn.Module):
-    """``forward(x, t, encoding)``: predicted noise, the call ``models.digits.unet.generate`` makes each step."""
+    """``forward(x, t, conditioning)``: the denoiser's output, the call the sampler makes each step."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, backend: DiffusionBackend) -> None:
         super().__init__()
         self.unet = unet
+        self.run = backend.run  # the model's conditioning convention, applied to this copy
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, encoding: torch.Tensor) -> torch.Tensor:
-        return denoise(self.unet, x, t, encoding)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        return self.run(self.unet, x, t, conditioning)
 
 
-def exportable(unet: nn.Module) -> ExportableDenoiser:
+def exportable(unet: nn.Module, backend: DiffusionBackend) -> ExportableDenoiser:
     """An export-friendly copy of ``unet`` (adapters and their activation included); ``unet`` is untouched."""
     unet = copy.deepcopy(unet).eval()
     for parent in list(unet.modules()):
@@ -111,4 +112,4 @@ def exportable(unet: nn.Module) -> ExportableDenoiser:
                 setattr(parent, name, LayerNorm4d(child))
     unet.set_attn_processor(BmmAttnProcessor())
     unet.requires_grad_(False)
-    return ExportableDenoiser(unet)
+    return ExportableDenoiser(unet, backend)

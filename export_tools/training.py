@@ -1,6 +1,6 @@
 """ExecuTorch on-device training: the denoiser's LoRA training step as one joint forward–backward program.
 
-    export_training(load_base_unet(), "out/train", lora=lora_config(2), batch=16)
+    export_training(load_backend(path), "out/train", lora=the_fleets_lora_config, batch=16)
 
 writes ``train.pte`` (the program), ``base.ptd`` (the frozen base weights), ``adapter.ptd``
 (the trainable LoRA tensors) and ``manifest.json``. The program's method ``forward(x_t, t,
@@ -37,7 +37,6 @@ import logging
 import statistics
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -45,8 +44,10 @@ import torch.nn.functional as F
 
 from edge_sdk.artifacts.manifest import Manifest, base_digest
 from edge_sdk.artifacts.ptd import SLOT, locate_slot
+from export_tools.executorch import example_inputs as inference_inputs
+from export_tools.executorch import model_config
 from export_tools.graph import exportable
-from models.digits.unet import denoise, unet_config_of
+from models.backend import DiffusionBackend
 from models.lora import LoraConfig, add_adapter, get_adapter_state, lora_config, lora_scale, set_adapter_state, set_mix
 
 log = logging.getLogger("fedaigc.export")
@@ -57,15 +58,17 @@ _TAG_BASE, _TAG_ADAPTER = "base", "adapter"
 
 
 class TrainingStep(torch.nn.Module):
-    """``forward(x_t, t, encoding, noise) -> (loss,)``: the eager trainer's loss, loss first as the runtime expects."""
+    """``forward(x_t, t, conditioning, target) -> (loss,)``: the eager trainer's loss, loss first as the runtime
+    expects (the target is the noise or the velocity, drawn outside with the batch)."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, unet: torch.nn.Module, backend: DiffusionBackend) -> None:
         super().__init__()
         self.unet = unet
+        self.run = backend.run
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, encoding: torch.Tensor,
-                noise: torch.Tensor) -> tuple[torch.Tensor]:
-        return (F.mse_loss(denoise(self.unet, x, t, encoding), noise),)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, conditioning: torch.Tensor,
+                target: torch.Tensor) -> tuple[torch.Tensor]:
+        return (F.mse_loss(self.run(self.unet, x, t, conditioning), target),)
 
 
 def eager_unet(base: torch.nn.Module, lora: LoraConfig, adapter: Mapping[str, torch.Tensor] | None = None,
@@ -82,18 +85,18 @@ def eager_unet(base: torch.nn.Module, lora: LoraConfig, adapter: Mapping[str, to
     return unet
 
 
-def training_step(unet: torch.nn.Module) -> TrainingStep:
+def training_step(unet: torch.nn.Module, backend: DiffusionBackend) -> TrainingStep:
     """``unet`` (with its trainable adapter) in the exportable spelling, LoRA trainable, base frozen."""
-    module = exportable(unet).unet
+    module = exportable(unet, backend).unet
     for name, p in module.named_parameters():
         p.requires_grad_(".lora_" in name)
-    return TrainingStep(module)
+    return TrainingStep(module, backend)
 
 
-def example_inputs(batch: int, sample_size: int = 16) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(0)
-    return (torch.randn(batch, 1, sample_size, sample_size, generator=g), torch.full((batch,), 500.0),
-            torch.randn(batch, 384, generator=g) * 0.05, torch.randn(batch, 1, sample_size, sample_size, generator=g))
+def example_inputs(backend: DiffusionBackend, batch: int) -> tuple[torch.Tensor, ...]:
+    """``(x_t, t, conditioning, target)`` of the model's shapes at a fixed batch."""
+    x, t, conditioning = inference_inputs(backend, batch)
+    return x, t, conditioning, torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
 
 
 def _empty_permuted_as_empty(gm: torch.fx.GraphModule) -> int:
@@ -134,7 +137,7 @@ def lower_training(step: TrainingStep, example) -> "object":
 
 
 def export_training(
-    base: torch.nn.Module,
+    backend: DiffusionBackend,
     out_dir: str | Path,
     *,
     lora: LoraConfig | None = None,
@@ -143,24 +146,25 @@ def export_training(
     parity_batch: tuple[torch.Tensor, ...] | None = None,
     latency_reps: int = 5,
 ) -> Manifest:
-    """Export the LoRA training step of ``base`` (a plain UNet) with a ``lora`` adapter (the fleet's;
-    default: ``lora_config()``) to ``out_dir``.
+    """Export the LoRA training step of the backend's (plain) denoiser with a ``lora`` adapter (the fleet's;
+    default: rank 2 on the model's default targets) to ``out_dir``.
 
-    ``parity_batch`` ``(x_t, t, encoding, noise)`` of ``batch`` rows is where the program's loss
-    and step-1 gradients are checked against eager autograd (default: styled-digit inputs).
+    ``parity_batch`` ``(x_t, t, conditioning, target)`` of ``batch`` rows is where the program's loss
+    and step-1 gradients are checked against eager autograd (default: the traced example inputs).
     """
     from export_tools.executorch import ExportError
 
+    base = backend.denoiser
     if getattr(base, "peft_config", None):
         raise ExportError("export from the plain base UNet; the trainable adapter is added by the exporter")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lora = lora if lora is not None else lora_config()
+    lora = lora if lora is not None else lora_config(target_modules=backend.default_targets)
     unet = eager_unet(base, lora)
     initial = get_adapter_state(unet, SLOT)
-    example = example_inputs(batch, base.config.sample_size)
+    example = example_inputs(backend, batch)
     started = time.perf_counter()
-    program = lower_training(training_step(unet), example)
+    program = lower_training(training_step(unet, backend), example)
     seconds = time.perf_counter() - started
 
     for stale in (PROGRAM, BASE_DATA, ADAPTER_DATA):
@@ -175,7 +179,7 @@ def export_training(
 
     shape = list(example[0].shape)
     manifest = Manifest(
-        format=FORMAT, base_sha256=base_digest(base), unet_config=asdict(unet_config_of(base)), quantization="fp32",
+        format=FORMAT, base_sha256=base_digest(base), unet_config=model_config(base), quantization="fp32",
         adapter={"rank": lora.r, "alpha": lora.lora_alpha, "scale": lora_scale(lora),
                  "target_modules": sorted(lora.target_modules), "trainable": [t.name for t in slot.tensors]},
         slot=slot.to_json(),
@@ -187,31 +191,17 @@ def export_training(
         notes=[f"joint forward-backward export + lowering took {seconds:.1f} s",
                "base.ptd holds the frozen base weights, adapter.ptd the trainable LoRA tensors (initial values)",
                "portable kernels, no XNNPACK delegation: the backward ops run on portable kernels",
-               "the loss is models.training's noise-prediction MSE; batches, noise and timesteps are drawn outside"],
+               "the loss is models.training's MSE to the target (noise or velocity); batches, noise, timesteps "
+               "and targets are drawn outside"],
     )
     manifest.record_files(out, [PROGRAM, BASE_DATA, ADAPTER_DATA])
     manifest.save(out)
     if measure:
         if parity_batch is None:
-            parity_batch = styled_digit_batch(batch)
-        manifest.parity, manifest.latency = measure_training(out, unet, parity_batch, latency_reps)
+            parity_batch = example
+        manifest.parity, manifest.latency = measure_training(out, unet, backend, parity_batch, latency_reps)
         manifest.save(out)
     return manifest
-
-
-def styled_digit_batch(batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """One ``(x_t, t, encoding, noise)`` training batch from styled-digit personas, drawn as the trainer draws it."""
-    from models.digits.data import STYLES, make_personas
-    from models.digits.unet import train_scheduler
-    from models.text import PromptEncoder
-    from models.training import noised_batch
-
-    personas = make_personas(len(STYLES), len(STYLES), seed=seed, images_per_client=max(8, batch // len(STYLES) + 2))
-    images = torch.cat([p.train_images for p in personas])[:batch]
-    prompts = [pr for p in personas for pr in p.train_prompts][:batch]
-    encodings = torch.as_tensor(PromptEncoder().encode(prompts), dtype=torch.float32)
-    xt, t, enc, noise = noised_batch(images, encodings, train_scheduler(), torch.Generator().manual_seed(seed), 0.1)
-    return xt, t.float(), enc, noise
 
 
 def gradient_errors(runtime: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -226,12 +216,13 @@ def gradient_errors(runtime: Mapping[str, torch.Tensor], reference: Mapping[str,
     return {"grad_max_abs_err": worst_abs, "grad_max_rel_err": worst_rel}
 
 
-def eager_gradients(unet: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[float, dict[str, torch.Tensor]]:
+def eager_gradients(unet: torch.nn.Module, backend: DiffusionBackend,
+                    batch: tuple[torch.Tensor, ...]) -> tuple[float, dict[str, torch.Tensor]]:
     """(loss, gradients by peft name) of adapter ``SLOT`` of ``unet`` by eager autograd."""
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     for p in params.values():
         p.grad = None
-    loss = F.mse_loss(denoise(unet, *batch[:3]), batch[3])
+    loss = F.mse_loss(backend.run(unet, *batch[:3]), batch[3])
     loss.backward()
     grads = {n.replace(f".{SLOT}.", "."): p.grad.detach().clone() for n, p in params.items()}
     for p in params.values():
@@ -239,7 +230,7 @@ def eager_gradients(unet: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> t
     return float(loss.detach()), grads
 
 
-def measure_training(out_dir: Path, unet: torch.nn.Module, batch: tuple[torch.Tensor, ...],
+def measure_training(out_dir: Path, unet: torch.nn.Module, backend: DiffusionBackend, batch: tuple[torch.Tensor, ...],
                      reps: int = 5) -> tuple[dict, dict]:
     """(parity, latency) of the program in ``out_dir`` against eager autograd on ``unet``, same process."""
     from edge_sdk.artifacts.training import ExecuTorchTrainer
@@ -247,7 +238,7 @@ def measure_training(out_dir: Path, unet: torch.nn.Module, batch: tuple[torch.Te
     trainer = ExecuTorchTrainer(out_dir, threads=torch.get_num_threads())
     trainer.set_adapter(get_adapter_state(unet, SLOT))
     loss, grads = trainer.forward_backward(*batch)
-    eager_loss, eager_grads = eager_gradients(unet, batch)
+    eager_loss, eager_grads = eager_gradients(unet, backend, batch)
     parity = {"loss": loss, "eager_loss": eager_loss, "loss_abs_err": abs(loss - eager_loss),
               **gradient_errors(grads, eager_grads), "rows": int(batch[0].shape[0]),
               "reference": "eager peft UNet, autograd (models.training's loss)"}
@@ -256,7 +247,7 @@ def measure_training(out_dir: Path, unet: torch.nn.Module, batch: tuple[torch.Te
         for kind in times:
             start = time.perf_counter()
             if kind == "eager":
-                eager_gradients(unet, batch)
+                eager_gradients(unet, backend, batch)
             else:
                 trainer.forward_backward(*batch)
             if rep:

@@ -17,19 +17,25 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-# The default targets of the bundled digits UNet (docs/results.md, "LoRA targets", says why):
+# The LoRA targets that suit each model family, as peft keeps one table per architecture; the
+# fleet's LoraConfig may name others. Digits (docs/results.md, "LoRA targets", says why):
 # attention values/outputs read the prompt, the class-embedding projection and the ResNets' time
 # projections turn it into per-block modulation, and the input/output and first ResNet
 # convolutions carry the spatial part of a style (slant, frames) that attention alone misses.
-DEFAULT_TARGETS = ("to_v", "to_out.0", "linear_1", "linear_2", "time_emb_proj", "conv_in", "conv_out", "conv1")
+# Stable Diffusion: every attention projection, as diffusers' own LoRA training scripts adapt.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "digits": ("to_v", "to_out.0", "linear_1", "linear_2", "time_emb_proj", "conv_in", "conv_out", "conv1"),
+    "stable-diffusion": ("to_q", "to_k", "to_v", "to_out.0"),
+}
 DEFAULT_RANK = 2
 _WIRE_FIELDS = ("r", "lora_alpha", "target_modules")
 
 
 def lora_config(rank: int = DEFAULT_RANK, alpha: float | None = None,
-                target_modules: Iterable[str] = DEFAULT_TARGETS) -> LoraConfig:
+                target_modules: Iterable[str] = DEFAULT_TARGETS["digits"]) -> LoraConfig:
     """peft's ``LoraConfig``, the one adapter configuration: a fleet owns it and sends it in every
-    round start (``lora_to_dict``); ``alpha=None`` means alpha = rank, a scale of 1."""
+    round start (``lora_to_dict``); ``alpha=None`` means alpha = rank, a scale of 1. The default
+    targets are the bundled model's; other models pass their backend's ``default_targets``."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     if alpha is not None and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
@@ -53,14 +59,15 @@ def lora_to_dict(config: LoraConfig) -> dict:
     return {"r": int(config.r), "lora_alpha": float(config.lora_alpha), "target_modules": sorted(config.target_modules)}
 
 
-def lora_from_dict(raw: Mapping) -> LoraConfig:
-    """The inverse of ``lora_to_dict``; a missing, unknown or mistyped field is a ``ValueError`` naming it."""
+def lora_from_dict(raw: Mapping, default_targets: Iterable[str] = DEFAULT_TARGETS["digits"]) -> LoraConfig:
+    """The inverse of ``lora_to_dict``; a missing, unknown or mistyped field is a ``ValueError`` naming it
+    (``target_modules`` may be left out: the model's ``default_targets``)."""
     if not isinstance(raw, Mapping):
         raise ValueError(f"a LoRA config is a table of {', '.join(_WIRE_FIELDS)}, got {type(raw).__name__}")
     unknown = sorted(map(str, set(raw) - set(_WIRE_FIELDS)))
     if unknown or "r" not in raw:
         raise ValueError(f"a LoRA config has the fields {', '.join(_WIRE_FIELDS)} (r required); got {sorted(map(str, raw))}")
-    targets = raw.get("target_modules", DEFAULT_TARGETS)
+    targets = raw.get("target_modules", tuple(default_targets))
     if not isinstance(targets, (list, tuple)):
         raise ValueError(f"LoRA target_modules must be a list of module names, got {type(targets).__name__}")
     return lora_config(raw["r"], raw.get("lora_alpha"), targets)

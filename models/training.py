@@ -1,5 +1,7 @@
 """The denoising objective and one training loop, shared by pretraining, the centralized
-baseline and on-device LoRA rounds (which differ only in *which* parameters train)."""
+baseline and on-device LoRA rounds (which differ only in *which* parameters train), on any
+``DiffusionBackend``: samples are already in the denoiser's space, so a latent model's VAE
+encodes a device's images once per round, not once per step."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from models.digits.unet import denoise, to_model_range, train_scheduler
+from models.backend import DiffusionBackend
 
 # The LoRA learning rate chosen on a styled-digits persona (docs/results.md, "LoRA learning rate").
 LORA_LR = 1e-2
@@ -38,51 +40,54 @@ class TrainConfig:
 
 
 def noised_batch(
-    images01: torch.Tensor,
-    encodings: torch.Tensor,
+    backend: DiffusionBackend,
+    samples: torch.Tensor,
+    conditioning: torch.Tensor,
     scheduler: DDPMScheduler,
     generator: torch.Generator,
     p_uncond: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x_t, t, encodings, noise)``: the DDPM objective's random draws, apart from the network.
+    """``(x_t, t, conditioning, target)``: the diffusion objective's random draws, apart from the network.
 
-    Split out so an exported training program (which takes these four tensors as inputs)
-    sees exactly the draws the eager trainer makes from the same generator.
+    ``samples`` are in the denoiser's space (``backend.encode_images``); the target is the noise
+    or the velocity, as the model predicts. A ``p_uncond`` share of rows gets the empty prompt's
+    conditioning. Split out so an exported training program (which takes these four tensors as
+    inputs) sees exactly the draws the eager trainer makes from the same generator.
     """
-    x0 = to_model_range(images01)
-    n = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator)
+    n = samples.shape[0]
+    noise = torch.randn(samples.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
-    xt = scheduler.add_noise(x0, noise, t)
+    xt = scheduler.add_noise(samples, noise, t)
     if p_uncond > 0:
-        keep = (torch.rand(n, generator=generator) >= p_uncond).float()[:, None]
-        encodings = encodings * keep
-    return xt, t, encodings, noise
+        keep = torch.rand(n, generator=generator) >= p_uncond
+        conditioning = torch.where(keep.reshape(n, *[1] * (conditioning.ndim - 1)), conditioning,
+                                   backend.unconditional(n))
+    return xt, t, conditioning, backend.target(samples, noise, t, scheduler)
 
 
 def diffusion_loss(
-    unet: torch.nn.Module,
-    images01: torch.Tensor,
-    encodings: torch.Tensor,
+    backend: DiffusionBackend,
+    samples: torch.Tensor,
+    conditioning: torch.Tensor,
     scheduler: DDPMScheduler,
     generator: torch.Generator,
     p_uncond: float = 0.0,
 ) -> torch.Tensor:
-    """Epsilon-prediction MSE at uniformly drawn timesteps (the DDPM objective)."""
-    xt, t, encodings, noise = noised_batch(images01, encodings, scheduler, generator, p_uncond)
-    return F.mse_loss(denoise(unet, xt, t, encodings), noise)
+    """MSE between the denoiser's output and its target at uniformly drawn timesteps."""
+    xt, t, conditioning, target = noised_batch(backend, samples, conditioning, scheduler, generator, p_uncond)
+    return F.mse_loss(backend.predict(xt, t, conditioning), target)
 
 
 @torch.no_grad()
-def evaluation_loss(unet: torch.nn.Module, images01: torch.Tensor, encodings: torch.Tensor,
+def evaluation_loss(backend: DiffusionBackend, samples: torch.Tensor, conditioning: torch.Tensor,
                     seed: int = 0, repeats: int = 8) -> float:
     """The denoising loss under fixed noise and timesteps: comparable before and after training."""
-    was_training = unet.training
-    unet.eval()
+    was_training = backend.denoiser.training
+    backend.denoiser.eval()
     generator = torch.Generator().manual_seed(seed)
-    scheduler = train_scheduler()
-    total = sum(diffusion_loss(unet, images01, encodings, scheduler, generator).item() for _ in range(repeats))
-    unet.train(was_training)
+    scheduler = backend.train_scheduler()
+    total = sum(diffusion_loss(backend, samples, conditioning, scheduler, generator).item() for _ in range(repeats))
+    backend.denoiser.train(was_training)
     return total / repeats
 
 
@@ -94,8 +99,9 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], floa
 def train_steps(
     step: StepFn,
     params: list[torch.Tensor],
-    images01: torch.Tensor,
-    encodings: torch.Tensor,
+    backend: DiffusionBackend,
+    samples: torch.Tensor,
+    conditioning: torch.Tensor,
     config: TrainConfig,
     progress: bool = False,
     description: str = "training",
@@ -106,16 +112,16 @@ def train_steps(
     ExecuTorch training program), so both backends see identical data and updates and
     differ only in how the gradients are computed.
     """
-    if images01.shape[0] != encodings.shape[0]:
-        raise ValueError(f"{images01.shape[0]} images but {encodings.shape[0]} encodings")
-    if images01.shape[0] == 0:
+    if samples.shape[0] != conditioning.shape[0]:
+        raise ValueError(f"{samples.shape[0]} samples but {conditioning.shape[0]} conditionings")
+    if samples.shape[0] == 0:
         raise ValueError("cannot train on an empty dataset")
     if not params:
         raise ValueError("no trainable parameters were given")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    scheduler = train_scheduler()
-    n = images01.shape[0]
+    scheduler = backend.train_scheduler()
+    n = samples.shape[0]
     losses: list[float] = []
     steps = range(config.steps)
     if progress:
@@ -124,7 +130,7 @@ def train_steps(
         steps = tqdm(steps, desc=description, leave=False)
     for _ in steps:
         idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
-        batch = noised_batch(images01[idx], encodings[idx], scheduler, generator, config.p_uncond)
+        batch = noised_batch(backend, samples[idx], conditioning[idx], scheduler, generator, config.p_uncond)
         optimizer.zero_grad(set_to_none=True)
         losses.append(step(*batch))
         if config.grad_clip > 0:
@@ -136,47 +142,47 @@ def train_steps(
 
 
 def train_denoiser(
-    unet: torch.nn.Module,
+    backend: DiffusionBackend,
     params: Iterable[torch.nn.Parameter],
-    images01: torch.Tensor,
-    encodings: torch.Tensor,
+    samples: torch.Tensor,
+    conditioning: torch.Tensor,
     config: TrainConfig,
     progress: bool = False,
     description: str = "training",
 ) -> list[float]:
-    """Train ``params`` of ``unet`` on (image, encoding) pairs; returns the loss of every step."""
+    """Train ``params`` of ``backend.denoiser`` on (sample, conditioning) pairs; returns every step's loss."""
     params = [p for p in params if p.requires_grad]
 
-    def step(xt: torch.Tensor, t: torch.Tensor, enc: torch.Tensor, noise: torch.Tensor) -> float:
-        loss = F.mse_loss(denoise(unet, xt, t, enc), noise)
+    def step(xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, target: torch.Tensor) -> float:
+        loss = F.mse_loss(backend.predict(xt, t, cond), target)
         loss.backward()
         return loss.item()
 
-    unet.train()
+    backend.denoiser.train()
     try:
-        return train_steps(step, params, images01, encodings, config, progress, description)
+        return train_steps(step, params, backend, samples, conditioning, config, progress, description)
     finally:
-        unet.eval()
+        backend.denoiser.eval()
 
 
 def train_adapters(
-    unet: torch.nn.Module,
+    backend: DiffusionBackend,
     names: Sequence[str],
-    images01: torch.Tensor,
-    encodings: torch.Tensor,
+    samples: torch.Tensor,
+    conditioning: torch.Tensor,
     config: TrainConfig,
     progress: bool = False,
     description: str = "training",
 ) -> list[float]:
-    """Train only the LoRA adapters ``names`` (their mix set by the caller); the rest stays frozen.
+    """Train only the LoRA adapters ``names`` of the denoiser (their mix set by the caller); the rest stays frozen.
 
     The adapters' parameters are unfrozen for the loop and frozen again after it, also when it raises.
     """
-    params = [p for n, p in unet.named_parameters() if any(f".{a}." in n for a in names)]
+    params = [p for n, p in backend.denoiser.named_parameters() if any(f".{a}." in n for a in names)]
     for p in params:
         p.requires_grad_(True)
     try:
-        return train_denoiser(unet, params, images01, encodings, config, progress, description)
+        return train_denoiser(backend, params, samples, conditioning, config, progress, description)
     finally:
         for p in params:
             p.requires_grad_(False)

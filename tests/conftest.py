@@ -34,3 +34,12 @@ def mqtt_url():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A Stable-Diffusion-family pipeline with random weights (16x16 images, 8x8 latents), saved with
+    ``save_pretrained``: the real loading code, nothing downloaded."""
+    from models.architectures import save_random_pipeline
+
+    return save_random_pipeline("tiny-sd", tmp_path_factory.mktemp("tiny-sd") / "pipeline", seed=0)

@@ -28,8 +28,8 @@ from edge_sdk.artifacts.training import ExecuTorchTrainer
 from edge_sdk.client import EdgeClient, LocalData
 from edge_sdk.config import DeviceConfig
 from export_tools.training import eager_gradients, eager_unet, gradient_errors
+from models.digits.backend import DigitsBackend
 from models.digits.data import make_personas
-from models.digits.unet import train_scheduler
 from models.lora import get_adapter_state, lora_config
 from models.text import PromptEncoder
 from models.training import TrainConfig, noised_batch, train_denoiser
@@ -78,9 +78,9 @@ def started_adapter(base, seed: int = 3) -> dict[str, torch.Tensor]:
     return {k: torch.randn(v.shape, generator=g) * 0.05 if "lora_B" in k else v for k, v in state.items()}
 
 
-def fixed_batch(images, encodings, seed: int = 11):
-    xt, t, enc, noise = noised_batch(images[:BATCH], encodings[:BATCH], train_scheduler(),
-                                     torch.Generator().manual_seed(seed))
+def fixed_batch(backend, images, encodings, seed: int = 11):
+    xt, t, enc, noise = noised_batch(backend, backend.encode_images(images[:BATCH]), encodings[:BATCH],
+                                     backend.train_scheduler(), torch.Generator().manual_seed(seed))
     return xt, t.float(), enc, noise
 
 
@@ -106,9 +106,9 @@ def test_step_one_loss_and_gradients_match_eager(tiny, program, data):
     adapter = started_adapter(base)
     trainer = ExecuTorchTrainer(program, base_sha256=base_digest(base))
     trainer.set_adapter(adapter)
-    batch = fixed_batch(images, encodings)
+    batch = fixed_batch(DigitsBackend(base), images, encodings)
     loss, grads = trainer.forward_backward(*batch)
-    eager_loss, eager_grads = eager_gradients(eager_unet(base, lora_config(RANK), adapter), batch)
+    eager_loss, eager_grads = eager_gradients(eager_unet(base, lora_config(RANK), adapter), DigitsBackend(base), batch)
     assert abs(loss - eager_loss) < LOSS_TOL
     errs = gradient_errors(grads, eager_grads)
     assert errs["grad_max_rel_err"] < GRAD_REL_TOL, errs
@@ -120,20 +120,22 @@ def test_loss_curve_falls_and_tracks_eager(tiny, program, data):
     _, images, encodings = data
     adapter = started_adapter(base)
     config = TrainConfig(steps=STEPS, batch_size=BATCH, lr=1e-2, seed=5)
-    unet = eager_unet(base, lora_config(RANK), adapter)
-    eager_losses = train_denoiser(unet, [p for p in unet.parameters() if p.requires_grad], images, encodings, config)
+    backend = DigitsBackend(eager_unet(base, lora_config(RANK), adapter))
+    samples = backend.encode_images(images)
+    eager_losses = train_denoiser(backend, [p for p in backend.denoiser.parameters() if p.requires_grad], samples,
+                                  encodings, config)
     trainer = ExecuTorchTrainer(program)
     trainer.set_adapter(adapter)
-    probe = fixed_batch(images, encodings, seed=12)
+    probe = fixed_batch(backend, images, encodings, seed=12)
     before, _ = trainer.forward_backward(*probe)
-    et_losses = trainer.train(images, encodings, config)
+    et_losses = trainer.train(backend, samples, encodings, config)
     after, _ = trainer.forward_backward(*probe)
 
     assert len(et_losses) == STEPS
     worst = max(abs(a - b) for a, b in zip(et_losses, eager_losses))
     assert worst < CURVE_TOL, worst
     assert after < 0.9 * before, (before, after)
-    trained, reference = trainer.adapter_state(), get_adapter_state(unet, "slot")
+    trained, reference = trainer.adapter_state(), get_adapter_state(backend.denoiser, "slot")
     assert set(trained) == set(reference)
     assert max(float((trained[k] - reference[k]).abs().max()) for k in trained) < STATE_TOL
     assert max(float((trained[k] - adapter[k]).abs().max()) for k in trained) > 100 * STATE_TOL  # it moved
@@ -163,7 +165,8 @@ def test_mismatches_are_refused(tiny, program, data, tmp_path):
         ExecuTorchTrainer(program, base_sha256="0" * 64)
     trainer = ExecuTorchTrainer(program)
     with pytest.raises(ValueError, match="batches of 8"):
-        trainer.train(images, encodings, TrainConfig(steps=1, batch_size=4))
+        trainer.train(DigitsBackend(base), DigitsBackend(base).encode_images(images), encodings,
+                      TrainConfig(steps=1, batch_size=4))
     with pytest.raises(ValueError, match="has shape"):
         trainer.set_adapter(get_adapter_state(eager_unet(base, lora_config(1)), "slot"))
     corrupt = tmp_path / "corrupt"

@@ -165,6 +165,7 @@ def test_alike_tasks_whose_updates_disagree_lend_nothing():
 def test_opposite_styles_that_prompts_put_close_disagree_in_their_updates():
     # real model: two clusters of "bold" and one of "thin" train one round from the same adapter
     from aggregator.rules import make_rule
+    from models.digits.backend import DigitsBackend
     from models.digits.data import make_personas
     from models.digits.unet import load_base_unet
     from models.lora import add_adapter, draw_adapter, get_adapter_state, lora_config, set_adapter_state, set_mix
@@ -173,7 +174,8 @@ def test_opposite_styles_that_prompts_put_close_disagree_in_their_updates():
 
     spec = lora_config()
     personas = make_personas(6, 3, seed=0, sizes=(2, 2, 2), styles=("bold", "thin", "bold"), images_per_client=24)
-    unet = load_base_unet()
+    backend = DigitsBackend(load_base_unet())
+    unet = backend.denoiser
     unet.requires_grad_(False)
     add_adapter(unet, "device", spec, seed=0)
     set_mix(unet, {"device": 1.0})
@@ -182,7 +184,8 @@ def test_opposite_styles_that_prompts_put_close_disagree_in_their_updates():
     groups: dict[int, list[ClientUpdate]] = {0: [], 1: [], 2: []}
     for i, p in enumerate(personas):
         set_adapter_state(unet, "device", start)
-        train_adapters(unet, ["device"], p.train_images, torch.from_numpy(encoder.encode(list(p.train_prompts))),
+        train_adapters(backend, ["device"], backend.encode_images(p.train_images),
+                       torch.from_numpy(encoder.encode(list(p.train_prompts))),
                        TrainConfig(steps=12, batch_size=16, lr=LORA_LR, seed=i))
         groups[i // 2].append(ClientUpdate(p.id, get_adapter_state(unet, "device"), len(p.train_images)))
     rule = make_rule("exact")

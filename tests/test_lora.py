@@ -140,6 +140,7 @@ def test_a_drawn_adapter_does_not_depend_on_other_threads_using_the_global_rng()
 
 
 def test_train_adapters_moves_only_the_named_adapter_and_freezes_it_again():
+    from models.digits.backend import DigitsBackend
     from models.training import TrainConfig, train_adapters
 
     unet = load_base_unet()
@@ -148,8 +149,8 @@ def test_train_adapters_moves_only_the_named_adapter_and_freezes_it_again():
         add_adapter(unet, name, lora_config(), seed=1)
     set_mix(unet, {"a": 1.0, "b": 1.0})
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    images = torch.rand(8, 1, 16, 16)
-    train_adapters(unet, ["a"], images, torch.from_numpy(PromptEncoder().encode(["a 3"] * 8)),
+    backend = DigitsBackend(unet)
+    train_adapters(backend, ["a"], backend.encode_images(torch.rand(8, 1, 16, 16)), backend.encode_prompts(["a 3"] * 8),
                    TrainConfig(steps=2, batch_size=4, lr=1e-2, seed=0))
     after = unet.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}

@@ -154,9 +154,9 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path, mqtt_url, capsys):
+def fleet(tmp_path, mqtt_url, capsys, tiny):  # noqa: F811
     config = AggregatorConfig(aggregator_id=f"agg-{uuid.uuid4().hex[:6]}", mqtt_url=mqtt_url,
-                              state_dir=tmp_path / "agg", rounds=1)
+                              state_dir=tmp_path / "agg", rounds=1, base_model=tiny[1])  # the exports' base
     service = AggregatorService(config).start()
     f = Fleet(service, tmp_path, mqtt_url, capsys)
     try:

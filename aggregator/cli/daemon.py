@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--mqtt-url")
     add_topic_prefix_argument(p)
     p.add_argument("--state", help="state store: a SQLite path or postgresql://...")
+    p.add_argument("--base-model", metavar="DIR", help="the fleet's base model: a diffusers pipeline directory "
+                                                       "(default: the config's, else the bundled digits model)")
     p.add_argument("--start-broker", action="store_true", help="start an embedded broker if none answers")
     p.set_defaults(func=run)
 
@@ -30,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from aggregator.state import StateUnavailable
 
     config = load_config(args.config, role=args.role, mqtt_url=args.mqtt_url, mqtt_topic_prefix=args.topic_prefix,
-                         state_url=args.state, cloud_url=args.cloud_url)
+                         state_url=args.state, cloud_url=args.cloud_url, base_model=args.base_model)
     broker = ensure_broker(config.mqtt_url) if args.start_broker else None
     # the MQTT network thread must take a burst of updates off the broker while the worker thread
     # computes: brokers drop what a slow subscriber has not taken beyond their queue limit (Mosquitto's

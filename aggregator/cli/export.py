@@ -39,13 +39,14 @@ def register(sub) -> None:
                    help="a safetensors adapter; repeat for several (default: none, the base model alone)")
     p.add_argument("--out", required=True, help="directory to write (model files + manifest.json)")
     p.add_argument("--quantize", help="executorch: fp32 (default) or int8; coreml: fp16 (default), palettize, int8")
-    p.add_argument("--base-model", help="base UNet directory (default: the shipped one)")
+    p.add_argument("--base-model", metavar="DIR", help="the base model: a diffusers pipeline directory or a bundled-"
+                                                       "family UNet (default: the config's, else the bundled one)")
     p.add_argument("--batch", type=int, default=16, help="rows per call the program is built for (default: 16)")
     p.add_argument("--slot-rank", type=int, default=8,
                    help="executorch: rank of the swappable adapter slot (default: 8)")
     p.add_argument("--config", metavar="AGGREGATOR_TOML",
-                   help="executorch-training: the fleet's aggregator.toml, whose [aggregator.lora] the trainable "
-                        "adapter takes (default: the default LoRA config)")
+                   help="the fleet's aggregator.toml: its base_model, and for executorch-training the "
+                        "[aggregator.lora] the trainable adapter takes (default: the bundled model's defaults)")
     p.add_argument("--no-measure", action="store_true", help="executorch: skip the parity/latency measurement")
     p.set_defaults(func=run)
 
@@ -87,8 +88,26 @@ def load_adapter_file(spec: str) -> tuple[str, dict, int]:
     return name, tensors, int(meta.get("version", "0"))
 
 
+def calibration_dataset(backend):
+    """The inputs calibration and parity checks draw: styled digits for the bundled model; for another
+    model, uniform noise images with a neutral prompt (enough for parity; int8 calibration of a real
+    model deserves its own data, through ``export_tools.calibration``'s dataset callable)."""
+    if backend.family == "digits":
+        from models.digits.data import calibration_samples
+
+        return calibration_samples
+
+    def noise_samples(n, seed, generator):
+        import torch
+
+        return torch.rand((n, *backend.image_shape), generator=generator), ["a photo"] * n
+
+    return noise_samples
+
+
 def run(args: argparse.Namespace) -> int:
-    from models.digits.unet import BASE_MODEL_DIR, load_base_unet
+    from aggregator.cli._common import load_config
+    from models.backend import load_backend
 
     quantize = args.quantize or DEFAULT_QUANTIZE[args.format]
     if quantize not in QUANTIZE_CHOICES[args.format]:
@@ -111,24 +130,25 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"adapter {name!r} has no --adapter-file; given: {sorted(adapters) or 'none'}")
     if args.format == "executorch-training" and (adapters or mix):
         raise SystemExit("--format executorch-training takes no adapter: the device writes its own each round")
-    base = load_base_unet(args.base_model or BASE_MODEL_DIR)
+    fleet = load_config(args.config, base_model=args.base_model)
+    backend = load_backend(fleet.base_model)
+    samples = calibration_dataset(backend)
     if args.format == "executorch-training":
-        from aggregator.cli._common import load_config
+        from export_tools.calibration import training_batch
         from export_tools.training import export_training
 
-        manifest = export_training(base, args.out, lora=load_config(args.config).lora, batch=args.batch,
-                                   measure=not args.no_measure)
+        manifest = export_training(backend, args.out, lora=fleet.lora, batch=args.batch, measure=not args.no_measure,
+                                   parity_batch=training_batch(backend, samples, args.batch))
     elif args.format == "executorch":
         from export_tools.calibration import denoising_batches
         from export_tools.executorch import export_executorch
-        from models.digits.data import calibration_samples
 
         if mix is None:
             mix = {next(iter(adapters)): 1.0} if len(adapters) == 1 else {}
             if len(adapters) > 1:
                 raise SystemExit("several adapter files: choose one with --adapter or combine them with --mix")
-        calibration = denoising_batches(calibration_samples, 4, args.batch)
-        manifest = export_executorch(base, adapters, mix, args.out, quantize=quantize, batch=args.batch,
+        calibration = denoising_batches(backend, samples, 4, args.batch)
+        manifest = export_executorch(backend, adapters, mix, args.out, quantize=quantize, batch=args.batch,
                                      slot_rank=args.slot_rank, versions=versions, calibration=calibration,
                                      measure=not args.no_measure)
     else:
@@ -138,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             functions = {args.adapter or "mix": mix}
         else:  # one function per adapter, or the base model alone
             functions = {n: {n: 1.0} for n in adapters} or {"base": {}}
-        manifest = export_coreml(base, adapters, functions, args.out, weights=quantize, batch=args.batch,
+        manifest = export_coreml(backend, adapters, functions, args.out, weights=quantize, batch=args.batch,
                                  versions=versions)
     summary = {"out": str(args.out), "format": manifest.format, "quantization": manifest.quantization,
                "files": manifest.files, "parity": manifest.parity, "latency": manifest.latency}

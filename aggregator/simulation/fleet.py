@@ -151,14 +151,13 @@ def _device_worker(cfg: FleetConfig, indices: list[int], ids: list[str], root: s
         prompts = list(p.test_prompts)
         enc = torch.from_numpy(PromptEncoder().encode(prompts))
         from edge_sdk.client import PERSONAL, SHARED
-        from models.digits.unet import generate
         from models.lora import adapter_names, set_mix
 
         report = {"style": p.style, "rounds": [asdict(r) for r in s.rounds], "bytes": s.transport.byte_totals()}
         for label, mix in (("base", {}), ("shared", {SHARED: 1.0}),
                            ("personal", {SHARED: 1.0} | ({PERSONAL: 1.0} if PERSONAL in adapter_names(s.client.unet) else {}))):
             set_mix(s.client.unet, mix)
-            images = generate(s.client.unet, enc, steps=cfg.eval_steps, seed=cfg.seed)
+            images = s.client.backend.generate(enc, steps=cfg.eval_steps, seed=cfg.seed)
             report[label] = evaluate(images, p.test_digits, p.style)
         events.put(("report", s.client.device_id, report))
         s.stop()

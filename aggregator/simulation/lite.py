@@ -63,8 +63,12 @@ def _drawn(lora_json: str, seed: int) -> dict[str, torch.Tensor]:
 
 class LiteDevice:
     def __init__(self, mqtt_url: str, device_id: str | None = None, token: str = "fedaigc-demo-token",
-                 topic_prefix: str = DEFAULT_PREFIX) -> None:
+                 topic_prefix: str = DEFAULT_PREFIX, model: str | None = None) -> None:
+        """``model``: the base model digest to claim at enrolment (default: the one the fleet announces,
+        as a model-less device has none of its own)."""
         self.id = device_id or f"lite-{uuid.uuid4().hex[:8]}"
+        self.model = model
+        self.fleet_model: str | None = None
         self.identity = Identity.generate()
         self.token = token
         self.writer = EnvelopeWriter(self.identity, self.id)
@@ -81,7 +85,7 @@ class LiteDevice:
         self.transport.subscribe(self.topics.down(self.id), self._on_down)
         self.transport.connect()
         deadline = time.monotonic() + timeout
-        while self.aggregator is None and time.monotonic() < deadline:
+        while (self.aggregator is None or (self.model or self.fleet_model) is None) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert self.aggregator is not None, "no aggregator keys received"
         return self
@@ -95,6 +99,7 @@ class LiteDevice:
         body = read_signed_keys(data)
         self.aggregator = PublicIdentity(body.verify_key, body.box_key)
         self.aggregator_id = body.aggregator_id
+        self.fleet_model = body.model
         self.verifier = EnvelopeVerifier(lambda s: body.verify_key)
 
     def _on_down(self, topic, data):
@@ -128,7 +133,7 @@ class LiteDevice:
 
     def enrol(self) -> None:
         pub = self.identity.public
-        body = Enrol(self.token, pub.verify_key, pub.box_key, "lite").encode()
+        body = Enrol(self.token, pub.verify_key, pub.box_key, "lite", self.model or self.fleet_model).encode()
         self.send(self.topics.enrol(self.id), self.writer.build(MessageType.ENROL, seal_to(self.aggregator.box_key, body)))
 
     def send_task(self, vector: np.ndarray) -> None:

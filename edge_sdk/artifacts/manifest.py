@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from edge_sdk.artifacts.ptd import rank_of
-from edge_sdk.protocol.digest import file_digest, tensor_digest
+from edge_sdk.protocol.digest import file_digest, parts_digest, tensor_digest
 from models.lora import base_weights
 
 MANIFEST = "manifest.json"
@@ -30,8 +30,18 @@ class ManifestError(ValueError):
 
 
 def base_digest(unet: torch.nn.Module) -> str:
-    """The digest of the base weights, ignoring any LoRA adapters on top."""
+    """The digest of a module's base weights, ignoring any LoRA adapters on top (what an export records)."""
     return tensor_digest(base_weights(unet))
+
+
+def part_digests(backend) -> dict[str, str]:
+    """``base_digest`` of every part of a ``models.backend.DiffusionBackend`` (take it before quantizing)."""
+    return {name: base_digest(module) for name, module in backend.modules().items()}
+
+
+def model_digest(parts: dict[str, str]) -> str:
+    """The identity of a whole model from ``part_digests``: a one-part model's is its part's."""
+    return next(iter(parts.values())) if len(parts) == 1 else parts_digest(parts)
 
 
 @dataclass

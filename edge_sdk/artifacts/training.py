@@ -22,6 +22,7 @@ import torch
 
 from edge_sdk.artifacts.manifest import Manifest, ManifestError
 from edge_sdk.artifacts.ptd import AdapterSlot, merge_ptd
+from models.backend import DiffusionBackend
 from models.lora import check_adapter_state
 from models.training import TrainConfig, train_steps
 
@@ -108,14 +109,16 @@ class ExecuTorchTrainer:
             param.grad = grads[name]
         return loss
 
-    def train(self, images01: torch.Tensor, encodings: torch.Tensor, config: TrainConfig) -> list[float]:
-        """``config.steps`` steps on (image, encoding) pairs, as ``models.training.train_denoiser`` takes them."""
-        rows = min(config.batch_size, images01.shape[0])
+    def train(self, backend: DiffusionBackend, samples: torch.Tensor, conditioning: torch.Tensor,
+              config: TrainConfig) -> list[float]:
+        """``config.steps`` steps on (sample, conditioning) pairs, as ``models.training.train_denoiser`` takes them
+        (``backend``, the model the program was exported from, draws the noise and targets)."""
+        rows = min(config.batch_size, samples.shape[0])
         if rows != self.batch:
             raise ValueError(f"the training program was exported for batches of {self.batch}; this round draws "
-                             f"{rows} rows (batch_size={config.batch_size}, {images01.shape[0]} samples)")
+                             f"{rows} rows (batch_size={config.batch_size}, {samples.shape[0]} samples)")
         try:
-            return train_steps(self.step, list(self.parameters.values()), images01, encodings, config)
+            return train_steps(self.step, list(self.parameters.values()), backend, samples, conditioning, config)
         finally:
             for param in self.parameters.values():
                 param.grad = None

@@ -59,6 +59,14 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def parts_digest(parts: Mapping[str, str]) -> str:
+    """One digest naming several named digests (a model of several parts, say)."""
+    h = hashlib.sha256()
+    for name in sorted(parts):
+        h.update(msgpack.packb([name, parts[name]]))
+    return h.hexdigest()
+
+
 def short(digest: str) -> bytes:
     """The bytes of a digest that travel on the wire."""
     return bytes.fromhex(digest)[:WIRE_BYTES]

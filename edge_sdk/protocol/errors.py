@@ -33,6 +33,7 @@ class Refusal(str, Enum):
     CHECKSUM = "checksum"              # reassembled chunks do not match their checksum
     POISONED = "poisoned"              # update rejected by the robust aggregation screen
     UNAVAILABLE = "unavailable"        # receiver cannot take it now (e.g. state store unwritable)
+    MODEL_MISMATCH = "model_mismatch"  # the sender runs another base model than the fleet
 
 
 class RefusedMessage(Exception):

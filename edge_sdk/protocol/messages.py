@@ -64,6 +64,8 @@ class AggregatorKeys(Body):
     aggregator_id: str
     verify_key: bytes
     box_key: bytes
+    model: str                  # the fleet's base model: edge_sdk.artifacts.manifest.model_digest
+    lora: dict[str, object]     # the fleet's LoRA config (models.lora.lora_to_dict)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Enrol(Body):
     verify_key: bytes
     box_key: bytes
     profile: str
+    model: str          # the base model the sender runs (model_digest): a fleet runs one
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ class UpdateAck(Body):
 class GenerateRequest(Body):
     kind: ClassVar[str] = "generate_request"
     request_id: str
-    encoding: bytes           # safetensors {"encoding": (384,)}
+    encoding: bytes           # safetensors {"encoding": the base model's conditioning of one prompt}
     mix: dict[str, float]     # cluster id (as text) -> weight
     n: int
     seed: int
@@ -170,7 +173,7 @@ class GenerateResult(Body):
     request_id: str
     ok: bool
     reason: str
-    images: bytes             # safetensors {"images": (n, 1, 16, 16)}
+    images: bytes             # safetensors {"images": (n, C, H, W) in [0, 1]}
 
 
 @dataclass(frozen=True)

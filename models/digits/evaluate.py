@@ -230,14 +230,14 @@ def sample_for_personas(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, target digits): what ``unet`` (active adapters as set) draws for the personas'
     held-out test prompts, cycled to ``samples`` images in all."""
-    from models.digits.unet import generate
-    from models.text import PromptEncoder
+    from models.digits.backend import DigitsBackend
 
+    backend = DigitsBackend(unet)
     prompts = [pr for p in personas for pr in p.test_prompts]
     digits = torch.cat([p.test_digits for p in personas])
     order = torch.arange(samples) % len(prompts)
-    encodings = torch.from_numpy(PromptEncoder().encode([prompts[i] for i in order.tolist()]))
-    images = generate(unet, encodings, steps=steps, seed=seed, guidance_scale=guidance_scale)
+    encodings = backend.encode_prompts([prompts[i] for i in order.tolist()])
+    images = backend.generate(encodings, steps=steps, seed=seed, guidance_scale=guidance_scale)
     return images, digits[order]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from models.digits.backend import DigitsBackend
 from models.digits.data import Persona, plain_prompts, public_digits
 from models.digits.unet import UNetConfig, build_unet
 from models.lora import LoraConfig, add_adapter, lora_config, set_mix
@@ -44,19 +45,22 @@ def pretrain_base(
     digits = digits.repeat(PROMPTS_PER_IMAGE)
     encodings = torch.from_numpy(PromptEncoder().encode(plain_prompts(digits.tolist(), seed=train.seed)))
     unet = build_unet(config, seed=train.seed)
-    losses = _train_with_cosine_decay(unet, images, encodings, train, progress)
+    losses = _train_with_cosine_decay(DigitsBackend(unet), images, encodings, train, progress)
     return PretrainResult(unet, losses, time.perf_counter() - started)
 
 
-def _train_with_cosine_decay(unet, images, encodings, train: TrainConfig, progress: bool) -> list[float]:
+def _train_with_cosine_decay(backend: DigitsBackend, images, encodings, train: TrainConfig,
+                             progress: bool) -> list[float]:
     """Full-model training in chunks, decaying the learning rate between chunks."""
+    samples = backend.encode_images(images)
     chunks = 10
     losses: list[float] = []
     per_chunk = max(1, train.steps // chunks)
     for i in range(chunks):
         lr = train.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * i / chunks)).item())
         cfg = TrainConfig(steps=per_chunk, batch_size=train.batch_size, lr=lr, p_uncond=train.p_uncond, seed=train.seed + i)
-        losses += train_denoiser(unet, unet.parameters(), images, encodings, cfg, progress, f"pretrain {i + 1}/{chunks}")
+        losses += train_denoiser(backend, backend.denoiser.parameters(), samples, encodings, cfg, progress,
+                                 f"pretrain {i + 1}/{chunks}")
     return losses
 
 
@@ -75,14 +79,15 @@ def train_central(
     """One adapter per style (named after the style) trained on all personas of that style."""
     from models.digits.unet import load_base_unet
 
-    unet = load_base_unet(base_path)
+    backend = DigitsBackend(load_base_unet(base_path))
+    unet = backend.denoiser
     unet.requires_grad_(False)
     for style in sorted({p.style for p in personas}):
         group = [p for p in personas if p.style == style]
         add_adapter(unet, style, spec, seed=train.seed)
         set_mix(unet, {style: 1.0})
-        images = torch.cat([p.train_images for p in group])
-        train_adapters(unet, [style], images, persona_encodings(group), train, progress, f"central {style}")
+        samples = backend.encode_images(torch.cat([p.train_images for p in group]))
+        train_adapters(backend, [style], samples, persona_encodings(group), train, progress, f"central {style}")
     return unet
 
 

@@ -1,4 +1,7 @@
-"""The denoiser: a small diffusers ``UNet2DConditionModel`` conditioned on prompt encodings.
+"""The bundled denoiser: a small diffusers ``UNet2DConditionModel`` conditioned on prompt encodings.
+
+(``models/digits/backend.py`` puts it behind the ``DiffusionBackend`` interface; sampling and the
+noise schedule's samplers live there.)
 
 The pooled 384-d MiniLM encoding enters twice, the way SDXL feeds its pooled text
 embedding: as a one-token cross-attention context *and* through the class-embedding
@@ -11,13 +14,11 @@ An all-zero encoding is the unconditional prompt used for classifier-free guidan
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers import UNet2DConditionModel
 
 from models.text import EMBEDDING_DIM
 
@@ -30,8 +31,6 @@ NOISE_SCHEDULE = {
     "prediction_type": "epsilon",
     "clip_sample": True,
 }
-
-SAMPLERS = ("ddim", "dpm", "ddpm")
 
 
 @dataclass(frozen=True)
@@ -101,86 +100,6 @@ def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> i
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def train_scheduler() -> DDPMScheduler:
-    return DDPMScheduler(**NOISE_SCHEDULE)
-
-
-def make_sampler(name: str = "ddim") -> SchedulerMixin:
-    """A sampler sharing the training noise schedule, chosen by name (diffusers-style swap)."""
-    base = train_scheduler().config
-    if name == "ddim":
-        return DDIMScheduler.from_config(base)
-    if name == "dpm":
-        from diffusers import DPMSolverMultistepScheduler  # it imports SciPy, which a device need not load
-
-        return DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++")
-    if name == "ddpm":
-        return DDPMScheduler.from_config(base)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-
-
 def denoise(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, encodings: torch.Tensor) -> torch.Tensor:
     """Predicted noise for noisy images ``x`` at timesteps ``t`` given ``(n, 384)`` encodings."""
     return unet(x, t, encoder_hidden_states=encodings[:, None, :], class_labels=encodings).sample
-
-
-def to_model_range(images01: torch.Tensor) -> torch.Tensor:
-    return images01 * 2.0 - 1.0
-
-
-def to_image_range(x: torch.Tensor) -> torch.Tensor:
-    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
-
-
-@torch.no_grad()
-def generate(
-    unet: torch.nn.Module,
-    encodings: torch.Tensor,
-    steps: int = 20,
-    seed: int = 0,
-    *,
-    guidance_scale: float = 2.0,
-    sampler: str = "ddim",
-    batch_size: int = 256,
-    denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    noise: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Sample ``(n, 1, 16, 16)`` images in [0, 1], one per encoding row; same seed, same images.
-
-    ``noise`` (n, 1, 16, 16) replaces the seeded starting noise, so callers that batch
-    unrelated requests can keep each request's samples independent of its batch-mates.
-
-    ``denoiser(x, t, encodings)`` replaces the eager UNet call (an exported program, say)
-    while keeping this exact sampling loop, so backends differ only in the network.
-    """
-    encodings = torch.as_tensor(encodings, dtype=torch.float32)
-    if encodings.ndim != 2 or encodings.shape[1] != EMBEDDING_DIM:
-        raise ValueError(f"encodings must have shape (n, {EMBEDDING_DIM}), got {tuple(encodings.shape)}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-    call = denoiser or (lambda x, t, e: denoise(unet, x, t, e))
-    size = unet.config.sample_size
-    generator = torch.Generator().manual_seed(seed)
-    if noise is None:
-        noise = torch.randn((encodings.shape[0], 1, size, size), generator=generator)
-    elif tuple(noise.shape) != (encodings.shape[0], 1, size, size):
-        raise ValueError(f"noise must have shape {(encodings.shape[0], 1, size, size)}, got {tuple(noise.shape)}")
-    outputs = []
-    for start in range(0, encodings.shape[0], batch_size):
-        enc = encodings[start:start + batch_size]
-        x = noise[start:start + batch_size]
-        scheduler = make_sampler(sampler)
-        scheduler.set_timesteps(steps)
-        guided = guidance_scale != 1.0
-        context = torch.cat([enc, torch.zeros_like(enc)]) if guided else enc
-        for t in scheduler.timesteps:
-            model_in = torch.cat([x, x]) if guided else x
-            eps = call(model_in, t.expand(model_in.shape[0]), context)
-            if guided:
-                cond, uncond = eps.chunk(2)
-                eps = uncond + guidance_scale * (cond - uncond)
-            x = scheduler.step(eps, t, x, generator=generator).prev_sample
-        outputs.append(to_image_range(x))
-    return torch.cat(outputs)

@@ -22,7 +22,7 @@ from aggregator.global_model import adapter_shapes
 from aggregator.simulation.lite import LiteDevice, start_adapter
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.protocol.identity import PublicIdentity
-from edge_sdk.protocol.messages import RoundStart, UpdateAck
+from edge_sdk.protocol.messages import RoundStart, UpdateAck, read_signed_keys
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import lora_from_dict
 from tests.polling import wait_until
@@ -52,6 +52,8 @@ class FaultDevice(LiteDevice):
     def _on_keys(self, topic, data):
         if not self.pinned:
             super()._on_keys(topic, data)
+        elif data and read_signed_keys(data).verify_key == self.aggregator.verify_key:
+            self.fleet_model = read_signed_keys(data).model  # the pinned aggregator's announcement
 
     def _on_down(self, topic, data):
         super()._on_down(topic, data)
