@@ -138,6 +138,7 @@ class EdgeClient:
         self._executorch = None  # the exported program (inference_backend="executorch"), loaded on first use
         self._trainer = None  # the exported training program (training_backend="executorch"), loaded on first use
         self.load()
+        self.check_memory(config.effective("batch_size"))  # a model the profile cannot train is refused now
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -226,8 +227,6 @@ class EdgeClient:
             set_adapter_state(self.unet, SHARED, cluster_adapter)
             self.shared_version = version
         start = get_adapter_state(self.unet, SHARED)
-        batch = self.config.effective("batch_size")
-        self.check_memory(batch)
         samples, conditioning = self._model_inputs(data)
         eval_seed = self.config.seed if seed is None else seed
         set_mix(self.unet, self.default_mix())
@@ -286,6 +285,7 @@ class EdgeClient:
         self.shared_lora = lora
         delete_adapter(self.unet, SHARED)
         add_adapter(self.unet, SHARED, lora, seed=self.config.seed)
+        self.check_memory(self.config.effective("batch_size"))  # a larger adapter may no longer fit
 
     def seeded_adapter(self, seed: int, lora: LoraConfig) -> dict[str, torch.Tensor]:
         """The fresh adapter of config ``lora`` that ``add_adapter`` draws from ``seed`` (what the aggregator
@@ -332,10 +332,12 @@ class EdgeClient:
         budget = self.config.effective("memory_budget_mb") * 1024 * 1024
         need = estimate_training_bytes(self.backend, batch_size)
         if need > budget:
+            params = sum(p.numel() for m in self.backend.modules().values() for p in m.parameters())
             raise MemoryBudgetExceeded(
-                f"a training step at batch {batch_size} needs ~{need / 2**20:.1f} MB, over this device's "
-                f"memory budget of {budget / 2**20:.0f} MB (profile {self.config.profile!r}); "
-                f"lower batch_size, or raise memory_budget_mb"
+                f"a LoRA training step of this {self.backend.family} model ({params / 1e6:.1f}M parameters in all) "
+                f"at batch {batch_size} needs ~{need / 2**20:.1f} MB, over this device's memory budget of "
+                f"{budget / 2**20:.0f} MB (profile {self.config.profile!r}); lower batch_size, turn on "
+                f"gradient_checkpointing or int8 quantization, or raise memory_budget_mb"
             )
 
     def seal_update(self, update: Update, cluster: int = 0, encoder: ErrorFeedback | None = None) -> bytes:

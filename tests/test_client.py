@@ -135,10 +135,9 @@ def test_mixing_adapters_changes_generation(client):
     assert a.shape == (2, 1, 16, 16) and not torch.equal(a, b)
 
 
-def test_a_step_over_the_memory_budget_fails_early_naming_the_budget(tmp_path):
-    c = EdgeClient(DeviceConfig(data_dir=tmp_path / "d", profile="simulator", memory_budget_mb=1))
-    with pytest.raises(MemoryBudgetExceeded, match="memory budget of 1 MB"):
-        c.train_round(None, LocalData.from_persona(PERSONA), steps=1)
+def test_a_model_the_profile_cannot_train_is_refused_before_training_naming_the_budget(tmp_path):
+    with pytest.raises(MemoryBudgetExceeded, match="digits model .*memory budget of 1 MB"):
+        EdgeClient(DeviceConfig(data_dir=tmp_path / "d", profile="simulator", memory_budget_mb=1))
 
 
 @pytest.mark.parametrize("bad", [{"max_lora_rank": 0}, {"local_steps": -1}, {"profile": "toaster"},
