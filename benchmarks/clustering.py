@@ -1,6 +1,6 @@
 """Clustering quality: ARI of task-vector clustering, and after refinement with update similarity.
 
-    python -m benchmarks.clustering [--quick]
+    python -m benchmarks.clustering [--quick | --smoke] [--out DIR]
 
 For each seed and task-noise level: personas -> EdgeClient task vectors (the exact
 vectors devices seal) -> ``cluster_tasks``; then one real local round per device from the
@@ -26,12 +26,11 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from aggregator.clustering import cluster_tasks, refine_with_updates  # noqa: E402
+from benchmarks._results import Output, add_arguments  # noqa: E402
 from edge_sdk import DeviceConfig, EdgeClient, LocalData  # noqa: E402
 from models.digits.data import make_personas  # noqa: E402
 from models.digits.unet import load_base_unet  # noqa: E402
 from models.lora import add_adapter, get_adapter_state, lora_config  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def first_round_updates(personas, seed: int, steps: int) -> np.ndarray:
@@ -77,7 +76,7 @@ def run(devices: int, styles: int, seeds: list[int], noises: list[float], steps:
     return {"devices": devices, "styles": styles, "local_steps": steps, "seeds": seeds, "rows": rows, "by_noise": summary}
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, out: Output) -> None:
     noises = sorted(float(n) for n in result["by_noise"])
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for key, label in (("ari_text", "task vectors only"), ("ari_refined", "+ first-round update similarity")):
@@ -86,9 +85,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set(xlabel="task-vector noise (expected norm)", ylabel="adjusted Rand index", ylim=(0, 1.02),
            title=f"{result['devices']} devices, {result['styles']} styles")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    out.save_figure(fig)
 
 
 def main() -> None:
@@ -97,15 +94,17 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=24)
     parser.add_argument("--styles", type=int, default=6)
     parser.add_argument("--steps", type=int, default=10, help="local steps of the first round")
+    add_arguments(parser)
     args = parser.parse_args()
+    out = Output.of(parser, args, "clustering")
     started = time.monotonic()
-    seeds = [0] if args.quick else [0, 1, 2]
-    noises = [0.3] if args.quick else [0.0, 0.3, 0.6]
-    result = run(args.devices, args.styles, seeds, noises, args.steps)
+    seeds = [0] if args.quick or args.smoke else [0, 1, 2]
+    noises = [0.3] if args.quick or args.smoke else [0.0, 0.3, 0.6]
+    devices, styles, steps = (4, 2, 1) if args.smoke else (args.devices, args.styles, args.steps)
+    result = run(devices, styles, seeds, noises, steps)
     result["seconds"] = time.monotonic() - started
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "clustering.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, RESULTS / "clustering.png")
+    out.write(result)
+    plot(result, out)
     print(json.dumps(result["by_noise"], indent=2))
 
 

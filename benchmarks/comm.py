@@ -1,6 +1,6 @@
 """Communication: quality vs bytes on the wire, FedAvg-LoRA fp32 against ours with each codec.
 
-    python -m benchmarks.comm [--quick]          (or: fedaigc bench comm)
+    python -m benchmarks.comm [--quick | --smoke] [--out DIR]          (or: fedaigc bench comm)
 
 Every setting is a real fleet over the real protocol path (device processes, aggregator,
 broker), same personas, seeds, rounds and local steps; bytes are MQTT payload bytes
@@ -43,9 +43,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from aggregator.simulation.fleet import FleetConfig, run_federation  # noqa: E402
-from benchmarks.federation import cumulative_bytes, mean_over_styles  # noqa: E402
+from benchmarks._results import Output, add_arguments  # noqa: E402
+from benchmarks.federation import (  # noqa: E402
+    QUICK_FLEET,
+    SMOKE_FLEET,
+    check_aggregator_settings,
+    cumulative_bytes,
+    mean_over_styles,  # noqa: E402
+)
+from edge_sdk.protocol.codecs import make_codec  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "fedavg_fp32"
 OURS = {"clustering": "tasks", "rule": "exact", "interaction": True, "global_shrinkage": True}  # as federation's
 # name -> (aggregator overrides, uplink codec)
@@ -60,6 +67,16 @@ SETTINGS: dict[str, tuple[dict, str]] = {
     "ours_topk0.1+int8": (OURS | {"downlink_codec": "int8"}, "topk:0.1+int8"),
     "ours_topk0.05+int4": (OURS | {"downlink_codec": "int4"}, "topk:0.05+int4"),
 }
+SMOKE_SETTINGS = (BASELINE, "ours_topk0.1+int8")  # a fleet is slow to start; check_settings covers the others
+
+
+def check_settings(names: list[str]) -> None:
+    """Refuse unknown settings, and aggregator settings or codecs that no longer exist, before any fleet starts."""
+    if unknown := set(names) - set(SETTINGS):
+        raise SystemExit(f"unknown settings {sorted(unknown)}; known: {', '.join(SETTINGS)}")
+    check_aggregator_settings(overrides for overrides, _ in SETTINGS.values())
+    for _, codec in SETTINGS.values():
+        make_codec(codec)
 
 
 def run_setting(name: str, cfg: FleetConfig) -> dict:
@@ -122,11 +139,16 @@ def summarize(runs: dict, rounds: int) -> dict:
     return out
 
 
-def merge_runs(runs: dict, path: Path, cfg: FleetConfig, seeds: list[int]) -> list[str]:
-    """Add the settings of an earlier result that this run did not repeat; refuse another config."""
+def load_earlier(path: Path, cfg: FleetConfig, seeds: list[int]) -> dict:
+    """The result ``--merge`` names, refused (before any fleet runs) if measured with another config or seeds."""
     earlier = json.loads(path.read_text())
     if earlier["config"] != {k: str(v) for k, v in cfg.__dict__.items()} or earlier["seeds"] != seeds:
         raise SystemExit(f"{path} was measured with another configuration or seeds; not merging")
+    return earlier
+
+
+def merge_runs(runs: dict, earlier: dict) -> list[str]:
+    """Add the settings of an earlier result that this run did not repeat."""
     added = [n for n in earlier["runs"] if n not in runs]
     for n in added:
         runs[n] = {int(s): r | {"curves": {int(k): v for k, v in r["curves"].items()}}
@@ -186,7 +208,7 @@ def two_tier_round(devices_per_edge: int, edges: int = 2) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def plot(runs: dict, rounds: int, summary: dict, path: Path) -> None:
+def plot(runs: dict, rounds: int, summary: dict, out: Output) -> None:
     seeds = sorted(runs[BASELINE])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for name in runs:
@@ -201,9 +223,23 @@ def plot(runs: dict, rounds: int, summary: dict, path: Path) -> None:
     fig.suptitle("quality vs bytes on the wire" + (f" — {red:.1%} fewer bytes at equal quality "
                                                    f"({summary['best_setting']})" if red is not None else ""), fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    out.save_figure(fig)
+
+
+def run_settings(names: list[str], seeds: list[int], cfg: FleetConfig) -> dict:
+    """Every setting for every seed, as real fleets: ``{setting: {seed: run}}``."""
+    from tqdm.auto import tqdm
+
+    runs: dict = {n: {} for n in names}
+    with tqdm(total=len(names) * len(seeds), desc="comm settings") as bar:
+        for seed in seeds:
+            for n in names:
+                runs[n][seed] = run_setting(n, FleetConfig(**{**cfg.__dict__, "seed": seed}))
+                r = runs[n][seed]
+                bar.write(f"seed {seed} {n}: style acc {mean_over_styles(r['curves'][cfg.rounds], 'style_acc'):.3f}, "
+                          f"{cumulative_bytes(r, cfg.rounds)[-1] / 1e6:.2f} MB, {r['seconds']:.0f} s")
+                bar.update()
+    return runs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,45 +251,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:18831",
                         help="broker for the fleets (an embedded one is started if nothing answers)")
-    parser.add_argument("--out", default=str(RESULTS / "comm.json"))
     parser.add_argument("--merge", default=None, metavar="COMM_JSON",
                         help="take the settings not run now from this earlier result (same seeds and config)")
+    add_arguments(parser)
     args = parser.parse_args(argv)
+    out = Output.of(parser, args, "comm")
     names = [n for n in args.settings.split(",") if n]
-    if args.quick:
-        cfg = FleetConfig(devices=8, styles=4, sizes=(3, 2, 2, 1), rounds=3, local_steps=10, eval_samples=24,
-                          eval_steps=8, mqtt_url=args.mqtt_url, task_noise=0.3)
-        seeds, names = [0], [BASELINE, "ours_fp32", "ours_topk0.1+int8"]
+    if args.smoke or args.quick:
+        cfg = FleetConfig(**(SMOKE_FLEET if args.smoke else QUICK_FLEET), mqtt_url=args.mqtt_url)
+        seeds = [0]
+        names = list(SMOKE_SETTINGS) if args.smoke else [BASELINE, "ours_fp32", "ours_topk0.1+int8"]
     else:
         cfg = FleetConfig(devices=8, styles=4, sizes=(3, 2, 2, 1), rounds=args.rounds, local_steps=args.local_steps,
                           eval_samples=32, eval_steps=8, mqtt_url=args.mqtt_url, task_noise=0.3)
         seeds = list(range(args.seeds))
     if BASELINE not in names:
         parser.error(f"the settings must include the baseline {BASELINE}")
-    from tqdm.auto import tqdm
-
+    check_settings(names)
+    earlier = load_earlier(Path(args.merge), cfg, seeds) if args.merge else None
     started = time.monotonic()
-    runs: dict = {n: {} for n in names}
-    with tqdm(total=len(names) * len(seeds), desc="comm settings") as bar:
-        for seed in seeds:
-            for n in names:
-                runs[n][seed] = run_setting(n, FleetConfig(**{**cfg.__dict__, "seed": seed}))
-                r = runs[n][seed]
-                bar.write(f"seed {seed} {n}: style acc {mean_over_styles(r['curves'][cfg.rounds], 'style_acc'):.3f}, "
-                          f"{cumulative_bytes(r, cfg.rounds)[-1] / 1e6:.2f} MB, {r['seconds']:.0f} s")
-                bar.update()
-    merged = merge_runs(runs, Path(args.merge), cfg, seeds) if args.merge else []
+    runs = run_settings(names, seeds, cfg)
+    merged = merge_runs(runs, earlier) if earlier else []
     summary = summarize(runs, cfg.rounds)
-    summary["two_tier"] = two_tier_round(devices_per_edge=4 if args.quick else 8)
+    summary["two_tier"] = two_tier_round(devices_per_edge=2 if args.smoke else 4 if args.quick else 8)
     result = {"config": {k: str(v) for k, v in cfg.__dict__.items()}, "seeds": seeds,
               "seconds": time.monotonic() - started, "settings": {n: {"aggregator": SETTINGS[n][0],
                                                                        "uplink": SETTINGS[n][1]} for n in runs},
               "merged": {n: args.merge for n in merged},
               **summary, "runs": {n: {str(s): r for s, r in per.items()} for n, per in runs.items()}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    plot(runs, cfg.rounds, summary, out.with_suffix(".png"))
+    out.write(result, kept_from=earlier if merged else None)
+    plot(runs, cfg.rounds, summary, out)
     print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "config", "per_setting")}, indent=2,
                      default=str))
 

@@ -1,6 +1,7 @@
 """Does inter-cluster interaction lift a small cluster over intra-cluster aggregation alone?
 
-    python -m benchmarks.interaction [--seeds 3] [--rounds 4] [--images 24]   (or: fedaigc bench interaction)
+    python -m benchmarks.interaction [--seeds 3] [--rounds 4] [--images 24] [--smoke] [--out DIR_OR_JSON]
+                                                                         (or: fedaigc bench interaction)
 
 In process, on *true* clusters (no clustering error, no broker: only the interaction rule
 differs), 12 devices in clusters of 4/3/3/2, each with few images (``--images``: 24 by
@@ -22,16 +23,16 @@ cosine of the centroids of the devices' defended task vectors, at 0.2) or ``shri
 Scores the smallest cluster and every other cluster (64 generated images each), and records
 the two gate signals for pairs that share a task and pairs that do not: the clusters' ΔW
 cosine every round, and the centered task-centroid cosine over ``--gate-fleets`` random
-fleets (prompt encodings only, no training). Writes benchmarks/results/interaction.json and .png.
+fleets (prompt encodings only, no training). ``--smoke``: the ``split`` fleet only, one seed and
+round, one local step, 8 images per device, 4 samples per cluster, 2 gate fleets. Writes
+benchmarks/results/interaction.json and .png.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import matplotlib
 
@@ -45,21 +46,23 @@ from aggregator.clustering import centroids  # noqa: E402
 from aggregator.config import AggregatorConfig  # noqa: E402
 from aggregator.interaction import adapter_agreement, centered_similarity, interact, update_spread  # noqa: E402
 from aggregator.rules import ClientUpdate, make_rule  # noqa: E402
+from benchmarks._results import Output, add_arguments  # noqa: E402
 from edge_sdk.privacy import task_vector_from_encodings  # noqa: E402
+from models.digits.backend import DigitsBackend  # noqa: E402
 from models.digits.data import STYLES, make_personas  # noqa: E402
 from models.digits.evaluate import evaluate, sample_for_personas  # noqa: E402
-from models.digits.unet import load_base_unet  # noqa: E402
 from models.lora import add_adapter, draw_adapter, get_adapter_state, lora_config, set_adapter_state, set_mix  # noqa: E402
 from models.text import PromptEncoder  # noqa: E402
 from models.training import LORA_LR, TrainConfig, train_adapters  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("intra", "mix", "mix_text", "shrink")
 FLEETS = {"distinct": ("bold", "thin", "slanted", "framed"), "split": ("bold", "thin", "framed", "framed"),
           "split_slanted": ("bold", "thin", "slanted", "slanted")}
+SMOKE_FLEETS = ("split",)  # a same-task pair and different-task pairs: every gate signal gets samples
 SIZES = (4, 3, 3, 2)  # the last cluster is the smallest
+METRICS = ("style_acc", "digit_acc", "frechet")
 TASK_NOISE = 0.3  # the simulator's default defence on task vectors
-TEXT_GATE = 0.2  # mix_text's threshold: passes 70% of one-task pairs and 1% of others over 20 fleets
+TEXT_GATE = 0.2  # mix_text's threshold, chosen from the gate calibration this benchmark records
 
 
 def task_centroids(personas, cluster_of: list[int], encodings: list[np.ndarray], seed: int) -> dict[int, np.ndarray]:
@@ -105,7 +108,8 @@ def run(fleet: str, mode: str, seed: int, rounds: int, local_steps: int, images:
     clusters = range(len(SIZES))
     defaults = AggregatorConfig()
     spec = lora_config()
-    unet = load_base_unet()
+    backend = DigitsBackend.from_pretrained()
+    unet = backend.denoiser
     unet.requires_grad_(False)
     add_adapter(unet, "device", spec, seed=seed)
     set_mix(unet, {"device": 1.0})
@@ -119,7 +123,7 @@ def run(fleet: str, mode: str, seed: int, rounds: int, local_steps: int, images:
         groups: dict[int, list[ClientUpdate]] = {c: [] for c in clusters}
         for i, p in enumerate(personas):
             set_adapter_state(unet, "device", current[cluster_of[i]])
-            train_adapters(unet, ["device"], p.train_images, torch.from_numpy(encodings[i]),
+            train_adapters(backend, ["device"], backend.encode_images(p.train_images), torch.from_numpy(encodings[i]),
                            TrainConfig(steps=local_steps, batch_size=16, lr=LORA_LR, seed=seed * 1000 + rnd * 100 + i))
             groups[cluster_of[i]].append(ClientUpdate(f"d{i}", get_adapter_state(unet, "device"), len(p.train_images)))
         current = {c: rule.aggregate(current[c], groups[c], spec).adapter for c in clusters}
@@ -145,11 +149,11 @@ def run(fleet: str, mode: str, seed: int, rounds: int, local_steps: int, images:
             "agreement": agreement}
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, out: Output) -> None:
     """Style accuracy (top) and Fréchet distance relative to intra-only (bottom) per cluster."""
-    fig, axes = plt.subplots(2, len(FLEETS), figsize=(13, 6), sharey="row")
+    fig, axes = plt.subplots(2, len(summary), figsize=(13, 6), sharey="row", squeeze=False)
     width = 0.8 / len(MODES)
-    for col, fleet in enumerate(FLEETS):
+    for col, fleet in enumerate(summary):
         labels = [f"{st} ({n})" + ("*" if c == len(SIZES) - 1 else "") for c, (st, n) in enumerate(zip(FLEETS[fleet], SIZES))]
         for i, m in enumerate(MODES):
             per = summary[fleet][m]
@@ -165,9 +169,45 @@ def plot(summary: dict, path: Path) -> None:
     axes[0, 0].set_ylabel("style accuracy (higher is better)")
     axes[1, 0].set_ylabel("Fréchet / intra-only (lower is better)")
     axes[0, -1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    out.save_figure(fig)
+
+
+def run_all(fleets: tuple[str, ...], args: argparse.Namespace) -> list[dict]:
+    """Every (seed, fleet, mode), ``args.workers`` at a time, each in a process of its own."""
+    jobs = [(f, m, s) for s in range(args.seeds) for f in fleets for m in MODES]
+    with ProcessPoolExecutor(args.workers) as pool:
+        futures = [pool.submit(run, f, m, s, args.rounds, args.local_steps, args.images, args.samples) for f, m, s in jobs]
+        return [fut.result() for fut in tqdm(futures, desc="interaction runs")]
+
+
+def summarize(runs: list[dict], fleets: tuple[str, ...], seeds: int) -> tuple[dict, dict]:
+    """Mean quality per fleet, mode and cluster; and each mode's gain over intra-only for the smallest cluster."""
+    summary = {f: {m: {str(c): {k: float(np.mean([r["clusters"][str(c)][k] for r in runs
+                                                   if r["fleet"] == f and r["mode"] == m]))
+                                for k in METRICS} for c in range(len(SIZES))} for m in MODES} for f in fleets}
+    small, others = str(len(SIZES) - 1), [str(c) for c in range(len(SIZES) - 1)]
+
+    def per_seed_gain(f: str, m: str, c: str, k: str) -> list[float]:
+        pick = {(r["mode"], r["seed"]): r["clusters"][c][k] for r in runs if r["fleet"] == f}
+        return [pick[(m, s)] - pick[("intra", s)] for s in range(seeds)]
+
+    gains = {f: {m: {"smallest": {k: per_seed_gain(f, m, small, k) for k in METRICS},
+                     "others_mean_style_acc": float(np.mean([summary[f][m][c]["style_acc"]
+                                                             - summary[f]["intra"][c]["style_acc"] for c in others]))}
+                 for m in MODES[1:]} for f in fleets}
+    return summary, gains
+
+
+def agreement_calibration(runs: list[dict]) -> dict:
+    """The clusters' ΔW cosine before interaction, for pairs of one task and pairs of different tasks."""
+    pairs: dict[str, list[float]] = {"same_task": [], "different_task": []}
+    for r in (r for r in runs if r["mode"] == "intra"):  # the others' ΔW have been mixed or shrunk
+        styles = FLEETS[r["fleet"]]
+        for rnd in r["agreement"]:
+            for pair, cos in rnd.items():
+                a, b = map(int, pair.split("-"))
+                pairs["same_task" if styles[a] == styles[b] else "different_task"].append(cos)
+    return {k: {"min": min(v), "max": max(v), "median": float(np.median(v))} for k, v in pairs.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,45 +219,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=64, help="generated images per cluster")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each")
     parser.add_argument("--gate-fleets", type=int, default=20, help="random fleets for the gate calibration")
-    parser.add_argument("--out", default=str(RESULTS / "interaction.json"))
+    add_arguments(parser)
     args = parser.parse_args(argv)
+    out = Output.of(parser, args, "interaction")
+    fleets = SMOKE_FLEETS if args.smoke else tuple(FLEETS)
+    if args.smoke:
+        args.seeds, args.rounds, args.local_steps, args.images, args.samples, args.gate_fleets = 1, 1, 1, 8, 4, 2
     gate = gate_calibration(args.gate_fleets, args.images)
     print(f"centered task-centroid cosine, pairs passing per threshold: same task {gate['same_task_passing']} "
-          f"(n={len(gate['same_task'])}), different tasks {gate['different_task_passing']} (n={len(gate['different_task'])})")
-    jobs = [(f, m, s) for s in range(args.seeds) for f in FLEETS for m in MODES]
-    with ProcessPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(run, f, m, s, args.rounds, args.local_steps, args.images, args.samples) for f, m, s in jobs]
-        runs = [fut.result() for fut in tqdm(futures, desc="interaction runs")]
-    metrics = ("style_acc", "digit_acc", "frechet")
-    summary = {f: {m: {str(c): {k: float(np.mean([r["clusters"][str(c)][k] for r in runs if r["fleet"] == f and r["mode"] == m]))
-                                for k in metrics} for c in range(len(SIZES))} for m in MODES} for f in FLEETS}
-    small, others = str(len(SIZES) - 1), [str(c) for c in range(len(SIZES) - 1)]
-
-    def per_seed_gain(f: str, m: str, c: str, k: str) -> list[float]:
-        pick = {(r["mode"], r["seed"]): r["clusters"][c][k] for r in runs if r["fleet"] == f}
-        return [pick[(m, s)] - pick[("intra", s)] for s in range(args.seeds)]
-
-    gains = {f: {m: {"smallest": {k: per_seed_gain(f, m, small, k) for k in metrics},
-                     "others_mean_style_acc": float(np.mean([summary[f][m][c]["style_acc"] - summary[f]["intra"][c]["style_acc"]
-                                                            for c in others]))}
-                 for m in MODES[1:]} for f in FLEETS}
-    pairs: dict[str, list[float]] = {"same_task": [], "different_task": []}
-    for r in (r for r in runs if r["mode"] == "intra"):  # the others' ΔW have been mixed or shrunk
-        styles = FLEETS[r["fleet"]]
-        for rnd in r["agreement"]:
-            for pair, cos in rnd.items():
-                a, b = map(int, pair.split("-"))
-                pairs["same_task" if styles[a] == styles[b] else "different_task"].append(cos)
-    agreement = {k: {"min": min(v), "max": max(v), "median": float(np.median(v))} for k, v in pairs.items()}
+          f"(n={len(gate['same_task'])}), different tasks {gate['different_task_passing']} "
+          f"(n={len(gate['different_task'])})")
+    runs = run_all(fleets, args)
+    summary, gains = summarize(runs, fleets, args.seeds)
+    agreement = agreement_calibration(runs)
     print(f"ΔW cosine, same task {agreement['same_task']}, different tasks {agreement['different_task']}")
-    result = {"config": vars(args), "fleets": {f: dict(zip(FLEETS[f], SIZES)) for f in FLEETS}, "smallest_cluster": small,
+    small, others = str(len(SIZES) - 1), [str(c) for c in range(len(SIZES) - 1)]
+    result = {"config": vars(args), "fleets": {f: dict(zip(FLEETS[f], SIZES)) for f in fleets},
+              "smallest_cluster": small,
               "gate_calibration": gate, "agreement_calibration": agreement,
               "summary": summary, "gain_over_intra": gains, "runs": runs}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(summary, out.with_suffix(".png"))
-    for f in FLEETS:
+    out.write(result)
+    plot(summary, out)
+    for f in fleets:
         for m in MODES:
             s = summary[f][m][small]
             print(f"{f:8s} {m:6s} smallest: style {s['style_acc']:.2f} digit {s['digit_acc']:.2f} Fréchet {s['frechet']:.0f}; "

@@ -1,19 +1,20 @@
 """Load: N model-free devices deliver one round of updates to the aggregator daemon over the real broker.
 
-    python -m benchmarks.load [--quick] [--sizes 100,500,2000] [--codec int8]
+    python -m benchmarks.load [--quick | --smoke] [--sizes 100,500,2000] [--codec int8] [--out DIR]
 
 For each N the aggregator runs as its own process (``python -m aggregator.cli aggregator``,
 SQLite state, one cluster, quorum 1.0) so its RSS and CPU are measured alone. N
 ``LiteDevice`` s with real Ed25519/X25519 keys, each with its own MQTT connection, spread
 over a few device processes, enrol, send a task vector and wait for their round start.
 Then every device publishes one boxed, signed update encoded with ``--codec`` (int8 by
-default, ~34 KB envelopes for the rank-2 adapter) as fast as the broker takes them.
+default) as fast as the broker takes them.
 
 Measured per N: ``seconds_to_aggregate`` (first update published -> round closed, i.e.
 every update committed and the aggregate written), ``accepted`` (rows in the state store),
 ``lost`` (published with a PUBACK but not accepted; must be 0), ``updates_per_s``,
 ``p95_ms`` (publish -> commit of the update row, same machine clock), aggregator
-``rss_mb`` (peak) and CPU, refusals. Writes benchmarks/results/load.json and load.png.
+``rss_mb`` (peak) and CPU, refusals. ``--smoke`` runs N = 4. Writes benchmarks/results/load.json
+and load.png.
 
 Devices behave like ``edge_sdk.session``: a device re-invited at the round deadline
 (``--round-timeout``, counted from the round's opening) re-sends its stored update; the count
@@ -53,16 +54,25 @@ import psutil  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from aggregator.global_model import adapter_shapes  # noqa: E402
+from benchmarks._results import ROOT, Output, add_arguments  # noqa: E402
 from edge_sdk.transport import discard_session  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
 DEVICES_PER_PROCESS = 300  # paho select()s its sockets: ~340 clients fill FD_SETSIZE (3 fds each)
 
 
 # ---------------------------------------------------------------------------------------- devices
+def fleet_model() -> str:
+    """The digest of the base model the daemons run (the default one): what a pinned device enrols with, as it
+    reads no key announcement."""
+    from aggregator.config import AggregatorConfig
+    from edge_sdk.artifacts.manifest import model_digest, part_digests
+    from models.backend import load_backend
+
+    return model_digest(part_digests(load_backend(AggregatorConfig().base_model)))
+
+
 def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_key: bytes, aggregator_id: str,
-                    codec: str, seed: int, shapes: dict[str, tuple[int, ...]]) -> None:
+                    codec: str, seed: int, model: str) -> None:
     """Runs in a child process: drives ``ids`` through enrolment, then one update each on command."""
     import torch
 
@@ -70,6 +80,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
     from edge_sdk.protocol.envelope import EnvelopeVerifier, MessageType
     from edge_sdk.protocol.identity import PublicIdentity
     from edge_sdk.protocol.messages import RoundStart, UpdateAck
+    from models.lora import lora_from_dict
 
     keys = PublicIdentity(verify_key, box_key)
 
@@ -77,7 +88,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
         """Trusts exactly the aggregator started by this benchmark; records when its ack arrives."""
 
         def __init__(self, device_id: str) -> None:
-            super().__init__(mqtt_url, device_id)
+            super().__init__(mqtt_url, device_id, model=model)
             self.aggregator, self.aggregator_id = keys, aggregator_id
             self.verifier = EnvelopeVerifier(lambda sender: keys.verify_key)
             self.acked_at: float | None = None
@@ -132,6 +143,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
         conn.send(("enrolled", len(devices)))
         wait_all(devices, MessageType.ROUND_START, 600)
         starts = [RoundStart.decode(d.wait_for(MessageType.ROUND_START)[0][1]) for d in devices]
+        shapes = adapter_shapes(lora_from_dict(starts[0].lora))  # the fleet's LoRA config rides in the round start
         start_adapter(starts[0], shapes)  # the round start carries our adapter (round 1: as its seed)
         envelopes = []
         for i, (d, start) in enumerate(zip(devices, starts)):
@@ -270,9 +282,9 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
     aggregator_id = f"load-{run}"
     with tempfile.TemporaryDirectory(prefix="fedaigc-load-") as tmp_name:
         tmp = Path(tmp_name)
-        shapes = adapter_shapes()
         daemons = _Aggregators(tmp, mqtt_url, n, aggregator_id, round_timeout_s, aggregator_workers, pg_url)
         keys = daemons.keys
+        model = fleet_model()
         ids = [f"ld{run}-{i:05d}" for i in range(n)]
         procs = max(1, math.ceil(n / DEVICES_PER_PROCESS))
         ctx = mp.get_context("spawn")
@@ -282,7 +294,7 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
                 parent, child = ctx.Pipe()
                 w = ctx.Process(target=_device_process, daemon=True,
                                 args=(child, mqtt_url, ids[p::procs], keys.verify_key, keys.box_key, aggregator_id,
-                                      codec, seed * 1000 + p, shapes))
+                                      codec, seed * 1000 + p, model))
                 w.start()
                 workers.append((w, parent))
         except BaseException:  # the daemons must not outlive a failed start
@@ -400,7 +412,7 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
         return result
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, out: Output) -> None:
     """One line for the single SQLite worker (keys "100", "500", "2000"), points for PostgreSQL workers."""
     series = {"1 worker (SQLite)": {int(k): v for k, v in results.items() if k.isdigit()}}
     for w, per_n in sorted(results.get("scale_out", {}).items()):
@@ -418,8 +430,7 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].axhline(60, color="red", linestyle="--", linewidth=1, label="target at N=2000")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    out.save_figure(fig)
 
 
 def main() -> None:
@@ -436,15 +447,17 @@ def main() -> None:
                              "(results under \"scale_out\")")
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(RESULTS / "load.json"))
+    add_arguments(parser)
     args = parser.parse_args()
-    sizes = [int(s) for s in (args.sizes or ("100" if args.quick else "100,500,2000")).split(",")]
+    out = Output.of(parser, args, "load")
+    default = "4" if args.smoke else "100" if args.quick else "100,500,2000"
+    sizes = [int(s) for s in (args.sizes or default).split(",")]
     from aggregator.broker import ensure_broker
 
     broker = ensure_broker(args.mqtt_url)
-    out = Path(args.out)
     # a partial run (--sizes, --workers) updates the recorded results instead of replacing them
-    results: dict = json.loads(out.read_text()) if out.exists() and (args.sizes or args.workers > 1) else {}
+    previous = out.previous() if args.sizes or args.workers > 1 else None
+    results: dict = dict(previous or {})
     target = results.setdefault("scale_out", {}).setdefault(str(args.workers), {}) if args.workers > 1 else results
     try:
         for n in sizes:
@@ -458,9 +471,8 @@ def main() -> None:
             broker.close()
     results["meta"] = {"cpus": os.cpu_count(), "mqtt_url": args.mqtt_url, "python": sys.version.split()[0],
                        "round_timeout_s": args.round_timeout, "codec": args.codec}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, out.with_suffix(".png"))
+    out.write(results, kept_from=previous)
+    plot(results, out)
     big = target.get("2000")
     if big:
         ok = big["round_closed"] and big["seconds_to_aggregate"] < 60 and big["lost"] == 0

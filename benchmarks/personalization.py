@@ -1,6 +1,6 @@
 """Which part of the adapter stays on the device? Measured on styled digits.
 
-    python -m benchmarks.personalization [--quick]
+    python -m benchmarks.personalization [--quick | --smoke] [--modes none,dual] [--out DIR]
 
 Same personas, clusters (the true styles, to isolate the question), rounds, local steps
 and seeds for every mode; the rounds run in-process with the production pieces
@@ -35,12 +35,12 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from aggregator.rules import ClientUpdate, ExactLoraAggregation  # noqa: E402
+from benchmarks._results import Output, add_arguments  # noqa: E402
 from edge_sdk import PERSONAL, SHARED, DeviceConfig, EdgeClient, LocalData  # noqa: E402
 from models.digits.data import make_personas  # noqa: E402
 from models.digits.evaluate import evaluate_personas  # noqa: E402
 from models.lora import adapter_names, get_adapter_state, lora_config, set_mix  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("none", "dual", "residual")
 
 
@@ -86,40 +86,14 @@ def evaluate(clients, personas, cluster_adapter, seed: int, samples: int) -> dic
             "device_digit_acc": mean(device_scores, "digit_acc"), "device_frechet": mean(device_scores, "frechet")}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--devices", type=int, default=8)
-    parser.add_argument("--styles", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help="modes to run; the others' runs are kept from the existing results if their "
-                             "settings match (so a new mode can be added without rerunning the rest)")
-    args = parser.parse_args()
-    seeds = [0] if args.quick else [0, 1]
-    rounds = 3 if args.quick else args.rounds
-    todo = [m for m in args.modes.split(",") if m]
-    if unknown := set(todo) - set(MODES):
-        parser.error(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
-    settings = {"devices": args.devices, "styles": args.styles, "rounds": rounds, "local_steps": args.steps,
-                "seeds": seeds}
-    kept, seconds = [], 0.0
-    previous = RESULTS / "personalization.json"
-    if set(todo) != set(MODES) and previous.exists():
-        old = json.loads(previous.read_text())
-        if all(old.get(k) == v for k, v in settings.items()):
-            kept = [r for r in old["runs"] if r["mode"] not in todo]
-            seconds = old.get("seconds", 0.0)
-    started = time.monotonic()
-    runs = kept + [run_mode(mode, args.devices, args.styles, rounds, args.steps, seed, 32)
-                   for seed in seeds for mode in todo]
-    modes = [m for m in MODES if any(r["mode"] == m for r in runs)]
-    final = {m: {k: float(np.mean([r["curve"][-1][k] for r in runs if r["mode"] == m])) for k in runs[0]["curve"][-1]}
-             for m in modes}
-    result = settings | {"runs": runs, "final": final, "seconds": seconds + time.monotonic() - started}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "personalization.json").write_text(json.dumps(result, indent=2) + "\n")
+def kept_runs(previous: dict | None, todo: list[str], settings: dict) -> tuple[list[dict], float]:
+    """The earlier result's runs of the modes not run now, if it was measured with the same settings."""
+    if previous is None or set(todo) == set(MODES) or any(previous.get(k) != v for k, v in settings.items()):
+        return [], 0.0
+    return [r for r in previous["runs"] if r["mode"] not in todo], previous.get("seconds", 0.0)
+
+
+def plot(runs: list[dict], seeds: list[int], out: Output) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
     for mode, color in zip(MODES, ("tab:blue", "tab:orange", "tab:green")):
         for r in (r for r in runs if r["mode"] == mode):
@@ -131,8 +105,39 @@ def main() -> None:
     axes[0].set(xlabel="round", ylabel="style accuracy", title="cluster adapter (global model)", ylim=(0, 1))
     axes[1].set(xlabel="round", ylabel="style accuracy", title="device (shared + personal)", ylim=(0, 1))
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "personalization.png", dpi=110)
+    out.save_figure(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--styles", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="modes to run; the others' runs are kept from the existing results if their "
+                             "settings match (so a new mode can be added without rerunning the rest)")
+    add_arguments(parser)
+    args = parser.parse_args()
+    out = Output.of(parser, args, "personalization")
+    seeds = [0] if args.quick or args.smoke else [0, 1]
+    devices, styles, rounds, steps, samples = (2, 1, 1, 1, 4) if args.smoke else (
+        args.devices, args.styles, 3 if args.quick else args.rounds, args.steps, 32)
+    todo = [m for m in args.modes.split(",") if m]
+    if unknown := set(todo) - set(MODES):
+        parser.error(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
+    settings = {"devices": devices, "styles": styles, "rounds": rounds, "local_steps": steps, "seeds": seeds}
+    previous = out.previous()
+    kept, seconds = kept_runs(previous, todo, settings)
+    started = time.monotonic()
+    runs = kept + [run_mode(mode, devices, styles, rounds, steps, seed, samples) for seed in seeds for mode in todo]
+    modes = [m for m in MODES if any(r["mode"] == m for r in runs)]
+    final = {m: {k: float(np.mean([r["curve"][-1][k] for r in runs if r["mode"] == m])) for k in runs[0]["curve"][-1]}
+             for m in modes}
+    result = settings | {"runs": runs, "final": final, "seconds": seconds + time.monotonic() - started}
+    out.write(result, kept_from=previous if kept else None)
+    plot(runs, seeds, out)
     print(json.dumps(final, indent=2))
 
 

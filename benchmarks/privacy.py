@@ -1,6 +1,6 @@
 """What an honest-but-curious aggregator learns, and what each privacy knob costs.
 
-    python -m benchmarks.privacy [--part attacks|dp|all] [--quick]
+    python -m benchmarks.privacy [--part attacks|dp|all] [--quick | --smoke] [--out DIR]
 
 **Attacks on task vectors.** The aggregator decrypts every device's task vector (what
 ``edge_sdk.privacy.task_vector_from_encodings`` produces, the exact computation a device
@@ -26,6 +26,10 @@ several noise multipliers at a clip norm calibrated to the median first-round up
 norm of the no-DP run; reports the cluster adapters' style/digit accuracy against the
 epsilon each device has spent.
 
+``--smoke`` attacks 4 devices of 2 styles with an attacker of 8 personas and a bank of their own
+prompts plus 200 others (the whole bank takes minutes to encode), and runs one DP multiplier
+over one round of 2 devices.
+
 Writes benchmarks/results/privacy.json and privacy.png (a panel per measured part, drawn
 from the JSON). Each part overwrites only its own keys, so the parts can run as separate
 commands.
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -56,6 +61,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from aggregator.clustering import cluster_tasks  # noqa: E402
 from aggregator.rules import ClientUpdate, ExactLoraAggregation  # noqa: E402
+from benchmarks._results import Output, add_arguments  # noqa: E402
 from edge_sdk import SHARED, DeviceConfig, EdgeClient, LocalData  # noqa: E402
 from edge_sdk.privacy import (  # noqa: E402
     DPConfig,
@@ -71,7 +77,6 @@ from models.digits.evaluate import cache_dir, evaluate_personas  # noqa: E402
 from models.lora import get_adapter_state, lora_config, set_mix  # noqa: E402
 from models.text import PromptEncoder  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NOISES = (0.0, 0.1, 0.3, 0.6, 1.0, 2.0)
 PROMPT_COUNTS: tuple[int | None, ...] = (1, 5, None)
 FLEET_SECRET = hashlib.sha256(b"benchmark fleet secret (a real fleet draws 32 random bytes)").digest()
@@ -83,15 +88,25 @@ KNOWN_PAIRS = (10, 25, 50, 100, 200)
 # ------------------------------------------------------------------------------------------ the bank
 
 
-def candidate_bank() -> list[str]:
+def candidate_bank(styles: Sequence[str] = STYLES) -> list[str]:
     """Every prompt the persona generator can write: a worst-case attacker knows its vocabulary."""
     return [template.format(d=wording(digit)) + tic
-            for style in STYLES for template in style_templates(style)
+            for style in styles for template in style_templates(style)
             for digit in range(10) for wording in _DIGIT_WORDINGS for tic in _TICS]
 
 
+def bank_prompts(personas: Sequence[Persona], decoys: int | None) -> list[str]:
+    """The whole candidate bank, or (``decoys`` given) the personas' own prompts and that many other candidates
+    of their styles: a bank small enough to encode in seconds, for smoke runs."""
+    if decoys is None:
+        return candidate_bank()
+    true = sorted({q for p in personas for q in p.train_prompts})
+    others = sorted(set(candidate_bank(sorted({p.style for p in personas}))) - set(true))
+    return true + random.Random(0).sample(others, min(decoys, len(others)))
+
+
 def encode_bank(bank: Sequence[str]) -> np.ndarray:
-    """Public-encoder encodings of the bank, cached on disk (~6 min of CPU the first time)."""
+    """Public-encoder encodings of the bank, cached on disk (the whole bank takes minutes to encode)."""
     key = hashlib.sha256("\n".join(bank).encode() + b"all-MiniLM-L6-v2").hexdigest()[:16]
     path = cache_dir() / f"privacy-bank-{key}.npy"
     if path.exists():
@@ -112,8 +127,7 @@ class Bank:
     index: dict[str, int]
 
     @classmethod
-    def build(cls) -> "Bank":
-        prompts = candidate_bank()
+    def build(cls, prompts: list[str]) -> "Bank":
         return cls(prompts, encode_bank(prompts), {p: i for i, p in enumerate(prompts)})
 
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
@@ -124,6 +138,20 @@ class Bank:
 
 
 # ------------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class AttackSizes:
+    """How big the attack part is: the targets, the noise levels swept, the attacker's own personas, the bank."""
+
+    devices: int
+    styles: int
+    seeds: tuple[int, ...]
+    noises: tuple[float, ...]
+    attacker_personas: int
+    attacker_styles: int = len(STYLES)
+    known_pairs: tuple[int, ...] = KNOWN_PAIRS
+    decoys: int | None = None  # None: the whole candidate bank (see bank_prompts)
 
 
 @dataclass(frozen=True)
@@ -177,7 +205,7 @@ def procrustes(public: np.ndarray, observed: np.ndarray) -> np.ndarray:
 
 
 def known_plaintext(bank: Bank, attacker: Sequence[Persona], model: "AttributeAttack", setting: Setting,
-                    rotation: np.ndarray, targets: dict[int, list[Persona]]) -> list[dict]:
+                    rotation: np.ndarray, targets: dict[int, list[Persona]], pairs: Sequence[int]) -> list[dict]:
     """Rotation without the secret: the aggregator knows the prompts of ``m`` devices and refits the rotation.
 
     The first ``m`` of the attacker's personas play fleet devices whose prompts leaked (say,
@@ -186,7 +214,7 @@ def known_plaintext(bank: Bank, attacker: Sequence[Persona], model: "AttributeAt
     the un-rotated target vectors.
     """
     rows = []
-    for m in KNOWN_PAIRS:
+    for m in pairs:
         leaked = attacker[:m]
         public = np.stack([bank.encode(p.train_prompts).mean(axis=0) for p in leaked])
         estimate = procrustes(public, device_vectors(bank, leaked, setting, 2000, rotation))
@@ -221,15 +249,14 @@ class AttributeAttack:
                 "dominant_digit": [int(d) == dominant_digit(p) for d, p in zip(digit, personas)]}
 
 
-def run_attacks(devices: int, styles: int, seeds: Sequence[int], noises: Sequence[float],
-                counts: Sequence[int | None], attacker_personas: int) -> dict:
-    bank = Bank.build()
+def run_attacks(sizes: AttackSizes, counts: Sequence[int | None]) -> dict:
     rotation = fleet_rotation(FLEET_SECRET)
-    targets = {s: make_personas(devices, styles, seed=s) for s in seeds}
-    attacker = make_personas(attacker_personas, len(STYLES), seed=1000)
+    targets = {s: make_personas(sizes.devices, sizes.styles, seed=s) for s in sizes.seeds}
+    attacker = make_personas(sizes.attacker_personas, sizes.attacker_styles, seed=1000)
+    bank = Bank.build(bank_prompts([*attacker, *(p for ps in targets.values() for p in ps)], sizes.decoys))
     majority_digit = Counter(dominant_digit(p) for p in attacker).most_common(1)[0][0]
     rows = []
-    for noise in tqdm(noises, desc="noise levels"):
+    for noise in tqdm(sizes.noises, desc="noise levels"):
         for count in counts:
             # the attacker simulates devices with the public encoder: it cannot rotate without the secret
             model = AttributeAttack(device_vectors(bank, attacker, Setting(noise, count, False), 1000, None), attacker)
@@ -250,7 +277,8 @@ def run_attacks(devices: int, styles: int, seeds: Sequence[int], noises: Sequenc
                              "top5_recovery_frequent": hits["top5_frequent"],
                              "attribute_acc": {"style": hits["style"], "dominant_digit": hits["dominant_digit"]}})
                 if rotated and count is None:
-                    rows[-1]["known_plaintext"] = known_plaintext(bank, attacker, model, setting, rotation, targets)
+                    rows[-1]["known_plaintext"] = known_plaintext(bank, attacker, model, setting, rotation, targets,
+                                                                  sizes.known_pairs)
                 print(setting.label, {k: round(v, 3) for k, v in rows[-1].items() if isinstance(v, float)},
                       rows[-1]["attribute_acc"], flush=True)
     for row in rows:  # what each setting gives away if the fleet secret leaks: the rotation-off twin
@@ -259,10 +287,10 @@ def run_attacks(devices: int, styles: int, seeds: Sequence[int], noises: Sequenc
         row["if_secret_leaked"] = {k: twin[k] for k in ("top1_recovery", "top5_recovery", "attribute_acc")}
     true_prompts = {prompt for ps in targets.values() for p in ps for prompt in p.train_prompts}
     return {
-        "devices": devices, "styles": styles, "seeds": list(seeds), "bank_size": len(bank.prompts),
+        "devices": sizes.devices, "styles": sizes.styles, "seeds": list(sizes.seeds), "bank_size": len(bank.prompts),
         "bank_holds_all_true_prompts": all(p in bank.index for p in true_prompts),
-        "attacker_personas": attacker_personas, "attacker_seed": 1000,
-        "chance": {"style": 1 / len(STYLES),
+        "attacker_personas": sizes.attacker_personas, "attacker_styles": sizes.attacker_styles, "attacker_seed": 1000,
+        "chance": {"style": 1 / sizes.attacker_styles,
                    "dominant_digit_majority": float(np.mean([dominant_digit(p) == majority_digit
                                                              for ps in targets.values() for p in ps])),
                    "top1_recovery_random_guess": float(np.mean([len(set(p.train_prompts)) / len(bank.prompts)
@@ -385,7 +413,7 @@ def _json_eps(eps: float) -> float | None:
 # ------------------------------------------------------------------------------------------ plots
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, out: Output) -> None:
     """privacy.png: the attack panels (if measured) and the DP panel (if measured), from the JSON alone."""
     panels = (2 if "settings" in result else 0) + (1 if "dp" in result else 0)
     if not panels:
@@ -397,9 +425,7 @@ def plot(result: dict, path: Path) -> None:
         axes[1].sharey(axes[0])
     if "dp" in result:
         plot_dp(result["dp"], axes[-1])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    out.save_figure(fig)
 
 
 def plot_attacks(result: dict, axes) -> None:
@@ -451,6 +477,32 @@ def plot_dp(dp: dict, ax) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
+def attack_sizes(args: argparse.Namespace) -> AttackSizes:
+    if args.smoke:
+        return AttackSizes(4, 2, (0,), (0.3,), 8, attacker_styles=2, known_pairs=(2, 4), decoys=200)
+    if args.quick:
+        return AttackSizes(args.devices, args.styles, (0,), (0.0, 0.3, 1.0), 100)
+    return AttackSizes(args.devices, args.styles, (0, 1, 2), NOISES, 200)
+
+
+def attacks_part(args: argparse.Namespace) -> dict:
+    """The attack sweep and the default chosen from it: the keys of privacy.json this part owns."""
+    attacks = run_attacks(attack_sizes(args), PROMPT_COUNTS)
+    settings = attacks.pop("settings")
+    default, rule = choose_default(settings)
+    return {"settings": settings, "attacks": attacks, "default": default, "default_rule": rule,
+            "default_note": "ARI here is text-only; the aggregator refines clusters with first-round update "
+                            "similarity, which benchmarks/clustering.py measures"}
+
+
+def dp_part(args: argparse.Namespace) -> dict:
+    if args.smoke:
+        return run_dp(2, 1, 1, 1, seed=0, multipliers=[1.0], samples=4, delta=1e-5)
+    multipliers = [0.0, 1.0] if args.quick else args.multipliers
+    return run_dp(args.dp_devices, args.dp_styles, 2 if args.quick else args.dp_rounds, args.dp_steps,
+                  seed=0, multipliers=multipliers, samples=32, delta=1e-5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("attacks", "dp", "all"), default="all")
@@ -463,35 +515,23 @@ def main() -> None:
     parser.add_argument("--dp-steps", type=int, default=15)
     parser.add_argument("--multipliers", type=float, nargs="+",
                         default=[0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0])
+    add_arguments(parser)
     args = parser.parse_args()
-    path = RESULTS / "privacy.json"
-    result = json.loads(path.read_text()) if path.exists() else {}
+    out = Output.of(parser, args, "privacy")
+    previous = out.previous() if args.part != "all" else None  # one part keeps the other's keys
+    result = dict(previous or {})
     seconds = result.setdefault("seconds", {})
-    if args.part in ("attacks", "all"):
+    parts = {"attacks": attacks_part, "dp": lambda a: {"dp": dp_part(a)}}
+    for name, part in parts.items():
+        if args.part not in (name, "all"):
+            continue
         started = time.monotonic()
-        seeds = [0] if args.quick else [0, 1, 2]
-        noises = (0.0, 0.3, 1.0) if args.quick else NOISES
-        attacks = run_attacks(args.devices, args.styles, seeds, noises, PROMPT_COUNTS,
-                              attacker_personas=100 if args.quick else 200)
-        result["settings"] = attacks.pop("settings")
-        result["attacks"] = attacks
-        result["default"], result["default_rule"] = choose_default(result["settings"])
-        result["default_note"] = ("ARI here is text-only; the aggregator refines clusters with first-round update "
-                                  "similarity, measured at ~0.94 in benchmarks/clustering.py")
-        seconds["attacks"] = time.monotonic() - started
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        plot(result, RESULTS / "privacy.png")
-        print("default:", result["default_rule"], json.dumps(result["default"], indent=2))
-    if args.part in ("dp", "all"):
-        started = time.monotonic()
-        multipliers = [0.0, 1.0] if args.quick else args.multipliers
-        result["dp"] = run_dp(args.dp_devices, args.dp_styles, 2 if args.quick else args.dp_rounds, args.dp_steps,
-                              seed=0, multipliers=multipliers, samples=32, delta=1e-5)
-        seconds["dp"] = time.monotonic() - started
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        plot(result, RESULTS / "privacy.png")
+        result |= part(args)
+        seconds[name] = time.monotonic() - started
+        out.write(result, kept_from=previous)
+        plot(result, out)
+        if name == "attacks":
+            print("default:", result["default_rule"], json.dumps(result["default"], indent=2))
 
 
 if __name__ == "__main__":

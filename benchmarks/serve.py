@@ -1,6 +1,6 @@
 """Generation service throughput and latency, batched vs one-at-a-time, over the real broker.
 
-    python -m benchmarks.serve [--quick]
+    python -m benchmarks.serve [--quick | --smoke] [--out DIR]
 
 An aggregator (one cluster adapter in its global model) serves requests from 1, 8 and 32
 concurrent requesters; each requester is a real enrolled device connection that sends a
@@ -12,7 +12,6 @@ Writes benchmarks/results/serve.json and serve.png.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import threading
 import time
@@ -29,10 +28,12 @@ from aggregator.broker import ensure_broker  # noqa: E402
 from aggregator.config import AggregatorConfig  # noqa: E402
 from aggregator.service import AggregatorService  # noqa: E402
 from aggregator.simulation.lite import LiteDevice  # noqa: E402
+from benchmarks._results import Output, add_arguments  # noqa: E402
 from edge_sdk.protocol.envelope import MessageType  # noqa: E402
 from models.text import PromptEncoder  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+CONCURRENCY = (1, 8, 32)
+MODES = ("one_at_a_time", "batched")
 
 
 def _requester_loop(device, encoding, stop_at: float, latencies: list, lock: threading.Lock) -> None:
@@ -77,41 +78,49 @@ def run_mode(mqtt_url: str, batched: bool, concurrency: int, seconds: float, ste
             "sampling_calls": calls, "images_per_call": len(latencies) / max(1, calls)}
 
 
+def plot(result: dict, out: Output) -> None:
+    m = result["modes"]
+    conc = sorted(int(c) for c in m)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+    for mode in MODES:
+        axes[0].plot(conc, [m[str(c)][mode]["requests_per_s"] for c in conc], marker="o", label=mode)
+        axes[1].plot(conc, [m[str(c)][mode]["p95_ms"] for c in conc], marker="o", label=mode)
+    axes[0].set(xscale="log", xlabel="concurrent requesters", ylabel="requests / s", title="throughput")
+    axes[1].set(xscale="log", yscale="log", xlabel="concurrent requesters", ylabel="p95 latency (ms)", title="latency")
+    axes[0].legend(fontsize=8)
+    out.save_figure(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs")
     parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps per request")
+    add_arguments(parser)
     args = parser.parse_args()
+    out = Output.of(parser, args, "serve")
     broker = ensure_broker(args.mqtt_url)
-    seconds = 8.0 if args.quick else 25.0
-    result: dict = {"steps": args.steps, "seconds_per_mode": seconds, "modes": {}}
+    concurrency, seconds, steps = ((1, 4), 1.0, 2) if args.smoke else (CONCURRENCY, 8.0 if args.quick else 25.0,
+                                                                        args.steps)
+    result: dict = {"steps": steps, "seconds_per_mode": seconds, "modes": {}}
     try:
-        for concurrency in (1, 8, 32):
-            for mode in ("one_at_a_time", "batched"):
-                r = run_mode(args.mqtt_url, mode == "batched", concurrency, seconds, args.steps)
-                result["modes"].setdefault(str(concurrency), {})[mode] = r
-                print(concurrency, mode, {k: round(v, 2) for k, v in r.items()}, flush=True)
+        for c in concurrency:
+            for mode in MODES:
+                r = run_mode(args.mqtt_url, mode == "batched", c, seconds, steps)
+                result["modes"].setdefault(str(c), {})[mode] = r
+                print(c, mode, {k: round(v, 2) for k, v in r.items()}, flush=True)
     finally:
         if broker is not None:
             broker.close()
     m = result["modes"]
     result["requests_per_s"] = {c: {mode: v["requests_per_s"] for mode, v in d.items()} for c, d in m.items()}
     result["p95_ms"] = {c: {mode: v["p95_ms"] for mode, v in d.items()} for c, d in m.items()}
-    result["batched_speedup_at_32"] = m["32"]["batched"]["requests_per_s"] / m["32"]["one_at_a_time"]["requests_per_s"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
-    conc = [1, 8, 32]
-    for mode in ("one_at_a_time", "batched"):
-        axes[0].plot(conc, [m[str(c)][mode]["requests_per_s"] for c in conc], marker="o", label=mode)
-        axes[1].plot(conc, [m[str(c)][mode]["p95_ms"] for c in conc], marker="o", label=mode)
-    axes[0].set(xscale="log", xlabel="concurrent requesters", ylabel="requests / s", title="throughput")
-    axes[1].set(xscale="log", yscale="log", xlabel="concurrent requesters", ylabel="p95 latency (ms)", title="latency")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "serve.png", dpi=110)
-    print(f"batched speedup at 32 requesters: {result['batched_speedup_at_32']:.2f}x")
+    top = str(max(concurrency))
+    speedup = m[top]["batched"]["requests_per_s"] / m[top]["one_at_a_time"]["requests_per_s"]
+    result[f"batched_speedup_at_{top}"] = speedup
+    out.write(result)
+    plot(result, out)
+    print(f"batched speedup at {top} requesters: {speedup:.2f}x")
 
 
 if __name__ == "__main__":

@@ -70,9 +70,9 @@ def build_tokenizer(max_length: int):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def save_random_pipeline(name: str, path: str | Path, seed: int = 0, prediction_type: str | None = None) -> Path:
-    """Build architecture ``name`` with random weights (deterministic for ``seed``) and save it as a pipeline."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def random_parts(name: str, seed: int = 0, prediction_type: str | None = None) -> dict:
+    """Architecture ``name`` with random weights (deterministic for ``seed``): the pipeline's parts by name."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if name not in ARCHITECTURES:
@@ -87,8 +87,14 @@ def save_random_pipeline(name: str, path: str | Path, seed: int = 0, prediction_
         vae = AutoencoderKL(**spec["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**text))
     scheduler = PNDMScheduler(**(spec["scheduler"] | ({"prediction_type": prediction_type} if prediction_type else {})))
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def save_random_pipeline(name: str, path: str | Path, seed: int = 0, prediction_type: str | None = None) -> Path:
+    """``random_parts`` saved as a ``StableDiffusionPipeline`` directory (what ``load_backend`` reads)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(**random_parts(name, seed, prediction_type), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(Path(path), safe_serialization=True)
     return Path(path)
