@@ -1,6 +1,6 @@
 """Core ML export: the denoiser as an ``.mlpackage`` (mlprogram, iOS 17+), one function per adapter.
 
-    export_coreml(load_base_unet(), adapters, {"cluster_0": {"cluster-0": 1.0}}, "out/", weights="int8")
+    export_coreml(load_backend("path/to/model"), adapters, {"cluster_0": {"cluster-0": 1.0}}, "out/", weights="int8")
 
 Each function is the same exportable denoiser (``export_tools.graph``) with an adapter
 (or mix) in its LoRA slot, traced with ``torch.export`` and converted by

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,10 +36,13 @@ from edge_sdk.protocol.messages import (
 from edge_sdk.protocol.tensors import Shapes, pack_tensors, unpack_tensors
 from edge_sdk.protocol.topics import DEFAULT_PREFIX
 from edge_sdk.transport import MqttConfig, MqttTransport
+from models.digits.unet import BASE_MODEL_DIR
 
 
-def start_adapter(start: RoundStart, shapes: Shapes) -> dict[str, torch.Tensor]:
-    """The adapter a round start carries whole: encoded, or as the seed to draw it from.
+def start_adapter(start: RoundStart, shapes: Shapes,
+                  base_model: str | Path = BASE_MODEL_DIR) -> dict[str, torch.Tensor]:
+    """The adapter a round start carries whole: encoded, or as the seed to draw it from (on the fleet's
+    ``base_model``, whose layers the seed's draw follows).
 
     A delta needs the adapter it applies to, which a model-less device does not keep.
     """
@@ -47,18 +51,19 @@ def start_adapter(start: RoundStart, shapes: Shapes) -> dict[str, torch.Tensor]:
     if start.codec != SEEDED_CODEC:
         return decode_payload(start.codec, start.adapter, shapes)
     seeded = SeededAdapter.decode(start.adapter)
-    adapter = _drawn(json.dumps(start.lora, sort_keys=True), seeded.seed)
+    adapter = _drawn(json.dumps(start.lora, sort_keys=True), seeded.seed, str(base_model))
     if not seeded.matches(adapter):
         raise RefusedMessage(Refusal.BAD_TENSORS, f"the adapter drawn from seed {seeded.seed} differs from the sender's")
     return {k: v.clone() for k, v in adapter.items()}
 
 
 @lru_cache(maxsize=4)
-def _drawn(lora_json: str, seed: int) -> dict[str, torch.Tensor]:
-    from models.digits.unet import load_base_unet
+def _drawn(lora_json: str, seed: int, base_model: str) -> dict[str, torch.Tensor]:
+    from models.backend import load_backend
     from models.lora import draw_adapter, lora_from_dict
 
-    return draw_adapter(load_base_unet(), lora_from_dict(json.loads(lora_json)), seed)
+    backend = load_backend(base_model)
+    return draw_adapter(backend.denoiser, lora_from_dict(json.loads(lora_json), backend.default_targets), seed)
 
 
 class LiteDevice:

@@ -1,8 +1,8 @@
-"""Sampling through an exported ExecuTorch program: a drop-in ``denoiser`` for ``models.digits.unet.generate``.
+"""Sampling through an exported ExecuTorch program: a drop-in ``denoiser`` for ``DiffusionBackend.sample``.
 
 ``ExecuTorchDenoiser(export_dir)`` loads ``model.pte`` with its two data files,
 ``base.ptd`` and ``adapter.ptd`` (checked against ``manifest.json``), and is called like
-the eager UNet: ``denoiser(x, t, encodings) -> eps``. The sampler stays the eager one, so
+the eager UNet: ``denoiser(x, t, conditioning) -> prediction``. The sampler stays the eager one, so
 the backends differ only in the network.
 
 Adapters are data: ``set_mix(adapters, weights)`` packs any adapters whose ranks fit the
