@@ -177,9 +177,15 @@ def worker(size: str, mode: str, steps: int) -> dict:
             "adapter_bytes": 4 * trainable if mode != "full_fp32" else None}
 
 
+class OutOfMemory(RuntimeError):
+    """A worker was killed for memory or could not allocate: the mode does not fit this machine."""
+
+
 def run_worker(size: str, mode: str, steps: int) -> dict:
     done = subprocess.run([sys.executable, "-m", "benchmarks.edge", "--worker", size, mode, str(steps)],
                           capture_output=True, text=True)
+    if done.returncode == -9 or "MemoryError" in done.stderr or "can't allocate memory" in done.stderr:
+        raise OutOfMemory(f"edge worker {size}/{mode} ran out of memory (exit {done.returncode})")
     if done.returncode != 0:
         raise RuntimeError(f"edge worker {size}/{mode} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -215,15 +221,21 @@ def measure_size(size: str, steps: int, machine_mb: float) -> dict:
     for mode in MODES:
         if mode == "full_fp32":
             bound = full_fine_tuning_bound_mb(entry["lora_fp32"]["params"], entry["lora_fp32"])
-            if bound > 0.8 * machine_mb:
-                entry["full_does_not_fit"] = True
-                entry["full_bound_mb"] = bound
-                entry["full_bound"] = ("16 bytes per parameter (fp32 weights, gradients, two AdamW moments) plus "
-                                       "the training memory measured for LoRA on fp32, against 80% of this "
-                                       f"machine's {machine_mb / 1024:.0f} GiB")
-                print(f"{size} full_fp32: not run, needs > {bound / 1024:.1f} GiB", file=sys.stderr, flush=True)
+            bound_text = (f"lower bound {bound / 1024:.1f} GiB: 16 bytes per parameter (fp32 weights, gradients, "
+                          f"two AdamW moments) plus the training memory measured for LoRA on fp32")
+            why = (f"not run: {bound_text}, over 80% of this machine's {machine_mb / 1024:.0f} GiB"
+                   if bound > 0.8 * machine_mb else None)
+            if why is None:
+                try:
+                    entry[mode] = run_worker(size, mode, steps)
+                except OutOfMemory as e:
+                    why = f"{e}; {bound_text}"
+            if why is not None:
+                entry |= {"full_does_not_fit": True, "full_bound_mb": bound, "full_bound": why}
+                print(f"{size} full_fp32: does not fit: {why}", file=sys.stderr, flush=True)
                 continue
-        entry[mode] = run_worker(size, mode, steps)
+        else:
+            entry[mode] = run_worker(size, mode, steps)
         print(f"{size} {mode}: train {entry[mode]['train_mem_mb']:.0f} MB, weights {entry[mode]['weights_mb']:.0f} MB,"
               f" {entry[mode]['step_seconds']:.2f} s/step", file=sys.stderr, flush=True)
     if "digits" in SIZES[size]:

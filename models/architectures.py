@@ -46,11 +46,12 @@ ARCHITECTURES: dict[str, dict] = {
     },
     "sd15": {"unet": SD15_UNET, "vae": SD15_VAE, "text_encoder": SD15_TEXT, "tokens": 77, "scheduler": SD15_SCHEDULER},
     # BK-SDM-Tiny (Kim et al., "BK-SDM: A Lightweight, Fast, and Cheap Version of Stable Diffusion", 2023):
-    # SD 1.5's UNet with one ResNet-attention pair per stage, no mid-block and no innermost stage
+    # SD 1.5's UNet with one ResNet-attention pair per down stage (two per up stage), no mid-block and
+    # without the innermost, attention-free stage pair (DownBlock2D / UpBlock2D): 323M parameters
     "bk-sdm-tiny": {
         "unet": SD15_UNET | {"layers_per_block": 1, "block_out_channels": (320, 640, 1280),
-                             "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                             "down_block_types": ("CrossAttnDownBlock2D",) * 3,
+                             "up_block_types": ("CrossAttnUpBlock2D",) * 3,
                              "mid_block_type": None},
         "vae": SD15_VAE, "text_encoder": SD15_TEXT, "tokens": 77, "scheduler": SD15_SCHEDULER,
     },
