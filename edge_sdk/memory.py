@@ -22,8 +22,34 @@ class MemoryBudgetExceeded(ValueError):
 
 
 def activation_bytes_per_sample(backend: DiffusionBackend) -> int:
-    """Bytes autograd keeps for backward for one sample (each storage once, weights excluded)."""
+    """Bytes a training step needs per sample beyond the weights (``activation_parts``, summed)."""
+    return sum(activation_parts(backend).values())
+
+
+def activation_parts(backend: DiffusionBackend) -> dict[str, int]:
+    """Per sample: ``saved``, the bytes autograd keeps for backward (each storage once, weights excluded),
+    and ``attention``, the largest attention matrix the backward pass builds.
+
+    Scaled-dot-product attention saves only its inputs and output for backward, so the hooks below
+    never see its (heads, queries, keys) probabilities; the backward rebuilds them, one layer at a
+    time. At 64x64 latents that one matrix is hundreds of MB, more than everything else a LoRA step
+    of an int8 base keeps, so it is counted from the attention layers' shapes.
+    """
+    from diffusers.models.attention_processor import Attention
+
     unet = backend.denoiser
+    largest_attention = 0
+
+    def attention_shape(module: Attention, args: tuple, kwargs: dict) -> None:
+        nonlocal largest_attention
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        queries = hidden.shape[2] * hidden.shape[3] if hidden.ndim == 4 else hidden.shape[1]
+        keys = queries if context is None else context.shape[1]
+        largest_attention = max(largest_attention, module.heads * queries * keys * 4)
+
+    hooks = [m.register_forward_pre_hook(attention_shape, with_kwargs=True)
+             for m in unet.modules() if isinstance(m, Attention)]
     weights = {_storage(p) for p in [*unet.parameters(), *unet.buffers()]}  # int8 weights are buffers
     seen: set[int] = set()
     saved = 0
@@ -53,7 +79,9 @@ def activation_bytes_per_sample(backend: DiffusionBackend) -> int:
         unet.train(was_training)
         for p, f in zip(unet.parameters(), flags):
             p.requires_grad_(f)
-    return saved
+        for hook in hooks:
+            hook.remove()
+    return {"saved": saved, "attention": largest_attention}
 
 
 def _storage(t: torch.Tensor) -> int | None:
