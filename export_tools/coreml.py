@@ -10,7 +10,9 @@ convert_to="mlprogram")`` in fp16. Weights: ``fp16`` as converted, ``palettize``
 per-channel symmetric). Several functions are merged with
 ``coremltools.utils.save_multifunction``, which stores a weight blob shared by all
 functions once: the base weights are kept identical across functions (LoRA unmerged),
-so only the adapters' weights are per function.
+so only the adapters' weights are per function. A latent model's text encoder and VAE decoder
+are converted too (``text_encoder.mlpackage``, ``vae_decoder.mlpackage``, fp16, no adapter), so
+a device turns prompts into conditioning and latents into images on Core ML as well.
 
 Prediction needs macOS (the Core ML framework); on Linux the saved package is validated
 from its spec: functions, input and output names, shapes and types.
@@ -30,6 +32,7 @@ import torch
 
 from edge_sdk.artifacts.manifest import Manifest, adapter_record, base_digest
 from edge_sdk.artifacts.ptd import SLOT, AdapterSlot, pack_mix, rank_of
+from export_tools.encoders import encoder_parts
 from export_tools.executorch import ExportError, example_inputs, model_config, slot_unet
 from export_tools.graph import exportable
 from models.backend import DiffusionBackend
@@ -90,8 +93,10 @@ def export_coreml(
     weights: str = "fp16",
     batch: int = 16,
     versions: Mapping[str, int] | None = None,
+    encoders: bool = True,
 ) -> Manifest:
-    """``out_dir/model.mlpackage`` with one function per entry of ``functions`` (name -> mix)."""
+    """``out_dir/model.mlpackage`` with one function per entry of ``functions`` (name -> mix); with
+    ``encoders``, a latent model's text encoder and VAE decoder packages beside it."""
     import coremltools as ct
 
     base = backend.denoiser
@@ -139,11 +144,32 @@ def export_coreml(
                f"the multifunction package shares the base weights",
                "prediction needs macOS (Core ML); on Linux the spec is validated, see validate_package()"],
     )
-    manifest.record_files(out, [PACKAGE])
+    parts = export_encoder_packages(backend, out) if encoders else {}
+    manifest.record_files(out, [PACKAGE, *parts])
     manifest.parity = {"validated": validate_package(package, manifest), "max_abs_err": None,
-                       "note": "no Core ML prediction on Linux; run predict() on macOS to measure parity"}
+                       "note": "no Core ML prediction on Linux; run predict() on macOS to measure parity", **parts}
     manifest.save(out)
     return manifest
+
+
+def export_encoder_packages(backend: DiffusionBackend, out_dir: Path) -> dict[str, dict]:
+    """``text_encoder.mlpackage`` and ``vae_decoder.mlpackage`` (fp16) in ``out_dir``; ``{file: its inputs
+    and outputs as the saved spec states them}``, ``{}`` for a model without encoders."""
+    import coremltools as ct
+
+    report = {}
+    for name, (module, example) in encoder_parts(backend).items():
+        if example[0].dtype == torch.int64:  # Core ML has no int64 tensors: token ids go in as int32
+            example = (example[0].to(torch.int32),)
+        program = torch.export.export(module, example, strict=False).run_decompositions({})
+        path = out_dir / f"{name}.mlpackage"
+        if path.exists():
+            shutil.rmtree(path)
+        ct.convert(program, minimum_deployment_target=ct.target.iOS17, convert_to="mlprogram").save(str(path))
+        desc = ct.utils.load_spec(str(path)).description
+        report[path.name] = {"inputs": {i.name: list(i.type.multiArrayType.shape) for i in desc.input},
+                             "outputs": {o.name: list(o.type.multiArrayType.shape) for o in desc.output}}
+    return report
 
 
 def validate_package(package: str | Path, manifest: Manifest | None = None) -> dict:

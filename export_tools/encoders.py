@@ -20,7 +20,6 @@ from torch import nn
 from export_tools.graph import GroupNorm4d
 from models.backend import DiffusionBackend
 
-TEXT_ENCODER, VAE_DECODER = "text_encoder.pte", "vae_decoder.pte"
 
 
 class VaeDecoder(nn.Module):
@@ -45,22 +44,27 @@ class TextEncoder(nn.Module):
         return self.text_encoder(token_ids)[0]
 
 
-def export_encoders(backend: DiffusionBackend, out_dir: str | Path) -> dict[str, dict]:
-    """Write the backend's text encoder and VAE decoder programs to ``out_dir``; ``{file: parity}``.
-
-    A backend without those parts (the bundled pixel-space model) has nothing to export: ``{}``.
-    """
+def encoder_parts(backend: DiffusionBackend, xnnpack: bool = False) -> dict[str, tuple[nn.Module, tuple]]:
+    """``{"text_encoder": (module, example), "vae_decoder": ...}``: copies of the backend's encoders as
+    exportable modules with example inputs; ``{}`` for a backend without them (the bundled pixel-space
+    model). ``xnnpack`` gives the VAE's GroupNorms the 4-D spelling XNNPACK delegates."""
     parts = backend.modules()
     if "vae" not in parts or "text_encoder" not in parts:
         return {}
     tokens = backend.tokenizer(["a photo"], padding="max_length", max_length=backend.conditioning_shape[0],
                                truncation=True, return_tensors="pt").input_ids
     latents = torch.randn(1, *backend.sample_shape, generator=torch.Generator().manual_seed(0))
-    programs = {TEXT_ENCODER: (TextEncoder(copy.deepcopy(backend.text_encoder)), (tokens,)),
-                VAE_DECODER: (VaeDecoder(_xnnpack_norms(copy.deepcopy(backend.vae)), backend.scaling_factor),
-                              (latents,))}
+    vae = copy.deepcopy(backend.vae)
+    return {"text_encoder": (TextEncoder(copy.deepcopy(backend.text_encoder)).eval(), (tokens,)),
+            "vae_decoder": (VaeDecoder(_xnnpack_norms(vae) if xnnpack else vae, backend.scaling_factor).eval(),
+                            (latents,))}
+
+
+def export_encoders(backend: DiffusionBackend, out_dir: str | Path) -> dict[str, dict]:
+    """Write the backend's text encoder and VAE decoder programs to ``out_dir``; ``{file: parity}``."""
     out = Path(out_dir)
-    return {name: _export(module.eval(), example, out / name) for name, (module, example) in programs.items()}
+    return {f"{name}.pte": _export(module, example, out / f"{name}.pte")
+            for name, (module, example) in encoder_parts(backend, xnnpack=True).items()}
 
 
 def _xnnpack_norms(module: nn.Module) -> nn.Module:

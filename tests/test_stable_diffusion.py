@@ -209,3 +209,16 @@ def test_the_pipelines_unet_exports_to_executorch_and_runs_as_eager(tmp_path, ti
         torch.testing.assert_close(program(x, t, cond), backend.predict(x, t, cond), atol=1e-4, rtol=0)
     finally:
         program.close()
+
+
+@pytest.mark.slow
+def test_the_pipeline_converts_to_core_ml_with_its_text_encoder_and_vae_decoder(tmp_path, tiny_sd):
+    from export_tools.coreml import export_coreml, validate_package
+
+    backend = load_backend(tiny_sd)
+    manifest = export_coreml(backend, {}, {"base": {}}, tmp_path / "cm", batch=2)
+    assert validate_package(tmp_path / "cm" / "model.mlpackage", manifest)["functions"]
+    tokens, hidden = backend.conditioning_shape
+    assert list(manifest.parity["text_encoder.mlpackage"]["outputs"].values()) == [[1, tokens, hidden]]
+    assert list(manifest.parity["vae_decoder.mlpackage"]["outputs"].values()) == [[1, *backend.image_shape]]
+    assert {"text_encoder.mlpackage", "vae_decoder.mlpackage"} <= set(manifest.files)
