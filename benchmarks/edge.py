@@ -170,7 +170,8 @@ def worker(size: str, mode: str, steps: int) -> dict:
             "all_parts_weights_mb": sum(weight_bytes(m) for m in backend.modules().values()) / mb,
             "rss_loaded_mb": loaded, "train_mem_mb": rss.peak_mb - loaded,
             "step_seconds": statistics.median(seconds[1:] or seconds),
-            "estimate_mb": (estimate_training_bytes(backend, batch) - weight_bytes(unet)) / mb,
+            "estimate_mb": (estimate_training_bytes(backend, batch)  # like train_mem_mb: above every loaded weight
+                            - sum(weight_bytes(m) for m in backend.modules().values())) / mb,
             "estimate_fixed_mb": estimate_training_bytes(backend, 0) / mb,
             "estimate_per_sample_mb": activation_bytes_per_sample(backend) / mb,
             "params": total, "trainable": trainable, "trainable_share": trainable / total,

@@ -26,14 +26,18 @@ def activation_bytes_per_sample(backend: DiffusionBackend) -> int:
     return sum(activation_parts(backend).values())
 
 
+ATTENTION_MATRICES = 3
+
+
 def activation_parts(backend: DiffusionBackend) -> dict[str, int]:
     """Per sample: ``saved``, the bytes autograd keeps for backward (each storage once, weights excluded),
-    and ``attention``, the largest attention matrix the backward pass builds.
+    and ``attention``, what the backward pass of the largest attention layer builds on top.
 
     Scaled-dot-product attention saves only its inputs and output for backward, so the hooks below
     never see its (heads, queries, keys) probabilities; the backward rebuilds them, one layer at a
-    time. At 64x64 latents that one matrix is hundreds of MB, more than everything else a LoRA step
-    of an int8 base keeps, so it is counted from the attention layers' shapes.
+    time, and holds ``ATTENTION_MATRICES`` such matrices at once: the probabilities, their gradient
+    and the scores' gradient. At 64x64 latents one matrix is hundreds of MB, more than everything
+    else a LoRA step of an int8 base keeps, so it is counted from the attention layers' shapes.
     """
     from diffusers.models.attention_processor import Attention
 
@@ -46,7 +50,7 @@ def activation_parts(backend: DiffusionBackend) -> dict[str, int]:
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         queries = hidden.shape[2] * hidden.shape[3] if hidden.ndim == 4 else hidden.shape[1]
         keys = queries if context is None else context.shape[1]
-        largest_attention = max(largest_attention, module.heads * queries * keys * 4)
+        largest_attention = max(largest_attention, ATTENTION_MATRICES * module.heads * queries * keys * 4)
 
     hooks = [m.register_forward_pre_hook(attention_shape, with_kwargs=True)
              for m in unet.modules() if isinstance(m, Attention)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_sdk.memory import WORKSPACE_BYTES, activation_bytes_per_sample, activation_parts, estimate_training_bytes
+from edge_sdk.memory import ATTENTION_MATRICES, WORKSPACE_BYTES, activation_bytes_per_sample, activation_parts, estimate_training_bytes
 from edge_sdk.quantize import quantize_base, weight_bytes
 from models.lora import add_adapter, lora_config
 from models.stable_diffusion import StableDiffusionBackend
@@ -20,13 +20,13 @@ def _with_lora(backend):
     return backend
 
 
-def test_the_activations_include_the_attention_matrix_the_backward_rebuilds(backend):
+def test_the_activations_include_the_attention_matrices_the_backward_rebuilds(backend):
     # tiny-sd: the first stage's self-attention over 8x8 latents, with attention_head_dim (8) heads, holds
     # the largest (heads x queries x keys) fp32 matrix; cross-attention has 16 keys, the next stage 16 queries
     heads = backend.denoiser.config.attention_head_dim
     tokens = backend.sample_shape[1] * backend.sample_shape[2]
     parts = activation_parts(_with_lora(backend))
-    assert parts["attention"] == heads * tokens * tokens * 4
+    assert parts["attention"] == ATTENTION_MATRICES * heads * tokens * tokens * 4
     assert activation_bytes_per_sample(backend) == parts["saved"] + parts["attention"]
 
 
