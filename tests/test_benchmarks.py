@@ -30,7 +30,7 @@ MAIN_KEYS = {
     "protocol": ("throughput", "fuzz_cases", "fuzz_crashes", "refusals_by_reason", "envelope_mb_per_s"),
     "clustering": ("rows", "by_noise", "seconds"),
     "central": ("per_style", "base_style_acc", "central_style_acc", "pretrain_seconds"),
-    "edge": ("small", "quality_after_one_round", "sd15_analytic"),
+    "edge": ("small", "tiny_sd", "quality_after_one_round", "device_profiles"),
     "personalization": ("runs", "final"),
     "serve": ("modes", "requests_per_s", "p95_ms"),
     "federation": ("methods", "final", "rounds_ratio_vs_fedavg", "frechet_ratio_vs_central", "ari", "bytes_total"),
