@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from aggregator.policies import make_policy
-from aggregator.rules import RULES
+from aggregator.rules import RULES, SampleBound
 from edge_sdk.protocol.topics import DEFAULT_PREFIX, check_prefix
 from edge_sdk.transport import MqttConfig
 from models.backend import family_of
@@ -63,6 +63,10 @@ class AggregatorConfig:
     rule: str = _setting("exact", f"Aggregation inside a cluster: {', '.join(RULES)} (docs/algorithms.md).")
     clip: float | None = _setting(3.0, "Clip updates at this multiple of the round's median update norm "
                                        "(and screen those far beyond it); none: off.")
+    max_samples: int = _setting(100_000, "A device's update weighs at most this many samples, whatever it claims "
+                                         "(stored capped; at most 2**31 - 1).")
+    samples_multiple: float | None = _setting(3.0, "... and at most this multiple of the lower median claim of its "
+                                                   "cluster's round (none: no cluster-relative cap).")
     clustering: str = _setting("tasks", "`tasks` (task vectors, then update similarity), `single` (one adapter "
                                         "for all: FedAvg), `ifca` (devices choose among k).")
     k: int | None = _setting(None, "A fixed number of clusters (none: found from the data; `ifca` needs it).")
@@ -108,6 +112,7 @@ class AggregatorConfig:
         make_policy(self.clustering, self.k, self.refine_after_round)  # refuses unknown names, IFCA without k
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {tuple(RULES)}, got {self.rule!r}")
+        SampleBound(self.max_samples, self.samples_multiple)  # refuses a cap out of range
         if not 0.0 < self.quorum <= 1.0:
             raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
         object.__setattr__(self, "base_model", Path(self.base_model))
@@ -129,6 +134,10 @@ class AggregatorConfig:
             raise ValueError("role 'edge' needs cloud_url (the cloud aggregator's broker), and only it uses one")
         if self.expected_edges is not None and self.expected_edges < 1:
             raise ValueError("expected_edges must be >= 1")
+
+    @property
+    def sample_bound(self) -> SampleBound:
+        return SampleBound(self.max_samples, self.samples_multiple)
 
     def mqtt(self, client_id: str, **options) -> MqttConfig:
         """The connection to this aggregator's own broker (the cloud link has its own URL)."""

@@ -95,7 +95,13 @@ class UpdateIntake:
         device = env.sender
         check_sender(topic, device)
         rec = self.store.device(device)
-        body = UpdateBody.decode(self.identity.decrypt_from(rec.box_key, env.payload))
+        try:
+            body = UpdateBody.decode(self.identity.decrypt_from(rec.box_key, env.payload))
+        except RefusedMessage as e:  # authenticated, so the device is told why (e.g. samples out of range)
+            if e.reason is not Refusal.MALFORMED:
+                raise
+            self._refuse(device, env.round, e)
+            return
         self.telemetry.count(env.round, device, "up", len(data))
         cid = self.policy.cluster_of_update(body.cluster, self.membership.assignment.get(device))
         open_rounds = {(row.round, row.cluster_id) for row in self.store.rounds("open")}
@@ -117,8 +123,12 @@ class UpdateIntake:
         if start is not None:  # the device started from its (possibly lossy) copy: rebase onto ours
             current, _ = self.rounds.cluster_adapter(cid)
             delta = {k: start[k] + delta[k] - current[k] for k in delta}
+        samples = min(body.samples, self.config.max_samples)  # a claim, stored capped (the rule caps it again)
+        if samples < body.samples:
+            log.warning("%s claims %d samples in round %d; weighted as at most %d", device, body.samples, env.round,
+                        samples)
         try:
-            new = self.store.accept_update(UpdateRecord(env.round, cid, device, pack_tensors(delta), body.samples,
+            new = self.store.accept_update(UpdateRecord(env.round, cid, device, pack_tensors(delta), samples,
                                                         body.loss_after, body.base_version))
         except StateUnavailable:
             self.verifier.replays.forget(device, env.nonce)  # not kept: the device's re-send must not be a "replay"
@@ -135,8 +145,7 @@ class UpdateIntake:
             self.rounds.maybe_close(env.round, cid)
 
     def _checked_delta(self, device: str, body: UpdateBody):
-        if body.samples < 1 or body.steps < 0:
-            raise RefusedMessage(Refusal.MALFORMED, f"{device} reports {body.samples} samples")
+        # samples in [1, 2**63 - 1] and steps >= 0: UpdateBody.decode refused the rest
         if not (math.isfinite(body.loss_before) and math.isfinite(body.loss_after)):
             raise RefusedMessage(Refusal.NON_FINITE, f"{device} reports a non-finite loss")
         if not (body.epsilon == -1.0 or body.epsilon >= 0) or not (body.dp_delta == 0 or 0 < body.dp_delta < 1):

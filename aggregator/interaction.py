@@ -43,7 +43,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 
-from aggregator.rules.base import Adapter, ClientUpdate
+from aggregator.rules.base import Adapter, ClientUpdate, sample_weights
 from aggregator.rules.exact import mean_delta, refactorize
 from models.lora import LoraConfig, delta_weight, lora_modules, lora_scale
 
@@ -57,15 +57,17 @@ def update_spread(updates: Sequence[ClientUpdate], lora: LoraConfig) -> dict[str
     """Per module, the per-device variance Σ‖ΔW_i − ΔW̄‖² of one cluster's updated adapters.
 
     Sample-weighted with the unbiased correction 1 / (1 − Σw²); ``None`` for a single device,
-    whose noise cannot be seen from its own update (the shrinkage then pools the others').
+    whose noise cannot be seen from its own update (the shrinkage then pools the others'), and
+    likewise when one device carries (nearly) all the weight: 1 − Σw² is then 0 or rounding noise.
     Computed as Σ w_i‖ΔW_i‖² − ‖ΔW̄‖² from the rank-r factors (‖BA‖² = tr(BᵀB·AAᵀ)), so a
     cluster of thousands never holds one ΔW per device.
     """
     if len(updates) < 2:
         return None
-    w = torch.tensor([float(u.samples) for u in updates], dtype=torch.float64)
-    w = w / w.sum()
+    w = sample_weights(updates)
     correction = 1.0 - float((w ** 2).sum())
+    if not correction > 1e-9:  # effective sample size 1 / Σw² within rounding of one device
+        return None
     spread: dict[str, float] = {}
     for module in lora_modules(updates[0].adapter):
         ka, kb = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
@@ -90,11 +92,11 @@ def shrink_to_global(adapters: Mapping[Key, Adapter], sizes: Mapping[Key, float]
     which the aggregator logs. No spread anywhere (every cluster a single device): nothing to
     estimate the noise from, adapters unchanged.
     """
-    known = {c: s for c, s in spreads.items() if s is not None and c in adapters}
-    if len(adapters) < 2 or not known:
-        return {c: {k: v.clone() for k, v in a.items()} for c, a in adapters.items()}, {}
+    known = {c: s for c, s in spreads.items() if s is not None and c in adapters and sizes[c] > 0}
     ids = sorted(adapters)
-    total = sum(sizes[c] for c in ids)
+    total = sum(max(sizes[c], 0.0) for c in ids)
+    if len(adapters) < 2 or not known or total <= 0:
+        return {c: {k: v.clone() for k, v in a.items()} for c, a in adapters.items()}, {}
     dof = {c: max(sizes[c] - 1.0, 1.0) for c in known}
     out: dict[Key, Adapter] = {c: {} for c in ids}
     factors: dict[Key, dict[str, float]] = {c: {} for c in ids}
@@ -105,9 +107,11 @@ def shrink_to_global(adapters: Mapping[Key, Adapter], sizes: Mapping[Key, float]
         fleet = sum(sizes[c] * deltas[c] for c in ids)
         p = deltas[ids[0]].numel()
         for c in ids:
-            mean = (fleet - sizes[c] * deltas[c]) / (total - sizes[c]) if leave_one_out else fleet / total
+            rest = total - sizes[c]
+            mean = (fleet - sizes[c] * deltas[c]) / rest if leave_one_out and rest > 0 else fleet / total
             gap = float(((deltas[c] - mean) ** 2).sum())
-            noise = (p - 2) / p * sigma2 / sizes[c]
+            # a cluster without devices has no estimate of its own: it takes the mean whole
+            noise = (p - 2) / p * sigma2 / sizes[c] if sizes[c] > 0 else float("inf")
             s = 1.0 if gap <= noise else noise / gap
             factors[c][module] = s
             shrunk = mean + (1.0 - s) * (deltas[c] - mean)

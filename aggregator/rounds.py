@@ -1,6 +1,6 @@
 """The round engine: an explicit state machine over the state store.
 
-(About 350 lines: each transition reads and writes the same store rows; one file keeps every
+(About 420 lines: each transition reads and writes the same store rows; one file keeps every
 transition of the machine in view.)
 
 A global round r moves through four phases, each read from the store (``phase``), never
@@ -16,8 +16,11 @@ stopped::
 
 A cluster of r closes on its own (``close_cluster``): its accepted updates are aggregated by
 the rule and the new adapter and the closed row commit together, so no update can be
-accepted for a closed round. Deadlines are extended ``max_extensions`` times for stragglers,
-re-inviting devices that have not reported. Only the leading worker closes and opens rounds.
+accepted for a closed round. A close always ends: updates the rule fails on are quarantined
+and the rest aggregate (``rules/quarantine.py``); a regrouping or an interaction step that fails
+opens the next round from the clusters as they are. Deadlines are extended ``max_extensions``
+times for stragglers, re-inviting devices that have not reported. Only the leading worker closes
+and opens rounds.
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ from aggregator.interaction import update_spread
 from aggregator.membership import Membership
 from aggregator.outbox import Outbox
 from aggregator.policies import RoundPlan
-from aggregator.rules import AggregationRule, ClientUpdate
-from aggregator.state import StateStore
+from aggregator.rules import AggregateResult, AggregationRule, ClientUpdate
+from aggregator.rules.quarantine import aggregate_or_quarantine
+from aggregator.state import StateStore, StateUnavailable
 from edge_sdk.protocol.envelope import MessageType
 from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
-from edge_sdk.protocol.messages import ClusterAssign, RoundStart
+from edge_sdk.protocol.messages import ClusterAssign, RoundStart, UpdateAck
 from edge_sdk.protocol.tensors import pack_tensors, unpack_tensors
 from models.lora import LoraConfig, lora_to_dict
 
@@ -227,25 +231,65 @@ class RoundController:
             if closing is None:  # closed already (before a restart, or by another worker)
                 return
             cur, records = closing  # no update can be accepted for (rnd, cid) until this commits
-            updates = [ClientUpdate.from_delta(r.device_id, current, unpack_tensors(r.delta, self.shapes), r.samples)
-                       for r in records]
-            if updates:
-                with one_torch_thread():
-                    result = self.rule.aggregate(current, updates, self.lora)
-                adapter, accepted, rejected = result.adapter, result.accepted, result.rejected
-            else:
-                adapter, accepted, rejected = current, [], {}
-            samples = sum(r.samples for r in records if r.device_id in accepted)
-            loss = sum(r.loss * r.samples for r in records if r.device_id in accepted) / max(samples, 1)
-            kept = [u for u in updates if u.device_id in accepted]
-            summary = {"accepted": accepted, "rejected": rejected, "samples": samples, "loss": loss,
-                       "members": members, "closed_at": time.time(), "spread": update_spread(kept, self.lora)}
+            adapter, summary, quarantined = self.aggregate_records(rnd, cid, current, records)
+            summary |= {"members": members, "closed_at": time.time()}
             self.store.close_round(rnd, cid, pack_tensors(adapter), version + 1, summary, cur=cur)
-        for device, reason in rejected.items():
-            self.refusals.record(RefusedMessage(Refusal(reason), f"{device}'s update screened out at aggregation"))
-        log.info("round %d cluster %d closed: %d/%d updates, loss %.4f", rnd, cid, len(accepted), len(members), loss)
+        for device, reason in summary["rejected"].items():
+            detail = quarantined.get(device, "screened out at aggregation")
+            self.refusals.record(RefusedMessage(Refusal(reason), f"{device}'s update in round {rnd}: {detail}"))
+        for device in quarantined:  # it was acknowledged as accepted: tell it the update was set aside
+            self.outbox.send(device, MessageType.UPDATE_ACK,
+                             UpdateAck(rnd, False, Refusal.QUARANTINED.value).encode(), rnd)
+        log.info("round %d cluster %d closed: %d/%d updates, loss %.4f", rnd, cid, len(summary["accepted"]),
+                 len(members), summary["loss"])
         if self.phase(rnd) is Phase.CLOSING:
             self.finish(rnd)
+
+    def aggregate_records(self, rnd: int, cid: int, current: dict[str, torch.Tensor],
+                          records: list) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+        """The cluster's new adapter, the round's summary and the quarantined devices (device -> what failed).
+
+        Never raises on what devices sent: an update that cannot be read or that makes the rule fail is
+        quarantined and the others aggregate (``aggregate_or_quarantine``), so a close ends instead of
+        rolling back and being retried by every tick.
+        """
+        quarantined: dict[str, str] = {}
+        updates = []
+        for r in records:
+            try:
+                updates.append(ClientUpdate.from_delta(r.device_id, current, unpack_tensors(r.delta, self.shapes),
+                                                       r.samples))
+            except Exception as e:  # noqa: BLE001 - a stored delta that no longer reads
+                quarantined[r.device_id] = f"its stored update does not read: {type(e).__name__}: {e}"[:300]
+        failure = None
+        if updates:
+            with one_torch_thread():
+                guarded = aggregate_or_quarantine(self.rule, current, updates, self.lora)
+            result, failure = guarded.result, guarded.failure
+            quarantined |= guarded.quarantined
+        else:
+            result = AggregateResult(current, [], {})
+        rejected = result.rejected | {d: Refusal.QUARANTINED.value for d in quarantined}
+        if failure is not None:
+            log.error("round %d cluster %d: aggregation failed and no single update explains it; the cluster keeps "
+                      "its adapter and its %d updates are set aside: %s", rnd, cid, len(updates), failure)
+        elif quarantined:
+            log.error("round %d cluster %d: %d update(s) quarantined, the rest aggregated: %s", rnd, cid,
+                      len(quarantined), quarantined)
+        weighted = result.samples  # accepted device -> the samples it counted as, after the caps
+        samples = sum(weighted.values())
+        loss = sum(r.loss * weighted[r.device_id] for r in records if r.device_id in weighted) / max(samples, 1)
+        kept = [ClientUpdate(u.device_id, u.adapter, weighted[u.device_id]) for u in updates if u.device_id in weighted]
+        try:
+            spread = update_spread(kept, self.lora)
+        except Exception:  # noqa: BLE001 - a statistic for the interaction step; not knowing it is allowed
+            log.exception("round %d cluster %d: the update spread could not be computed", rnd, cid)
+            spread = None
+        summary = {"accepted": result.accepted, "rejected": rejected, "samples": samples, "loss": loss,
+                   "spread": spread}
+        if failure is not None:
+            summary["failure"] = failure
+        return result.adapter, summary, quarantined
 
     # ---------------------------------------------------------------- CLOSING -> COMMITTED
     def finish(self, rnd: int) -> None:
@@ -254,8 +298,20 @@ class RoundController:
         adapters = {cid: unpack_tensors(blob, self.shapes) for cid, (_, blob, _) in clusters.items()}
         versions = {cid: v for cid, (_, _, v) in clusters.items()}
         spreads = {cid: summary.get("spread") for r, cid, summary in self.store.round_summaries() if r == rnd}
-        adapters, versions, spreads = self.regroup(rnd, adapters, versions, spreads)
-        mixed = self.cloud.begin(rnd, adapters, self.membership.centroid, self.sizes(adapters), spreads, versions)
+        try:
+            adapters, versions, spreads = self.regroup(rnd, adapters, versions, spreads)
+        except StateUnavailable:
+            raise
+        except Exception:  # a failed regrouping must not leave the round closed and nothing opened
+            log.exception("round %d: regrouping failed; the clusters stay as they are", rnd)
+        try:
+            mixed = self.cloud.begin(rnd, adapters, self.membership.centroid, self.sizes(adapters), spreads, versions)
+        except StateUnavailable:
+            raise
+        except Exception:  # the mix failing must not leave the round closed and nothing opened: go on unmixed
+            log.exception("round %d: the interaction step failed; the next round starts from the clusters' own "
+                          "adapters", rnd)
+            mixed = adapters
         if mixed is not None:  # else the cloud's mix (or its timeout) commits the next round
             self.commit(rnd + 1, mixed, versions)
 
@@ -283,10 +339,14 @@ class RoundController:
         for cid in sorted(set(assignment.values())):
             group = [ClientUpdate.from_delta(d, self.initial, deltas[d], records[d].samples)
                      for d in devices if assignment[d] == cid]
-            result = self.rule.aggregate(self.initial, group, self.lora)
+            guarded = aggregate_or_quarantine(self.rule, self.initial, group, self.lora)
+            if guarded.quarantined:
+                log.error("regrouping after round %d: cluster %d aggregates without %s", rnd, cid, guarded.quarantined)
+            result = guarded.result
             new_adapters[cid] = result.adapter
             new_versions[cid] = max(versions.values()) if versions else 1
-            new_spreads[cid] = update_spread([u for u in group if u.device_id in result.accepted], self.lora)
+            new_spreads[cid] = update_spread([ClientUpdate(u.device_id, u.adapter, result.samples[u.device_id])
+                                              for u in group if u.device_id in result.samples], self.lora)
         return new_adapters, new_versions, new_spreads
 
     def cloud_mix_arrived(self, rnd: int, adapters: Adapters) -> None:
@@ -296,9 +356,18 @@ class RoundController:
     # ---------------------------------------------------------------- time: deadlines, a silent cloud
     def check_cloud(self) -> None:
         """A cloud that did not answer in time: interact locally and go on."""
-        if self.cloud.awaiting is None:
+        waiting = self.cloud.awaiting
+        if waiting is None:
             return
-        expired = self.cloud.expired(self.membership.centroid, self.sizes(self.cloud.awaiting.adapters))
+        try:
+            expired = self.cloud.expired(self.membership.centroid, self.sizes(waiting.adapters))
+        except StateUnavailable:
+            raise
+        except Exception:  # as in ``finish``: go on unmixed rather than never
+            log.exception("round %d: the local interaction step failed; the next round starts from the clusters' "
+                          "own adapters", waiting.round)
+            self.cloud.awaiting = None
+            expired = (waiting.round, waiting.adapters, waiting.versions)
         if expired is not None:
             rnd, mixed, versions = expired
             self.commit(rnd + 1, mixed, versions)

@@ -84,7 +84,7 @@ class AggregatorService:
             {k: tuple(v.shape) for k, v in self.initial.items()},
             lambda rnd, adapters: self.inbox.post(lambda: self.rounds.cloud_mix_arrived(rnd, adapters), "cloud mix"),
             self.refusals, self.model_digest, c.mqtt_topic_prefix)
-        self.rounds = RoundController(c, self.store, self.membership, make_rule(c.rule, c.clip), c.lora,
+        self.rounds = RoundController(c, self.store, self.membership, make_rule(c.rule, c.clip, c.sample_bound), c.lora,
                                       self.global_model, self.initial, self.downlink, self.outbox,
                                       CloudStep(c, link), self.refusals, self.telemetry.persist, self.is_leader)
         self.tasks = TaskIntake(c, self.verifier, self.identity, self.store, self.membership, self.rounds,

@@ -1,19 +1,23 @@
 """The aggregation interface: one small class per rule, validation done once, here.
 
 Read like Flower's ``Strategy``: ``AggregationRule.aggregate`` validates the replies
-(names and shapes match the current adapter, values finite, sample counts positive)
-and hands clean inputs to ``combine``, the one method each rule implements. Rules are
-pure: adapters in, adapter out, no I/O, no state.
+(names and shapes match the current adapter, values finite, sample counts positive),
+bounds the sample counts the rule weights by (``weights.SampleBound``: a claim is not
+trust), hands clean inputs to ``combine``, the one method each rule implements, and
+checks what comes back is finite (``AggregationFailed`` otherwise). Rules are pure:
+adapters in, adapter out, no I/O, no state.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from aggregator.rules.weights import SampleBound
 from edge_sdk.protocol.errors import Refusal, RefusedMessage
 from edge_sdk.protocol.tensors import check_shapes, shapes_of
 from models.lora import LoraConfig
@@ -40,12 +44,18 @@ class AggregateResult:
     adapter: Adapter
     accepted: list[str]
     rejected: dict[str, str] = field(default_factory=dict)  # device -> reason
+    samples: dict[str, int] = field(default_factory=dict)  # accepted device -> the samples it was weighted by
+
+
+class AggregationFailed(ArithmeticError):
+    """The rule produced no finite adapter from these updates."""
 
 
 class AggregationRule(ABC):
     """Combine the adapters of one cluster's devices into that cluster's next adapter."""
 
     name: str = "rule"
+    sample_bound: SampleBound = SampleBound()  # make_rule sets the configured one
 
     def aggregate(self, current: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
                   lora: LoraConfig) -> AggregateResult:
@@ -61,10 +71,15 @@ class AggregationRule(ABC):
             valid.append(u)
         if not valid:
             return AggregateResult({k: v.clone() for k, v in current.items()}, [], rejected)
+        valid = self.sample_bound(valid)
         adapter, screened = self.combine(dict(current), valid, lora)
+        broken = sorted(k for k, t in adapter.items() if not bool(torch.isfinite(t).all()))
+        if broken:
+            raise AggregationFailed(f"{self.name} produced NaN or Inf in {', '.join(broken[:3])}")
         for device in screened:
             rejected[device] = Refusal.POISONED.value
-        return AggregateResult(adapter, [u.device_id for u in valid if u.device_id not in screened], rejected)
+        kept = [u for u in valid if u.device_id not in screened]
+        return AggregateResult(adapter, [u.device_id for u in kept], rejected, {u.device_id: u.samples for u in kept})
 
     @abstractmethod
     def combine(self, current: Adapter, updates: Sequence[ClientUpdate], lora: LoraConfig) -> tuple[Adapter, set[str]]:
@@ -81,5 +96,9 @@ def check_update(update: ClientUpdate, shapes: Mapping[str, tuple[int, ...]]) ->
 
 
 def sample_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+    """Normalised weights by samples (bounded by ``aggregate``); equal weights if the counts give none."""
     w = torch.tensor([float(u.samples) for u in updates], dtype=torch.float64)
-    return w / w.sum()
+    total = float(w.sum())
+    if not (math.isfinite(total) and total > 0 and bool((w >= 0).all())):
+        return torch.full_like(w, 1.0 / len(w))
+    return w / total

@@ -32,6 +32,7 @@ class Refusal(str, Enum):
     BAD_TOKEN = "bad_token"            # enrolment token unknown or revoked
     CHECKSUM = "checksum"              # reassembled chunks do not match their checksum
     POISONED = "poisoned"              # update rejected by the robust aggregation screen
+    QUARANTINED = "quarantined"        # accepted update set aside because aggregating it failed
     UNAVAILABLE = "unavailable"        # receiver cannot take it now (e.g. state store unwritable)
     MODEL_MISMATCH = "model_mismatch"  # the sender runs another base model than the fleet
 

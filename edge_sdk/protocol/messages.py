@@ -1,7 +1,8 @@
 """Message bodies: the msgpack maps that ride (usually encrypted) inside envelopes.
 
 Each body type declares its fields and their Python types once; ``decode`` refuses any
-body with a missing, extra or mistyped field, so handlers only ever see clean values.
+body with a missing, extra or mistyped field, or a value out of its range (``check``), so
+handlers only ever see clean values.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from edge_sdk.protocol.errors import Refusal, RefusedMessage
 
 T = TypeVar("T", bound="Body")
 MAX_BODY_BYTES = 256 * 1024 * 1024
+INT64_MAX = 2**63 - 1   # the widest integer a receiver keeps (a store's BIGINT, numpy's int64)
+INT32_MAX = 2**31 - 1   # a store's INTEGER
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,17 @@ class Body:
         for name in names:
             if not _type_ok(raw[name], hints[name]):
                 raise RefusedMessage(Refusal.MALFORMED, f"{cls.kind}.{name} has type {type(raw[name]).__name__}")
-        return cls(**raw)
+        body = cls(**raw)
+        body.check()
+        return body
+
+    def check(self) -> None:
+        """Refuse (``RefusedMessage``) values a receiver cannot take; a body type with ranges overrides it."""
+
+
+def _check_range(kind: str, name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise RefusedMessage(Refusal.MALFORMED, f"{kind}.{name} = {value} is outside [{low}, {high}]")
 
 
 def _type_ok(value: Any, hint) -> bool:
@@ -140,6 +153,13 @@ class UpdateBody(Body):
     base_version: int
     epsilon: float      # DP budget the device has spent once this update is out: -1 sent without DP, inf no bound
     dp_delta: float     # ... stated at this delta (0 with DP off)
+
+    def check(self) -> None:
+        """A claim the receiver can hold: samples in [1, 2**63 - 1] (the aggregator caps what it weights by
+        further: ``AggregatorConfig.max_samples``), steps and the base version within a stored integer."""
+        _check_range(self.kind, "samples", self.samples, 1, INT64_MAX)
+        _check_range(self.kind, "steps", self.steps, 0, INT32_MAX)
+        _check_range(self.kind, "base_version", self.base_version, -1, INT32_MAX)
 
 
 @dataclass(frozen=True)
