@@ -63,10 +63,11 @@ class AggregatorConfig:
     rule: str = _setting("exact", f"Aggregation inside a cluster: {', '.join(RULES)} (docs/algorithms.md).")
     clip: float | None = _setting(3.0, "Clip updates at this multiple of the round's median update norm "
                                        "(and screen those far beyond it); none: off.")
-    max_samples: int = _setting(100_000, "A device's update weighs at most this many samples, whatever it claims "
-                                         "(stored capped; at most 2**31 - 1).")
-    samples_multiple: float | None = _setting(3.0, "... and at most this multiple of the lower median claim of its "
-                                                   "cluster's round (none: no cluster-relative cap).")
+    max_samples: int = _setting(SampleBound.max_samples, "A device's update weighs at most this many samples, "
+                                "whatever it claims (stored capped; at most 2**31 - 1).")
+    samples_multiple: float | None = _setting(SampleBound.median_multiple, "... and at most this multiple of the "
+                                              "lower median claim of its cluster's round (none: no cluster-relative "
+                                              "cap).")
     clustering: str = _setting("tasks", "`tasks` (task vectors, then update similarity), `single` (one adapter "
                                         "for all: FedAvg), `ifca` (devices choose among k).")
     k: int | None = _setting(None, "A fixed number of clusters (none: found from the data; `ifca` needs it).")

@@ -320,8 +320,7 @@ def main() -> None:
     machine_mb = psutil.virtual_memory().total / 2**20
     result: dict = {k: v for k, v in (previous or {}).items() if k in SIZES or k == "quality_after_one_round"}
     result["rank"] = RANK
-    result["sizes"] = {k: {kk: (list(vv) if isinstance(vv, tuple) else vv) for kk, vv in SIZES[k].items()}
-                       for k in (*sizes, *[s for s in result if s in SIZES and s not in sizes])}
+    result["sizes"] = {k: SIZES[k] for k in (*sizes, *[s for s in result if s in SIZES and s not in sizes])}
     result["machine_mb"] = machine_mb
     for size in sizes:
         result[size] = measure_size(size, steps, machine_mb)

@@ -166,10 +166,14 @@ def export_encoder_packages(backend: DiffusionBackend, out_dir: Path) -> dict[st
         if path.exists():
             shutil.rmtree(path)
         ct.convert(program, minimum_deployment_target=ct.target.iOS17, convert_to="mlprogram").save(str(path))
-        desc = ct.utils.load_spec(str(path)).description
-        report[path.name] = {"inputs": {i.name: list(i.type.multiArrayType.shape) for i in desc.input},
-                             "outputs": {o.name: list(o.type.multiArrayType.shape) for o in desc.output}}
+        report[path.name] = _io_shapes(ct.utils.load_spec(str(path)).description)
     return report
+
+
+def _io_shapes(description) -> dict[str, dict[str, list[int]]]:
+    """``{"inputs": {name: shape}, "outputs": {name: shape}}`` of a Core ML function's description."""
+    return {"inputs": {i.name: list(i.type.multiArrayType.shape) for i in description.input},
+            "outputs": {o.name: list(o.type.multiArrayType.shape) for o in description.output}}
 
 
 def validate_package(package: str | Path, manifest: Manifest | None = None) -> dict:
@@ -185,8 +189,8 @@ def validate_package(package: str | Path, manifest: Manifest | None = None) -> d
         raise ExportError(f"{package} has functions {sorted(descriptions)}, expected {sorted(want_functions)}")
     report = {}
     for fn, desc in descriptions.items():
-        inputs = {i.name: list(i.type.multiArrayType.shape) for i in desc.input}
-        outputs = {o.name: list(o.type.multiArrayType.shape) for o in desc.output}
+        shapes = _io_shapes(desc)
+        inputs, outputs = shapes["inputs"], shapes["outputs"]
         if list(inputs) != list(INPUTS) or list(outputs) != [OUTPUT]:
             raise ExportError(f"{package}:{fn} has inputs {list(inputs)} and outputs {list(outputs)}, "
                               f"expected {list(INPUTS)} -> {OUTPUT}")
@@ -195,7 +199,7 @@ def validate_package(package: str | Path, manifest: Manifest | None = None) -> d
                 if shape != manifest.inputs[name]["shape"]:
                     raise ExportError(f"{package}:{fn} input {name} has shape {shape}, "
                                       f"expected {manifest.inputs[name]['shape']}")
-        report[fn] = {"inputs": inputs, "outputs": outputs}
+        report[fn] = shapes
     return {"spec_version": spec.specificationVersion, "functions": report}
 
 

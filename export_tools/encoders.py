@@ -21,7 +21,6 @@ from export_tools.graph import GroupNorm4d
 from models.backend import DiffusionBackend
 
 
-
 class VaeDecoder(nn.Module):
     """``forward(latents) -> images in [-1, 1]``: the sampler's last step before ``(x + 1) / 2``."""
 

@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from edge_sdk.protocol.messages import INT32_MAX as STORE_MAX_SAMPLES  # the store's INTEGER (PostgreSQL: 32-bit)
+
 if TYPE_CHECKING:  # base.py imports this module: the type only, for the annotations
     from aggregator.rules.base import ClientUpdate
-
-STORE_MAX_SAMPLES = 2**31 - 1  # the state store's INTEGER column (PostgreSQL's is 32-bit)
 
 
 @dataclass(frozen=True)
