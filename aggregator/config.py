@@ -1,26 +1,46 @@
-"""Aggregator configuration, loadable from ``aggregator.toml`` (see examples/aggregator.toml)."""
+"""Aggregator configuration, loadable from ``aggregator.toml`` (see examples/aggregator.toml).
+
+Checked in two steps so an operator's mistake is one line within a second (``aggregator.settings``):
+every setting's type and range, read off its declaration, before anything heavy is imported; then
+what needs the model libraries (rule and policy names, the base model's family, the LoRA table).
+"""
 
 from __future__ import annotations
 
-import tomllib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aggregator.policies import make_policy
-from aggregator.rules import RULES, SampleBound
+from aggregator.sample_bound import SampleBound
+from aggregator.settings import ConfigError, check_settings, read_table
 from edge_sdk.protocol.topics import DEFAULT_PREFIX, check_prefix
 from edge_sdk.transport import MqttConfig
-from models.backend import family_of
-from models.digits.unet import BASE_MODEL_DIR
-from models.lora import DEFAULT_TARGETS, LoraConfig, lora_config, lora_from_dict
+from models.digits.paths import BASE_MODEL_DIR
+
+if TYPE_CHECKING:  # peft loads with torch: the checker sees ``LoraTable`` in its place
+    from peft import LoraConfig
 
 ROLES = ("all", "edge", "cloud")
 
 
-def _setting(default=None, doc: str = ""):
-    """A setting with the sentence ``docs/aggregator.md`` shows for it (generated: ``tests/test_docs.py``)."""
-    return field(default=default, metadata={"doc": doc})
+def _setting(default=None, doc: str = "", within: str | None = None):
+    """A setting with the sentence ``docs/aggregator.md`` shows for it (generated: ``tests/test_docs.py``)
+    and, for a number, the range it must lie ``within`` (``"(0, 1]"``, ``">= 1"``: ``aggregator.settings``)."""
+    return field(default=default, metadata={"doc": doc} | ({"within": within} if within else {}))
+
+
+class LoraTable:
+    """How the type checker reads ``lora``'s ``LoraConfig`` before peft is imported: a TOML table of
+    its fields, or a ``LoraConfig`` a program built (peft is loaded then, so nothing loads here)."""
+
+    description = "a table of r, lora_alpha, target_modules"
+
+    @staticmethod
+    def accepts(value) -> bool:
+        peft = sys.modules.get("peft")
+        return isinstance(value, Mapping) or (peft is not None and isinstance(value, peft.LoraConfig))
 
 
 @dataclass(frozen=True)
@@ -46,13 +66,16 @@ class AggregatorConfig:
     worker_id: str | None = _setting(None, "One per worker of a shared group (its MQTT session); a replacement "
                                            "reuses it.")
     # enrolment and rounds
-    expected_devices: int | None = _setting(None, "Group the fleet as soon as this many task vectors arrived ...")
-    enrol_window_s: float = _setting(60.0, "... or this long after the first one.")
-    rounds: int = _setting(10, "Federated rounds; the last one's adapters are installed on every device.")
-    round_timeout_s: float = _setting(300.0, "A cluster's deadline per round.")
-    max_extensions: int = _setting(2, "Deadline extensions for stragglers before a cluster closes below quorum.")
-    quorum: float = _setting(0.6, "Share of a cluster's devices whose updates close it at the deadline.")
-    local_steps: int = _setting(20, "Optimizer steps each device trains per round.")
+    expected_devices: int | None = _setting(None, "Group the fleet as soon as this many task vectors arrived ...",
+                                            ">= 1")
+    enrol_window_s: float = _setting(60.0, "... or this long after the first one.", "> 0")
+    rounds: int = _setting(10, "Federated rounds; the last one's adapters are installed on every device.", ">= 1")
+    round_timeout_s: float = _setting(300.0, "A cluster's deadline per round.", "> 0")
+    max_extensions: int = _setting(2, "Deadline extensions for stragglers before a cluster closes below quorum.",
+                                 ">= 0")
+    quorum: float = _setting(0.6, "Share of a cluster's devices whose updates close it at the deadline.",
+                            "(0, 1]")
+    local_steps: int = _setting(20, "Optimizer steps each device trains per round.", ">= 0")
     base_model: Path = _setting(BASE_MODEL_DIR, "The fleet's base model: the bundled digits UNet, or a local "
                                                 "Stable-Diffusion-family pipeline directory (`save_pretrained`). "
                                                 "A device running another is refused at enrolment.")
@@ -60,7 +83,8 @@ class AggregatorConfig:
                                              "`lora_alpha`, `target_modules` (default: rank 2 on the base model's "
                                              "default targets). Every round start carries it.")
     # learning
-    rule: str = _setting("exact", f"Aggregation inside a cluster: {', '.join(RULES)} (docs/algorithms.md).")
+    rule: str = _setting("exact", "Aggregation inside a cluster: `fedavg`, `exact`, `median` or `trimmed_mean` "
+                                  "(docs/algorithms.md).")
     clip: float | None = _setting(3.0, "Clip updates at this multiple of the round's median update norm "
                                        "(and screen those far beyond it); none: off.")
     max_samples: int = _setting(SampleBound.max_samples, "A device's update weighs at most this many samples, "
@@ -70,15 +94,17 @@ class AggregatorConfig:
                                               "cap).")
     clustering: str = _setting("tasks", "`tasks` (task vectors, then update similarity), `single` (one adapter "
                                         "for all: FedAvg), `ifca` (devices choose among k).")
-    k: int | None = _setting(None, "A fixed number of clusters (none: found from the data; `ifca` needs it).")
-    refine_after_round: int = _setting(1, "Regroup once on task and update similarity after this round (0: never).")
+    k: int | None = _setting(None, "A fixed number of clusters (none: found from the data; `ifca` needs it).",
+                                 ">= 1")
+    refine_after_round: int = _setting(1, "Regroup once on task and update similarity after this round (0: never).",
+                                     ">= 0")
     interaction: bool = _setting(True, "Let clusters borrow from each other between rounds.")
-    borrow: float = _setting(1.0, "How much a cluster borrows, in device-equivalents.")
-    temperature: float = _setting(0.1, "Softmax temperature over lenders' similarity.")
+    borrow: float = _setting(1.0, "How much a cluster borrows, in device-equivalents.", ">= 0")
+    temperature: float = _setting(0.1, "Softmax temperature over lenders' similarity.", "> 0")
     interaction_min_agreement: float | None = _setting(0.5, "A lender's ΔW cosine with the borrower's must reach "
-                                                            "this (none: no gate).")
+                                                            "this (none: no gate).", "[-1, 1]")
     interaction_min_similarity: float | None = _setting(None, "A lender's centred task-centroid cosine must reach "
-                                                              "this (none: no gate).")
+                                                              "this (none: no gate).", "[-1, 1]")
     global_shrinkage: bool = _setting(False, "Per-module James-Stein pull toward the fleet's mean ΔW "
                                              "(docs/results.md says why it is off).")
     # wire
@@ -87,54 +113,64 @@ class AggregatorConfig:
     uplink_codecs: tuple[str, ...] = _setting(("fp32", "fp16", "int8", "int4", "topk:0.1", "topk:0.1+int8",
                                                "topk:0.05+int8", "topk:0.1+int4", "topk:0.05+int4", "topk:0.2+int8"),
                                               "Update codecs accepted from devices.")
-    max_message_bytes: int = _setting(64 * 1024 * 1024, "Largest message accepted, chunked or not.")
+    max_message_bytes: int = _setting(64 * 1024 * 1024, "Largest message accepted, chunked or not.", ">= 1")
     # operations
-    metrics_port: int | None = _setting(None, "Serve Prometheus `/metrics` on this port (none: off).")
+    metrics_port: int | None = _setting(None, "Serve Prometheus `/metrics` on this port (none: off).",
+                                       "[1, 65535]")
     metrics_addr: str = _setting("127.0.0.1", "Bind address of `/metrics` (`0.0.0.0` exposes it).")
     # two tiers
     cloud_url: str | None = _setting(None, "`edge`: the cloud aggregator's broker.")
     cloud_token: str = _setting("fedaigc-demo-token", "`edge`: the token this edge enrols at the cloud with.")
     cloud_fingerprint: str | None = _setting(None, "`edge`: pin the cloud's keys (printed when it starts).")
-    cloud_timeout_s: float = _setting(60.0, "`edge`: then interact locally if the cloud has not answered.")
+    cloud_timeout_s: float = _setting(60.0, "`edge`: then interact locally if the cloud has not answered.",
+                                "> 0")
     cloud_codec: str = _setting("fp32", "`edge`: codec of the cluster adapters sent to the cloud.")
-    expected_edges: int | None = _setting(None, "`cloud`: mix a round as soon as this many edges reported it.")
+    expected_edges: int | None = _setting(None, "`cloud`: mix a round as soon as this many edges reported it.",
+                                          ">= 1")
     # generation service
-    serve_max_batch: int = _setting(64, "Images per batched sampling call of the generation service.")
-    serve_max_wait_s: float = _setting(0.05, "How long a request waits for batch-mates.")
+    serve_max_batch: int = _setting(64, "Images per batched sampling call of the generation service.",
+                                 ">= 1")
+    serve_max_wait_s: float = _setting(0.05, "How long a request waits for batch-mates.", ">= 0")
     seed: int = _setting(0, "Seeds the fleet's round-1 adapter (devices draw the same one from it).")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "state_dir", Path(self.state_dir))
-        object.__setattr__(self, "tokens", tuple(self.tokens))
-        object.__setattr__(self, "uplink_codecs", tuple(self.uplink_codecs))
-        check_prefix(self.mqtt_topic_prefix)
+        """Refuses a wrong setting with a ``ConfigError``: what the declarations say first, torch-free."""
+        values = check_settings(type(self), {f.name: getattr(self, f.name) for f in fields(self)},
+                                {"LoraConfig": LoraTable})
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
         if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        make_policy(self.clustering, self.k, self.refine_after_round)  # refuses unknown names, IFCA without k
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {tuple(RULES)}, got {self.rule!r}")
-        SampleBound(self.max_samples, self.samples_multiple)  # refuses a cap out of range
-        if not 0.0 < self.quorum <= 1.0:
-            raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
-        object.__setattr__(self, "base_model", Path(self.base_model))
-        targets = DEFAULT_TARGETS[family_of(self.base_model)]  # reads the directory's files, loads nothing
-        if self.lora is None:
-            object.__setattr__(self, "lora", lora_config(target_modules=targets))
-        elif isinstance(self.lora, Mapping):  # e.g. from a TOML table
-            object.__setattr__(self, "lora", lora_from_dict(self.lora, targets))
-        if not isinstance(self.lora, LoraConfig):
-            raise ValueError(f"lora must be a LoraConfig or a table of r, lora_alpha, target_modules, "
-                             f"got {type(self.lora).__name__}")
-        if self.rounds < 1 or self.local_steps < 0:
-            raise ValueError("rounds must be >= 1 and local_steps >= 0")
-        if self.round_timeout_s <= 0 or self.enrol_window_s <= 0:
-            raise ValueError("round_timeout_s and enrol_window_s must be > 0")
-        if self.expected_devices is not None and self.expected_devices < 1:
-            raise ValueError("expected_devices must be >= 1")
+            raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if (self.role == "edge") != (self.cloud_url is not None):
-            raise ValueError("role 'edge' needs cloud_url (the cloud aggregator's broker), and only it uses one")
-        if self.expected_edges is not None and self.expected_edges < 1:
-            raise ValueError("expected_edges must be >= 1")
+            raise ConfigError("role 'edge' needs cloud_url (the cloud aggregator's broker), and only it uses one")
+        try:
+            check_prefix(self.mqtt_topic_prefix)
+            self.mqtt("check")  # the broker URL's scheme and host
+            SampleBound(self.max_samples, self.samples_multiple)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self._check_with_models()
+
+    def _check_with_models(self) -> None:
+        """What only the model libraries know: rule and policy names, the base model's family, the LoRA table."""
+        from aggregator.policies import make_policy
+        from aggregator.rules import RULES
+        from models.backend import family_of
+        from models.lora import DEFAULT_TARGETS, LoraConfig, lora_config, lora_from_dict
+
+        if self.rule not in RULES:
+            raise ConfigError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        try:
+            make_policy(self.clustering, self.k, self.refine_after_round)  # refuses unknown names, IFCA without k
+            targets = DEFAULT_TARGETS[family_of(self.base_model)]  # reads the directory's files, loads nothing
+            if self.lora is None:
+                object.__setattr__(self, "lora", lora_config(target_modules=targets))
+            elif not isinstance(self.lora, LoraConfig):  # a TOML table
+                object.__setattr__(self, "lora", lora_from_dict(self.lora, targets))
+        except FileNotFoundError as e:
+            raise ConfigError(f"base_model: {e}") from None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def sample_bound(self) -> SampleBound:
@@ -152,12 +188,7 @@ class AggregatorConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "AggregatorConfig":
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-        section = raw.get("aggregator", raw)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"unknown settings in {path}: {', '.join(unknown)}")
+        """``[aggregator]`` of ``path``, then the command line's ``overrides`` (None: not given)."""
+        section = read_table(path, "aggregator", (f.name for f in fields(cls)))
         # one construction, so settings derived from others (the LoRA targets from base_model) see the overrides
         return cls(**(section | {k: v for k, v in overrides.items() if v is not None}))

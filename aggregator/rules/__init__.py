@@ -6,7 +6,7 @@ from aggregator.rules.exact import ExactLoraAggregation
 from aggregator.rules.fedavg import FedAvgLora
 from aggregator.rules.median import ExactMedian
 from aggregator.rules.trimmed_mean import ExactTrimmedMean
-from aggregator.rules.weights import SampleBound, bound_samples
+from aggregator.sample_bound import SampleBound, bound_samples
 
 RULES = {
     "fedavg": FedAvgLora,

@@ -2,7 +2,7 @@
 
 Read like Flower's ``Strategy``: ``AggregationRule.aggregate`` validates the replies
 (names and shapes match the current adapter, values finite, sample counts positive),
-bounds the sample counts the rule weights by (``weights.SampleBound``: a claim is not
+bounds the sample counts the rule weights by (``aggregator.sample_bound``: a claim is not
 trust), hands clean inputs to ``combine``, the one method each rule implements, and
 checks what comes back is finite (``AggregationFailed`` otherwise). Rules are pure:
 adapters in, adapter out, no I/O, no state.
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aggregator.rules.weights import SampleBound
+from aggregator.sample_bound import SampleBound
 from edge_sdk.protocol.errors import Refusal, RefusedMessage
 from edge_sdk.protocol.tensors import check_shapes, shapes_of
 from models.lora import LoraConfig

@@ -17,9 +17,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgpack
-import torch
+
+if TYPE_CHECKING:  # imported where tensors are hashed: the wire contract loads without torch
+    import torch
 
 WIRE_BYTES = 8
 _FILE_BLOCK = 1 << 20
@@ -27,6 +30,8 @@ _FILE_BLOCK = 1 << 20
 
 def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """Names, shapes and values of a set of named tensors."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach()

@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from models.digits.paths import BASE_MODEL_DIR
 from models.text import EMBEDDING_DIM
-
-BASE_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "base"
 
 # The noise schedule the base model was trained with; samplers are derived from it.
 NOISE_SCHEDULE = {

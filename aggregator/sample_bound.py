@@ -14,7 +14,8 @@ to the claims before any rule sees them:
 
 With every claim capped at ``m`` x the median and at least half the claims at or below it, a single
 device carries at most ``m / (m + (n - 1) / 2)`` of the weight - and usually far less.
-Pure: updates in, updates out (same order, samples replaced), no I/O.
+Pure: updates in, updates out (same order, samples replaced), no I/O. Outside ``aggregator.rules``
+and free of torch, so ``AggregatorConfig`` states its defaults without loading a rule.
 """
 
 from __future__ import annotations
@@ -23,12 +24,18 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 from edge_sdk.protocol.messages import INT32_MAX as STORE_MAX_SAMPLES  # the store's INTEGER (PostgreSQL: 32-bit)
 
-if TYPE_CHECKING:  # base.py imports this module: the type only, for the annotations
-    from aggregator.rules.base import ClientUpdate
+
+class Claim(Protocol):
+    """What a bound reads of an update (``aggregator.rules.ClientUpdate``, a dataclass): its claim."""
+
+    samples: int
+
+
+Update = TypeVar("Update", bound=Claim)
 
 
 @dataclass(frozen=True)
@@ -45,12 +52,12 @@ class SampleBound:
                                                      and self.median_multiple >= 1.0):
             raise ValueError(f"samples_multiple must be a finite number >= 1 (or none), got {self.median_multiple}")
 
-    def __call__(self, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+    def __call__(self, updates: Sequence[Update]) -> list[Update]:
         return bound_samples(updates, self.max_samples, self.median_multiple)
 
 
-def bound_samples(updates: Sequence[ClientUpdate], max_samples: int,
-                  median_multiple: float | None = None) -> list[ClientUpdate]:
+def bound_samples(updates: Sequence[Update], max_samples: int,
+                  median_multiple: float | None = None) -> list[Update]:
     """The updates with each claim capped at ``max_samples`` and at ``median_multiple`` x the lower median
     of the capped claims (at least 1 sample each: an update is never weighted to nothing here)."""
     capped = [max(1, min(int(u.samples), max_samples)) for u in updates]
