@@ -6,8 +6,14 @@ no second set of counters to keep in step with the state the daemon already hold
 
 from __future__ import annotations
 
+import errno
+
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class MetricsUnavailable(RuntimeError):
+    """``/metrics`` cannot be served where the config says (the port is taken, the address is not ours)."""
 
 
 class ServiceCollector:
@@ -41,5 +47,10 @@ def serve_metrics(service, port: int, addr: str = "127.0.0.1"):
     """Start /metrics on ``addr:port`` in a daemon thread; returns the HTTP server (``shutdown()`` stops it)."""
     registry = CollectorRegistry()
     registry.register(ServiceCollector(service))
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    try:
+        server, _thread = start_http_server(port, addr=addr, registry=registry)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise MetricsUnavailable(f"metrics port {port} is in use on {addr}") from None
+        raise MetricsUnavailable(f"cannot serve metrics on {addr}:{port}: {e.strerror or e}") from None
     return server

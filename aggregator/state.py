@@ -336,16 +336,24 @@ class StateStore:
 
 
 class SqliteStore(StateStore):
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, create: bool = True) -> None:
+        """The store at ``path``; ``create=False`` (a reader) refuses a path holding none, writing nothing."""
         super().__init__()
         self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise StateUnavailable(f"no fedaigc state at {self.path}")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
+            if not create and not self._conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'kv'").fetchall():
+                raise StateUnavailable(f"{self.path} is not a fedaigc state store: it holds none of its tables")
         except (sqlite3.OperationalError, OSError) as e:
             raise StateUnavailable(f"cannot open state database {self.path}: {e}") from e
+        except sqlite3.DatabaseError as e:  # a file that is not SQLite reads as "file is not a database"
+            raise StateUnavailable(f"{self.path} is not a fedaigc state store: {e}") from None
         self.init_schema()
 
     @contextmanager
@@ -417,10 +425,11 @@ def _is_pg_operational(e: Exception) -> bool:
         return False
 
 
-def open_store(url: str) -> StateStore:
-    """``sqlite:///path/state.db`` (or a plain path) or ``postgresql://...``."""
+def open_store(url: str, create: bool = True) -> StateStore:
+    """``sqlite:///path/state.db`` (or a plain path) or ``postgresql://...``; ``create=False`` for a
+    reader (``fedaigc status``): a SQLite path with no store is a ``StateUnavailable``, never a new file."""
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresStore(url)
     if url.startswith("sqlite:///"):  # sqlite:///relative.db, sqlite:////absolute.db (SQLAlchemy style)
         url = url[len("sqlite:///"):]
-    return SqliteStore(url)
+    return SqliteStore(url, create)

@@ -9,7 +9,7 @@ from aggregator.state import open_store
 
 
 def read_status(state_url: str) -> dict:
-    store = open_store(state_url)
+    store = open_store(state_url, create=False)
     try:
         devices = store.devices()
         assignment = store.assignment()

@@ -14,6 +14,7 @@ Handlers run on paho's network thread and must be quick; heavy work belongs on a
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -36,6 +37,12 @@ log = logging.getLogger("fedaigc.transport")
 
 Handler = Callable[[str, bytes], None]
 DEFAULT_MAX_FRAME = 256 * 1024  # conservative when the broker does not state a limit
+NOT_AUTHORISED = (134, 135)  # CONNACK: bad user name or password, not authorized (3.1.1's 4 and 5 map here)
+
+
+class BrokerUnavailable(ConnectionError):
+    """The broker cannot be reached or will not have us (port closed, unknown host, TLS, credentials):
+    a setup mistake, reported at once instead of waited out."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,7 @@ class MqttTransport:
         self._client: mqtt.Client | None = None
         self._closing = False
         self._protocol_refused = threading.Event()
+        self._refused: str | None = None  # why the broker's CONNACK refused us, other than the protocol
 
     # ------------------------------------------------------------ lifecycle
     def connect(self, timeout: float = 10.0) -> "MqttTransport":
@@ -109,24 +117,22 @@ class MqttTransport:
         last_error = None
         for protocol in order:
             self._protocol_refused.clear()
+            self._refused = None
             self._client = self._make_client(protocol)
-            try:
-                self._start(self._client, protocol)
-            except OSError as e:
-                last_error = e
-                self._client.loop_stop()
-                break
+            self._start(self._client, protocol)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if self.connected.wait(0.05):
                     self.protocol = protocol
                     return self
-                if self._protocol_refused.is_set():
+                if self._protocol_refused.is_set() or self._refused is not None:
                     break
             self._client.disconnect()
             self._client.loop_stop()
-            last_error = TimeoutError(f"no CONNACK from {self.config.url} with MQTT {_name(protocol)}")
-        raise ConnectionError(f"cannot connect to the MQTT broker at {self.config.url}: {last_error}")
+            if self._refused is not None:  # another protocol would be refused the same way
+                raise BrokerUnavailable(f"cannot connect to the MQTT broker at {self.config.url}: {self._refused}")
+            last_error = f"no CONNACK with MQTT {_name(protocol)}"
+        raise BrokerUnavailable(f"cannot connect to the MQTT broker at {self.config.url}: {last_error}")
 
     def _make_client(self, protocol: int) -> mqtt.Client:
         c = self.config
@@ -140,7 +146,10 @@ class MqttTransport:
         if user is not None:
             client.username_pw_set(user, pw)
         if c.tls:
-            client.tls_set(ca_certs=c.tls_ca, cert_reqs=ssl.CERT_REQUIRED)
+            try:
+                client.tls_set(ca_certs=c.tls_ca, cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError) as e:
+                raise BrokerUnavailable(f"cannot use the CA bundle {c.tls_ca} for {c.url}: {e.strerror or e}") from None
         if c.will_topic:
             client.will_set(c.will_topic, c.will_payload, qos=1, retain=True)
         client.reconnect_delay_set(c.reconnect_min_s, c.reconnect_max_s)
@@ -157,7 +166,18 @@ class MqttTransport:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.config.session_expiry_s
             kwargs = {"clean_start": False, "properties": props}
-        client.connect_async(self.config.host, self.config.port, self.config.keepalive, **kwargs)
+        host, port = self.config.host, self.config.port
+        try:  # the socket and TLS handshake here, so a refused port fails now, not after the CONNACK wait
+            client.connect(host, port, self.config.keepalive, **kwargs)
+        except ConnectionRefusedError:
+            raise BrokerUnavailable(f"cannot connect to the MQTT broker: connection refused at {host}:{port}") from None
+        except socket.gaierror as e:
+            raise BrokerUnavailable(f"cannot connect to the MQTT broker: unknown host {host} ({e.strerror})") from None
+        except ssl.SSLError as e:
+            raise BrokerUnavailable(f"cannot connect to the MQTT broker at {host}:{port}: TLS failed "
+                                    f"({getattr(e, 'verify_message', None) or e.reason or e})") from None
+        except OSError as e:  # no route, timeout
+            raise BrokerUnavailable(f"cannot connect to the MQTT broker at {host}:{port}: {e.strerror or e}") from None
         client.loop_start()
 
     def close(self) -> None:
@@ -186,6 +206,10 @@ class MqttTransport:
             log.warning("broker %s refused the connection: %s", self.config.url, reason_code)
             if "protocol" in str(reason_code).lower():
                 self._protocol_refused.set()
+            elif reason_code.value in NOT_AUTHORISED:
+                self._refused = f"not authorised ({reason_code})"
+            else:
+                self._refused = f"the broker refused the connection ({reason_code})"
             return
         if properties is not None and hasattr(properties, "MaximumPacketSize"):
             self.broker_max_packet = int(properties.MaximumPacketSize)

@@ -27,13 +27,13 @@ def register(sub) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    config = load_config(args.config, state_url=args.state, base_model=args.base_model)
     from aggregator.state import open_store
     from edge_sdk.protocol.tensors import unpack_tensors
     from models.backend import load_backend
     from models.lora_formats import LoraFormatError, save_lora
 
-    config = load_config(args.config, state_url=args.state, base_model=args.base_model)
-    store = open_store(config.store_url)
+    store = open_store(config.store_url, create=False)
     try:
         clusters = store.clusters()
     finally:

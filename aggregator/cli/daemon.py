@@ -26,13 +26,13 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """An unusable state, key, broker or metrics port is raised to ``fedaigc``'s one-line report (exit 2)."""
+    config = load_config(args.config, role=args.role, mqtt_url=args.mqtt_url, mqtt_topic_prefix=args.topic_prefix,
+                         state_url=args.state, cloud_url=args.cloud_url, base_model=args.base_model)
     from aggregator.broker import ensure_broker
     from aggregator.hierarchy import CloudAggregator
     from aggregator.service import AggregatorService
-    from aggregator.state import StateUnavailable
 
-    config = load_config(args.config, role=args.role, mqtt_url=args.mqtt_url, mqtt_topic_prefix=args.topic_prefix,
-                         state_url=args.state, cloud_url=args.cloud_url, base_model=args.base_model)
     broker = ensure_broker(config.mqtt_url) if args.start_broker else None
     # the MQTT network thread must take a burst of updates off the broker while the worker thread
     # computes: brokers drop what a slow subscriber has not taken beyond their queue limit (Mosquitto's
@@ -40,15 +40,11 @@ def run(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.0005)
     try:
         service = (CloudAggregator(config) if config.role == "cloud" else AggregatorService(config)).start()
-    except StateUnavailable as e:  # unusable state directory, unwritable or full disk, database down
-        print(f"fedaigc aggregator: {e}", file=sys.stderr)
+        print(f"aggregator {config.aggregator_id} ({config.role}) running; key fingerprint "
+              f"{service.identity.public.fingerprint}; Ctrl-C stops it", file=sys.stderr)
+        wait_for_signal()
+        service.stop()
+    finally:
         if broker is not None:
             broker.close()
-        return 2
-    print(f"aggregator {config.aggregator_id} ({config.role}) running; key fingerprint "
-          f"{service.identity.public.fingerprint}; Ctrl-C stops it", file=sys.stderr)
-    wait_for_signal()
-    service.stop()
-    if broker is not None:
-        broker.close()
     return 0

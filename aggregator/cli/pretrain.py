@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from models.digits.unet import BASE_MODEL_DIR
+    from models.digits.paths import BASE_MODEL_DIR
 
     p = sub.add_parser("pretrain", help="rebuild the shipped base denoiser on unstyled public digits",
                        description="Train the unstyled base UNet from scratch (deterministic) and save it.")

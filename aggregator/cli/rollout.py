@@ -35,14 +35,14 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, mqtt_url=args.mqtt_url, mqtt_topic_prefix=args.topic_prefix,
+                         state_dir=args.state_dir, state_url=args.state, aggregator_id=args.aggregator_id)
     from aggregator.rollout import Rollout, RolloutPlan, parse_fraction, parse_target
     from aggregator.state import open_store
     from edge_sdk.artifacts.manifest import ManifestError
     from edge_sdk.protocol.identity import Identity
     from edge_sdk.transport import MqttTransport
 
-    config = load_config(args.config, mqtt_url=args.mqtt_url, mqtt_topic_prefix=args.topic_prefix,
-                         state_dir=args.state_dir, state_url=args.state, aggregator_id=args.aggregator_id)
     try:
         target, clusters = parse_target(args.to)
         canary = parse_fraction(args.canary)
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     plan = RolloutPlan(Path(args.artifact), target, clusters, canary, args.canary_timeout, args.wait)
-    store = open_store(config.store_url)
+    store = open_store(config.store_url, create=False)
     transport = MqttTransport(config.mqtt(f"fedaigc-{config.aggregator_id}-rollout-{uuid.uuid4().hex[:8]}",
                                           session_expiry_s=0)).connect()
     try:

@@ -20,6 +20,11 @@ from edge_sdk.protocol.errors import Refusal, RefusedMessage
 from edge_sdk.protocol.files import atomic_write_bytes
 
 
+class KeyFileError(ValueError):
+    """A saved identity cannot be read back (truncated, overwritten, not a file): never replaced silently,
+    since peers pinned the key it held."""
+
+
 @dataclass(frozen=True)
 class PublicIdentity:
     verify_key: bytes  # Ed25519, 32 bytes
@@ -73,8 +78,15 @@ class Identity:
 
     @classmethod
     def load(cls, path: str | Path) -> "Identity":
-        raw = msgpack.unpackb(Path(path).read_bytes())
-        return cls(SigningKey(raw["sign"]), PrivateKey(raw["box"]))
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise KeyFileError(f"cannot read the key file {path}: {e.strerror or e}") from None
+        try:
+            raw = msgpack.unpackb(data)
+            return cls(SigningKey(raw["sign"]), PrivateKey(raw["box"]))
+        except (ValueError, TypeError, KeyError) as e:
+            raise KeyFileError(f"{path} is not a fedaigc key file ({type(e).__name__}: {e})") from None
 
     @classmethod
     def load_or_generate(cls, path: str | Path) -> "Identity":
