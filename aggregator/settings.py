@@ -27,7 +27,7 @@ class ConfigError(ValueError):
     """A setting, or the file holding them, is wrong; the message says which and why, in one line."""
 
 
-_NUMBER = r"-?\d+(?:\.\d+)?(?:e-?\d+)?"
+_NUMBER = r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 _INTERVAL = re.compile(rf"^([\[(])\s*({_NUMBER})\s*,\s*({_NUMBER})\s*([\])])$")
 _BOUND = re.compile(rf"^(>=|>|<=|<)\s*({_NUMBER})$")
 _COMPARE = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b}

@@ -176,8 +176,10 @@ class MqttTransport:
         except ssl.SSLError as e:
             raise BrokerUnavailable(f"cannot connect to the MQTT broker at {host}:{port}: TLS failed "
                                     f"({getattr(e, 'verify_message', None) or e.reason or e})") from None
-        except OSError as e:  # no route, timeout
-            raise BrokerUnavailable(f"cannot connect to the MQTT broker at {host}:{port}: {e.strerror or e}") from None
+        except OSError as e:  # no route, timeout; with TLS also a listener that does not speak it
+            during = " in the TLS handshake" if self.config.tls else ""
+            raise BrokerUnavailable(f"cannot connect to the MQTT broker at {host}:{port}: {e.strerror or e}{during}") \
+                from None
         client.loop_start()
 
     def close(self) -> None:
@@ -203,7 +205,9 @@ class MqttTransport:
     # ------------------------------------------------------------ callbacks (paho network thread)
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.warning("broker %s refused the connection: %s", self.config.url, reason_code)
+            # while connect() waits, it raises the refusal itself; afterwards paho's reconnects are logged
+            log.log(logging.WARNING if self.protocol else logging.DEBUG, "broker %s refused the connection: %s",
+                    self.config.url, reason_code)
             if "protocol" in str(reason_code).lower():
                 self._protocol_refused.set()
             elif reason_code.value in NOT_AUTHORISED:
@@ -222,10 +226,12 @@ class MqttTransport:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
-        if not self._closing:
+        if self._closing:
+            return
+        if self.protocol:  # while connect() waits, it reports the failure itself
             log.warning("lost the broker at %s (%s); paho reconnects with backoff", self.config.url, reason_code)
-            if str(reason_code).lower().startswith("unsupported protocol"):
-                self._protocol_refused.set()
+        if str(reason_code).lower().startswith("unsupported protocol"):
+            self._protocol_refused.set()
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         topic, payload = message.topic, bytes(message.payload)
