@@ -109,8 +109,9 @@ def test_an_out_of_range_value_gives_the_range(tmp_path):
 # ------------------------------------------------------------------ runtime: broker, state, key, port
 def test_a_closed_broker_port_is_connection_refused_at_once(tmp_path):
     port = free_port()
-    result = fedaigc("aggregator", "--mqtt-url", f"mqtt://127.0.0.1:{port}", "--state", tmp_path / "s" / "state.db",
-                     "--topic-prefix", f"t-{uuid.uuid4().hex[:8]}")
+    config = tmp_path / "aggregator.toml"
+    config.write_text(f'[aggregator]\nmqtt_url = "mqtt://127.0.0.1:{port}"\nstate_dir = "{tmp_path / "state"}"\n')
+    result = fedaigc("aggregator", "--config", config)
     assert_one_line(result, f"connection refused at 127.0.0.1:{port}")
     assert "no CONNACK" not in result.stderr  # the refusal is final: no wait for a CONNACK on either protocol
 
