@@ -7,6 +7,7 @@ no second set of counters to keep in step with the state the daemon already hold
 from __future__ import annotations
 
 import errno
+import socket
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -50,7 +51,20 @@ def serve_metrics(service, port: int, addr: str = "127.0.0.1"):
     try:
         server, _thread = start_http_server(port, addr=addr, registry=registry)
     except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise MetricsUnavailable(f"metrics port {port} is in use on {addr}") from None
-        raise MetricsUnavailable(f"cannot serve metrics on {addr}:{port}: {e.strerror or e}") from None
+        raise unavailable(e, port, addr) from None
     return server
+
+
+def check_port(port: int, addr: str = "127.0.0.1") -> None:
+    """Raise ``MetricsUnavailable`` now if ``serve_metrics`` could not bind there later."""
+    with socket.socket() as s:
+        try:
+            s.bind((addr, port))
+        except OSError as e:
+            raise unavailable(e, port, addr) from None
+
+
+def unavailable(e: OSError, port: int, addr: str) -> MetricsUnavailable:
+    if e.errno == errno.EADDRINUSE:
+        return MetricsUnavailable(f"metrics port {port} is in use on {addr}")
+    return MetricsUnavailable(f"cannot serve metrics on {addr}:{port}: {e.strerror or e}")

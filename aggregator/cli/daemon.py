@@ -30,15 +30,17 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, role=args.role, mqtt_url=args.mqtt_url, mqtt_topic_prefix=args.topic_prefix,
                          state_url=args.state, cloud_url=args.cloud_url, base_model=args.base_model)
     from aggregator.broker import ensure_broker
-    from aggregator.hierarchy import CloudAggregator
-    from aggregator.service import AggregatorService
 
     broker = ensure_broker(config.mqtt_url) if args.start_broker else None
-    # the MQTT network thread must take a burst of updates off the broker while the worker thread
-    # computes: brokers drop what a slow subscriber has not taken beyond their queue limit (Mosquitto's
-    # max_queued_messages), and a short GIL switch interval lets it in more often
-    sys.setswitchinterval(0.0005)
     try:
+        preflight(config)
+        from aggregator.hierarchy import CloudAggregator
+        from aggregator.service import AggregatorService
+
+        # the MQTT network thread must take a burst of updates off the broker while the worker thread
+        # computes: brokers drop what a slow subscriber has not taken beyond their queue limit (Mosquitto's
+        # max_queued_messages), and a short GIL switch interval lets it in more often
+        sys.setswitchinterval(0.0005)
         service = (CloudAggregator(config) if config.role == "cloud" else AggregatorService(config)).start()
         print(f"aggregator {config.aggregator_id} ({config.role}) running; key fingerprint "
               f"{service.identity.public.fingerprint}; Ctrl-C stops it", file=sys.stderr)
@@ -48,3 +50,28 @@ def run(args: argparse.Namespace) -> int:
         if broker is not None:
             broker.close()
     return 0
+
+
+def preflight(config) -> None:
+    """The setup mistakes an operator makes most, found before the model libraries load (seconds):
+    a broker that is not there or will not have us, an unreadable key, a busy metrics port.
+
+    The broker probe is a session of its own that the broker forgets at once (no expiry), so the
+    daemon's persistent session is not touched."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from aggregator.metrics import check_port
+    from edge_sdk.protocol.identity import Identity
+    from edge_sdk.transport import MqttTransport
+
+    key = Path(config.state_dir) / "aggregator.key"
+    if key.exists():
+        Identity.load(key)
+    probes = [config.mqtt(f"fedaigc-{config.aggregator_id}-preflight")]
+    if config.role == "edge":
+        probes.append(replace(probes[0], url=config.cloud_url, username=None, password=None))
+    for mqtt in probes:
+        MqttTransport(replace(mqtt, session_expiry_s=0)).connect().close()
+    if config.metrics_port is not None:
+        check_port(config.metrics_port, config.metrics_addr)
