@@ -103,8 +103,7 @@ def read_report(verifier: EnvelopeVerifier, identity: Identity, store: StateStor
                 data: bytes) -> tuple[str, RolloutReport]:
     """(device, report) from a signed, encrypted report of an enrolled device; refused otherwise."""
     env = verifier.open(data, {MessageType.STATUS})
-    if topics.device_of(topic) != env.sender:
-        raise RefusedMessage(Refusal.MALFORMED, f"sender {env.sender} published on {topic}")
+    topics.check_sender(topic, env.sender)
     rec = store.device(env.sender)
     return env.sender, RolloutReport.decode(identity.decrypt_from(rec.box_key, env.payload))
 
