@@ -14,6 +14,7 @@ Handlers run on paho's network thread and must be quick; heavy work belongs on a
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -106,6 +107,8 @@ class MqttTransport:
     # ------------------------------------------------------------ lifecycle
     def connect(self, timeout: float = 10.0) -> "MqttTransport":
         order = {"5": [mqtt.MQTTv5], "3.1.1": [mqtt.MQTTv311], "auto": [mqtt.MQTTv5, mqtt.MQTTv311]}[self.config.protocol]
+        if self.config.tls:
+            check_tls(self.config, timeout)
         last_error = None
         for protocol in order:
             self._protocol_refused.clear()
@@ -140,7 +143,7 @@ class MqttTransport:
         if user is not None:
             client.username_pw_set(user, pw)
         if c.tls:
-            client.tls_set(ca_certs=c.tls_ca, cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_set_context(tls_context(c))
         if c.will_topic:
             client.will_set(c.will_topic, c.will_payload, qos=1, retain=True)
         client.reconnect_delay_set(c.reconnect_min_s, c.reconnect_max_s)
@@ -307,6 +310,25 @@ def discard_session(mqtt_url: str, client_id: str, timeout: float = 5.0) -> None
     connected.wait(timeout)
     client.disconnect()
     client.loop_stop()
+
+
+def tls_context(config: MqttConfig) -> ssl.SSLContext:
+    """The broker's certificate checked against ``tls_ca`` (else the system's CAs), its host name included."""
+    return ssl.create_default_context(cafile=config.tls_ca)
+
+
+def check_tls(config: MqttConfig, timeout: float) -> None:
+    """One TLS handshake before paho's: paho's network loop retries a refused certificate silently until
+    the CONNACK wait runs out, so a wrong or missing CA would read as a broker that never answered."""
+    try:
+        with socket.create_connection((config.host, config.port), timeout=timeout) as sock, \
+                tls_context(config).wrap_socket(sock, server_hostname=config.host):
+            pass
+    except ssl.SSLError as e:
+        raise ConnectionError(f"TLS handshake with the MQTT broker at {config.url} failed: "
+                              f"{getattr(e, 'verify_message', None) or e.reason or e}") from None
+    except OSError:
+        pass  # not TLS's fault: connect() reports an absent broker its own way
 
 
 def _strip_share(topic_filter: str) -> str:
