@@ -20,6 +20,7 @@ from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.transport import MqttTransport
 
 Same = Callable[[bytes, bytes], bool]  # (held, delivered) -> whether the delivered one is as good as held
+RESTORE_GAP_S = 1.0  # two publishers fighting over a topic (two daemons, one prefix) get one restore a second
 
 
 class RetainedGuard:
@@ -30,6 +31,8 @@ class RetainedGuard:
         self._watched: set[str] = set()
         self._lock = threading.Lock()
         self._refreshed = time.monotonic()
+        self._last_restore: dict[str, float] = {}
+        self._pending: set[str] = set()  # altered again within RESTORE_GAP_S: put back by refresh_if_due
 
     def publish(self, topic: str, payload: bytes, watch: str | None = None,
                 same: Same = bytes.__eq__) -> list[mqtt.MQTTMessageInfo]:
@@ -50,12 +53,20 @@ class RetainedGuard:
         """Stop keeping ``topic`` (before withdrawing it on purpose)."""
         with self._lock:
             self._held.pop(topic, None)
+            self._pending.discard(topic)
 
     def refresh_if_due(self) -> None:
-        """Every ``interval_s``, publish everything held again (without waiting for the broker)."""
+        """Put back what was altered too soon after a restore; every ``interval_s``, publish everything
+        held again (without waiting for the broker)."""
+        with self._lock:
+            due = [t for t in self._pending if time.monotonic() - self._last_restore[t] >= RESTORE_GAP_S]
+        for topic in due:
+            self._restore(topic)
         if self.interval_s is None or time.monotonic() - self._refreshed < self.interval_s:
             return
         self._refreshed = time.monotonic()
+        self._last_restore: dict[str, float] = {}
+        self._pending: set[str] = set()  # altered again within RESTORE_GAP_S: put back by refresh_if_due
         with self._lock:
             held = [(topic, payload) for topic, (payload, _) in self._held.items()]
         for topic, payload in held:
@@ -67,8 +78,20 @@ class RetainedGuard:
             held = self._held.get(topic)
         if held is None or held[1](held[0], payload):
             return
-        self.restored += 1
-        self.transport.publish(topic, held[0], retain=True)
         what = "cleared" if not payload else f"replaced ({len(payload)} bytes)"
-        self.refusals.record(RefusedMessage(Refusal.RETAINED_ALTERED, f"the retained message was {what}; "
-                                                                      "published ours again"), topic)
+        self.refusals.record(RefusedMessage(Refusal.RETAINED_ALTERED, f"the retained message was {what}"), topic)
+        with self._lock:
+            if time.monotonic() - self._last_restore.get(topic, -RESTORE_GAP_S) < RESTORE_GAP_S:
+                self._pending.add(topic)
+                return
+        self._restore(topic)
+
+    def _restore(self, topic: str) -> None:
+        with self._lock:
+            self._pending.discard(topic)
+            held = self._held.get(topic)
+            if held is None:
+                return
+            self._last_restore[topic] = time.monotonic()
+            self.restored += 1
+        self.transport.publish(topic, held[0], retain=True)

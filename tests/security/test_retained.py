@@ -8,12 +8,15 @@ The announcement is also published again every ``announce_interval_s``.
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
 
+from aggregator.retained import RetainedGuard
 from aggregator.simulation.lite import LiteDevice
 from edge_sdk.protocol.envelope import EnvelopeWriter, MessageType
+from edge_sdk.protocol.errors import RefusalCounter
 from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.messages import AggregatorKeys, read_signed_keys
 from edge_sdk.transport import MqttConfig, MqttTransport
@@ -93,3 +96,19 @@ def test_the_daemon_announces_its_keys_again_every_interval(tmp_path, mqtt_url):
         service.stop()
         with MqttTransport(MqttConfig(url=mqtt_url, topic_prefix=prefix)) as t:
             t.clear_retained(t.topics.aggregator_keys)
+
+
+def test_two_guards_fighting_over_one_topic_restore_at_most_once_a_second_each(mqtt_url):
+    """Two daemons with different keys on one prefix (a misconfiguration) must not flood the broker."""
+    topic = f"ret{uuid.uuid4().hex[:8]}/v1/aggregator/keys"
+    transports = [MqttTransport(MqttConfig(url=mqtt_url, session_expiry_s=0)).connect() for _ in range(2)]
+    guards = [RetainedGuard(t, RefusalCounter()) for t in transports]
+    try:
+        for guard, payload in zip(guards, (b"ours", b"theirs")):
+            guard.publish(topic, payload)
+        time.sleep(2.0)
+        assert all(1 <= g.restored <= 3 for g in guards), [g.restored for g in guards]
+    finally:
+        for t in transports:
+            t.clear_retained(topic)
+            t.close()
