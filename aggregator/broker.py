@@ -44,17 +44,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedBroker:
-    """A broker child process on ``host:port``: ``kind`` is "mosquitto", "amqtt" or "auto"."""
+    """A broker child process on ``host:port``: ``kind`` is "mosquitto", "amqtt" or "auto".
+
+    ``config``: run this Mosquitto config (e.g. ``fedaigc broker-config``'s, with accounts, ACLs and
+    TLS) instead of an anonymous one; ``host``/``port`` then say where it listens, and ``tls`` whether
+    clients reach it as ``mqtts://``.
+    """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883, kind: str = "auto",
-                 state_dir: str | Path | None = None) -> None:
+                 state_dir: str | Path | None = None, config: str | Path | None = None, tls: bool = False) -> None:
+        if config is not None and kind == "amqtt":
+            raise ValueError("a broker config is a Mosquitto config; amqtt cannot run it")
+        kind = "mosquitto" if config is not None else kind
         if kind not in ("auto", "mosquitto", "amqtt"):
             raise ValueError(f"broker kind must be auto, mosquitto or amqtt, got {kind!r}")
         if kind == "auto":
             kind = "mosquitto" if shutil.which("mosquitto") else "amqtt"
         if kind == "mosquitto" and not shutil.which("mosquitto"):
             raise FileNotFoundError("the mosquitto binary is not installed")
-        self.host, self.port, self.kind = host, port, kind
+        self.host, self.port, self.kind, self.tls = host, port, kind, tls
+        self.config = Path(config) if config is not None else None
         self._tmp = tempfile.TemporaryDirectory(prefix="fedaigc-broker-") if state_dir is None else None
         self.state_dir = Path(state_dir or self._tmp.name)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +71,7 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def speaks_v5(self) -> bool:
@@ -72,7 +81,9 @@ class EmbeddedBroker:
         if broker_listening(self.host, self.port):
             raise RuntimeError(f"something already listens on {self.host}:{self.port}")
         log_file = open(self.state_dir / "broker.log", "ab")
-        if self.kind == "mosquitto":
+        if self.config is not None:
+            cmd = ["mosquitto", "-c", str(self.config)]
+        elif self.kind == "mosquitto":
             conf = self.state_dir / "mosquitto.conf"
             conf.write_text(
                 f"listener {self.port} {self.host}\nallow_anonymous true\n"

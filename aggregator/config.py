@@ -57,6 +57,8 @@ class AggregatorConfig:
     mqtt_tls_ca: str | None = _setting(None, "CA bundle for the broker's certificate (default: the system's).")
     mqtt_topic_prefix: str = _setting(DEFAULT_PREFIX, "The fleet's topics lie under `{prefix}/v1/`; fleets "
                                                       "sharing a broker pick different prefixes.")
+    announce_interval_s: float | None = _setting(60.0, "Publish the retained key announcement again this often "
+                                                       "(none: only at start and when it is altered or cleared).")
     # state
     state_dir: Path = _setting(Path("fedaigc-state"), "Holds the aggregator's key and the default SQLite store.")
     state_url: str | None = _setting(None, "The state store: default SQLite under `state_dir`, or "

@@ -18,6 +18,9 @@ and cluster assignment from the aggregator's state store. It
    canary timeout without a failure, opens the version to every targeted device;
 4. withdraws the retained files and manifests no live version needs any more.
 
+While it runs, a part or manifest someone else alters or clears on the broker is published
+again (``aggregator.retained``), counted as ``retained_altered`` and in the summary's ``restored``.
+
 Reports (``rollout/report/{device}``) are signed by the device and Box-encrypted to the
 aggregator; ``read_report`` opens them for both this command and the daemon, which
 records every device's installed version for ``fedaigc status``.
@@ -38,10 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.enrolment import verify_key_of
+from aggregator.retained import RetainedGuard
 from aggregator.state import StateStore
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
-from edge_sdk.protocol.errors import Refusal, RefusedMessage
 from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.messages import RolloutManifest, RolloutReport
 from edge_sdk.protocol.rollout import artifact_parts
@@ -103,8 +106,7 @@ def read_report(verifier: EnvelopeVerifier, identity: Identity, store: StateStor
                 data: bytes) -> tuple[str, RolloutReport]:
     """(device, report) from a signed, encrypted report of an enrolled device; refused otherwise."""
     env = verifier.open(data, {MessageType.STATUS})
-    if topics.device_of(topic) != env.sender:
-        raise RefusedMessage(Refusal.MALFORMED, f"sender {env.sender} published on {topic}")
+    topics.check_sender(topic, env.sender)
     rec = store.device(env.sender)
     return env.sender, RolloutReport.decode(identity.decrypt_from(rec.box_key, env.payload))
 
@@ -130,6 +132,7 @@ class Rollout:
         self.topics = transport.topics
         self.writer = EnvelopeWriter(identity, aggregator_id)
         self.verifier = EnvelopeVerifier(lambda sender: verify_key_of(store, sender))
+        self.retained = RetainedGuard(transport, transport.refusals)  # parts and manifests, while the run lasts
         self._reports: dict[str, RolloutReport] = {}
         self._cond = threading.Condition()
         self._version = 0
@@ -162,7 +165,8 @@ class Rollout:
             sha = hashlib.sha256(blob).hexdigest()
             parts = artifact_parts(blob, self.writer, self.transport.max_frame())
             for i, part in enumerate(parts):
-                infos += self.transport.publish(self.topics.rollout_artifact_part(sha, i), part, retain=True)
+                infos += self.retained.publish(self.topics.rollout_artifact_part(sha, i), part,
+                                               watch=self.topics.rollout_artifact_parts(sha))
             record[name] = {"sha256": sha, "bytes": len(blob), "parts": len(parts)}
         if not self.transport.wait_published(infos, timeout=120):
             raise RuntimeError("the broker did not acknowledge every artifact part within 120 s")
@@ -170,7 +174,12 @@ class Rollout:
 
     def _publish_manifest(self, target: str, manifest: RolloutManifest) -> None:
         env = self.writer.build(MessageType.ROLLOUT_MANIFEST, manifest.encode(), round=manifest.version)
-        self.transport.wait_published(self.transport.publish(self.topics.rollout_manifest(target), env, retain=True))
+        self.transport.wait_published(self.retained.publish(self.topics.rollout_manifest(target), env))
+
+    def _clear(self, topic: str) -> list:
+        """Withdraw a retained message on purpose: no longer kept by the guard."""
+        self.retained.release(topic)
+        return self.transport.publish(topic, b"", retain=True)
 
     def _withdraw(self, records: list[dict], keep: list[dict]) -> None:
         """Clear the retained parts of files only ``records`` use (``keep`` still needs its own)."""
@@ -180,7 +189,7 @@ class Rollout:
             for f in r["files"].values():
                 if f["sha256"] not in live:
                     for i in range(f["parts"]):
-                        infos += self.transport.publish(self.topics.rollout_artifact_part(f["sha256"], i), b"", retain=True)
+                        infos += self._clear(self.topics.rollout_artifact_part(f["sha256"], i))
         self.transport.wait_published(infos)
 
     # ------------------------------------------------------------ the run
@@ -216,14 +225,14 @@ class Rollout:
         superseded = {t: r for t, r in state["live"].items() if plan.target in (ALL, t)}
         state["live"] = {t: r for t, r in state["live"].items() if t not in superseded} | {plan.target: record}
         for t in superseded.keys() - {plan.target}:
-            self.transport.clear_retained(self.topics.rollout_manifest(t))
+            self.transport.wait_published(self._clear(self.topics.rollout_manifest(t)))
         self._withdraw(list(superseded.values()), keep=list(state["live"].values()))
         self._save(state, record, "all")
         if plan.wait_s > 0:
             reports = self._wait(targeted, plan.wait_s, stop_on_failure=False)
             summary["reports"] = {d: ("ok" if r.ok else r.reason) for d, r in reports.items()}
         summary["stage"] = "all"
-        return summary
+        return summary | {"restored": self.retained.restored}
 
     def _halt(self, state: dict, record: dict, target: str, failed: dict[str, str], summary: dict) -> dict:
         reason = "; ".join(f"{d}: {why}" for d, why in sorted(failed.items()))
@@ -232,10 +241,10 @@ class Rollout:
         if previous is not None:  # the target's devices (offline ones included) stay on the previous version
             self._publish_manifest(target, manifest_of(previous, "all"))
         else:
-            self.transport.clear_retained(self.topics.rollout_manifest(target))
+            self.transport.wait_published(self._clear(self.topics.rollout_manifest(target)))
         self._withdraw([record], keep=list(state["live"].values()))
         self._save(state, record, "halted", reason)
-        return summary | {"stage": "halted", "halted": reason}
+        return summary | {"stage": "halted", "halted": reason, "restored": self.retained.restored}
 
     def _save(self, state: dict, record: dict, stage: str, outcome: str = "") -> None:
         state["last"] = record | {"stage": stage, "outcome": outcome}

@@ -33,6 +33,7 @@ from aggregator.intake import EnrolmentIntake, StatusIntake, TaskIntake, UpdateI
 from aggregator.membership import Membership
 from aggregator.outbox import Outbox
 from aggregator.policies import make_policy
+from aggregator.retained import RetainedGuard
 from aggregator.rollout import read_report, record_report
 from aggregator.rounds import RoundController
 from aggregator.rules import make_rule
@@ -68,6 +69,7 @@ class AggregatorService:
         self.topics = Topics(c.mqtt_topic_prefix)
         client_id = f"fedaigc-{c.aggregator_id}" + (f"-{c.worker_id}" if c.worker_id else "")
         self.transport = MqttTransport(c.mqtt(client_id), self.refusals)
+        self.retained = RetainedGuard(self.transport, self.refusals, c.announce_interval_s)  # our key announcement
         self.telemetry = Telemetry(self.store, self.refusals)
         self.telemetry.wire_bytes = self.transport.wire_bytes
         self.verifier = EnvelopeVerifier(lambda sender: verify_key_of(self.store, sender), max_bytes=c.max_message_bytes)
@@ -138,7 +140,7 @@ class AggregatorService:
         for topic_filter, handler in routes.items():
             self.inbox.route(self.transport, topic_filter, handler)
         announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, self.topics.aggregator_keys,
-                      self.model_digest, lora_to_dict(c.lora))
+                      self.model_digest, lora_to_dict(c.lora), guard=self.retained)
         if c.metrics_port is not None:
             from aggregator.metrics import serve_metrics
 
@@ -212,7 +214,9 @@ class AggregatorService:
             self.recover()
 
     def tick(self) -> None:
-        """Time-driven work: a silent cloud, the enrolment window, late joiners, round deadlines."""
+        """Time-driven work: the key announcement, a silent cloud, the enrolment window, late joiners,
+        round deadlines."""
+        self.retained.refresh_if_due()
         led = self._leader
         if not self.is_leader():
             self.follow()

@@ -147,7 +147,7 @@ class MqttTransport:
             client.username_pw_set(user, pw)
         if c.tls:
             try:
-                client.tls_set(ca_certs=c.tls_ca, cert_reqs=ssl.CERT_REQUIRED)
+                client.tls_set_context(tls_context(c))
             except (OSError, ssl.SSLError) as e:
                 raise BrokerUnavailable(f"cannot use the CA bundle {c.tls_ca} for {c.url}: {e.strerror or e}") from None
         if c.will_topic:
@@ -337,6 +337,11 @@ def discard_session(mqtt_url: str, client_id: str, timeout: float = 5.0) -> None
     connected.wait(timeout)
     client.disconnect()
     client.loop_stop()
+
+
+def tls_context(config: MqttConfig) -> ssl.SSLContext:
+    """The broker's certificate checked against ``tls_ca`` (else the system's CAs), its host name included."""
+    return ssl.create_default_context(cafile=config.tls_ca)
 
 
 def _strip_share(topic_filter: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -20,8 +21,9 @@ import pytest
 
 from aggregator.cli import main
 from aggregator.config import AggregatorConfig
-from aggregator.rollout import canary_devices
+from aggregator.rollout import Rollout, RolloutPlan, canary_devices
 from aggregator.service import AggregatorService
+from aggregator.state import open_store
 from aggregator.status import read_status, render_status
 from edge_sdk.artifacts.inference import swap_adapter
 from edge_sdk.artifacts.manifest import Manifest
@@ -284,6 +286,36 @@ def test_a_failed_load_rolls_back_and_an_unhealthy_canary_halts_the_rollout(flee
     assert "samples look wrong" in summary["reports"][sick.id]
     assert sick.installed == 1 and all(d.installed == 3 for d in devices[1:])
     wait_until(lambda: fleet.status()["installed"] == {"1": 1, "3": 2}, what="the fleet's versions recorded")
+
+
+def test_a_part_cleared_or_overwritten_during_a_canary_rollout_is_put_back_and_the_rollout_goes_on(fleet, exports):
+    canary = fleet.device(start=False)  # fetches only after the attack: every part it reads is one the broker holds
+    c = fleet.service.config
+    store = open_store(c.store_url)
+    transport = MqttTransport(c.mqtt(f"fedaigc-{c.aggregator_id}-rollout-test", session_expiry_s=0)).connect()
+    rollout = Rollout(transport, fleet.service.identity, c.aggregator_id, store)
+    summary: dict = {}
+    plan = RolloutPlan(exports["v1"], "all", (), canary=1.0, canary_timeout_s=30)
+    run = threading.Thread(target=lambda: summary.update(rollout.run(plan)), daemon=True)
+    run.start()
+    try:
+        wait_until(lambda: (store.get("rollout") or {}).get("last", {}).get("stage") == "canary", 60,
+                   "the canary stage")
+        files = sorted(f["sha256"] for f in store.get("rollout")["last"]["files"].values())
+        with MqttTransport(MqttConfig(url=fleet.mqtt_url, topic_prefix=c.mqtt_topic_prefix)) as attacker:
+            attacker.wait_published(attacker.publish(attacker.topics.rollout_artifact_part(files[0], 0), b"",
+                                                     retain=True)
+                                    + attacker.publish(attacker.topics.rollout_artifact_part(files[1], 0),
+                                                       b"not the aggregator's", retain=True))
+        wait_until(lambda: rollout.retained.restored == 2, 5, "both parts put back")
+        canary.start()
+        run.join(60)
+    finally:
+        transport.close()
+        store.close()
+    assert summary["stage"] == "all" and summary["canary_reports"] == {canary.id: "ok"}
+    assert summary["restored"] == 2 and transport.refusals["retained_altered"] == 2
+    assert canary.installed == 1
 
 
 def test_a_version_whose_check_never_finished_counts_as_failed_after_a_restart(fleet, exports):

@@ -180,6 +180,6 @@ def test_fleets_under_different_prefixes_share_a_broker_without_seeing_each_othe
             assert s.store.device(other.id) is None
     finally:
         for s, d in zip(services, devices):
+            s.stop()  # first: a running daemon puts its cleared announcement back
             d.transport.clear_retained(d.topics.aggregator_keys)  # a fresh prefix per run: leave the broker clean
             d.stop()
-            s.stop()

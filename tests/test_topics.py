@@ -5,7 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.config import AggregatorConfig
-from edge_sdk.protocol.topics import Topics, device_of
+from edge_sdk.protocol.errors import RefusedMessage
+from edge_sdk.protocol.topics import MAX_DEVICE_ID, Topics, check_device_id, check_sender, device_of
 from edge_sdk.transport import MqttConfig
 
 level = st.text(st.characters(exclude_characters="/+#\x00", exclude_categories=("Cs",)), min_size=1, max_size=8)
@@ -36,3 +37,23 @@ def test_a_prefix_that_would_widen_or_escape_subscriptions_is_refused(prefix):
 def test_the_default_layout_is_the_documented_one():
     assert Topics().update("d1") == "fedaigc/v1/up/update/d1"
     assert Topics("tenant/acme").aggregator_keys == "tenant/acme/v1/aggregator/keys"
+
+
+BAD_IDS = ["", "a/b", "+", "dev#", "$SYS", "dev$1", "a\x00b", "x" * (MAX_DEVICE_ID + 1)]
+
+
+@pytest.mark.parametrize("device_id", BAD_IDS)
+def test_a_device_id_that_is_not_one_plain_topic_level_is_refused(device_id):
+    with pytest.raises(ValueError, match="device id"):
+        check_device_id(device_id)
+
+
+@pytest.mark.parametrize("device_id", BAD_IDS[1:])
+def test_a_sender_whose_id_is_not_one_plain_level_is_refused_as_malformed(device_id):
+    with pytest.raises(RefusedMessage, match="malformed: a device id"):
+        check_sender(f"fedaigc/v1/up/update/{device_id}", device_id)
+
+
+@given(device=level.filter(lambda d: "$" not in d))
+def test_every_plain_level_is_a_device_id(device):
+    assert check_device_id(device) == device

@@ -15,9 +15,21 @@ import argparse
 import logging
 import sys
 
-from aggregator.cli import adapters, bench, broker, daemon, demo, export, pretrain, rollout, status, train_central
+from aggregator.cli import (
+    adapters,
+    bench,
+    broker,
+    broker_config,
+    daemon,
+    demo,
+    export,
+    pretrain,
+    rollout,
+    status,
+    train_central,
+)
 
-COMMANDS = (demo, daemon, status, broker, rollout, export, adapters, bench, pretrain, train_central)
+COMMANDS = (demo, daemon, status, broker, broker_config, rollout, export, adapters, bench, pretrain, train_central)
 QUIET_LOGGERS = ("amqtt", "transitions", "torchao", "httpx")
 
 

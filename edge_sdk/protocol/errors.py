@@ -35,6 +35,7 @@ class Refusal(str, Enum):
     QUARANTINED = "quarantined"        # accepted update set aside because aggregating it failed
     UNAVAILABLE = "unavailable"        # receiver cannot take it now (e.g. state store unwritable)
     MODEL_MISMATCH = "model_mismatch"  # the sender runs another base model than the fleet
+    RETAINED_ALTERED = "retained_altered"  # someone else replaced or cleared a retained message this side publishes
 
 
 class RefusedMessage(Exception):

@@ -15,6 +15,7 @@ from edge_sdk.protocol.errors import Refusal, RefusedMessage
 
 PROTOCOL = "v1"
 DEFAULT_PREFIX = "fedaigc"
+MAX_DEVICE_ID = 128  # characters; the envelope's sender bound
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,17 @@ def check_prefix(prefix: str) -> str:
             or any(ch in prefix for ch in "+#\x00"):
         raise ValueError(f"topic prefix must be non-empty levels without wildcards, '$' or '//', got {prefix!r}")
     return prefix
+
+
+def check_device_id(device_id: str) -> str:
+    """A device id is one topic level: the broker's ``%u`` ACL patterns put it in a topic, so a ``/``
+    or a wildcard in it would widen a device's rights to other devices' topics, and ``$`` marks the
+    broker's own topics."""
+    if not isinstance(device_id, str) or not 0 < len(device_id) <= MAX_DEVICE_ID \
+            or any(ch in device_id for ch in "/+#$\x00"):
+        raise ValueError(f"a device id must be 1-{MAX_DEVICE_ID} characters without '/', '+', '#', '$' "
+                         f"or NUL, got {device_id!r}")
+    return device_id
 
 
 @dataclass(frozen=True)
@@ -180,6 +192,11 @@ def device_of(topic: str) -> str:
 
 
 def check_sender(topic: str, sender: str) -> None:
-    """A signed envelope on a per-device topic must come from that device: no one speaks on another's topic."""
+    """A signed envelope on a per-device topic must come from that device (no one speaks on another's
+    topic), whose id is one plain topic level."""
+    try:
+        check_device_id(sender)
+    except ValueError as e:
+        raise RefusedMessage(Refusal.MALFORMED, str(e)) from None
     if device_of(topic) != sender:
         raise RefusedMessage(Refusal.MALFORMED, f"sender {sender} published on {topic}")
