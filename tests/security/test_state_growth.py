@@ -255,3 +255,34 @@ def test_a_device_status_refused_after_authentication_is_answered(federation):
     device.send(device.topics.device_status(device.id), device.writer.build(MessageType.STATUS, sealed, 1))
     (ack,) = fed.acks(0)
     assert (ack.round, ack.accepted, ack.reason) == (1, False, "malformed")  # a status is answered as its round
+
+
+# ---------------------------------------------------------------------------------------------- on the device
+def test_generate_remote_raises_a_refusal_at_once_and_busy_is_distinguishable(tmp_path, mqtt_url):
+    from edge_sdk.client import EdgeClient, LocalData
+    from edge_sdk.config import DeviceConfig
+    from edge_sdk.session import FederatedSession
+    from tests.test_service import make_service
+
+    prefix = f"sec{uuid.uuid4().hex[:8]}"
+    service = make_service(tmp_path, mqtt_url, expected_devices=None, mqtt_topic_prefix=prefix,
+                           serve_device_rate=1.0, serve_device_burst=1)
+    service.generation.service.steps = 4
+    service.global_model.set_cluster(0, service.initial, 0)  # a cluster to sample from, without a round
+    client = EdgeClient(DeviceConfig(data_dir=tmp_path / "dev", device_id=f"dev-{prefix}", profile="simulator",
+                                     enrolment_token="fedaigc-demo-token",
+                                     aggregator_fingerprint=service.identity.public.fingerprint))
+    session = FederatedSession(client, LocalData(torch.rand(1, 1, 16, 16), ["a 7"]),
+                               MqttConfig(url=mqtt_url, topic_prefix=prefix))
+    try:
+        session.start()
+        assert session.enrolled.wait(30)
+        assert session.generate_remote("a bold 7", {0: 1.0}, n=1).shape[0] == 1  # the burst
+        for n, reason in ((1, Refusal.BUSY), (17, Refusal.MALFORMED)):
+            sent = time.monotonic()
+            with pytest.raises(RequestRefused) as refused:
+                session.generate_remote("a bold 7", {0: 1.0}, n=n, timeout=30)
+            assert refused.value.reason is reason and time.monotonic() - sent < 1.0
+    finally:
+        session.stop()
+        service.stop()
