@@ -14,6 +14,7 @@ import uuid
 import pytest
 import torch
 
+from aggregator.ratelimit import TokenBuckets
 from aggregator.service import AggregatorService
 from aggregator.state import open_store
 from aggregator.status import read_status
@@ -286,3 +287,17 @@ def test_generate_remote_raises_a_refusal_at_once_and_busy_is_distinguishable(tm
     finally:
         session.stop()
         service.stop()
+
+
+# ---------------------------------------------------------------------------------------------- the maths
+def test_a_token_bucket_gives_its_burst_then_its_rate_per_device():
+    now = [0.0]
+    buckets = TokenBuckets(per_minute=60, burst=4, clock=lambda: now[0])
+    assert buckets.take("a", 4) and not buckets.take("a", 1)  # the burst, then nothing
+    now[0] = 1.5
+    assert buckets.take("a", 1) and not buckets.take("a", 1)  # 1 a second, half a token left
+    now[0] = 1000.0
+    assert buckets.take("a", 4) and not buckets.take("a", 0.5)  # a quiet spell saves up the burst, no more
+    assert buckets.take("b", 4)  # another device has its own bucket
+    assert not buckets.take("c", 5)  # more than the burst is never granted, nothing spent
+    assert buckets.take("c", 4)
