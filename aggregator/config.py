@@ -133,6 +133,12 @@ class AggregatorConfig:
     serve_max_batch: int = _setting(64, "Images per batched sampling call of the generation service.",
                                  ">= 1")
     serve_max_wait_s: float = _setting(0.05, "How long a request waits for batch-mates.", ">= 0")
+    serve_max_queue: int = _setting(256, "Images waiting for sampling at most; a request beyond is answered `busy`.",
+                                    ">= 1")
+    serve_device_rate: float | None = _setting(60.0, "Images per minute one device may have sampled (none: no "
+                                                     "per-device limit); beyond, its requests are answered `busy` ...",
+                                               "> 0")
+    serve_device_burst: int = _setting(16, "... of which this many at once, after a quiet spell.", ">= 1")
     seed: int = _setting(0, "Seeds the fleet's round-1 adapter (devices draw the same one from it).")
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from aggregator.config import AggregatorConfig
 from aggregator.downlink import DownlinkMirror
+from aggregator.enrolled import EnrolledIds
 from aggregator.enrolment import admit, open_enrolment
 from aggregator.membership import Membership
 from aggregator.outbox import Outbox
@@ -26,7 +27,7 @@ from aggregator.rounds import RoundController
 from aggregator.state import StateStore, StateUnavailable, UpdateRecord
 from aggregator.telemetry import Telemetry
 from edge_sdk.protocol.codecs import decode_payload
-from edge_sdk.protocol.envelope import EnvelopeVerifier, MessageType
+from edge_sdk.protocol.envelope import Envelope, EnvelopeVerifier, MessageType
 from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.messages import DeviceStatus, EnrolAck, UpdateAck, UpdateBody
@@ -92,33 +93,29 @@ class UpdateIntake:
     def on_update(self, topic: str, data: bytes) -> None:
         self.follow()  # a worker that does not lead catches up with the leader's rounds first
         env = self.verifier.open(data, {MessageType.UPDATE})
-        device = env.sender
-        check_sender(topic, device)
-        rec = self.store.device(device)
+        check_sender(topic, env.sender)  # on another's topic it was not put there by its signer: not answered
         try:
-            body = UpdateBody.decode(self.identity.decrypt_from(rec.box_key, env.payload))
-        except RefusedMessage as e:  # authenticated, so the device is told why (e.g. samples out of range)
-            if e.reason is not Refusal.MALFORMED:
-                raise
-            self._refuse(device, env.round, e)
-            return
-        self.telemetry.count(env.round, device, "up", len(data))
+            self._take(env, len(data))
+        except RefusedMessage as e:  # authenticated, so the device is told why
+            self.refusals.record(e, env.sender)
+            self.telemetry.count(0, env.sender, "up", len(data))  # its round is the sender's claim: round 0
+            self.outbox.refuse_round(env.sender, env.round, e)
+
+    def _take(self, env: Envelope, size: int) -> None:
+        """Store and acknowledge an update, or refuse it (``RefusedMessage``); bytes count under its round
+        only once the round is known to be open."""
+        device = env.sender
+        rec = self.store.device(device)
+        body = UpdateBody.decode(self.identity.decrypt_from(rec.box_key, env.payload))
         cid = self.policy.cluster_of_update(body.cluster, self.membership.assignment.get(device))
         open_rounds = {(row.round, row.cluster_id) for row in self.store.rounds("open")}
         if cid is None or body.cluster != cid or (env.round, cid) not in open_rounds:
-            self._refuse(device, env.round, RefusedMessage(
-                Refusal.STALE_ROUND, f"{device}: round {env.round} of cluster {body.cluster} is not open"))
-            return
-        try:
-            delta = self._checked_delta(device, body)
-        except RefusedMessage as e:
-            self._refuse(device, env.round, e)
-            return
+            raise RefusedMessage(Refusal.STALE_ROUND, f"{device}: round {env.round} of cluster {body.cluster} "
+                                                      f"is not open")
+        delta = self._checked_delta(device, body)
         if self.policy.report_scope(cid) is None and \
                 device in self.store.reported(env.round) - self.store.reported(env.round, cid):
-            self._refuse(device, env.round, RefusedMessage(
-                Refusal.STALE_ROUND, f"{device} already chose another cluster in round {env.round}"))
-            return
+            raise RefusedMessage(Refusal.STALE_ROUND, f"{device} already chose another cluster in round {env.round}")
         start = self.downlink.confirm(device, cid, body.base_version)
         if start is not None:  # the device started from its (possibly lossy) copy: rebase onto ours
             current, _ = self.rounds.cluster_adapter(cid)
@@ -134,9 +131,9 @@ class UpdateIntake:
             self.verifier.replays.forget(device, env.nonce)  # not kept: the device's re-send must not be a "replay"
             raise
         except ValueError:  # another worker closed the round since we looked
-            self._refuse(device, env.round, RefusedMessage(
-                Refusal.STALE_ROUND, f"{device}: round {env.round} of cluster {cid} closed meanwhile"))
-            return
+            raise RefusedMessage(Refusal.STALE_ROUND,
+                                 f"{device}: round {env.round} of cluster {cid} closed meanwhile") from None
+        self.telemetry.count(env.round, device, "up", size)
         self.telemetry.record_privacy(env.round, device, body.epsilon, body.dp_delta)
         self.membership.assignment[device] = cid  # the cluster it answered (a choice, under IFCA)
         self.outbox.send(device, MessageType.UPDATE_ACK, UpdateAck(env.round, True, "" if new else "duplicate").encode(),
@@ -152,19 +149,15 @@ class UpdateIntake:
             raise RefusedMessage(Refusal.MALFORMED, f"{device} reports epsilon {body.epsilon} at delta {body.dp_delta}")
         return decode_payload(body.codec, body.tensors, self.rounds.shapes, set(self.config.uplink_codecs))
 
-    def _refuse(self, device: str, rnd: int, error: RefusedMessage) -> None:
-        self.refusals.record(error, device)
-        self.outbox.send(device, MessageType.UPDATE_ACK, UpdateAck(rnd, False, error.reason.value).encode(), rnd)
-
 
 class EnrolmentIntake:
     """A device's sealed, self-signed enrolment: admitted by model and token, acknowledged, then told what
     is open. A device running another base model, or presenting a bad token, is told why it was refused."""
 
     def __init__(self, verifier: EnvelopeVerifier, identity: Identity, store: StateStore, rounds: RoundController,
-                 outbox: Outbox, telemetry: Telemetry, model: str) -> None:
+                 outbox: Outbox, telemetry: Telemetry, enrolled: EnrolledIds, model: str) -> None:
         self.verifier, self.identity, self.store, self.rounds = verifier, identity, store, rounds
-        self.outbox, self.telemetry, self.model = outbox, telemetry, model
+        self.outbox, self.telemetry, self.enrolled, self.model = outbox, telemetry, enrolled, model
 
     def on_enrol(self, topic: str, data: bytes) -> None:
         env = self.verifier.parse(data, {MessageType.ENROL})
@@ -177,30 +170,49 @@ class EnrolmentIntake:
                 self.outbox.refuse_enrolment(env.sender, body.box_key, str(e))
             raise
         self.telemetry.count(0, env.sender, "up", len(data))
+        self.enrolled.add(env.sender)
+        self.telemetry.set_online(env.sender, True)  # its retained "online" came before it was enrolled
         self.outbox.send(env.sender, MessageType.ENROL_ACK, EnrolAck(True, "").encode())
         log.info("enrolled %s (%s)", env.sender, body.profile)
         self.rounds.resume_device(env.sender)
 
 
 class StatusIntake:
-    """Signed device status (a device that lost its adapter copy asks for full adapters) and last wills."""
+    """Signed device status (a device that lost its adapter copy asks for full adapters) and last wills.
+
+    A refused status is answered as a refused update of its round: without the adapter it asked
+    for, the device takes no part in that round. Presence is unsigned, so it counts only for
+    enrolled ids: the online map holds at most the enrolled fleet.
+    """
 
     def __init__(self, verifier: EnvelopeVerifier, identity: Identity, store: StateStore, rounds: RoundController,
-                 downlink: DownlinkMirror, telemetry: Telemetry) -> None:
+                 downlink: DownlinkMirror, outbox: Outbox, telemetry: Telemetry, refusals: RefusalCounter,
+                 enrolled: EnrolledIds) -> None:
         self.verifier, self.identity, self.store, self.rounds = verifier, identity, store, rounds
-        self.downlink, self.telemetry = downlink, telemetry
+        self.downlink, self.outbox, self.telemetry = downlink, outbox, telemetry
+        self.refusals, self.enrolled = refusals, enrolled
 
     def on_status(self, topic: str, data: bytes) -> None:
         env = self.verifier.open(data, {MessageType.STATUS})
-        check_sender(topic, env.sender)
-        rec = self.store.device(env.sender)
-        status = DeviceStatus.decode(self.identity.decrypt_from(rec.box_key, env.payload))
-        if status.state != "need_full":
-            raise RefusedMessage(Refusal.MALFORMED, f"unknown device status {status.state[:40]!r}")
+        check_sender(topic, env.sender)  # on another's topic it was not put there by its signer: not answered
+        try:
+            rec = self.store.device(env.sender)
+            status = DeviceStatus.decode(self.identity.decrypt_from(rec.box_key, env.payload))
+            if status.state != "need_full":
+                raise RefusedMessage(Refusal.MALFORMED, f"unknown device status {status.state[:40]!r}")
+        except RefusedMessage as e:
+            self.refusals.record(e, env.sender)
+            self.outbox.refuse_round(env.sender, env.round, e)
+            return
         log.info("%s lost its adapter copy; sending full adapters from now on", env.sender)
         self.downlink.forget(env.sender)
         self.rounds.resume_device(env.sender)
 
     def on_presence(self, topic: str, data: bytes) -> None:
         """The retained ``online`` / ``offline`` (last will) a device's connection publishes."""
-        self.telemetry.set_online(device_of(topic), data == b"online")
+        device = device_of(topic)
+        if device not in self.enrolled:
+            raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"presence of {device[:64]!r}, which is not enrolled")
+        if data not in (b"online", b"offline"):
+            raise RefusedMessage(Refusal.MALFORMED, f"presence of {device} is {data[:16]!r}, not online/offline")
+        self.telemetry.set_online(device, data == b"online")

@@ -6,6 +6,11 @@ own key. Requests queue here and are served in batches: everything that arrived 
 ``max_wait_s`` (up to ``max_batch`` images) is grouped by mix, and each group runs as one
 batched sampling call on the global model. Batching matters because a 16x16 UNet step
 costs nearly the same for 1 image as for 32 on a CPU: per-call overhead dominates.
+
+Sampling is the costliest thing a device can ask for, so it is metered: at most ``max_queue``
+images wait, and each device draws from its own token bucket (``aggregator/ratelimit.py``). A
+request over either is answered ``busy`` at once, never queued. Every refused request gets a
+``GenerateResult`` with the reason, so no device waits for its timeout.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import torch
 
 from aggregator.global_model import GlobalModel
 from aggregator.outbox import Outbox
+from aggregator.ratelimit import TokenBuckets
 from aggregator.telemetry import Telemetry
 from edge_sdk.protocol.envelope import EnvelopeVerifier, MessageType
-from edge_sdk.protocol.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.messages import GenerateRequest, GenerateResult
 from edge_sdk.protocol.tensors import pack_tensors, unpack_tensors
@@ -45,19 +51,30 @@ class Request:
     received: float
 
 
-Reply = Callable[[Request, torch.Tensor | None, str], None]
+Reply = Callable[[Request, torch.Tensor | None, RefusedMessage | None], None]
+"""Images for a request, or None and the refusal that stopped them."""
 
 
 class GenerationService:
     def __init__(self, model: GlobalModel, reply: Reply, *, max_batch: int = 64, max_wait_s: float = 0.05,
-                 steps: int = 20, guidance_scale: float = 2.0) -> None:
+                 steps: int = 20, guidance_scale: float = 2.0, max_queue: int = 256,
+                 device_rate: float | None = None, device_burst: int = MAX_IMAGES_PER_REQUEST) -> None:
+        """``max_queue``: images waiting at most; ``device_rate``: images per minute per device (None: no
+        per-device limit), of which ``device_burst`` may come at once."""
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.model = model
         self.reply = reply
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.steps = steps
         self.guidance_scale = guidance_scale
+        self.max_queue = max_queue
+        self.rate = None if device_rate is None else TokenBuckets(device_rate, device_burst)
         self.batches: list[int] = []  # images per sampling call, for the benchmark
+        self.waiting = 0  # images queued and not yet in a sampling call
+        self.high_water = 0  # the most images that ever waited
+        self._waiting_lock = threading.Lock()
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
 
@@ -70,20 +87,39 @@ class GenerationService:
         self._thread.join(30)
 
     def submit(self, request: Request) -> None:
-        """Validate and queue; raises ValueError with the reason for a request that cannot be served."""
+        """Validate and queue; refuses (``RefusedMessage``) a request that cannot be served, ``busy`` one
+        that would overfill the queue or exceed its device's rate."""
         if not 1 <= request.n <= MAX_IMAGES_PER_REQUEST:
-            raise ValueError(f"n must be between 1 and {MAX_IMAGES_PER_REQUEST}, got {request.n}")
+            raise RefusedMessage(Refusal.MALFORMED, f"n must be between 1 and {MAX_IMAGES_PER_REQUEST}, "
+                                                    f"got {request.n}")
         expected = self.model.backend.conditioning_shape
         if tuple(request.encoding.shape) != expected:
-            raise ValueError(f"conditioning must have shape {expected}, got {tuple(request.encoding.shape)}")
-        self.model.check_mix(request.mix)
+            raise RefusedMessage(Refusal.BAD_TENSORS, f"conditioning must have shape {expected}, "
+                                                      f"got {tuple(request.encoding.shape)}")
+        try:
+            self.model.check_mix(request.mix)
+        except ValueError as e:
+            raise RefusedMessage(Refusal.MALFORMED, str(e)) from None
+        with self._waiting_lock:
+            if self.waiting + request.n > self.max_queue:
+                raise RefusedMessage(Refusal.BUSY, f"{self.waiting} images are waiting (at most {self.max_queue})")
+            if self.rate is not None and not self.rate.take(request.device, request.n):
+                raise RefusedMessage(Refusal.BUSY, f"{request.device} asked for more than "
+                                                   f"{self.rate.per_second * 60:g} images a minute")
+            self.waiting += request.n
+            self.high_water = max(self.high_water, self.waiting)
         self._queue.put(request)
+
+    def _taken(self, request: Request) -> Request:
+        with self._waiting_lock:
+            self.waiting -= request.n
+        return request
 
     def _collect(self) -> list[Request] | None:
         first = self._queue.get()
         if first is None:
             return None
-        batch, images = [first], first.n
+        batch, images = [self._taken(first)], first.n
         deadline = time.monotonic() + self.max_wait_s
         while images < self.max_batch:
             try:
@@ -93,7 +129,7 @@ class GenerationService:
             if item is None:
                 self._queue.put(None)
                 break
-            batch.append(item)
+            batch.append(self._taken(item))
             images += item.n
         return batch
 
@@ -119,43 +155,62 @@ class GenerationService:
                                          noise=noise)
         except Exception as e:  # a failed sampling call must not take the service down
             log.exception("generation failed")
+            refusal = RefusedMessage(Refusal.UNAVAILABLE, f"generation failed: {type(e).__name__}")
             for r in requests:
-                self.reply(r, None, f"generation failed: {type(e).__name__}")
+                self.reply(r, None, refusal)
             return
         self.batches.append(len(conditioning))
         start = 0
         for r in requests:
-            self.reply(r, images[start:start + r.n], "")
+            self.reply(r, images[start:start + r.n], None)
             start += r.n
 
 
 class GenerationEndpoint:
-    """Sealed generation requests in, images encrypted to the requesting device out, served in batches."""
+    """Sealed generation requests in, images encrypted to the requesting device out, served in batches.
+
+    Every refusal of an authenticated request is answered with its reason. A body that cannot be
+    read has no request id to answer to: the reply then carries an empty id, which fails every
+    request the device is waiting on (they were sealed the same way, e.g. to a key this
+    aggregator does not hold). A request on another device's topic was not put there by its
+    signer, so it is refused unanswered.
+    """
 
     def __init__(self, model: GlobalModel, verifier: EnvelopeVerifier, identity: Identity, outbox: Outbox,
-                 telemetry: Telemetry, *, max_batch: int, max_wait_s: float) -> None:
+                 telemetry: Telemetry, refusals: RefusalCounter, **service_options) -> None:
         self.verifier, self.identity, self.outbox, self.telemetry = verifier, identity, outbox, telemetry
-        self.service = GenerationService(model, self.reply, max_batch=max_batch, max_wait_s=max_wait_s)
+        self.refusals = refusals
+        self.service = GenerationService(model, self.reply, **service_options)
 
     def on_request(self, topic: str, data: bytes) -> None:
         env = self.verifier.open(data, {MessageType.GENERATE_REQUEST})
         check_sender(topic, env.sender)
-        body = GenerateRequest.decode(self.identity.open_sealed(env.payload))
+        self.telemetry.count(0, env.sender, "up", len(data))
+        request_id = ""
+        try:
+            body = GenerateRequest.decode(self.identity.open_sealed(env.payload))
+            request_id = body.request_id
+            self.service.submit(self._request(env.sender, body))
+        except RefusedMessage as e:
+            self._answer(env.sender, request_id, None, e)
+
+    def _request(self, device: str, body: GenerateRequest) -> Request:
         encoding = unpack_tensors(body.encoding,
                                   {"encoding": self.service.model.backend.conditioning_shape})["encoding"]
         try:
             mix = {int(c): float(w) for c, w in body.mix.items()}
         except ValueError:
             raise RefusedMessage(Refusal.MALFORMED, f"mix keys must be cluster ids, got {list(body.mix)[:3]}") from None
-        self.telemetry.count(0, env.sender, "up", len(data))
-        request = Request(env.sender, body.request_id, encoding, mix, body.n, body.seed, time.monotonic())
-        try:
-            self.service.submit(request)
-        except ValueError as e:
-            self.reply(request, None, str(e))
-            raise RefusedMessage(Refusal.MALFORMED, f"generation request from {env.sender}: {e}") from None
+        return Request(device, body.request_id, encoding, mix, body.n, body.seed, time.monotonic())
 
-    def reply(self, request: Request, images: torch.Tensor | None, reason: str) -> None:
+    def reply(self, request: Request, images: torch.Tensor | None, refusal: RefusedMessage | None) -> None:
+        self._answer(request.device, request.request_id, images, refusal)
+
+    def _answer(self, device: str, request_id: str, images: torch.Tensor | None,
+                refusal: RefusedMessage | None) -> None:
+        if refusal is not None:
+            self.refusals.record(refusal, f"generation request {request_id[:32]!r} of {device}")
         payload = b"" if images is None else pack_tensors({"images": images})
-        body = GenerateResult(request.request_id, images is not None, reason, payload)
-        self.outbox.send(request.device, MessageType.GENERATE_RESULT, body.encode())
+        reason = "" if refusal is None else str(refusal)[:500]
+        self.outbox.send(device, MessageType.GENERATE_RESULT,
+                         GenerateResult(request_id, images is not None, reason, payload).encode())

@@ -25,6 +25,7 @@ from pathlib import Path
 from aggregator.cloud_step import CloudStep
 from aggregator.config import AggregatorConfig
 from aggregator.downlink import DownlinkMirror
+from aggregator.enrolled import EnrolledIds
 from aggregator.enrolment import announce_keys, verify_key_of
 from aggregator.global_model import GlobalModel
 from aggregator.hierarchy import CloudLink
@@ -67,10 +68,10 @@ class AggregatorService:
             self.store.add_token(token, "config")
         self.refusals = RefusalCounter()
         self.topics = Topics(c.mqtt_topic_prefix)
-        client_id = f"fedaigc-{c.aggregator_id}" + (f"-{c.worker_id}" if c.worker_id else "")
-        self.transport = MqttTransport(c.mqtt(client_id), self.refusals)
+        worker = c.aggregator_id + (f"-{c.worker_id}" if c.worker_id else "")
+        self.transport = MqttTransport(c.mqtt(f"fedaigc-{worker}"), self.refusals)
         self.retained = RetainedGuard(self.transport, self.refusals, c.announce_interval_s)  # our key announcement
-        self.telemetry = Telemetry(self.store, self.refusals)
+        self.telemetry = Telemetry(self.store, self.refusals, worker)
         self.telemetry.wire_bytes = self.transport.wire_bytes
         self.verifier = EnvelopeVerifier(lambda sender: verify_key_of(self.store, sender), max_bytes=c.max_message_bytes)
         self.writer = EnvelopeWriter(self.identity, c.aggregator_id)
@@ -93,12 +94,15 @@ class AggregatorService:
                                 self.telemetry, self.is_leader)
         self.updates = UpdateIntake(c, self.verifier, self.identity, self.store, self.membership, self.rounds,
                                     self.downlink, self.outbox, self.telemetry, self.refusals, self.follow)
+        enrolled = EnrolledIds(self.store)
         self.enrolment = EnrolmentIntake(self.verifier, self.identity, self.store, self.rounds, self.outbox,
-                                         self.telemetry, self.model_digest)
-        self.status = StatusIntake(self.verifier, self.identity, self.store, self.rounds, self.downlink, self.telemetry)
+                                         self.telemetry, enrolled, self.model_digest)
+        self.status = StatusIntake(self.verifier, self.identity, self.store, self.rounds, self.downlink, self.outbox,
+                                   self.telemetry, self.refusals, enrolled)
         self.generation = GenerationEndpoint(self.global_model, self.verifier, self.identity, self.outbox,
-                                             self.telemetry, max_batch=c.serve_max_batch,
-                                             max_wait_s=c.serve_max_wait_s)
+                                             self.telemetry, self.refusals, max_batch=c.serve_max_batch,
+                                             max_wait_s=c.serve_max_wait_s, max_queue=c.serve_max_queue,
+                                             device_rate=c.serve_device_rate, device_burst=c.serve_device_burst)
         self.metrics_server = None
         self._leader = False
         self._followed: tuple | None = None  # (current_round, done) a worker that does not lead last loaded
@@ -124,6 +128,7 @@ class AggregatorService:
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> "AggregatorService":
         c = self.config
+        self.telemetry.restore_refusals()
         self.transport.connect()
         self.recover()
         shared = (lambda f: topics.shared(c.shared_group, f)) if c.shared_group else (lambda f: f)

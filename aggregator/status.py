@@ -6,6 +6,7 @@ from collections import Counter
 
 from aggregator.rollout import REPORTS
 from aggregator.state import open_store
+from aggregator.telemetry import merged_refusals
 
 
 def read_status(state_url: str) -> dict:
@@ -25,7 +26,7 @@ def read_status(state_url: str) -> dict:
                         "online": sum(1 for v in online.values() if v)},
             "clusters": {str(c): {"devices": sizes.get(c, 0), "adapter_version": v} for c, (_, _, v) in clusters.items()},
             "rounds": [{"round": r, "cluster": c, "state": s, "deadline": d} for r, c, s, _, d in rounds[-20:]],
-            "refusals": store.get("refusals", {}),
+            "refusals": merged_refusals(store),
             "bytes": {
                 "up": sum(v.get("up", 0) for per in traffic.values() for v in per.values()),
                 "down": sum(v.get("down", 0) for per in traffic.values() for v in per.values()),

@@ -4,7 +4,13 @@ budgets devices report, who is online, and refusals by reason.
 Kept in memory (the generation thread counts its replies too, hence the lock) and written to
 the state store at most every ``interval_s`` and after every committed round, where
 ``fedaigc status`` and a restarted daemon find it. Scale-out workers each see only some
-devices' updates, so the privacy record is merged into the stored one, never overwritten.
+devices' updates, so the privacy record is merged into the stored one, never overwritten, and
+each worker keeps its refusal counts in a row of its own (``refusals/{worker}``), which a
+restarted worker continues and ``merged_refusals`` sums.
+
+Nothing here grows with what an unauthenticated sender says: the online map takes only enrolled
+devices (``StatusIntake``), and traffic is counted under a round only once the round is known to
+be open, everything else under round 0.
 """
 
 from __future__ import annotations
@@ -20,11 +26,23 @@ from edge_sdk.protocol.errors import RefusalCounter
 
 log = logging.getLogger("fedaigc.aggregator")
 
+REFUSALS = "refusals/"  # + the worker's name: its refusal counts
+
+
+def merged_refusals(store: StateStore) -> dict[str, int]:
+    """Refusals by reason over every worker that shares ``store``."""
+    total: dict[str, int] = {}
+    for counts in store.get_prefixed(REFUSALS).values():
+        for reason, n in counts.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
+
 
 class Telemetry:
-    def __init__(self, store: StateStore, refusals: RefusalCounter, interval_s: float = 2.0) -> None:
+    def __init__(self, store: StateStore, refusals: RefusalCounter, worker: str, interval_s: float = 2.0) -> None:
         self.store = store
         self.refusals = refusals
+        self.refusals_key = REFUSALS + worker
         self.interval_s = interval_s
         self.wire_bytes: Callable[[int], int] = lambda n: n  # the transport's, once connected
         self.traffic: dict[int, dict[str, dict[str, int]]] = {}  # round -> device -> {"up", "down"}
@@ -54,6 +72,10 @@ class Telemetry:
     def set_online(self, device: str, online: bool) -> None:
         self.online[device] = online
 
+    def restore_refusals(self) -> None:
+        """Once, at start: this worker's counts continue from what it persisted before it stopped."""
+        self.refusals.restore(self.store.get(self.refusals_key, {}))
+
     def restore(self) -> None:
         self.traffic = {int(r): v for r, v in self.store.get("traffic", {}).items()}
         self.privacy = {int(r): v for r, v in self.store.get("privacy", {}).items()}
@@ -61,7 +83,7 @@ class Telemetry:
     def persist(self) -> None:
         self._persisted_at = time.monotonic()
         try:
-            self.store.put("refusals", self.refusals.counts())
+            self.store.put(self.refusals_key, self.refusals.counts())
             with self._lock:
                 traffic = {str(r): v for r, v in self.traffic.items()}
             self.store.put("traffic", traffic)

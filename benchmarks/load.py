@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -373,7 +374,7 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
                 daemons.close()  # drop the PostgreSQL schema of a failed run
         try:
             rows = daemons.rows("SELECT device_id, accepted_at FROM updates WHERE round = 1")
-            refusals = (daemons.rows("SELECT value FROM kv WHERE key = 'refusals'") or [None])[0]
+            refusals = daemons.rows("SELECT value FROM kv WHERE key LIKE 'refusals/%'")  # one row per worker
             summary = (daemons.rows("SELECT summary FROM rounds WHERE round = 1") or [None])[0]
             opened_at = daemons.rows("SELECT opened_at FROM rounds WHERE round = 1")[0][0]
         finally:
@@ -404,7 +405,7 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
             "rss_mb": max(sampler.rss) if sampler.rss else None,
             "aggregator_cpu_s": sampler.cpu_end - sampler.cpu_start,  # all workers
             "aggregator_cpu_percent": 100 * (sampler.cpu_end - sampler.cpu_start) / max(1e-9, time.time() - t0),
-            "refusals": json.loads(refusals[0]) if refusals else {},
+            "refusals": dict(sum((Counter(json.loads(v)) for v, in refusals), Counter())),
             "bytes_uploaded": int(np.sum(sizes)),
             "round_start_fanout_s": last_start - opened_at,  # round opened -> last device has its round start
             "load_average": [round(load_before, 1), round(load_after, 1)],  # the machine is shared

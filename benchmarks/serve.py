@@ -48,7 +48,8 @@ def run_mode(mqtt_url: str, batched: bool, concurrency: int, seconds: float, ste
     with tempfile.TemporaryDirectory() as tmp:
         cfg = AggregatorConfig(aggregator_id=f"serve-{uuid.uuid4().hex[:6]}", mqtt_url=mqtt_url, state_dir=Path(tmp),
                                expected_devices=1, serve_max_batch=64 if batched else 1,
-                               serve_max_wait_s=0.02 if batched else 0.0)
+                               serve_max_wait_s=0.02 if batched else 0.0,
+                               serve_device_rate=None)  # throughput, not metering: no per-device limit
         service = AggregatorService(cfg).start()
         service.generation.service.steps = steps
         service.global_model.set_cluster(0, service.initial, 0)

@@ -20,7 +20,8 @@ _EXPORTS = {
     "DeviceConfig": "edge_sdk.config", "DeviceProfile": "edge_sdk.config", "PROFILES": "edge_sdk.config",
     "FederatedSession": "edge_sdk.session", "MqttConfig": "edge_sdk.transport",
     "Refusal": "edge_sdk.protocol.errors", "RefusedMessage": "edge_sdk.protocol.errors",
-    "RefusalCounter": "edge_sdk.protocol.errors", "MemoryBudgetExceeded": "edge_sdk.memory",
+    "RefusalCounter": "edge_sdk.protocol.errors", "RequestRefused": "edge_sdk.protocol.errors",
+    "MemoryBudgetExceeded": "edge_sdk.memory",
 }
 __all__ = sorted(_EXPORTS)
 

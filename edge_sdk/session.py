@@ -24,7 +24,7 @@ import torch
 from edge_sdk.client import SHARED, EdgeClient, LocalData
 from edge_sdk.protocol.codecs import ErrorFeedback, decode_payload, make_codec
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
-from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
+from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage, RequestRefused
 from edge_sdk.protocol.files import atomic_write_bytes
 from edge_sdk.protocol.identity import PublicIdentity, seal_to
 from edge_sdk.protocol.messages import (
@@ -212,9 +212,10 @@ class FederatedSession:
             self._work.put(lambda: self._on_round(start))
         elif env.type == MessageType.GENERATE_RESULT:
             result = GenerateResult.decode(body)
-            with self._results_lock:
-                waiter = self._results.get(result.request_id)
-            if waiter is not None:
+            with self._results_lock:  # no id: the aggregator could not read which request (see generate_remote)
+                waiters = list(self._results.values()) if not result.request_id and not result.ok else \
+                    [w for w in [self._results.get(result.request_id)] if w is not None]
+            for waiter in waiters:
                 waiter[1] = result
                 waiter[0].set()
         elif env.type == MessageType.UPDATE_ACK:
@@ -232,6 +233,10 @@ class FederatedSession:
         """Ask the aggregator's global model for images (for devices too weak to sample locally).
 
         Only the sealed conditioning (the model's own encoding of the prompt) leaves the device, never the text.
+        A refused request raises ``RequestRefused`` as soon as the answer arrives: its ``reason`` is
+        ``Refusal.BUSY`` when the aggregator's queue is full or this device is over its rate (ask again
+        later), another reason when the request itself cannot be served. A refusal the aggregator
+        could not address to one request (it could not read the body) fails every waiting call.
         """
         request_id = uuid.uuid4().hex
         encoding = self.client.conditioning([prompt])[0]
@@ -251,7 +256,7 @@ class FederatedSession:
                 self._results.pop(request_id, None)
         result: GenerateResult = waiter[1]
         if not result.ok:
-            raise RuntimeError(f"the aggregator could not generate: {result.reason}")
+            raise RequestRefused.from_reply(result.reason)
         return unpack_tensors(result.images)["images"]
 
     def _send_task(self) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from aggregator.global_model import GlobalModel
 from aggregator.serve import GenerationService, Request
+from edge_sdk.protocol.errors import RefusedMessage
 from models.digits.data import STYLES, make_personas
 from models.digits.pretrain import train_central
 from models.digits.unet import BASE_MODEL_DIR
@@ -86,9 +87,9 @@ def test_the_service_batches_concurrent_requests_and_keeps_each_seed(model):
 def test_bad_requests_are_refused_with_a_reason(model):
     service = GenerationService(model, lambda *a: None)
     enc = torch.zeros(384)
-    with pytest.raises(ValueError, match="n must be"):
+    with pytest.raises(RefusedMessage, match="malformed: n must be"):
         service.submit(Request("d", "r", enc, {0: 1.0}, 0, 0, 0.0))
-    with pytest.raises(ValueError, match="unknown clusters"):
+    with pytest.raises(RefusedMessage, match="malformed: unknown clusters"):
         service.submit(Request("d", "r", enc, {9: 1.0}, 1, 0, 0.0))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(RefusedMessage, match="bad_tensors: .*shape"):
         service.submit(Request("d", "r", torch.zeros(5), {0: 1.0}, 1, 0, 0.0))

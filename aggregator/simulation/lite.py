@@ -20,7 +20,7 @@ import torch
 
 from edge_sdk.protocol.codecs import decode_payload, make_codec
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
-from edge_sdk.protocol.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.errors import Refusal, RefusedMessage, RequestRefused
 from edge_sdk.protocol.identity import Identity, PublicIdentity, seal_to
 from edge_sdk.protocol.messages import (
     SEEDED_CODEC,
@@ -157,22 +157,35 @@ class LiteDevice:
     def generate(self, encoding: np.ndarray, mix: dict[int, float], n: int = 1, seed: int = 0,
                  timeout: float = 120.0) -> torch.Tensor:
         """Images from the aggregator's generation service for a (384,) prompt encoding."""
+        result = self.generation_result(self.request_generation(encoding, mix, n, seed), timeout)
+        if not result.ok:
+            raise RequestRefused.from_reply(result.reason)
+        return unpack_tensors(result.images)["images"]
+
+    def request_generation(self, encoding: np.ndarray, mix: dict[int, float], n: int = 1, seed: int = 0) -> str:
+        """Send a generation request without waiting; returns its request id."""
         rid = uuid.uuid4().hex
         enc = torch.from_numpy(np.asarray(encoding, dtype=np.float32))
         body = GenerateRequest(rid, pack_tensors({"encoding": enc}), {str(c): float(w) for c, w in mix.items()}, n, seed)
-        sealed = seal_to(self.aggregator.box_key, body.encode())
+        self.send_sealed_request(body.encode())
+        return rid
+
+    def send_sealed_request(self, body: bytes) -> None:
+        """``body`` sealed to the aggregator in a signed generation request (tests send broken ones)."""
+        sealed = seal_to(self.aggregator.box_key, body)
         self.send(self.topics.generate(self.id), self.writer.build(MessageType.GENERATE_REQUEST, sealed))
+
+    def generation_result(self, rid: str, timeout: float = 120.0) -> GenerateResult:
+        """The answer to request ``rid`` (or a refusal with no id: one the aggregator could not match)."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
                 for i, (env, raw) in enumerate(self.inbox):
                     if env.type == MessageType.GENERATE_RESULT:
                         result = GenerateResult.decode(raw)
-                        if result.request_id == rid:
+                        if result.request_id == rid or not (result.request_id or result.ok):
                             del self.inbox[i]
-                            if not result.ok:
-                                raise RuntimeError(f"generation refused: {result.reason}")
-                            return unpack_tensors(result.images)["images"]
+                            return result
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no generation result within {timeout} s")
                 self.cond.wait(0.05)

@@ -36,6 +36,7 @@ class Refusal(str, Enum):
     UNAVAILABLE = "unavailable"        # receiver cannot take it now (e.g. state store unwritable)
     MODEL_MISMATCH = "model_mismatch"  # the sender runs another base model than the fleet
     RETAINED_ALTERED = "retained_altered"  # someone else replaced or cleared a retained message this side publishes
+    BUSY = "busy"                      # over the receiver's queue bound or the sender's rate: retry later
 
 
 class RefusedMessage(Exception):
@@ -45,6 +46,22 @@ class RefusedMessage(Exception):
         self.reason = Refusal(reason)
         self.detail = detail
         super().__init__(f"{self.reason.value}: {detail}" if detail else self.reason.value)
+
+
+class RequestRefused(RefusedMessage):
+    """The other side refused a request of ours and answered why (e.g. a generation request).
+
+    Its reply carries ``str(RefusedMessage)``, ``"reason: detail"``; ``reason`` says what the caller can
+    do (``BUSY``: the same request later), ``detail`` is the other side's sentence for people.
+    """
+
+    @classmethod
+    def from_reply(cls, text: str) -> "RequestRefused":
+        reason, _, detail = text.partition(": ")
+        try:
+            return cls(Refusal(reason), detail)
+        except ValueError:  # a peer speaking reasons this side does not know
+            return cls(Refusal.MALFORMED, f"unrecognised refusal {text[:200]!r}")
 
 
 class RefusalCounter:
@@ -59,6 +76,11 @@ class RefusalCounter:
         with self._lock:
             self._counts[error.reason.value] += 1
         self._log.warning("refused %s%s: %s", error.reason.value, f" ({context})" if context else "", error.detail)
+
+    def restore(self, counts: dict[str, int]) -> None:
+        """Continue from counts kept before a restart (added, so refusals meanwhile are not lost)."""
+        with self._lock:
+            self._counts.update({str(k): int(v) for k, v in counts.items()})
 
     def counts(self) -> dict[str, int]:
         with self._lock:
