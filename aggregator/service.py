@@ -36,6 +36,7 @@ from aggregator.policies import make_policy
 from aggregator.rollout import read_report, record_report
 from aggregator.rounds import RoundController
 from aggregator.rules import make_rule
+from aggregator.senders import EnrolledSenders
 from aggregator.serve import GenerationEndpoint
 from aggregator.state import StateStore, StateUnavailable, open_store
 from aggregator.telemetry import Telemetry
@@ -67,7 +68,7 @@ class AggregatorService:
         self.refusals = RefusalCounter()
         self.topics = Topics(c.mqtt_topic_prefix)
         client_id = f"fedaigc-{c.aggregator_id}" + (f"-{c.worker_id}" if c.worker_id else "")
-        self.transport = MqttTransport(c.mqtt(client_id), self.refusals)
+        self.transport = MqttTransport(c.mqtt(client_id), self.refusals, accept_chunks_from=EnrolledSenders(self.store))
         self.telemetry = Telemetry(self.store, self.refusals)
         self.telemetry.wire_bytes = self.transport.wire_bytes
         self.verifier = EnvelopeVerifier(lambda sender: verify_key_of(self.store, sender), max_bytes=c.max_message_bytes)
@@ -135,8 +136,9 @@ class AggregatorService:
             self.topics.rollout_report_all: lambda topic, data: record_report(
                 self.store, *read_report(self.verifier, self.identity, self.store, topic, data)),
         }
+        chunked = {shared(self.topics.update_all), shared(self.topics.generate_all)}  # the uplinks larger than a frame
         for topic_filter, handler in routes.items():
-            self.inbox.route(self.transport, topic_filter, handler)
+            self.inbox.route(self.transport, topic_filter, handler, chunked=topic_filter in chunked)
         announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, self.topics.aggregator_keys,
                       self.model_digest, lora_to_dict(c.lora))
         if c.metrics_port is not None:
