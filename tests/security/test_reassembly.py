@@ -17,8 +17,11 @@ import psutil
 import pytest
 import torch
 
+from edge_sdk.client import EdgeClient, LocalData
+from edge_sdk.config import DeviceConfig
 from edge_sdk.protocol.chunking import HEADER_BYTES, split_payload
 from edge_sdk.protocol.envelope import MessageType
+from edge_sdk.session import FederatedSession
 from edge_sdk.transport import MqttConfig, MqttTransport
 from tests.polling import wait_until
 from tests.security.test_weights import Federation
@@ -29,24 +32,25 @@ FRAME = MiB  # the flood's frame size: few frames, so the broker's per-client qu
 FLOOD = """
 import sys
 import os
-from edge_sdk.protocol.chunking import HEADER_BYTES, split_payload
+from edge_sdk.protocol.chunking import split_payload
 from edge_sdk.transport import MqttConfig, MqttTransport
 
-url, prefix, size, frame, messages, keep_last, *senders = sys.argv[1:]
+url, prefix, topic, size, frame, messages, *senders = sys.argv[1:]
 t = MqttTransport(MqttConfig(url=url, topic_prefix=prefix)).connect()
 for sender in senders:
     for _ in range(int(messages)):
         frames = split_payload(os.urandom(int(size)), int(frame))
-        frames = frames if keep_last == "1" else frames[:-1]  # never completed
-        t.wait_published([t._client.publish(t.topics.update(sender), f, qos=1) for f in frames], 120)
+        frames = frames[:-1]  # never completed
+        t.wait_published([t._client.publish(getattr(t.topics, topic)(sender), f, qos=1) for f in frames], 120)
 t.close()
 """
 
 
-def flood(url: str, prefix: str, senders: list[str], messages: int, size: int, frame: int = FRAME) -> None:
-    """Publish ``messages`` chunked messages of ``size`` bytes per sender on its update topic, all but
-    their last chunk, from another process."""
-    subprocess.run([sys.executable, "-c", FLOOD, url, prefix, str(size), str(frame), str(messages), "0", *senders],
+def flood(url: str, prefix: str, senders: list[str], messages: int, size: int, frame: int = FRAME,
+          topic: str = "update") -> None:
+    """Publish ``messages`` chunked messages of ``size`` bytes per sender on its ``topic`` (a ``Topics``
+    method), all but their last chunk, from another process."""
+    subprocess.run([sys.executable, "-c", FLOOD, url, prefix, topic, str(size), str(frame), str(messages), *senders],
                    check=True, env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=300)
 
 
@@ -173,3 +177,22 @@ def test_intake_keeps_its_pace_after_twenty_thousand_chunk_frames(fed):
     print(f"\nintake: {first:.0f} frames/s for the first 2,000 frames, {last:.0f} after 18,000 more "
           f"(ratio {last / first:.2f})")
     assert last / first > 0.5
+
+
+def test_a_devices_downlink_refuses_partials_beyond_its_budget_and_its_memory_stays_bounded(tmp_path, mqtt_url):
+    prefix = f"sec{uuid.uuid4().hex[:8]}"
+    client = EdgeClient(DeviceConfig(data_dir=tmp_path / "device", profile="simulator"))
+    session = FederatedSession(client, LocalData(torch.rand(4, 1, 16, 16), ["a chunky 7"] * 4),
+                               MqttConfig(url=mqtt_url, topic_prefix=prefix)).start()
+    reassembler = session.transport.reassembler
+    try:
+        with PeakRss() as rss:
+            flood(mqtt_url, prefix, [client.device_id], 16, 4 * MiB, topic="down")  # 4 frames each, all refused
+            flood(mqtt_url, prefix, [client.device_id], 64, MiB, 64 * 1024, topic="down")  # each evicts the last
+            wait_until(lambda: session.refusals["oversized"] >= 16 * 4 + 63, 30, "the flood refused")
+        print(f"\ndevice downlink flood of 128 MiB, budget {reassembler.budget / MiB:.1f} MiB: RSS "
+              f"{rss.start / MiB:.0f} -> peak {rss.peak / MiB:.0f} MiB, refusals {session.refusals.counts()}")
+        assert reassembler.reserved() <= reassembler.max_sender_bytes
+        assert rss.peak - rss.start < reassembler.budget + 16 * MiB  # frames in flight in paho's buffers
+    finally:
+        session.stop()
