@@ -204,10 +204,11 @@ class Reassembler:
         with self._lock:
             return len(self._pending)
 
-    def reserved(self) -> int:
-        """Bytes the partial messages hold against the budget (their resident memory is at most this)."""
+    def reserved(self, sender: str | None = None) -> int:
+        """Bytes the partial messages (of ``sender``, or all) hold against the budget; their resident memory
+        is at most this."""
         with self._lock:
-            return self._reserved
+            return self._reserved if sender is None else self._sender_bytes.get(sender, 0)
 
     # ------------------------------------------------------------ under the lock
     def _admit(self, key: Key, header: ChunkHeader, length: int, now: float) -> _Partial:
