@@ -35,7 +35,8 @@ class Inbox:
         if topic_filter in self.routes:
             raise ValueError(f"{topic_filter} is routed already")
         self.routes[topic_filter] = handler
-        transport.subscribe(topic_filter, lambda topic, payload: self._queue.put((handler, topic, payload)), chunked=chunked)
+        transport.subscribe(topic_filter, lambda topic, payload: self._queue.put((handler, topic, payload)),
+                            chunked=chunked)
 
     def post(self, job: Callable[[], None], context: str) -> None:
         """Run ``job`` on the worker thread, refusals counted against ``context``."""

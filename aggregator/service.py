@@ -68,7 +68,8 @@ class AggregatorService:
         self.refusals = RefusalCounter()
         self.topics = Topics(c.mqtt_topic_prefix)
         client_id = f"fedaigc-{c.aggregator_id}" + (f"-{c.worker_id}" if c.worker_id else "")
-        self.transport = MqttTransport(c.mqtt(client_id), self.refusals, accept_chunks_from=EnrolledSenders(self.store))
+        self.transport = MqttTransport(c.mqtt(client_id), self.refusals,
+                                       accept_chunks_from=EnrolledSenders(self.store))
         self.telemetry = Telemetry(self.store, self.refusals)
         self.telemetry.wire_bytes = self.transport.wire_bytes
         self.verifier = EnvelopeVerifier(lambda sender: verify_key_of(self.store, sender), max_bytes=c.max_message_bytes)

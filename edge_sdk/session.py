@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from edge_sdk.client import SHARED, EdgeClient, LocalData
+from edge_sdk.downlink_budget import downlink_budget
 from edge_sdk.protocol.codecs import ErrorFeedback, decode_payload, make_codec
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
@@ -43,7 +44,6 @@ from edge_sdk.protocol.messages import (
 from edge_sdk.protocol.tensors import pack_tensors, shapes_of, unpack_tensors
 from edge_sdk.protocol.topics import Topics
 from edge_sdk.rollout import Check, RolloutAgent, check_export
-from edge_sdk.downlink_budget import downlink_budget
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import get_adapter_state, lora_from_dict
 

@@ -137,7 +137,7 @@ class Reassembler:
         self.max_message_bytes = max_message_bytes
         self.budget = 4 * max_message_bytes if budget is None else budget
         if self.budget < 2:
-            raise ValueError(f"the reassembly budget must be positive, got {self.budget}")
+            raise ValueError(f"the reassembly budget must be at least 2 bytes (a sender holds half), got {self.budget}")
         self.max_per_sender = max_per_sender
         self.timeout_s = timeout_s
         self.max_done = max_done
@@ -176,7 +176,7 @@ class Reassembler:
             if header.index in partial.have:
                 return None
             try:
-                self._place(key, partial, header, data)
+                self._place(partial, header, data)
             except RefusedMessage:
                 self._drop(key)
                 raise
@@ -238,7 +238,8 @@ class Reassembler:
 
     def _make_room(self, sender: str, declared: int) -> None:
         own = self._by_sender.get(sender, {})
-        while own and (len(own) >= self.max_per_sender or self._sender_bytes[sender] + declared > self.max_sender_bytes):
+        while own and (len(own) >= self.max_per_sender
+                       or self._sender_bytes[sender] + declared > self.max_sender_bytes):
             self._evict(next(iter(own)), f"{sender} started another while at its limit "
                                          f"({self.max_per_sender} messages, {self.max_sender_bytes} bytes)")
         while self._reserved + declared > self.budget:
@@ -250,10 +251,10 @@ class Reassembler:
             self._evict(next(iter(self._by_sender[heaviest])), f"reassembly budget of {self.budget} bytes is full; "
                                                                 f"{heaviest} holds the most")
 
-    def _place(self, key: Key, partial: _Partial, header: ChunkHeader, data: bytes) -> None:
+    def _place(self, partial: _Partial, header: ChunkHeader, data: bytes) -> None:
         if not header.last:
             if partial.slice is None:  # the last slice came first: now the message's size is known
-                self._resize(key, partial, len(data))
+                self._resize(partial, len(data))
             elif len(data) != partial.slice:
                 raise RefusedMessage(Refusal.MALFORMED, f"chunk of {len(data)} bytes where its message's are "
                                                         f"{partial.slice}")
@@ -278,7 +279,7 @@ class Reassembler:
         start = index * partial.slice
         partial.buffer[start:start + len(data)] = data
 
-    def _resize(self, key: Key, partial: _Partial, slice_len: int) -> None:
+    def _resize(self, partial: _Partial, slice_len: int) -> None:
         """Reserve the size a message declared late (its last slice arrived first), or refuse it."""
         if partial.last_len > slice_len:
             raise RefusedMessage(Refusal.MALFORMED, f"last chunk of {partial.last_len} bytes is longer than the "
