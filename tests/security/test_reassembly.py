@@ -17,6 +17,8 @@ import psutil
 import pytest
 import torch
 
+from aggregator.senders import EnrolledSenders
+from aggregator.state import open_store
 from edge_sdk.client import EdgeClient, LocalData
 from edge_sdk.config import DeviceConfig
 from edge_sdk.protocol.chunking import HEADER_BYTES, split_payload
@@ -196,3 +198,33 @@ def test_a_devices_downlink_refuses_partials_beyond_its_budget_and_its_memory_st
         assert rss.peak - rss.start < reassembler.budget + 16 * MiB  # frames in flight in paho's buffers
     finally:
         session.stop()
+
+
+@pytest.fixture
+def senders(tmp_path):
+    """Who may send chunks, over a real SQLite store, on a clock the test turns."""
+    store = open_store(str(tmp_path / "state.db"))
+    store.add_token("token", "test")
+    now = [0.0]
+    yield store, now, EnrolledSenders(store, ttl_s=10, negative_ttl_s=1, clock=lambda: now[0])
+    store.close()
+
+
+def test_a_sender_refused_as_unknown_is_accepted_a_second_after_it_enrols(senders):
+    store, now, accept = senders
+    assert not accept("dev")
+    store.enrol("dev", b"v" * 32, b"b" * 32, "simulator", "token")
+    assert not accept("dev")  # the refusal is still cached ...
+    now[0] = 1.5
+    assert accept("dev")  # ... for a second only
+
+
+def test_a_revoked_sender_loses_reassembly_within_the_cache_lifetime(senders):
+    store, now, accept = senders
+    store.enrol("dev", b"v" * 32, b"b" * 32, "simulator", "token")
+    assert accept("dev")
+    store.revoke_device("dev")
+    now[0] = 5.0
+    assert accept("dev")  # cached: the envelope check refuses the revoked sender's message anyway
+    now[0] = 10.5
+    assert not accept("dev")
