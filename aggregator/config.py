@@ -116,6 +116,11 @@ class AggregatorConfig:
                                                "topk:0.05+int8", "topk:0.1+int4", "topk:0.05+int4", "topk:0.2+int8"),
                                               "Update codecs accepted from devices.")
     max_message_bytes: int = _setting(64 * 1024 * 1024, "Largest message accepted, chunked or not.", ">= 1")
+    max_reassembly_bytes: int = _setting(256 * 1024 * 1024, "Partial chunked messages, all senders together; one "
+                                                            "sender holds at most half (docs/protocol.md#chunking).",
+                                         ">= 1")
+    reassembly_timeout_s: float = _setting(120.0, "A partial chunked message with no new chunk this long is dropped.",
+                                           "> 0")
     # operations
     metrics_port: int | None = _setting(None, "Serve Prometheus `/metrics` on this port (none: off).",
                                        "[1, 65535]")
@@ -188,7 +193,9 @@ class AggregatorConfig:
         """The connection to this aggregator's own broker (the cloud link has its own URL)."""
         return MqttConfig(url=self.mqtt_url, client_id=client_id, username=self.mqtt_username,
                           password=self.mqtt_password, tls_ca=self.mqtt_tls_ca,
-                          max_message_bytes=self.max_message_bytes, topic_prefix=self.mqtt_topic_prefix, **options)
+                          max_message_bytes=self.max_message_bytes, max_reassembly_bytes=self.max_reassembly_bytes,
+                          reassembly_timeout_s=self.reassembly_timeout_s, topic_prefix=self.mqtt_topic_prefix,
+                          **options)
 
     @property
     def store_url(self) -> str:

@@ -30,6 +30,7 @@ import torch
 from aggregator.enrolment import admit, announce_keys, open_enrolment, verify_key_of
 from aggregator.inbox import Inbox
 from aggregator.interaction import Spread, interact
+from aggregator.enrolled import EnrolledIds
 from aggregator.state import open_store
 from edge_sdk.artifacts.manifest import model_digest, part_digests
 from edge_sdk.protocol.codecs import decode_payload, make_codec
@@ -90,7 +91,7 @@ class CloudLink:
 
     def start(self, timeout: float = 15.0) -> "CloudLink":
         self.transport.connect(timeout)
-        self.transport.subscribe(self.topics.cloud_down(self.edge_id), self._on_down)
+        self.transport.subscribe(self.topics.cloud_down(self.edge_id), self._on_down, chunked=True)
         self.transport.subscribe(self.topics.cloud_keys, self._on_keys)
         return self
 
@@ -188,9 +189,10 @@ class CloudAggregator:
 
     def start(self) -> "CloudAggregator":
         c = self.config
-        self.transport = MqttTransport(c.mqtt(f"fedaigc-{c.aggregator_id}"), self.refusals).connect()
+        self.transport = MqttTransport(c.mqtt(f"fedaigc-{c.aggregator_id}"), self.refusals,
+                                       accept_chunks_from=EnrolledIds(self.store)).connect()
         self.inbox.route(self.transport, self.topics.cloud_enrol_all, self.on_enrol)
-        self.inbox.route(self.transport, self.topics.cloud_up_all, self.on_report)
+        self.inbox.route(self.transport, self.topics.cloud_up_all, self.on_report, chunked=True)
         announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, self.topics.cloud_keys, self.model,
                       lora_to_dict(c.lora))
         self._worker = threading.Thread(target=self._run, name="cloud", daemon=True)

@@ -29,12 +29,14 @@ class Inbox:
         self.routes: dict[str, Handler] = {}
         self._queue: queue.Queue[tuple[Handler, str, bytes]] = queue.Queue()
 
-    def route(self, transport: MqttTransport, topic_filter: str, handler: Handler) -> None:
-        """Queue every message matching ``topic_filter`` for ``handler`` (subscribes at QoS 1)."""
+    def route(self, transport: MqttTransport, topic_filter: str, handler: Handler, chunked: bool = False) -> None:
+        """Queue every message matching ``topic_filter`` for ``handler`` (subscribes at QoS 1; ``chunked``:
+        its messages may come in chunks, reassembled by the transport)."""
         if topic_filter in self.routes:
             raise ValueError(f"{topic_filter} is routed already")
         self.routes[topic_filter] = handler
-        transport.subscribe(topic_filter, lambda topic, payload: self._queue.put((handler, topic, payload)))
+        transport.subscribe(topic_filter, lambda topic, payload: self._queue.put((handler, topic, payload)),
+                            chunked=chunked)
 
     def post(self, job: Callable[[], None], context: str) -> None:
         """Run ``job`` on the worker thread, refusals counted against ``context``."""

@@ -31,13 +31,11 @@ from aggregator.telemetry import Telemetry
 from edge_sdk.protocol.envelope import EnvelopeVerifier, MessageType
 from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.protocol.identity import Identity
-from edge_sdk.protocol.messages import GenerateRequest, GenerateResult
+from edge_sdk.protocol.messages import MAX_IMAGES_PER_REQUEST, GenerateRequest, GenerateResult
 from edge_sdk.protocol.tensors import pack_tensors, unpack_tensors
 from edge_sdk.protocol.topics import check_sender
 
 log = logging.getLogger("fedaigc.serve")
-
-MAX_IMAGES_PER_REQUEST = 16
 
 
 @dataclass

@@ -69,7 +69,8 @@ class AggregatorService:
         self.refusals = RefusalCounter()
         self.topics = Topics(c.mqtt_topic_prefix)
         worker = c.aggregator_id + (f"-{c.worker_id}" if c.worker_id else "")
-        self.transport = MqttTransport(c.mqtt(f"fedaigc-{worker}"), self.refusals)
+        enrolled = EnrolledIds(self.store)
+        self.transport = MqttTransport(c.mqtt(f"fedaigc-{worker}"), self.refusals, accept_chunks_from=enrolled)
         self.retained = RetainedGuard(self.transport, self.refusals, c.announce_interval_s)  # our key announcement
         self.telemetry = Telemetry(self.store, self.refusals, worker)
         self.telemetry.wire_bytes = self.transport.wire_bytes
@@ -94,7 +95,6 @@ class AggregatorService:
                                 self.telemetry, self.is_leader)
         self.updates = UpdateIntake(c, self.verifier, self.identity, self.store, self.membership, self.rounds,
                                     self.downlink, self.outbox, self.telemetry, self.refusals, self.follow)
-        enrolled = EnrolledIds(self.store)
         self.enrolment = EnrolmentIntake(self.verifier, self.identity, self.store, self.rounds, self.outbox,
                                          self.telemetry, enrolled, self.model_digest)
         self.status = StatusIntake(self.verifier, self.identity, self.store, self.rounds, self.downlink, self.outbox,
@@ -142,8 +142,9 @@ class AggregatorService:
             self.topics.rollout_report_all: lambda topic, data: record_report(
                 self.store, *read_report(self.verifier, self.identity, self.store, topic, data)),
         }
+        chunked = {shared(self.topics.update_all), shared(self.topics.generate_all)}  # the uplinks larger than a frame
         for topic_filter, handler in routes.items():
-            self.inbox.route(self.transport, topic_filter, handler)
+            self.inbox.route(self.transport, topic_filter, handler, chunked=topic_filter in chunked)
         announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, self.topics.aggregator_keys,
                       self.model_digest, lora_to_dict(c.lora), guard=self.retained)
         if c.metrics_port is not None:

@@ -80,7 +80,7 @@ class _Fetch:
     def __init__(self, name: str, sha256: str, size: int, dest: Path, aggregator_id: str, verify_key: bytes) -> None:
         self.name, self.sha256, self.size, self.dest = name, sha256, size, dest
         self.aggregator_id, self.verify_key = aggregator_id, verify_key
-        self.reassembler = Reassembler(max_message_bytes=max(1, size), max_pending=4)
+        self.reassembler = Reassembler(max_message_bytes=max(1, size))
         self.done = threading.Event()
         self.blob: bytes | None = None  # the verified file; the agent's thread writes it, not paho's
         self.error: RefusedMessage | None = None

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from edge_sdk.client import SHARED, EdgeClient, LocalData
+from edge_sdk.downlink_budget import downlink_budget
 from edge_sdk.protocol.codecs import ErrorFeedback, decode_payload, make_codec
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage, RequestRefused
@@ -69,7 +70,8 @@ class FederatedSession:
         self.refusals = RefusalCounter()
         self.topics = Topics(mqtt.topic_prefix)
         self.mqtt = MqttConfig(**{**mqtt.__dict__, "client_id": f"fedaigc-{client.device_id}",
-                                  "will_topic": self.topics.status(client.device_id)})
+                                  "will_topic": self.topics.status(client.device_id),
+                                  "max_reassembly_bytes": mqtt.max_reassembly_bytes or downlink_budget(client)})
         self.transport = MqttTransport(self.mqtt, self.refusals)
         self.writer = EnvelopeWriter(client.identity, client.device_id)
         self.verifier: EnvelopeVerifier | None = None
@@ -101,7 +103,7 @@ class FederatedSession:
         self._worker.start()
         # handlers before the connection: what the broker kept for our session while we were away
         # (a round start, an ack) arrives right after CONNACK and would find no handler otherwise
-        self.transport.subscribe(self.topics.down(self.client.device_id), self._on_down)
+        self.transport.subscribe(self.topics.down(self.client.device_id), self._on_down, chunked=True)
         self.transport.subscribe(self.topics.aggregator_keys, self._on_keys)
         self.rollout.start()
         self.transport.connect(timeout)

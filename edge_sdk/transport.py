@@ -1,7 +1,10 @@
 """A thin MQTT transport over paho-mqtt 2.x (callback API v2).
 
 What it adds to paho, and nothing more: chunking of payloads above the broker's packet
-limit (read from the v5 CONNACK when the broker states one), reassembly per topic,
+limit (read from the v5 CONNACK when the broker states one), bounded reassembly on the
+subscriptions that take chunked messages (``subscribe(..., chunked=True)``: chunk frames
+anywhere else are refused as ``wrong_type``; the sender is the device id the topic ends with,
+and ``accept_chunks_from`` may refuse it; limits in ``edge_sdk.protocol.chunking``),
 per-topic byte counters at the MQTT payload level, re-subscription on reconnect, and a
 fallback from MQTT v5 to 3.1.1 for brokers that only speak the older protocol (the
 embedded amqtt broker): v5-only extras (message expiry, session expiry, user
@@ -29,9 +32,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_sdk.protocol.chunking import Reassembler, is_chunk, split_payload, wire_size
-from edge_sdk.protocol.errors import RefusalCounter, RefusedMessage
-from edge_sdk.protocol.topics import DEFAULT_PREFIX, Topics, check_prefix
+from edge_sdk.protocol.chunking import DEFAULT_TIMEOUT_S, Reassembler, is_chunk, split_payload, wire_size
+from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
+from edge_sdk.protocol.topics import DEFAULT_PREFIX, Topics, check_prefix, device_of
 
 log = logging.getLogger("fedaigc.transport")
 
@@ -61,6 +64,8 @@ class MqttConfig:
     reconnect_min_s: int = 1
     reconnect_max_s: int = 30
     max_message_bytes: int = 256 * 1024 * 1024
+    max_reassembly_bytes: int | None = None  # all partial chunked messages together; None: 4 x max_message_bytes
+    reassembly_timeout_s: float = DEFAULT_TIMEOUT_S  # a partial message with no new chunk this long is dropped
     topic_prefix: str = DEFAULT_PREFIX  # the fleet's topics lie under {topic_prefix}/v1 (edge_sdk.protocol.topics)
 
     def __post_init__(self) -> None:
@@ -94,7 +99,10 @@ class MqttConfig:
 
 
 class MqttTransport:
-    def __init__(self, config: MqttConfig, refusals: RefusalCounter | None = None) -> None:
+    def __init__(self, config: MqttConfig, refusals: RefusalCounter | None = None,
+                 accept_chunks_from: Callable[[str], bool] | None = None) -> None:
+        """``accept_chunks_from(sender)``: whether chunks from that device id are reassembled at all (it runs
+        on paho's thread at a message's first frame, so it must be quick)."""
         self.config = config
         self.topics = Topics(config.topic_prefix)
         self.refusals = refusals or RefusalCounter()
@@ -103,8 +111,12 @@ class MqttTransport:
         self.bytes_in: Counter[str] = Counter()
         self.protocol: int | None = None
         self.broker_max_packet: int | None = None
-        self._handlers: list[tuple[str, Handler, int]] = []
-        self._reassembler = Reassembler(max_message_bytes=config.max_message_bytes)
+        self._handlers: list[tuple[str, Handler, int, bool]] = []
+        self.reassembler = Reassembler(max_message_bytes=config.max_message_bytes, budget=config.max_reassembly_bytes,
+                                       timeout_s=config.reassembly_timeout_s, accept=accept_chunks_from,
+                                       refusals=self.refusals)
+        self._sweeper: threading.Thread | None = None
+        self._closed = threading.Event()
         self._lock = threading.Lock()
         self._client: mqtt.Client | None = None
         self._closing = False
@@ -184,6 +196,9 @@ class MqttTransport:
 
     def close(self) -> None:
         self._closing = True
+        self._closed.set()
+        if self._sweeper is not None:
+            self._sweeper.join()
         if self._client is not None:
             if self.config.will_topic and self.connected.is_set():
                 # a clean exit still tells the fleet we are gone (the will only fires on a lost link)
@@ -219,7 +234,7 @@ class MqttTransport:
             self.broker_max_packet = int(properties.MaximumPacketSize)
         with self._lock:
             handlers = list(self._handlers)
-        for topic, _, qos in handlers:
+        for topic, _, qos, _ in handlers:
             client.subscribe(topic, **self._sub_kwargs(qos))
         self.connected.set()
         log.info("connected to %s (session present: %s)", self.config.url, getattr(flags, "session_present", None))
@@ -237,15 +252,20 @@ class MqttTransport:
         topic, payload = message.topic, bytes(message.payload)
         with self._lock:
             self.bytes_in[topic] += len(payload)
-            handlers = [h for f, h, _ in self._handlers if mqtt.topic_matches_sub(_strip_share(f), topic)]
-        try:
-            if is_chunk(payload):
-                payload = self._reassembler.feed(topic, payload)
-                if payload is None:
-                    return
-        except RefusedMessage as e:
-            self.refusals.record(e, topic)
-            return
+            matching = [(h, chunked) for f, h, _, chunked in self._handlers
+                        if mqtt.topic_matches_sub(_strip_share(f), topic)]
+        handlers = [h for h, _ in matching]
+        if is_chunk(payload):
+            handlers = [h for h, chunked in matching if chunked]
+            try:
+                if not handlers:
+                    raise RefusedMessage(Refusal.WRONG_TYPE, "a chunk frame where no chunked message is expected")
+                payload = self.reassembler.feed(device_of(topic), payload, topic)
+            except RefusedMessage as e:
+                self.refusals.record(e, topic)
+                return
+            if payload is None:
+                return
         for handler in handlers:
             try:
                 handler(topic, payload)
@@ -255,11 +275,16 @@ class MqttTransport:
                 log.exception("handler for %s failed", topic)
 
     # ------------------------------------------------------------ API
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, chunked: bool = False) -> None:
+        """Call ``handler(topic, payload)`` for every message on ``topic_filter``. ``chunked``: the filter's
+        messages may be larger than a frame, so chunk frames on it are reassembled rather than refused."""
         if topic_filter.startswith("$share/") and self.protocol not in (None, mqtt.MQTTv5):
             raise RuntimeError("shared subscriptions need MQTT v5; this broker only speaks 3.1.1")
         with self._lock:
-            self._handlers.append((topic_filter, handler, qos))
+            self._handlers.append((topic_filter, handler, qos, chunked))
+            if chunked and self._sweeper is None:
+                self._sweeper = threading.Thread(target=self._sweep, name="fedaigc-reassembly", daemon=True)
+                self._sweeper.start()
         if self._client is not None and self.connected.is_set():
             self._client.subscribe(topic_filter, **self._sub_kwargs(qos))
 
@@ -269,6 +294,12 @@ class MqttTransport:
             self._handlers = [h for h in self._handlers if h[0] != topic_filter]
         if self._client is not None and self.connected.is_set():
             self._client.unsubscribe(topic_filter)
+
+    def _sweep(self) -> None:
+        """Expire partial messages even when no frame arrives to do it (a flood that just stops)."""
+        period = min(5.0, self.config.reassembly_timeout_s / 4)
+        while not self._closed.wait(period):
+            self.reassembler.expire()
 
     def _sub_kwargs(self, qos: int) -> dict:
         if self.v5:

@@ -61,7 +61,7 @@ def test_a_twenty_megabyte_payload_arrives_intact_in_chunks(mqtt_url):
     payload = os.urandom(20 * 1024 * 1024)
     with MqttTransport(MqttConfig(url=mqtt_url, max_frame=1024 * 1024)) as sub, \
             MqttTransport(MqttConfig(url=mqtt_url, max_frame=1024 * 1024)) as pub:
-        sub.subscribe(t, inbox)
+        sub.subscribe(t, inbox, chunked=True)
         time.sleep(0.3)
         infos = pub.publish(t, payload)
         assert len(infos) == 21  # 20 MiB in 1 MiB frames with a 60-byte header each
@@ -117,7 +117,7 @@ def test_malformed_chunks_are_counted_not_raised(mqtt_url):
     t = topic("junk")
     inbox = Inbox()
     with MqttTransport(MqttConfig(url=mqtt_url)) as sub, MqttTransport(MqttConfig(url=mqtt_url)) as pub:
-        sub.subscribe(t, inbox)
+        sub.subscribe(t, inbox, chunked=True)
         time.sleep(0.3)
         pub._client.publish(t, b"FCK1" + b"\x00" * 10, qos=1)
         pub.publish(t, b"\x95after")

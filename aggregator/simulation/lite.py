@@ -87,7 +87,7 @@ class LiteDevice:
 
     def start(self, timeout: float = 10) -> "LiteDevice":
         self.transport.subscribe(self.topics.aggregator_keys, self._on_keys)  # before connecting: see session.start
-        self.transport.subscribe(self.topics.down(self.id), self._on_down)
+        self.transport.subscribe(self.topics.down(self.id), self._on_down, chunked=True)
         self.transport.connect()
         deadline = time.monotonic() + timeout
         while (self.aggregator is None or (self.model or self.fleet_model) is None) and time.monotonic() < deadline:

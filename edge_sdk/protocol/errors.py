@@ -31,6 +31,7 @@ class Refusal(str, Enum):
     BAD_TENSORS = "bad_tensors"        # wrong tensor names, shapes or dtypes
     BAD_TOKEN = "bad_token"            # enrolment token unknown or revoked
     CHECKSUM = "checksum"              # reassembled chunks do not match their checksum
+    INCOMPLETE = "incomplete"          # a chunked message whose remaining chunks stopped coming (expired)
     POISONED = "poisoned"              # update rejected by the robust aggregation screen
     QUARANTINED = "quarantined"        # accepted update set aside because aggregating it failed
     UNAVAILABLE = "unavailable"        # receiver cannot take it now (e.g. state store unwritable)

@@ -177,6 +177,9 @@ class UpdateAck(Body):
     reason: str
 
 
+MAX_IMAGES_PER_REQUEST = 16  # GenerateRequest.n: also what sizes a device's largest downlink message
+
+
 @dataclass(frozen=True)
 class GenerateRequest(Body):
     kind: ClassVar[str] = "generate_request"

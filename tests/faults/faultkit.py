@@ -98,7 +98,7 @@ class FaultDevice(LiteDevice):
         self.transport = MqttTransport(MqttConfig(url=self.mqtt_url, client_id=f"fedaigc-{self.id}",
                                                   topic_prefix=self.topics.prefix))
         self.transport.subscribe(self.topics.aggregator_keys, self._on_keys)
-        self.transport.subscribe(self.topics.down(self.id), self._on_down)
+        self.transport.subscribe(self.topics.down(self.id), self._on_down, chunked=True)
         self.transport.connect()
 
     def rewrite(self) -> None:
