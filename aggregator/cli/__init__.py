@@ -10,9 +10,24 @@ from __future__ import annotations
 import argparse
 import logging
 
-from aggregator.cli import adapters, bench, broker, daemon, demo, export, pretrain, rollout, status, train_central
+from aggregator.cli import (
+    adapters,
+    bench,
+    broker,
+    daemon,
+    demo,
+    export,
+    pretrain,
+    provision,
+    revoke,
+    rollout,
+    rotate_key,
+    status,
+    train_central,
+)
 
-COMMANDS = (demo, daemon, status, broker, rollout, export, adapters, bench, pretrain, train_central)
+COMMANDS = (demo, daemon, status, provision, revoke, rotate_key, broker, rollout, export, adapters, bench, pretrain,
+            train_central)
 QUIET_LOGGERS = ("amqtt", "transitions", "torchao", "httpx")
 
 
