@@ -65,7 +65,7 @@ class KeyRing:
         try:
             return attempt(self.current)
         except RefusedMessage:
-            if self.previous is not None and time.time() > self.previous_until:
+            if self.previous is not None and time.time() >= self.previous_until:
                 self._retire_previous()
             if self.previous is None:
                 raise
@@ -79,22 +79,24 @@ class KeyRing:
     # ------------------------------------------------------------ rotation
     def refresh(self) -> bool:
         """Load what ``rotate_key`` recorded since the last call; True if the keys changed."""
-        record = self.store.get(ROTATION_KEY)
-        if record is None or record["generation"] == self._generation:
+        record = self.store.get(ROTATION_KEY) or {"generation": 0, "chain": [], "previous_until": 0.0}
+        if record["generation"] == self._generation:
             return False
-        changed = self._generation is not None
+        changed = self._generation is not None  # the first call, from __init__, only loads
         self._generation = record["generation"]
         self.current = Identity.load(self.path)
         self.handovers = [[bytes.fromhex(x) for x in step] for step in record["chain"]]
         self.previous_until = float(record["previous_until"])
         previous = _previous_path(self.path)
-        self.previous = Identity.load(previous) if previous.exists() and time.time() < self.previous_until else None
+        self.previous = Identity.load(previous) if previous.exists() else None
+        if self.previous is not None and time.time() >= self.previous_until:
+            self._retire_previous()
         if changed:
             log.info("aggregator key rotated to %s", self.public.fingerprint)
         return changed
 
 
-def rotate_key(path: Path, store, aggregator_id: str, grace_s: float = DEFAULT_GRACE_S) -> tuple[str, str]:
+def rotate_key(path: Path, store, grace_s: float = DEFAULT_GRACE_S) -> tuple[str, str]:
     """A new key for the aggregator whose key lives at ``path``, handed over from the current one.
 
     Returns the (old, new) fingerprints. The retired private key is kept (0600) beside the new
@@ -105,7 +107,7 @@ def rotate_key(path: Path, store, aggregator_id: str, grace_s: float = DEFAULT_G
     old = Identity.load_or_generate(path)
     new = Identity.generate()
     record = store.get(ROTATION_KEY) or {"generation": 0, "chain": []}
-    step = [x.hex() for x in sign_handover(old, aggregator_id, new.public)]
+    step = [x.hex() for x in sign_handover(old, new.public)]
     old.save(_previous_path(path))
     new.save(path)  # before the record: a daemon that sees the record must find the new key
     store.put(ROTATION_KEY, {"generation": record["generation"] + 1, "chain": (record["chain"] + [step])[-MAX_CHAIN:],

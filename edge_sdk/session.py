@@ -184,7 +184,7 @@ class FederatedSession:
         pin = known.fingerprint if known is not None else self.client.config.aggregator_fingerprint
         if pin is not None and keys.fingerprint != pin:
             chain = body.chain if isinstance(body, KeyHandover) else []
-            if not hands_over(chain, body.aggregator_id, keys, pin):
+            if not hands_over(chain, keys, pin):
                 raise RefusedMessage(Refusal.UNTRUSTED_KEY, f"aggregator keys {keys.fingerprint} are not the pinned "
                                                             f"{pin} and not handed over from them; not trusting them")
             log.info("%s: following the aggregator's hand-over from %s to %s", self.client.device_id, pin,

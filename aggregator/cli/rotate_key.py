@@ -31,9 +31,10 @@ def run(args: argparse.Namespace) -> int:
         store.close()
         return 2
     try:
-        old, new = rotate_key(key_path(config.state_dir, config.role), store, config.aggregator_id,
+        old, new = rotate_key(key_path(config.state_dir, config.role), store,
                               DEFAULT_GRACE_S if args.grace_s is None else args.grace_s)
     finally:
         store.close()
-    print(f"aggregator {config.aggregator_id}: key {old} handed over to {new}", file=sys.stderr)
+    print(f"aggregator key {old} handed over to {new}; a running daemon announces it within a second",
+          file=sys.stderr)
     return 0

@@ -1,7 +1,7 @@
 """Key hand-over: a retiring aggregator key signs its successor, so devices pinned to it can follow.
 
 A rotation appends one step to the chain the aggregator announces with its keys: the retired
-public keys and their Ed25519 signature over (aggregator id, next verify key, next box key).
+public keys and their Ed25519 signature over the next verify and box keys.
 A device pinned to any key of the chain verifies every step from there to the announced keys
 and pins those; a chain that does not contain its pin, or a step whose signature fails, hands
 nothing over. The chain is bounded (``MAX_CHAIN``): a device offline across more rotations than
@@ -19,14 +19,14 @@ DOMAIN = "fedaigc-key-handover/v1"
 MAX_CHAIN = 16
 
 
-def handover_message(aggregator_id: str, successor: PublicIdentity) -> bytes:
-    return msgpack.packb([DOMAIN, aggregator_id, successor.verify_key, successor.box_key], use_bin_type=True)
+def handover_message(successor: PublicIdentity) -> bytes:
+    return msgpack.packb([DOMAIN, successor.verify_key, successor.box_key], use_bin_type=True)
 
 
-def sign_handover(retiring: Identity, aggregator_id: str, successor: PublicIdentity) -> list:
+def sign_handover(retiring: Identity, successor: PublicIdentity) -> list:
     """One chain step: the retiring keys, vouching for ``successor``."""
     pub = retiring.public
-    return [pub.verify_key, pub.box_key, retiring.sign(handover_message(aggregator_id, successor))]
+    return [pub.verify_key, pub.box_key, retiring.sign(handover_message(successor))]
 
 
 def check_chain(chain: list) -> None:
@@ -39,7 +39,7 @@ def check_chain(chain: list) -> None:
             raise RefusedMessage(Refusal.MALFORMED, "a hand-over step is [verify key, box key, signature]")
 
 
-def hands_over(chain: list, aggregator_id: str, announced: PublicIdentity, pinned: str) -> bool:
+def hands_over(chain: list, announced: PublicIdentity, pinned: str) -> bool:
     """Whether ``chain`` leads from the keys with fingerprint ``pinned`` to ``announced``.
 
     False when the pin is not in the chain; a step from the pin on whose signature fails is a
@@ -52,7 +52,7 @@ def hands_over(chain: list, aggregator_id: str, announced: PublicIdentity, pinne
     successors = keys[1:] + [announced]
     for i in range(starts[-1], len(chain)):
         try:
-            verify_signature(chain[i][0], handover_message(aggregator_id, successors[i]), chain[i][2])
+            verify_signature(chain[i][0], handover_message(successors[i]), chain[i][2])
         except RefusedMessage:
             raise RefusedMessage(Refusal.BAD_SIGNATURE, f"the hand-over from {keys[i].fingerprint} to "
                                                         f"{successors[i].fingerprint} is not signed by it") from None
