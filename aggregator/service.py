@@ -56,9 +56,9 @@ TICK_S = 0.5  # time-driven work (deadlines, the enrolment window, a silent clou
 class AggregatorService:
     def __init__(self, config: AggregatorConfig, store: StateStore | None = None) -> None:
         self.config = c = config
-        self.store = store or open_store(c.store_url)
         try:
             Path(c.state_dir).mkdir(parents=True, exist_ok=True)
+            self.store = store or open_store(c.store_url)
             self.identity = KeyRing(key_path(c.state_dir), self.store)
         except OSError as e:
             raise StateUnavailable(f"state directory {c.state_dir} is not usable: {e}") from e
