@@ -230,7 +230,8 @@ def test_a_revoked_device_is_refused_from_its_next_update_by_the_running_daemon(
 # ---------------------------------------------------------------------------------------------- rotate
 def test_after_rotate_key_a_pinned_device_follows_the_handover_and_trains_the_next_round(tmp_path, daemon):
     old = daemon.identity.public
-    session = session_of(bundle_for(daemon, "follower", tmp_path), tmp_path).start()
+    bundle = bundle_for(daemon, "follower", tmp_path)
+    session = session_of(bundle, tmp_path).start()
     try:
         assert session.enrolled.wait(30)
         assert main(["rotate-key", "--state-dir", str(daemon.config.state_dir),
@@ -243,6 +244,8 @@ def test_after_rotate_key_a_pinned_device_follows_the_handover_and_trains_the_ne
         assert session.refusals.counts() == {}
         pinned = json.loads((session.client.data_dir / "session.json").read_text())["aggregator"]
         assert bytes.fromhex(pinned[0]) == daemon.identity.public.verify_key != old.verify_key
+        restarted = session_of(bundle, tmp_path)  # the app restarts with the same, older bundle
+        assert restarted.client.aggregator == daemon.identity.public
         later = provision_device(daemon.store, daemon.identity, daemon.config, "later")
         assert later.aggregator_fingerprint == daemon.identity.public.fingerprint != old.fingerprint
     finally:
