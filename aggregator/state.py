@@ -456,6 +456,7 @@ class SqliteStore(StateStore):
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA secure_delete=ON")  # what is deleted (clear tokens migrated away) is zeroed
             for suffix in ("", "-wal", "-shm"):
                 private(Path(f"{self.path}{suffix}"))
         except (sqlite3.OperationalError, OSError) as e:

@@ -167,6 +167,27 @@ def test_stored_tokens_are_digests_not_the_tokens(tmp_path, mqtt_url):
         token_digest(device.token)
 
 
+def test_a_store_from_before_hashing_keeps_its_tokens_as_digests_only(tmp_path):
+    db = tmp_path / "state.db"
+    old = sqlite3.connect(db)
+    old.execute("CREATE TABLE tokens (token TEXT PRIMARY KEY, label TEXT NOT NULL, revoked INTEGER NOT NULL DEFAULT 0)")
+    old.execute("CREATE TABLE devices (device_id TEXT PRIMARY KEY, verify_key BLOB NOT NULL, box_key BLOB NOT NULL, "
+                "profile TEXT NOT NULL, token TEXT NOT NULL, enrolled_at DOUBLE PRECISION NOT NULL, "
+                "revoked INTEGER NOT NULL DEFAULT 0)")
+    old.execute("INSERT INTO tokens (token, label) VALUES ('clear-fleet-token', 'config')")
+    old.execute("INSERT INTO devices VALUES ('d1', ?, ?, 'pi', 'clear-fleet-token', 0, 0)", (b"v" * 32, b"b" * 32))
+    old.commit()
+    old.close()
+    store = open_store(str(db))
+    assert store.token_valid("clear-fleet-token") and store.device("d1").token == token_digest("clear-fleet-token")
+    store.revoke_token("clear-fleet-token")  # still revokes the devices it enrolled
+    assert store.device("d1").revoked
+    store.close()
+    tables = {name for (name,) in sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "tokens" not in tables
+    assert b"clear-fleet-token" not in b"".join(p.read_bytes() for p in tmp_path.glob("state.db*"))
+
+
 def test_a_token_dropped_from_the_config_is_revoked_with_the_devices_it_enrolled(tmp_path):
     store = open_store(str(tmp_path / "state.db"))
     store.sync_config_tokens(["old", "kept"])
