@@ -12,6 +12,7 @@ import sqlite3
 import stat
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.cli import main
+from aggregator.config import AggregatorConfig
 from aggregator.keyring import KeyRing, rotate_key
 from aggregator.provisioning import provision_device
 from aggregator.simulation.lite import LiteDevice
@@ -144,6 +146,36 @@ def test_a_token_enrols_only_its_own_device_and_only_once(tmp_path, daemon):
     finally:
         for d in devices:
             d.stop()
+
+
+def test_a_bundle_lost_before_use_is_voided_by_revoking_its_token(tmp_path):
+    state = tmp_path / "agg"
+    bundle = tmp_path / "lost.json"
+    assert main(["provision", "lost", "--out", str(bundle), "--state-dir", str(state)]) == 0
+    assert main(["revoke", "--token-of", "lost", "--state-dir", str(state)]) == 0
+    store = open_store(str(state / "state.db"))
+    with pytest.raises(RefusedMessage) as refused:
+        store.enrol("lost", b"v" * 32, b"b" * 32, "pi", ProvisioningBundle.load(bundle).token)
+    assert refused.value.reason == Refusal.BAD_TOKEN and store.device("lost") is None
+
+
+def test_a_tls_bundle_carries_the_ca_and_the_device_account_but_not_the_aggregators(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    config = AggregatorConfig(mqtt_url="mqtts://aggregator:its-password@broker.example:8883", mqtt_tls_ca=str(ca),
+                              state_dir=tmp_path / "agg")
+    store, identity = open_store(str(tmp_path / "state.db")), Identity.generate()
+    creds = provision_device(store, identity, config, "tls-dev", mqtt_username="tls-dev", mqtt_password="pw")
+    creds.save(tmp_path / "b.json")
+    bundle = ProvisioningBundle.load(tmp_path / "b.json")
+    assert bundle.broker_url == "mqtts://broker.example:8883"
+    assert "its-password" not in (tmp_path / "b.json").read_text()
+    mqtt = bundle.mqtt_config(tmp_path / "device")
+    assert (mqtt.url, mqtt.credentials(), mqtt.tls) == ("mqtts://broker.example:8883", ("tls-dev", "pw"), True)
+    assert Path(mqtt.tls_ca).read_text() == ca.read_text() and modes(Path(mqtt.tls_ca)) == {"broker-ca.pem": 0o600}
+    device = bundle.device_config(tmp_path / "device", profile="simulator")
+    assert (device.device_id, device.enrolment_token, device.aggregator_fingerprint) == (
+        "tls-dev", creds.token, identity.public.fingerprint)
 
 
 def test_stored_tokens_are_digests_not_the_tokens(tmp_path, mqtt_url):
