@@ -63,7 +63,9 @@ class AggregatorConfig:
     state_dir: Path = _setting(Path("fedaigc-state"), "Holds the aggregator's key and the default SQLite store.")
     state_url: str | None = _setting(None, "The state store: default SQLite under `state_dir`, or "
                                            "`postgresql://...` for scale-out workers.")
-    tokens: tuple[str, ...] = _setting(("fedaigc-demo-token",), "Enrolment tokens a device may present.")
+    tokens: tuple[str, ...] = _setting((), "Fleet-wide enrolment tokens for simulations and tests (devices are "
+                                           "provisioned one by one: `fedaigc provision`); a token removed from this "
+                                           "list is revoked at start, with the devices it enrolled.")
     shared_group: str | None = _setting(None, "MQTT v5 shared-subscription group: several workers share the uplink.")
     worker_id: str | None = _setting(None, "One per worker of a shared group (its MQTT session); a replacement "
                                            "reuses it.")
@@ -127,8 +129,12 @@ class AggregatorConfig:
     metrics_addr: str = _setting("127.0.0.1", "Bind address of `/metrics` (`0.0.0.0` exposes it).")
     # two tiers
     cloud_url: str | None = _setting(None, "`edge`: the cloud aggregator's broker.")
-    cloud_token: str = _setting("fedaigc-demo-token", "`edge`: the token this edge enrols at the cloud with.")
-    cloud_fingerprint: str | None = _setting(None, "`edge`: pin the cloud's keys (printed when it starts).")
+    cloud_token: str = _setting("", "`edge`: the token this edge enrols at the cloud with (from the cloud's "
+                                    "`fedaigc provision EDGE_ID` bundle).")
+    cloud_fingerprint: str | None = _setting(None, "`edge`: pin the cloud's keys (the bundle's fingerprint, or the "
+                                                   "one the cloud prints when it starts).")
+    cloud_trust_on_first_use: bool = _setting(False, "`edge`: without `cloud_fingerprint`, trust the first cloud "
+                                                     "key seen (an explicit opt-in; refused otherwise).")
     cloud_timeout_s: float = _setting(60.0, "`edge`: then interact locally if the cloud has not answered.",
                                 "> 0")
     cloud_codec: str = _setting("fp32", "`edge`: codec of the cluster adapters sent to the cloud.")

@@ -6,19 +6,21 @@ tiers announce and admit through these functions, each over its own transport an
 
 from __future__ import annotations
 
+from aggregator.keyring import KeyRing
 from aggregator.retained import RetainedGuard
 from edge_sdk.protocol.envelope import Envelope, EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.protocol.errors import Refusal, RefusedMessage
 from edge_sdk.protocol.identity import Identity
-from edge_sdk.protocol.messages import AggregatorKeys, Enrol, read_signed_keys
+from edge_sdk.protocol.messages import AggregatorKeys, Enrol, KeyHandover, read_signed_keys
 from edge_sdk.transport import MqttTransport
 
 
-def announce_keys(transport: MqttTransport, writer: EnvelopeWriter, identity: Identity, aggregator_id: str,
+def announce_keys(transport: MqttTransport, writer: EnvelopeWriter, identity: Identity | KeyRing, aggregator_id: str,
                   topic: str, model: str, lora: dict, timeout: float = 30.0,
                   guard: RetainedGuard | None = None) -> None:
     """Publish the signed key announcement, with the fleet's model identity (``model`` digest, ``lora``
-    config), retained, and return only once the broker holds it.
+    config), retained, and return only once the broker holds it. A key ring that was rotated
+    announces its hand-over chain with the keys (``KeyHandover``), so pinned devices can follow.
 
     A broker keeps the retained announcement of whichever aggregator last ran on this topic.
     Until ours is acknowledged, a device that subscribes gets that stale key, seals its
@@ -26,8 +28,14 @@ def announce_keys(transport: MqttTransport, writer: EnvelopeWriter, identity: Id
     A ``guard`` keeps the announcement there: another announcement of the same keys is as good as ours.
     """
     pub = identity.public
-    body = AggregatorKeys(aggregator_id, pub.verify_key, pub.box_key, model, dict(lora)).encode()
-    message = writer.build(MessageType.AGGREGATOR_KEYS, body)
+    chain = identity.handovers if isinstance(identity, KeyRing) else []
+    if chain:
+        mtype = MessageType.KEY_HANDOVER
+        body = KeyHandover(aggregator_id, pub.verify_key, pub.box_key, model, dict(lora), chain).encode()
+    else:
+        mtype, body = MessageType.AGGREGATOR_KEYS, AggregatorKeys(aggregator_id, pub.verify_key, pub.box_key, model,
+                                                                  dict(lora)).encode()
+    message = writer.build(mtype, body)
     infos = transport.publish(topic, message, retain=True) if guard is None else \
         guard.publish(topic, message, same=same_keys)
     if not transport.wait_published(infos, timeout):
@@ -44,11 +52,12 @@ def same_keys(held: bytes, delivered: bytes) -> bool:
 
 
 def verify_key_of(store, sender: str, kind: str = "device") -> bytes:
-    """The key an enrolled, unrevoked sender signs with; a refusal otherwise."""
+    """The key an enrolled, unrevoked sender signs with; a refusal otherwise. Read from the store for
+    every message, so a revocation (``fedaigc revoke``, a token dropped from the config) holds at once."""
     rec = store.device(sender)
     if rec is None:
         raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"{kind} {sender} is not enrolled")
-    if rec.revoked or not store.token_valid(rec.token):
+    if rec.revoked:
         raise RefusedMessage(Refusal.REVOKED, f"{kind} {sender}'s enrolment was revoked")
     return rec.verify_key
 
@@ -61,15 +70,12 @@ def open_enrolment(identity: Identity, verifier: EnvelopeVerifier, env: Envelope
 
 
 def admit(store, env: Envelope, body: Enrol, model: str, kind: str = "device") -> None:
-    """Admit an opened enrolment: the fleet's model, a valid token, then the keys recorded.
+    """Admit an opened enrolment: the fleet's model, then the token and keys (``StateStore.enrol``).
 
-    Enrolling again with the same keys is idempotent; another sender claiming an enrolled id
-    with different keys is refused.
+    A provisioned token enrols its own id once; enrolling again with the same keys is
+    idempotent (a lost acknowledgement); another id or other keys are refused ``bad_token``.
     """
     if body.model != model:
         raise RefusedMessage(Refusal.MODEL_MISMATCH, f"model mismatch: fleet runs {model[:16]}, "
                                                      f"{kind} {env.sender} has {body.model[:16]}")
-    if not store.token_valid(body.token):
-        raise RefusedMessage(Refusal.BAD_TOKEN, f"{kind} {env.sender} presented an unknown or revoked token")
-    if not store.enrol(env.sender, body.verify_key, body.box_key, body.profile, body.token):
-        raise RefusedMessage(Refusal.UNKNOWN_SENDER, f"{kind} id {env.sender} is enrolled with other keys")
+    store.enrol(env.sender, body.verify_key, body.box_key, body.profile, body.token)

@@ -12,8 +12,8 @@ If the cloud does not answer within ``cloud_timeout_s`` the edge carries on with
 interaction only (logged); rounds never stall on the wide-area link.
 
 The link is the device protocol one level up: the cloud publishes signed keys (retained),
-an edge enrols with a token, reports are Box-encrypted and signed envelopes, replays and
-unknown senders are refused the same way.
+an edge pinned to their fingerprint enrols with a token the cloud provisioned for it, reports
+are Box-encrypted and signed envelopes, replays and unknown senders are refused the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from aggregator.enrolment import admit, announce_keys, open_enrolment, verify_ke
 from aggregator.inbox import Inbox
 from aggregator.interaction import Spread, interact
 from aggregator.enrolled import EnrolledIds
+from aggregator.keyring import key_path
 from aggregator.state import open_store
 from edge_sdk.artifacts.manifest import model_digest, part_digests
 from edge_sdk.protocol.codecs import decode_payload, make_codec
@@ -75,7 +76,13 @@ class CloudLink:
 
     def __init__(self, edge_id: str, identity: Identity, url: str, token: str, fingerprint: str | None,
                  codec: str, shapes: Mapping[str, tuple[int, ...]], deliver: Callable[[int, dict[int, Adapter]], None],
-                 refusals: RefusalCounter, model: str, topic_prefix: str = DEFAULT_PREFIX) -> None:
+                 refusals: RefusalCounter, model: str, topic_prefix: str = DEFAULT_PREFIX,
+                 trust_on_first_use: bool = False) -> None:
+        if fingerprint is None and not trust_on_first_use:
+            raise ValueError(f"edge {edge_id} has no cloud_fingerprint to pin the cloud's keys by: set "
+                             "cloud_fingerprint (from `fedaigc provision` at the cloud, or the fingerprint it prints), "
+                             "or opt into "
+                             "cloud_trust_on_first_use = true")
         self.edge_id, self.identity, self.token, self.fingerprint = edge_id, identity, token, fingerprint
         self.model = model  # the edge fleet's base model: the cloud must mix adapters of the same one
         self.codec, self.shapes, self.deliver, self.refusals = codec, dict(shapes), deliver, refusals
@@ -104,9 +111,9 @@ class CloudLink:
         body = read_signed_keys(data)
         keys = PublicIdentity(body.verify_key, body.box_key)
         if self.fingerprint is not None and keys.fingerprint != self.fingerprint:
-            raise RefusedMessage(Refusal.BAD_SIGNATURE, f"cloud keys {keys.fingerprint} are not the pinned ones")
+            raise RefusedMessage(Refusal.UNTRUSTED_KEY, f"cloud keys {keys.fingerprint} are not the pinned ones")
         if self.cloud is not None and keys != self.cloud:
-            raise RefusedMessage(Refusal.BAD_SIGNATURE, "cloud keys changed; restart the edge to trust new ones")
+            raise RefusedMessage(Refusal.UNTRUSTED_KEY, "cloud keys changed; restart the edge to trust new ones")
         if body.model != self.model:
             raise RefusedMessage(Refusal.MODEL_MISMATCH, f"model mismatch: the cloud runs {body.model[:16]}, "
                                                          f"this edge's fleet {self.model[:16]}; not enrolling")
@@ -167,7 +174,7 @@ class CloudAggregator:
         self.config = config
         Path(config.state_dir).mkdir(parents=True, exist_ok=True)
         self.store = open_store(config.store_url)
-        self.identity = Identity.load_or_generate(Path(config.state_dir) / "cloud.key")
+        self.identity = Identity.load_or_generate(key_path(config.state_dir, "cloud"))
         backend = load_backend(config.base_model)  # the edges' fleets must run it: the cloud mixes their adapters
         self.model = model_digest(part_digests(backend))
         self.shapes = shapes_of(draw_adapter(backend.denoiser, config.lora, seed=0))
@@ -184,8 +191,7 @@ class CloudAggregator:
         self.inbox = Inbox(self.refusals)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        for token in config.tokens:
-            self.store.add_token(token, "config")
+        self.store.sync_config_tokens(config.tokens)
 
     def start(self) -> "CloudAggregator":
         c = self.config

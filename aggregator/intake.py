@@ -166,7 +166,7 @@ class EnrolmentIntake:
         try:
             admit(self.store, env, body, self.model)
         except RefusedMessage as e:
-            if e.reason in (Refusal.MODEL_MISMATCH, Refusal.BAD_TOKEN):
+            if e.reason in (Refusal.MODEL_MISMATCH, Refusal.BAD_TOKEN, Refusal.REVOKED):
                 self.outbox.refuse_enrolment(env.sender, body.box_key, str(e))
             raise
         self.telemetry.count(0, env.sender, "up", len(data))

@@ -31,6 +31,7 @@ from aggregator.global_model import GlobalModel
 from aggregator.hierarchy import CloudLink
 from aggregator.inbox import Inbox
 from aggregator.intake import EnrolmentIntake, StatusIntake, TaskIntake, UpdateIntake
+from aggregator.keyring import KeyRing, key_path
 from aggregator.membership import Membership
 from aggregator.outbox import Outbox
 from aggregator.policies import make_policy
@@ -45,7 +46,6 @@ from edge_sdk.artifacts.manifest import model_digest, part_digests
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter
 from edge_sdk.protocol.errors import RefusalCounter
-from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.topics import Topics
 from edge_sdk.transport import MqttTransport
 from models.lora import lora_to_dict
@@ -60,12 +60,13 @@ class AggregatorService:
         self.config = c = config
         try:
             Path(c.state_dir).mkdir(parents=True, exist_ok=True)
-            self.identity = Identity.load_or_generate(Path(c.state_dir) / "aggregator.key")
+            self.store = store or open_store(c.store_url)
+            self.identity = KeyRing(key_path(c.state_dir), self.store)
         except OSError as e:
             raise StateUnavailable(f"state directory {c.state_dir} is not usable: {e}") from e
-        self.store = store or open_store(c.store_url)
-        for token in c.tokens:
-            self.store.add_token(token, "config")
+        if revoked := self.store.sync_config_tokens(c.tokens):
+            log.warning("revoked %d config token(s) no longer listed in tokens, and the devices enrolled with them",
+                        revoked)
         self.refusals = RefusalCounter()
         self.topics = Topics(c.mqtt_topic_prefix)
         worker = c.aggregator_id + (f"-{c.worker_id}" if c.worker_id else "")
@@ -87,7 +88,7 @@ class AggregatorService:
             c.aggregator_id, self.identity, c.cloud_url, c.cloud_token, c.cloud_fingerprint, c.cloud_codec,
             {k: tuple(v.shape) for k, v in self.initial.items()},
             lambda rnd, adapters: self.inbox.post(lambda: self.rounds.cloud_mix_arrived(rnd, adapters), "cloud mix"),
-            self.refusals, self.model_digest, c.mqtt_topic_prefix)
+            self.refusals, self.model_digest, c.mqtt_topic_prefix, c.cloud_trust_on_first_use)
         self.rounds = RoundController(c, self.store, self.membership, make_rule(c.rule, c.clip, c.sample_bound), c.lora,
                                       self.global_model, self.initial, self.downlink, self.outbox,
                                       CloudStep(c, link), self.refusals, self.telemetry.persist, self.is_leader)
@@ -145,8 +146,7 @@ class AggregatorService:
         chunked = {shared(self.topics.update_all), shared(self.topics.generate_all)}  # the uplinks larger than a frame
         for topic_filter, handler in routes.items():
             self.inbox.route(self.transport, topic_filter, handler, chunked=topic_filter in chunked)
-        announce_keys(self.transport, self.writer, self.identity, c.aggregator_id, self.topics.aggregator_keys,
-                      self.model_digest, lora_to_dict(c.lora), guard=self.retained)
+        self.announce()
         if c.metrics_port is not None:
             from aggregator.metrics import serve_metrics
 
@@ -159,6 +159,11 @@ class AggregatorService:
         log.info("aggregator %s (%s) up at %s, key fingerprint %s", c.aggregator_id, c.role, c.mqtt_url,
                  self.identity.public.fingerprint)
         return self
+
+    def announce(self) -> None:
+        """The retained key announcement (with the hand-over chain after a rotation)."""
+        announce_keys(self.transport, self.writer, self.identity, self.config.aggregator_id,
+                      self.topics.aggregator_keys, self.model_digest, lora_to_dict(self.config.lora), guard=self.retained)
 
     def stop(self) -> None:
         self._stop.set()
@@ -220,8 +225,10 @@ class AggregatorService:
             self.recover()
 
     def tick(self) -> None:
-        """Time-driven work: the key announcement, a silent cloud, the enrolment window, late joiners,
-        round deadlines."""
+        """Time-driven work: a rotated key, the key announcement, a silent cloud, the enrolment window,
+        late joiners, round deadlines."""
+        if self.identity.refresh():
+            self.announce()
         self.retained.refresh_if_due()
         led = self._leader
         if not self.is_leader():

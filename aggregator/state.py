@@ -16,24 +16,35 @@ Both backends run the same SQL; only the parameter marker differs.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
+import secrets
 import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
+from edge_sdk.protocol.files import private
+
+TOKEN_BYTES = 32  # 256 random bits: a digest without a salt is enough, no dictionary reaches it
+CONFIG_LABEL = "config"
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS devices (
         device_id TEXT PRIMARY KEY, verify_key BLOB NOT NULL, box_key BLOB NOT NULL,
         profile TEXT NOT NULL, token TEXT NOT NULL, enrolled_at DOUBLE PRECISION NOT NULL,
         revoked INTEGER NOT NULL DEFAULT 0)""",
-    """CREATE TABLE IF NOT EXISTS tokens (
-        token TEXT PRIMARY KEY, label TEXT NOT NULL, revoked INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS enrolment_tokens (
+        digest TEXT PRIMARY KEY, label TEXT NOT NULL, device_id TEXT, used INTEGER NOT NULL DEFAULT 0,
+        revoked INTEGER NOT NULL DEFAULT 0, created_at DOUBLE PRECISION NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS tasks (
         device_id TEXT PRIMARY KEY, vector BLOB NOT NULL, received_at DOUBLE PRECISION NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS clusters (
@@ -53,6 +64,11 @@ SCHEMA = [
 ]
 
 
+def token_digest(token: str) -> str:
+    """What the store keeps of a token: its SHA-256 (a stolen database enrols nobody)."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
 class StateUnavailable(RuntimeError):
     """The state store cannot be written (disk full, read-only, permissions): nothing was changed."""
 
@@ -63,7 +79,7 @@ class DeviceRecord:
     verify_key: bytes
     box_key: bytes
     profile: str
-    token: str
+    token: str  # the digest of the token it enrolled with
     revoked: bool
 
 
@@ -132,6 +148,25 @@ class StateStore:
         with self.transaction() as cur:
             for stmt in SCHEMA:
                 cur.execute(stmt)
+            self._hash_clear_tokens(cur)
+
+    def _has_table(self, cur, name: str) -> bool:
+        cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        return cur.fetchone() is not None
+
+    def _hash_clear_tokens(self, cur) -> None:
+        """A store from before tokens were hashed: move its ``tokens`` table into ``enrolment_tokens`` as
+        digests, and replace the clear tokens devices enrolled with by theirs."""
+        if self._has_table(cur, "tokens"):
+            cur.execute("SELECT token, label, revoked FROM tokens")
+            for token, label, revoked in cur.fetchall():
+                self.execute(cur, "INSERT INTO enrolment_tokens (digest, label, revoked, created_at) "
+                                  "VALUES (?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING",
+                             (token_digest(token), label, revoked, time.time()))
+            cur.execute("DROP TABLE tokens")
+        self.execute(cur, "SELECT device_id, token FROM devices WHERE substr(token, 1, 7) <> 'sha256:'")
+        for device_id, token in cur.fetchall():
+            self.execute(cur, "UPDATE devices SET token = ? WHERE device_id = ?", (token_digest(token), device_id))
 
     # -------------------------------------------------------------- key/value
     def get(self, key: str, default=None):
@@ -153,33 +188,108 @@ class StateStore:
         return {k[len(prefix):]: json.loads(v) for k, v in rows}
 
     # -------------------------------------------------------------- tokens & devices
-    def add_token(self, token: str, label: str = "") -> None:
+    def issue_token(self, device_id: str, label: str = "provisioned") -> str:
+        """A new one-time token that enrols ``device_id`` only; returned once, stored as its digest."""
+        token = secrets.token_urlsafe(TOKEN_BYTES)
         with self.transaction() as cur:
-            self.execute(cur, "INSERT INTO tokens (token, label) VALUES (?, ?) ON CONFLICT (token) DO NOTHING", (token, label))
+            self.execute(cur, "INSERT INTO enrolment_tokens (digest, label, device_id, created_at) VALUES (?, ?, ?, ?)",
+                         (token_digest(token), label, device_id, time.time()))
+        return token
+
+    def add_token(self, token: str, label: str = "") -> None:
+        """A fleet-wide token any number of devices may enrol with (simulations, tests; ``tokens`` in the config)."""
+        with self.transaction() as cur:
+            self.execute(cur, "INSERT INTO enrolment_tokens (digest, label, created_at) VALUES (?, ?, ?) "
+                              "ON CONFLICT (digest) DO NOTHING", (token_digest(token), label, time.time()))
+
+    def sync_config_tokens(self, tokens: Iterable[str]) -> int:
+        """Make the config's fleet tokens exactly ``tokens``: add the new ones, revoke the ones no longer
+        listed and every device they enrolled (a token is removed because it leaked). Returns how many
+        were revoked."""
+        keep = {token_digest(t) for t in tokens}
+        for token in tokens:
+            self.add_token(token, CONFIG_LABEL)
+        gone = [d for (d,) in self.query("SELECT digest FROM enrolment_tokens WHERE label = ? AND revoked = 0",
+                                         (CONFIG_LABEL,)) if d not in keep]
+        for digest in gone:
+            self._revoke_digest(digest)
+        return len(gone)
 
     def revoke_token(self, token: str) -> None:
+        """Revoke a fleet token and every device enrolled with it."""
+        self._revoke_digest(token_digest(token))
+
+    def _revoke_digest(self, digest: str) -> None:
         with self.transaction() as cur:
-            self.execute(cur, "UPDATE tokens SET revoked = 1 WHERE token = ?", (token,))
-            self.execute(cur, "UPDATE devices SET revoked = 1 WHERE token = ?", (token,))
+            self.execute(cur, "UPDATE enrolment_tokens SET revoked = 1 WHERE digest = ?", (digest,))
+            self.execute(cur, "UPDATE devices SET revoked = 1 WHERE token = ?", (digest,))
+
+    def revoke_tokens_of(self, device_id: str) -> int:
+        """Revoke the tokens issued for ``device_id`` (a bundle lost before or after use); its enrolment,
+        if any, stands. Returns how many were still valid."""
+        with self.transaction() as cur:
+            self.execute(cur, "SELECT COUNT(*) FROM enrolment_tokens WHERE device_id = ? AND revoked = 0", (device_id,))
+            (n,) = cur.fetchone()
+            self.execute(cur, "UPDATE enrolment_tokens SET revoked = 1 WHERE device_id = ?", (device_id,))
+            return int(n)
 
     def token_valid(self, token: str) -> bool:
-        rows = self.query("SELECT revoked FROM tokens WHERE token = ?", (token,))
-        return bool(rows) and not rows[0][0]
+        return self._token_row(token_digest(token)) is not None
 
-    def enrol(self, device_id: str, verify_key: bytes, box_key: bytes, profile: str, token: str) -> bool:
-        """Register a device; False if the id is taken by different keys (re-enrolment is idempotent)."""
+    def _token_row(self, digest: str, cur=None) -> tuple | None:
+        """(device_id, used) of an unrevoked token, compared in constant time once found."""
+        sql, params = "SELECT digest, device_id, used FROM enrolment_tokens WHERE digest = ? AND revoked = 0", (digest,)
+        if cur is None:
+            rows = self.query(sql, params)
+        else:
+            self.execute(cur, sql + self.update_row, params)
+            rows = cur.fetchall()
+        if not rows or not hmac.compare_digest(rows[0][0], digest):
+            return None
+        return rows[0][1], bool(rows[0][2])
+
+    def enrol(self, device_id: str, verify_key: bytes, box_key: bytes, profile: str, token: str) -> None:
+        """Register a device's keys under ``token``, or refuse (``bad_token``, ``revoked``) with the reason.
+
+        A fleet token enrols any id not taken; a provisioned token enrols its own id only, once: the
+        first enrolment with it binds the keys (replacing those of an earlier enrolment of the id, which
+        is how an operator re-provisions a device), and later ones are idempotent for those keys only.
+        """
+        digest = token_digest(token)
         with self.transaction() as cur:
-            self.execute(cur, "SELECT verify_key, box_key FROM devices WHERE device_id = ?", (device_id,))
-            row = cur.fetchone()
-            if row is not None:
-                return bytes(row[0]) == verify_key and bytes(row[1]) == box_key
+            row = self._token_row(digest, cur)
+            if row is None:
+                raise RefusedMessage(Refusal.BAD_TOKEN, f"{device_id} presented an unknown or revoked token")
+            bound, used = row
+            if bound is not None and bound != device_id:
+                raise RefusedMessage(Refusal.BAD_TOKEN, f"{device_id} presented a token issued for another device")
+            self.execute(cur, "SELECT verify_key, box_key, revoked FROM devices WHERE device_id = ?" + self.update_row,
+                         (device_id,))
+            known = cur.fetchone()
+            fresh = bound is not None and not used  # an unused provisioned token (re-)keys its device
+            if known is not None and not fresh:
+                if (bytes(known[0]), bytes(known[1])) != (verify_key, box_key):
+                    raise RefusedMessage(Refusal.BAD_TOKEN, f"{device_id} is enrolled with other keys; "
+                                                            "this token cannot enrol new ones")
+                if known[2]:
+                    raise RefusedMessage(Refusal.REVOKED, f"{device_id}'s enrolment was revoked")
+                return
+            self.execute(cur, "DELETE FROM devices WHERE device_id = ?", (device_id,))
             self.execute(cur, "INSERT INTO devices (device_id, verify_key, box_key, profile, token, enrolled_at) "
-                              "VALUES (?, ?, ?, ?, ?, ?)", (device_id, verify_key, box_key, profile, token, time.time()))
-            return True
+                              "VALUES (?, ?, ?, ?, ?, ?)",
+                         (device_id, verify_key, box_key, profile, digest, time.time()))
+            if bound is not None:
+                self.execute(cur, "UPDATE enrolment_tokens SET used = 1 WHERE digest = ?", (digest,))
 
-    def revoke_device(self, device_id: str) -> None:
+    def revoke_device(self, device_id: str) -> bool:
+        """Refuse the device from its next message on, and its tokens with it; False if it was never
+        enrolled (its tokens are revoked all the same)."""
         with self.transaction() as cur:
+            self.execute(cur, "UPDATE enrolment_tokens SET revoked = 1 WHERE device_id = ?", (device_id,))
+            self.execute(cur, "SELECT COUNT(*) FROM devices WHERE device_id = ?", (device_id,))
+            (known,) = cur.fetchone()
             self.execute(cur, "UPDATE devices SET revoked = 1 WHERE device_id = ?", (device_id,))
+            return bool(known)
 
     def device(self, device_id: str) -> DeviceRecord | None:
         rows = self.query("SELECT device_id, verify_key, box_key, profile, token, revoked FROM devices WHERE device_id = ?",
@@ -349,11 +459,17 @@ class SqliteStore(StateStore):
         try:
             if create:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                # SQLite gives the -wal and -shm files the database's mode: create it 0600, tighten an older one
+                os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA secure_delete=ON")  # what is deleted (clear tokens migrated away) is zeroed
             if not create and not self._conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'kv'").fetchall():
                 raise StateUnavailable(f"{self.path} is not a fedaigc state store: it holds none of its tables")
+            if create:
+                for suffix in ("", "-wal", "-shm"):
+                    private(Path(f"{self.path}{suffix}"))
         except (sqlite3.OperationalError, OSError) as e:
             raise StateUnavailable(f"cannot open state database {self.path}: {e}") from e
         except sqlite3.DatabaseError as e:  # a file that is not SQLite reads as "file is not a database"
@@ -400,6 +516,11 @@ class PostgresStore(StateStore):
             cur.execute("SELECT pg_advisory_xact_lock(7261)")  # workers starting together must not race on DDL
             for stmt in SCHEMA:
                 cur.execute(self._sql(stmt))
+            self._hash_clear_tokens(cur)
+
+    def _has_table(self, cur, name: str) -> bool:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))
+        return bool(cur.fetchone()[0])
 
     @contextmanager
     def _tx(self):

@@ -161,13 +161,15 @@ def two_tier_round(devices_per_edge: int, edges: int = 2) -> dict:
     from aggregator.broker import EmbeddedBroker, free_port
     from aggregator.config import AggregatorConfig
     from aggregator.hierarchy import CloudAggregator
+    from aggregator.provisioning import provision_device
     from aggregator.service import AggregatorService
-    from aggregator.simulation.lite import LiteDevice
+    from aggregator.simulation.lite import DEMO_TOKEN, LiteDevice
 
     root = Path(tempfile.mkdtemp(prefix="fedaigc-two-tier-"))
     brokers = [EmbeddedBroker(port=free_port()).start() for _ in range(edges + 1)]
     cloud = CloudAggregator(AggregatorConfig(aggregator_id="cloud", role="cloud", mqtt_url=brokers[0].url,
                                              state_dir=root / "cloud", expected_edges=edges)).start()
+    bundles = [provision_device(cloud.store, cloud.identity, cloud.config, f"edge{i}") for i in range(edges)]
     services, fleet = [], []
     try:
         rng = np.random.default_rng(0)
@@ -175,7 +177,8 @@ def two_tier_round(devices_per_edge: int, edges: int = 2) -> dict:
         for i, broker in enumerate(brokers[1:]):
             services.append(AggregatorService(AggregatorConfig(
                 aggregator_id=f"edge{i}", role="edge", mqtt_url=broker.url, cloud_url=brokers[0].url,
-                state_dir=root / f"edge{i}", expected_devices=devices_per_edge, rounds=1, k=2,
+                cloud_token=bundles[i].token, cloud_fingerprint=bundles[i].aggregator_fingerprint,
+                tokens=(DEMO_TOKEN,), state_dir=root / f"edge{i}", expected_devices=devices_per_edge, rounds=1, k=2,
                 refine_after_round=0, round_timeout_s=120)).start())
             for j in range(devices_per_edge):
                 d = LiteDevice(broker.url).start()

@@ -55,6 +55,7 @@ import psutil  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from aggregator.global_model import adapter_shapes  # noqa: E402
+from aggregator.simulation.lite import DEMO_TOKEN  # noqa: E402
 from benchmarks._results import ROOT, Output, add_arguments  # noqa: E402
 from edge_sdk.transport import discard_session  # noqa: E402
 
@@ -196,7 +197,7 @@ class _Aggregators:
                 f'aggregator_id = "{aggregator_id}"\nmqtt_url = "{mqtt_url}"\nstate_dir = "{state_dir}"\n'
                 f"expected_devices = {n}\nenrol_window_s = 3600\nclustering = \"single\"\nrounds = 1\n"
                 f"round_timeout_s = {round_timeout_s}\nmax_extensions = 10\nquorum = 1.0\nrefine_after_round = 0\n"
-                "interaction = false\n")
+                f'interaction = false\ntokens = ["{DEMO_TOKEN}"]\n')  # the lite devices' fleet token
         self.pg = self.schema = None
         if workers > 1:
             import psycopg

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from aggregator.broker import ensure_broker  # noqa: E402
 from aggregator.config import AggregatorConfig  # noqa: E402
 from aggregator.service import AggregatorService  # noqa: E402
-from aggregator.simulation.lite import LiteDevice  # noqa: E402
+from aggregator.simulation.lite import DEMO_TOKEN, LiteDevice  # noqa: E402
 from benchmarks._results import Output, add_arguments  # noqa: E402
 from edge_sdk.protocol.envelope import MessageType  # noqa: E402
 from models.text import PromptEncoder  # noqa: E402
@@ -47,7 +47,7 @@ def _requester_loop(device, encoding, stop_at: float, latencies: list, lock: thr
 def run_mode(mqtt_url: str, batched: bool, concurrency: int, seconds: float, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = AggregatorConfig(aggregator_id=f"serve-{uuid.uuid4().hex[:6]}", mqtt_url=mqtt_url, state_dir=Path(tmp),
-                               expected_devices=1, serve_max_batch=64 if batched else 1,
+                               tokens=(DEMO_TOKEN,), expected_devices=1, serve_max_batch=64 if batched else 1,
                                serve_max_wait_s=0.02 if batched else 0.0,
                                serve_device_rate=None)  # throughput, not metering: no per-device limit
         service = AggregatorService(cfg).start()

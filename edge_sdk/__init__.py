@@ -1,7 +1,8 @@
 """fedaigc edge SDK: what a device app imports.
 
-    from edge_sdk import EdgeClient, DeviceConfig, LocalData, FederatedSession, MqttConfig
-    client = EdgeClient(DeviceConfig(data_dir="~/.fedaigc", profile="raspberry-pi-4"))
+    from edge_sdk import EdgeClient, LocalData, FederatedSession, ProvisioningBundle
+    bundle = ProvisioningBundle.load("device.fedaigc.json")  # from `fedaigc provision`
+    client = EdgeClient(bundle.device_config("~/.fedaigc", profile="raspberry-pi-4"))
 
 Names load on first use (PEP 562), so the aggregator, which imports only the wire contract
 (``edge_sdk.protocol``) and the transport, never loads the device runtime. The SDK never
@@ -19,6 +20,7 @@ _EXPORTS = {
     "SHARED": "edge_sdk.client", "PERSONAL": "edge_sdk.client",
     "DeviceConfig": "edge_sdk.config", "DeviceProfile": "edge_sdk.config", "PROFILES": "edge_sdk.config",
     "FederatedSession": "edge_sdk.session", "MqttConfig": "edge_sdk.transport",
+    "ProvisioningBundle": "edge_sdk.provisioning",
     "Refusal": "edge_sdk.protocol.errors", "RefusedMessage": "edge_sdk.protocol.errors",
     "RefusalCounter": "edge_sdk.protocol.errors", "RequestRefused": "edge_sdk.protocol.errors",
     "MemoryBudgetExceeded": "edge_sdk.memory",

@@ -165,10 +165,11 @@ class EdgeClient:
             atomic_write_bytes(path, secrets.token_bytes(32), mode=0o600)
         return path.read_bytes()
 
-    def set_aggregator(self, aggregator: PublicIdentity) -> None:
-        """Accept the aggregator's public keys, checking the pinned fingerprint if one is set."""
+    def set_aggregator(self, aggregator: PublicIdentity, handed_over_from: str | None = None) -> None:
+        """Accept the aggregator's public keys, checking the pinned fingerprint if one is set:
+        ``handed_over_from`` names the pin whose signed hand-over (checked by the caller) led to them."""
         pinned = self.config.aggregator_fingerprint
-        if pinned is not None and aggregator.fingerprint != pinned:
+        if pinned is not None and pinned not in (aggregator.fingerprint, handed_over_from):
             raise ValueError(f"aggregator key fingerprint {aggregator.fingerprint} does not match the pinned {pinned}")
         self.aggregator = aggregator
 

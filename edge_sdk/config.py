@@ -82,7 +82,8 @@ class DeviceConfig:
     #   shares and the aggregator never gets: rotates task vectors so a public-encoder attack misses; None: off
     update_dp: DPConfig | None = None  # clip + Gaussian noise on every shared-adapter delta before it leaves
     enrolment_token: str = ""
-    aggregator_fingerprint: str | None = None  # pin the aggregator's keys; None = trust on first use
+    aggregator_fingerprint: str | None = None  # pin the aggregator's keys (a provisioning bundle sets it)
+    trust_on_first_use: bool = False  # without a fingerprint, trust the first key announced (else: refuse to start)
     base_model: Path = BASE_MODEL_DIR
     inference_backend: str = "eager"  # "executorch": sample through export_dir's program (executorch_backend.py)
     export_dir: Path | None = None  # a `fedaigc export --format executorch` directory built from base_model

@@ -1,8 +1,9 @@
 """A device's side of the federation protocol, over an ``MqttTransport``.
 
 ``FederatedSession`` wires an ``EdgeClient`` to the broker: it learns the aggregator's
-keys from the retained announcement (pinned by fingerprint, or trusted on first use
-and then pinned on disk), enrols, uploads the sealed task vector, and answers every
+keys from the retained announcement (pinned by fingerprint, usually from a provisioning
+bundle, or trusted on first use when the app opts in; then pinned on disk, and moved only
+by a hand-over the pinned key signed), enrols, uploads the sealed task vector, and answers every
 round start with a trained, compressed, encrypted update. Training runs on the
 session's own worker thread, never on paho's network thread. A round start it has
 already answered is answered again with the same bytes, so a lost update is simply
@@ -27,6 +28,7 @@ from edge_sdk.protocol.codecs import ErrorFeedback, decode_payload, make_codec
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage, RequestRefused
 from edge_sdk.protocol.files import atomic_write_bytes
+from edge_sdk.protocol.handover import hands_over
 from edge_sdk.protocol.identity import PublicIdentity, seal_to
 from edge_sdk.protocol.messages import (
     SEEDED_CODEC,
@@ -36,6 +38,7 @@ from edge_sdk.protocol.messages import (
     EnrolAck,
     GenerateRequest,
     GenerateResult,
+    KeyHandover,
     RoundStart,
     SeededAdapter,
     UpdateAck,
@@ -100,6 +103,12 @@ class FederatedSession:
 
     # ------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 15.0) -> "FederatedSession":
+        config = self.client.config
+        if config.aggregator_fingerprint is None and not config.trust_on_first_use and self.client.aggregator is None:
+            raise ValueError(f"{self.client.device_id}: no aggregator to trust: load the operator's provisioning "
+                             "bundle (ProvisioningBundle.load(path).device_config(...)) or set "
+                             "DeviceConfig(aggregator_fingerprint=...), or opt into "
+                             "DeviceConfig(trust_on_first_use=True)")
         self._worker.start()
         # handlers before the connection: what the broker kept for our session while we were away
         # (a round start, an ack) arrives right after CONNACK and would find no handler otherwise
@@ -132,21 +141,29 @@ class FederatedSession:
     def _persist(self) -> None:
         state = {"aggregator_id": self.aggregator_id, "cluster": self.cluster,
                  "aggregator": None if self.client.aggregator is None else
-                 [self.client.aggregator.verify_key.hex(), self.client.aggregator.box_key.hex()]}
+                 [self.client.aggregator.verify_key.hex(), self.client.aggregator.box_key.hex()],
+                 "pinned_from": self.client.config.aggregator_fingerprint}
         atomic_write_bytes(self._state_path, json.dumps(state).encode(), mode=0o600)
 
     def _restore(self) -> None:
         if not self._state_path.exists():
             return
         state = json.loads(self._state_path.read_text())
+        configured = self.client.config.aggregator_fingerprint
         if state.get("aggregator"):
-            vk, bk = (bytes.fromhex(x) for x in state["aggregator"])
-            self._trust(state["aggregator_id"], PublicIdentity(vk, bk))
+            keys = PublicIdentity(*(bytes.fromhex(x) for x in state["aggregator"]))
+            # the keys this device pinned, unless the app now pins others (re-provisioned): those it
+            # reached by hand-over from the configured pin stay trusted across restarts
+            if configured in (None, keys.fingerprint, state.get("pinned_from")):
+                self._trust(state["aggregator_id"], keys, handed_over_from=state.get("pinned_from"))
+            else:
+                log.info("%s: the pinned fingerprint changed to %s; forgetting keys %s", self.client.device_id,
+                         configured, keys.fingerprint)
         self.cluster = state.get("cluster")
 
     # ------------------------------------------------------------ aggregator keys & enrolment
-    def _trust(self, aggregator_id: str, keys: PublicIdentity) -> None:
-        self.client.set_aggregator(keys)
+    def _trust(self, aggregator_id: str, keys: PublicIdentity, handed_over_from: str | None = None) -> None:
+        self.client.set_aggregator(keys, handed_over_from=handed_over_from)
         self.aggregator_id = aggregator_id
 
         def lookup(sender: str) -> bytes:
@@ -166,12 +183,15 @@ class FederatedSession:
                                                          f"has {self.client.model_sha256()[:16]} "
                                                          f"({self.client.config.base_model}); not enrolling")
         known = self.client.aggregator
-        if known is not None and known != keys:
-            pinned = self.client.config.aggregator_fingerprint
-            if pinned is None or keys.fingerprint != pinned:
-                raise RefusedMessage(Refusal.BAD_SIGNATURE,
-                                     f"aggregator keys changed to {keys.fingerprint}; not trusting them")
-        self._trust(body.aggregator_id, keys)
+        pin = known.fingerprint if known is not None else self.client.config.aggregator_fingerprint
+        if pin is not None and keys.fingerprint != pin:
+            chain = body.chain if isinstance(body, KeyHandover) else []
+            if not hands_over(chain, keys, pin):
+                raise RefusedMessage(Refusal.UNTRUSTED_KEY, f"aggregator keys {keys.fingerprint} are not the pinned "
+                                                            f"{pin} and not handed over from them; not trusting them")
+            log.info("%s: following the aggregator's hand-over from %s to %s", self.client.device_id, pin,
+                     keys.fingerprint)
+        self._trust(body.aggregator_id, keys, handed_over_from=self.client.config.aggregator_fingerprint)
         self._persist()
         self._work.put(self._enrol)
         self.rollout.retry_pending()

@@ -14,9 +14,10 @@ import torch
 from aggregator.broker import EmbeddedBroker, free_port
 from aggregator.config import AggregatorConfig
 from aggregator.hierarchy import CloudAggregator
+from aggregator.provisioning import provision_device
 from aggregator.rules import ClientUpdate
 from aggregator.service import AggregatorService
-from aggregator.simulation.lite import LiteDevice
+from aggregator.simulation.lite import DEMO_TOKEN, LiteDevice
 from edge_sdk.protocol.envelope import EnvelopeWriter, MessageType
 from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.tensors import unpack_tensors
@@ -35,8 +36,11 @@ def sites(tmp_path):
     edges, devices = [], []
     vector = np.random.default_rng(0).normal(size=384)
     for i, broker in enumerate(brokers[1:]):
+        edge_id = f"edge{i}-{uuid.uuid4().hex[:4]}"
+        bundle = provision_device(cloud.store, cloud.identity, cloud.config, edge_id)  # as `fedaigc provision` does
         edges.append(AggregatorService(AggregatorConfig(
-            aggregator_id=f"edge{i}-{uuid.uuid4().hex[:4]}", role="edge", mqtt_url=broker.url, cloud_url=cloud_url,
+            aggregator_id=edge_id, role="edge", mqtt_url=broker.url, cloud_url=cloud_url,
+            cloud_token=bundle.token, cloud_fingerprint=bundle.aggregator_fingerprint, tokens=(DEMO_TOKEN,),
             state_dir=tmp_path / f"edge{i}", expected_devices=2, rounds=2, round_timeout_s=60,
             refine_after_round=0, cloud_timeout_s=30)).start())
         for _ in range(2):

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aggregator.broker import free_port
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
-from aggregator.simulation.lite import LiteDevice
+from aggregator.simulation.lite import DEMO_TOKEN, LiteDevice
 from edge_sdk.protocol.envelope import MessageType
 from tests.polling import wait_until
 
@@ -22,7 +22,8 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 def test_metrics_show_refusals_and_bytes_as_they_happen(tmp_path, mqtt_url):
     port = free_port()
     service = AggregatorService(AggregatorConfig(aggregator_id=f"agg-{uuid.uuid4().hex[:6]}", mqtt_url=mqtt_url,
-                                                 state_dir=tmp_path, expected_devices=5, metrics_port=port)).start()
+                                                 state_dir=tmp_path, expected_devices=5, metrics_port=port,
+                                                 tokens=(DEMO_TOKEN,))).start()
     device = LiteDevice(mqtt_url).start()
     try:
         before = scrape(port)

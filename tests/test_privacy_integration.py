@@ -10,7 +10,7 @@ import torch
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
-from aggregator.simulation.lite import LiteDevice
+from aggregator.simulation.lite import DEMO_TOKEN, LiteDevice
 from aggregator.status import read_status, render_status
 from edge_sdk import SHARED, DeviceConfig, EdgeClient, LocalData, Update
 from edge_sdk.privacy import DPConfig, PrivacyAccountant, PrivacyLedger, fleet_rotation
@@ -160,7 +160,7 @@ def test_privacy_settings_have_the_benchmarked_defaults(tmp_path):
 def service(tmp_path, mqtt_url, **kwargs):
     cfg = AggregatorConfig(**({"aggregator_id": f"agg-{uuid.uuid4().hex[:6]}", "mqtt_url": mqtt_url,
                                "state_dir": tmp_path / "agg", "expected_devices": 2, "rounds": 2,
-                               "round_timeout_s": 60, "refine_after_round": 0} | kwargs))
+                               "round_timeout_s": 60, "refine_after_round": 0, "tokens": (DEMO_TOKEN,)} | kwargs))
     return AggregatorService(cfg).start()
 
 
@@ -220,8 +220,9 @@ def test_a_dp_device_reports_its_spent_epsilon_through_a_real_federation(tmp_pat
     dp = DPConfig(0.05, 2.0)
     agg = service(tmp_path, mqtt_url, expected_devices=1, clustering="single", local_steps=1, interaction=False)
     client = EdgeClient(DeviceConfig(data_dir=tmp_path / "dev", device_id=f"dev-{uuid.uuid4().hex[:8]}",
-                                     profile="simulator", personalization="none", enrolment_token="fedaigc-demo-token",
-                                     update_dp=dp, fleet_secret=SECRET))
+                                     profile="simulator", personalization="none", enrolment_token=DEMO_TOKEN,
+                                     aggregator_fingerprint=agg.identity.public.fingerprint, update_dp=dp,
+                                     fleet_secret=SECRET))
     session = FederatedSession(client, DATA, MqttConfig(url=mqtt_url))
     try:
         session.start()

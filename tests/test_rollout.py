@@ -23,6 +23,7 @@ from aggregator.cli import main
 from aggregator.config import AggregatorConfig
 from aggregator.rollout import Rollout, RolloutPlan, canary_devices
 from aggregator.service import AggregatorService
+from aggregator.simulation.lite import DEMO_TOKEN
 from aggregator.state import open_store
 from aggregator.status import read_status, render_status
 from edge_sdk.artifacts.inference import swap_adapter
@@ -73,7 +74,7 @@ class Device:
         self.checked: list[tuple[float, Path]] = []  # (time, directory) of every health check
         self.health = health
         pub = self.identity.public
-        fleet.service.store.enrol(self.id, pub.verify_key, pub.box_key, "test", "fedaigc-demo-token")
+        fleet.service.store.enrol(self.id, pub.verify_key, pub.box_key, "test", DEMO_TOKEN)
         self.mqtt = MqttConfig(url=fleet.mqtt_url, client_id=f"fedaigc-{self.id}", session_expiry_s=30)
         self.data_dir, self.cluster = fleet.tmp / self.id, cluster
         self.trusted = (fleet.service.config.aggregator_id, fleet.service.identity.public)
@@ -158,7 +159,8 @@ class Fleet:
 @pytest.fixture
 def fleet(tmp_path, mqtt_url, capsys, tiny):  # noqa: F811
     config = AggregatorConfig(aggregator_id=f"agg-{uuid.uuid4().hex[:6]}", mqtt_url=mqtt_url,
-                              state_dir=tmp_path / "agg", rounds=1, base_model=tiny[1])  # the exports' base
+                              state_dir=tmp_path / "agg", rounds=1, base_model=tiny[1],  # the exports' base
+                              tokens=(DEMO_TOKEN,))
     service = AggregatorService(config).start()
     f = Fleet(service, tmp_path, mqtt_url, capsys)
     try:
@@ -343,7 +345,8 @@ def test_a_federated_session_installs_a_rollout_and_samples_through_it(fleet, ex
     _, base_path, _ = tiny
     client = EdgeClient(DeviceConfig(data_dir=tmp_path / "sdk-device", device_id=f"sdk-{uuid.uuid4().hex[:8]}",
                                      profile="simulator", quantization="none", base_model=base_path,
-                                     enrolment_token="fedaigc-demo-token", inference_backend="executorch",
+                                     enrolment_token=DEMO_TOKEN, inference_backend="executorch",
+                                     aggregator_fingerprint=fleet.service.identity.public.fingerprint,
                                      export_dir=exports["v2"]))  # the export the app shipped with
     data = LocalData(torch.rand(4, 1, 16, 16), ("a bold 7",) * 4)
     session = FederatedSession(client, data, MqttConfig(url=fleet.mqtt_url, session_expiry_s=30))

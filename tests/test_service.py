@@ -10,7 +10,7 @@ import torch
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
-from aggregator.simulation.lite import LiteDevice
+from aggregator.simulation.lite import DEMO_TOKEN, LiteDevice
 from edge_sdk.protocol.digest import short, tensor_digest
 from edge_sdk.protocol.envelope import MessageType, parse_envelope
 from edge_sdk.protocol.messages import SEEDED_CODEC, SeededAdapter
@@ -20,7 +20,7 @@ from tests.polling import wait_until
 def make_service(tmp_path, mqtt_url, **kwargs):
     cfg = AggregatorConfig(**({"aggregator_id": f"agg-{uuid.uuid4().hex[:6]}", "mqtt_url": mqtt_url,
                                "state_dir": tmp_path / "agg", "expected_devices": 2, "rounds": 2,
-                               "round_timeout_s": 60, "refine_after_round": 0} | kwargs))
+                               "round_timeout_s": 60, "refine_after_round": 0, "tokens": (DEMO_TOKEN,)} | kwargs))
     return AggregatorService(cfg).start()
 
 

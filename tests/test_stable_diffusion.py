@@ -11,7 +11,7 @@ from safetensors import safe_open
 from aggregator.cli import main
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
-from aggregator.simulation.lite import LiteDevice
+from aggregator.simulation.lite import DEMO_TOKEN, LiteDevice
 from edge_sdk import SHARED, DeviceConfig, EdgeClient, FederatedSession, LocalData, MqttConfig
 from edge_sdk.protocol.envelope import MessageType
 from edge_sdk.protocol.messages import EnrolAck
@@ -135,7 +135,7 @@ def sd_aggregator(tmp_path, mqtt_url, pipeline, **overrides) -> AggregatorServic
     return AggregatorService(AggregatorConfig(**({
         "aggregator_id": f"agg-{uuid.uuid4().hex[:6]}", "mqtt_url": mqtt_url, "state_dir": tmp_path / "agg",
         "base_model": pipeline, "expected_devices": 3, "rounds": 2, "local_steps": 2, "round_timeout_s": 60,
-        "refine_after_round": 0, "tokens": ("fedaigc-demo-token",)} | overrides))).start()
+        "refine_after_round": 0, "tokens": (DEMO_TOKEN,)} | overrides))).start()
 
 
 @pytest.mark.slow
@@ -145,7 +145,7 @@ def test_three_devices_federate_two_rounds_on_the_pipeline(tmp_path, mqtt_url, t
     try:
         for i in range(3):
             client = device(tmp_path, tiny_sd, f"d{i}", device_id=f"sd-{uuid.uuid4().hex[:8]}", batch_size=4,
-                            enrolment_token="fedaigc-demo-token", aggregator_fingerprint=agg.identity.public.fingerprint)
+                            enrolment_token=DEMO_TOKEN, aggregator_fingerprint=agg.identity.public.fingerprint)
             data = LocalData(torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(i)), PROMPTS)
             sessions.append(FederatedSession(client, data, MqttConfig(url=mqtt_url)).start())
         assert all(s.finished.wait(240) for s in sessions)
@@ -170,7 +170,8 @@ def test_three_devices_federate_two_rounds_on_the_pipeline(tmp_path, mqtt_url, t
 def test_a_device_with_another_base_model_is_refused_at_enrolment(tmp_path, mqtt_url, tiny_sd):
     agg = sd_aggregator(tmp_path, mqtt_url, tiny_sd, expected_devices=None)
     liar = LiteDevice(mqtt_url, model="0" * 64).start()
-    digits = EdgeClient(DeviceConfig(data_dir=tmp_path / "digits", profile="simulator"))
+    digits = EdgeClient(DeviceConfig(data_dir=tmp_path / "digits", profile="simulator",
+                                     aggregator_fingerprint=agg.identity.public.fingerprint))
     session = FederatedSession(digits, LocalData(torch.rand(4, 1, 16, 16), PROMPTS), MqttConfig(url=mqtt_url))
     try:
         liar.enrol()

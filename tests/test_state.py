@@ -5,6 +5,7 @@ import uuid
 import pytest
 
 from aggregator.state import StateUnavailable, UpdateRecord, open_store
+from edge_sdk.protocol.errors import Refusal, RefusedMessage
 
 
 def postgres_url():
@@ -68,9 +69,11 @@ def test_closing_a_round_writes_adapter_and_state_together(store):
 
 def test_enrolment_is_idempotent_and_ids_cannot_be_stolen(store):
     store.add_token("tok")
-    assert store.enrol("d1", b"v" * 32, b"b" * 32, "pi", "tok")
-    assert store.enrol("d1", b"v" * 32, b"b" * 32, "pi", "tok")
-    assert not store.enrol("d1", b"x" * 32, b"b" * 32, "pi", "tok")
+    store.enrol("d1", b"v" * 32, b"b" * 32, "pi", "tok")
+    store.enrol("d1", b"v" * 32, b"b" * 32, "pi", "tok")  # a lost ack: enrolling again changes nothing
+    with pytest.raises(RefusedMessage) as refused:
+        store.enrol("d1", b"x" * 32, b"b" * 32, "pi", "tok")
+    assert refused.value.reason == Refusal.BAD_TOKEN and store.device("d1").verify_key == b"v" * 32
 
 
 def test_revoking_a_token_revokes_its_devices(store):

@@ -24,12 +24,16 @@ from aggregator.cli import (
     demo,
     export,
     pretrain,
+    provision,
+    revoke,
     rollout,
+    rotate_key,
     status,
     train_central,
 )
 
-COMMANDS = (demo, daemon, status, broker, broker_config, rollout, export, adapters, bench, pretrain, train_central)
+COMMANDS = (demo, daemon, status, provision, revoke, rotate_key, broker, broker_config, rollout, export, adapters,
+            bench, pretrain, train_central)
 QUIET_LOGGERS = ("amqtt", "transitions", "torchao", "httpx")
 
 

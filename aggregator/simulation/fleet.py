@@ -1,7 +1,8 @@
 """A simulated fleet on one machine: real ``EdgeClient`` devices, a real aggregator, a real broker.
 
 Devices live in worker processes (one torch thread each), each with its own keys, data
-directory and MQTT session; the aggregator runs in this process. Everything crosses
+directory, MQTT session and provisioning bundle (``provision_device``: the path operators use);
+the aggregator runs in this process. Everything crosses
 the broker exactly as in production, so the bytes counted are bytes on the wire. The
 aggregator's round listener feeds an evaluator thread that scores every committed
 round (per cluster, on the members' held-out prompts) while the next round trains.
@@ -25,15 +26,13 @@ import torch
 
 from aggregator.config import AggregatorConfig
 from aggregator.global_model import GlobalModel, adapter_name
+from aggregator.provisioning import provision_device
 from aggregator.service import AggregatorService
 from edge_sdk.protocol.topics import DEFAULT_PREFIX
 from models.digits.evaluate import evaluate, sample_for_personas
 from models.lora import set_mix
 
 log = logging.getLogger("fedaigc.simulation")
-
-TOKEN = "fedaigc-simulation-token"
-
 
 @dataclass(frozen=True)
 class FleetConfig:
@@ -119,26 +118,29 @@ def score_styles(model_of, assignment: dict, persona_of: dict, samples: int, see
     return {"styles": styles, "clusters": composition}
 
 
-def _device_worker(cfg: FleetConfig, indices: list[int], ids: list[str], root: str, events: mp.Queue) -> None:
-    """One worker process hosting several devices until the federation finishes."""
+def _device_worker(cfg: FleetConfig, indices: list[int], bundles: list[str], root: str, events: mp.Queue) -> None:
+    """One worker process hosting several devices, each from its provisioning bundle file, until the
+    federation finishes."""
     logging.basicConfig(level=os.environ.get("FEDAIGC_DEVICE_LOG", "WARNING"),
                         format="%(asctime)s %(processName)s %(name)s: %(message)s")
-    from edge_sdk import DeviceConfig, EdgeClient, LocalData
+    from edge_sdk import EdgeClient, LocalData, ProvisioningBundle
     from edge_sdk.session import FederatedSession
-    from edge_sdk.transport import MqttConfig
     from models.digits.evaluate import evaluate
     from models.text import PromptEncoder
 
     torch.set_num_threads(1)
     personas = cfg.personas()
     sessions = []
-    for i, device_id in zip(indices, ids):
-        client = EdgeClient(DeviceConfig(
-            data_dir=Path(root) / device_id, device_id=device_id, profile="simulator", enrolment_token=TOKEN,
-            local_steps=cfg.local_steps, task_noise=cfg.task_noise, personalization=cfg.personalization,
-            seed=cfg.seed + i))
-        mqtt = MqttConfig(url=cfg.mqtt_url, topic_prefix=cfg.topic_prefix)
-        session = FederatedSession(client, LocalData.from_persona(personas[i]), mqtt, codec=cfg.codec)
+    ids = []
+    for i, path in zip(indices, bundles):
+        bundle = ProvisioningBundle.load(path)
+        ids.append(bundle.device_id)
+        data_dir = Path(root) / bundle.device_id
+        client = EdgeClient(bundle.device_config(data_dir, profile="simulator", local_steps=cfg.local_steps,
+                                                 task_noise=cfg.task_noise, personalization=cfg.personalization,
+                                                 seed=cfg.seed + i))
+        session = FederatedSession(client, LocalData.from_persona(personas[i]), bundle.mqtt_config(data_dir),
+                                   codec=cfg.codec)
         sessions.append((i, session.start()))
     events.put(("ready", ids))
     parent = os.getppid()
@@ -176,12 +178,19 @@ class Fleet:
         self.procs: list[mp.Process] = []
         self.reports: dict[str, dict] = {}
 
-    def start(self) -> None:
+    def start(self, service: AggregatorService) -> None:
+        """Provision every device at ``service`` (a one-time token each, the fingerprint pinned) as an
+        operator would, a bundle file per device, then start them."""
+        bundles = []
+        for device_id in self.ids:
+            path = self.root / "bundles" / f"{device_id}.json"
+            provision_device(service.store, service.identity, service.config, device_id, label="simulation").save(path)
+            bundles.append(str(path))
         ctx = mp.get_context("spawn")
         n = max(1, min(self.cfg.processes, self.cfg.devices))
         for w in range(n):
             idx = list(range(w, self.cfg.devices, n))
-            p = ctx.Process(target=_device_worker, args=(self.cfg, idx, [self.ids[i] for i in idx], str(self.root),
+            p = ctx.Process(target=_device_worker, args=(self.cfg, idx, [bundles[i] for i in idx], str(self.root),
                                                          self.events), daemon=True)
             p.start()
             self.procs.append(p)
@@ -276,7 +285,7 @@ def run_federation(cfg: FleetConfig, aggregator: dict | None = None, progress: b
     agg_cfg = AggregatorConfig(**({
         "aggregator_id": f"agg-{uuid.uuid4().hex[:6]}", "mqtt_url": cfg.mqtt_url,
         "mqtt_topic_prefix": cfg.topic_prefix, "state_dir": root / "aggregator",
-        "tokens": (TOKEN,), "expected_devices": cfg.devices, "rounds": cfg.rounds, "local_steps": cfg.local_steps,
+        "expected_devices": cfg.devices, "rounds": cfg.rounds, "local_steps": cfg.local_steps,
         "round_timeout_s": cfg.round_timeout_s, "seed": cfg.seed,
     } | (aggregator or {})))
     service = AggregatorService(agg_cfg)
@@ -288,7 +297,7 @@ def run_federation(cfg: FleetConfig, aggregator: dict | None = None, progress: b
     round_times: list[float] = []
     try:
         service.start()
-        fleet.start()
+        fleet.start(service)
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -20,7 +20,7 @@ import torch
 
 from edge_sdk.protocol.codecs import decode_payload, make_codec
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
-from edge_sdk.protocol.errors import Refusal, RefusedMessage, RequestRefused
+from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage, RequestRefused
 from edge_sdk.protocol.identity import Identity, PublicIdentity, seal_to
 from edge_sdk.protocol.messages import (
     SEEDED_CODEC,
@@ -33,10 +33,13 @@ from edge_sdk.protocol.messages import (
     UpdateBody,
     read_signed_keys,
 )
+from edge_sdk.protocol.provisioning import DeviceCredentials
 from edge_sdk.protocol.tensors import Shapes, pack_tensors, unpack_tensors
 from edge_sdk.protocol.topics import DEFAULT_PREFIX
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.digits.unet import BASE_MODEL_DIR
+
+DEMO_TOKEN = "fedaigc-demo-token"  # the fleet token of tests that craft messages (the daemon's `tokens` must list it)
 
 
 def start_adapter(start: RoundStart, shapes: Shapes,
@@ -67,23 +70,32 @@ def _drawn(lora_json: str, seed: int, base_model: str) -> dict[str, torch.Tensor
 
 
 class LiteDevice:
-    def __init__(self, mqtt_url: str, device_id: str | None = None, token: str = "fedaigc-demo-token",
-                 topic_prefix: str = DEFAULT_PREFIX, model: str | None = None) -> None:
+    def __init__(self, mqtt_url: str, device_id: str | None = None, token: str = DEMO_TOKEN,
+                 topic_prefix: str = DEFAULT_PREFIX, model: str | None = None, fingerprint: str | None = None) -> None:
         """``model``: the base model digest to claim at enrolment (default: the one the fleet announces,
-        as a model-less device has none of its own)."""
+        as a model-less device has none of its own). ``fingerprint``: the aggregator keys to accept
+        (None: the first announced, for tests that craft messages against a daemon they started)."""
         self.id = device_id or f"lite-{uuid.uuid4().hex[:8]}"
         self.model = model
+        self.fingerprint = fingerprint
         self.fleet_model: str | None = None
         self.identity = Identity.generate()
         self.token = token
         self.writer = EnvelopeWriter(self.identity, self.id)
+        self.refusals = RefusalCounter()
         self.transport = MqttTransport(MqttConfig(url=mqtt_url, client_id=f"fedaigc-{self.id}",
-                                                  topic_prefix=topic_prefix))
+                                                  topic_prefix=topic_prefix), self.refusals)
         self.topics = self.transport.topics
         self.aggregator: PublicIdentity | None = None
         self.aggregator_id = None
         self.inbox: list = []
         self.cond = threading.Condition()
+
+    @classmethod
+    def from_bundle(cls, bundle: DeviceCredentials, **kwargs) -> "LiteDevice":
+        """A provisioned device: the bundle's id, broker, prefix and token, pinned to its fingerprint."""
+        return cls(bundle.broker_url, bundle.device_id, bundle.token, bundle.topic_prefix,
+                   fingerprint=bundle.aggregator_fingerprint, **kwargs)
 
     def start(self, timeout: float = 10) -> "LiteDevice":
         self.transport.subscribe(self.topics.aggregator_keys, self._on_keys)  # before connecting: see session.start
@@ -102,7 +114,10 @@ class LiteDevice:
         if not data:
             return
         body = read_signed_keys(data)
-        self.aggregator = PublicIdentity(body.verify_key, body.box_key)
+        keys = PublicIdentity(body.verify_key, body.box_key)
+        if self.fingerprint is not None and keys.fingerprint != self.fingerprint:
+            raise RefusedMessage(Refusal.UNTRUSTED_KEY, f"aggregator keys {keys.fingerprint} are not the pinned ones")
+        self.aggregator = keys
         self.aggregator_id = body.aggregator_id
         self.fleet_model = body.model
         self.verifier = EnvelopeVerifier(lambda s: body.verify_key)

@@ -40,6 +40,7 @@ MAX_SENDER_LENGTH = 128
 
 class MessageType(str, Enum):
     AGGREGATOR_KEYS = "aggregator_keys"    # aggregator -> all (retained): its public keys
+    KEY_HANDOVER = "key_handover"          # aggregator -> all (retained): its keys after a rotation, handed over
     ENROL = "enrol"                        # device -> aggregator: public keys + token (sealed)
     ENROL_ACK = "enrol_ack"                # aggregator -> device: accepted or refused
     TASK = "task"                          # device -> aggregator: sealed task vector

@@ -29,7 +29,8 @@ class Refusal(str, Enum):
     STALE_ROUND = "stale_round"        # for a round that is not open
     NON_FINITE = "non_finite"          # NaN or Inf in a tensor
     BAD_TENSORS = "bad_tensors"        # wrong tensor names, shapes or dtypes
-    BAD_TOKEN = "bad_token"            # enrolment token unknown or revoked
+    BAD_TOKEN = "bad_token"            # enrolment token unknown, revoked, another device's or already used
+    UNTRUSTED_KEY = "untrusted_key"    # aggregator keys neither pinned nor handed over from the pinned ones
     CHECKSUM = "checksum"              # reassembled chunks do not match their checksum
     INCOMPLETE = "incomplete"          # a chunked message whose remaining chunks stopped coming (expired)
     POISONED = "poisoned"              # update rejected by the robust aggregation screen

@@ -1,4 +1,4 @@
-"""Crash-safe file writes: write a temporary file, fsync it, rename it over the target.
+"""Crash-safe file writes: write a temporary file, fsync it, rename it over the target; owner-only modes.
 
 A crash at any point leaves either the old file or the new one, never a torn mix:
 ``os.replace`` is atomic on POSIX file systems, and the directory is fsynced so the
@@ -34,3 +34,10 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def private(path: Path) -> None:
+    """Owner-only access (0600) to a file holding secrets, tightened if an older one was created wider."""
+    path = Path(path)
+    if path.exists() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)

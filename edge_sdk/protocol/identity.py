@@ -17,7 +17,7 @@ from nacl.public import Box, PrivateKey, PublicKey, SealedBox
 from nacl.signing import SigningKey, VerifyKey
 
 from edge_sdk.protocol.errors import Refusal, RefusedMessage
-from edge_sdk.protocol.files import atomic_write_bytes
+from edge_sdk.protocol.files import atomic_write_bytes, private
 
 
 class KeyFileError(ValueError):
@@ -90,8 +90,9 @@ class Identity:
 
     @classmethod
     def load_or_generate(cls, path: str | Path) -> "Identity":
-        """A long-lived service's identity: the saved one, or a new one saved (0600) on first start."""
+        """A long-lived service's identity: the saved one (tightened to 0600), or a new one saved 0600."""
         if Path(path).exists():
+            private(Path(path))
             return cls.load(path)
         identity = cls.generate()
         identity.save(path)

@@ -82,6 +82,20 @@ class AggregatorKeys(Body):
 
 
 @dataclass(frozen=True)
+class KeyHandover(AggregatorKeys):
+    """The announcement of a rotated aggregator: its keys plus the hand-over chain that leads to them
+    (``edge_sdk.protocol.handover``). A type of its own, so a device without hand-over logic refuses
+    it (``wrong_type``, counted) instead of reading it as an unexplained key change."""
+    kind: ClassVar[str] = "key_handover"
+    chain: list         # oldest first: [retired verify key, retired box key, its signature of the next keys]
+
+    def check(self) -> None:
+        from edge_sdk.protocol.handover import check_chain
+
+        check_chain(self.chain)
+
+
+@dataclass(frozen=True)
 class Enrol(Body):
     kind: ClassVar[str] = "enrol"
     token: str
@@ -245,15 +259,19 @@ class RolloutReport(Body):
 
 
 def read_signed_keys(data: bytes) -> AggregatorKeys:
-    """A retained key announcement, checked to be signed by the key it announces.
+    """A retained key announcement (a ``KeyHandover`` after a rotation), checked to be signed by the key
+    it announces.
 
     Self-signature proves the publisher holds the private key; whether to *trust* that key
-    (pinned fingerprint, or trust on first use) is the receiver's decision.
+    (pinned fingerprint, a hand-over from the pinned key, or trust on first use) is the receiver's decision.
     """
-    from edge_sdk.protocol.envelope import parse_envelope
+    from edge_sdk.protocol.envelope import MessageType, parse_envelope
     from edge_sdk.protocol.identity import verify_signature
 
     env = parse_envelope(data)
-    body = AggregatorKeys.decode(env.payload)
+    kinds = {MessageType.AGGREGATOR_KEYS: AggregatorKeys, MessageType.KEY_HANDOVER: KeyHandover}
+    if env.type not in kinds:
+        raise RefusedMessage(Refusal.WRONG_TYPE, f"{env.type.value} is not a key announcement")
+    body = kinds[env.type].decode(env.payload)
     verify_signature(body.verify_key, env.signed_part(), env.signature)
     return body

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from aggregator.global_model import adapter_shapes
-from aggregator.simulation.lite import LiteDevice, start_adapter
+from aggregator.simulation.lite import DEMO_TOKEN, LiteDevice, start_adapter
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.protocol.identity import PublicIdentity
 from edge_sdk.protocol.messages import RoundStart, UpdateAck, read_signed_keys
@@ -121,7 +121,8 @@ def adapter_of(start: RoundStart) -> dict[str, torch.Tensor]:
 
 
 def write_config(path: Path, **settings) -> Path:
-    lines = ["[aggregator]"]
+    """An aggregator.toml admitting the fault devices (the demo fleet token) with ``settings``."""
+    lines = ["[aggregator]", f'tokens = ["{DEMO_TOKEN}"]']
     for k, v in settings.items():
         if isinstance(v, bool):
             lines.append(f"{k} = {'true' if v else 'false'}")

@@ -12,6 +12,7 @@ from faultkit import FaultDevice, delta_for, open_round_one, wait_until
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
+from aggregator.simulation.lite import DEMO_TOKEN
 
 N = 6
 
@@ -19,6 +20,7 @@ N = 6
 @pytest.mark.parametrize("how", ["terminate", "kill"])
 def test_broker_restart_mid_round_loses_no_update(tmp_path, own_broker, aggregator_id, how):
     cfg = AggregatorConfig(aggregator_id=aggregator_id, mqtt_url=own_broker.url, state_dir=tmp_path / "agg",
+                           tokens=(DEMO_TOKEN,),
                            expected_devices=N, clustering="single", rounds=2, round_timeout_s=20, quorum=1.0,
                            max_extensions=20, refine_after_round=0, interaction=False)
     service = AggregatorService(cfg).start()

@@ -16,6 +16,7 @@ from faultkit import FaultDevice, delta_for, wait_until
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
+from aggregator.simulation.lite import DEMO_TOKEN
 from edge_sdk.protocol.tensors import unpack_tensors
 
 
@@ -25,6 +26,7 @@ def close_to(a: dict, b: dict) -> bool:
 
 def test_duplicate_out_of_order_and_stale_round_deliveries(tmp_path, own_broker, aggregator_id):
     cfg = AggregatorConfig(aggregator_id=aggregator_id, mqtt_url=own_broker.url, state_dir=tmp_path / "agg",
+                           tokens=(DEMO_TOKEN,),
                            expected_devices=4, clustering="single", rounds=3, round_timeout_s=2.5, quorum=0.7,
                            max_extensions=0, refine_after_round=0, interaction=False)
     service = AggregatorService(cfg).start()

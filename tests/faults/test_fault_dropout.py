@@ -19,6 +19,7 @@ from faultkit import FaultDevice, delta_for, open_round_one, wait_until
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
+from aggregator.simulation.lite import DEMO_TOKEN
 
 N, DROPPED, SLOW = 20, 6, 4
 TIMEOUT_S, FAST_S = 3.0, 1.0
@@ -26,6 +27,7 @@ TIMEOUT_S, FAST_S = 3.0, 1.0
 
 def test_dropouts_and_slow_devices_close_the_round_at_its_deadline_with_quorum(tmp_path, own_broker, aggregator_id):
     cfg = AggregatorConfig(aggregator_id=aggregator_id, mqtt_url=own_broker.url, state_dir=tmp_path / "agg",
+                           tokens=(DEMO_TOKEN,),
                            expected_devices=N, clustering="single", rounds=2, round_timeout_s=TIMEOUT_S, quorum=0.6,
                            max_extensions=2, refine_after_round=0, interaction=False)
     service = AggregatorService(cfg).start()

@@ -18,6 +18,7 @@ from faultkit import FaultDevice, delta_for, open_round_one, wait_until
 from aggregator.config import AggregatorConfig
 from aggregator.rules import ClientUpdate, make_rule
 from aggregator.service import AggregatorService
+from aggregator.simulation.lite import DEMO_TOKEN
 from edge_sdk.protocol.tensors import shapes_of, unpack_tensors
 from models.lora import delta_weight, lora_modules, lora_scale
 
@@ -51,6 +52,7 @@ def weight_change(adapter, initial, spec) -> torch.Tensor:
 @pytest.mark.parametrize("rule", ["trimmed_mean"])
 def test_poisoned_minority_moves_the_aggregate_less_than_the_bound(tmp_path, own_broker, aggregator_id, rule):
     cfg = AggregatorConfig(aggregator_id=aggregator_id, mqtt_url=own_broker.url, state_dir=tmp_path / "agg",
+                           tokens=(DEMO_TOKEN,),
                            expected_devices=N, clustering="single", rounds=2, round_timeout_s=3, quorum=0.9,
                            max_extensions=0, refine_after_round=0, interaction=False, rule=rule, clip=3.0)
     service = AggregatorService(cfg).start()

@@ -183,7 +183,8 @@ def test_intake_keeps_its_pace_after_twenty_thousand_chunk_frames(fed):
 
 def test_a_devices_downlink_refuses_partials_beyond_its_budget_and_its_memory_stays_bounded(tmp_path, mqtt_url):
     prefix = f"sec{uuid.uuid4().hex[:8]}"
-    client = EdgeClient(DeviceConfig(data_dir=tmp_path / "device", profile="simulator"))
+    client = EdgeClient(DeviceConfig(data_dir=tmp_path / "device", profile="simulator",
+                                    trust_on_first_use=True))  # no aggregator here: only its downlink is flooded
     session = FederatedSession(client, LocalData(torch.rand(4, 1, 16, 16), ["a chunky 7"] * 4),
                                MqttConfig(url=mqtt_url, topic_prefix=prefix)).start()
     reassembler = session.transport.reassembler

@@ -1,0 +1,39 @@
+"""``fedaigc revoke``: refuse a device from its next message on, or void the tokens issued for it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aggregator.cli._credentials import add_state_arguments, open_state
+
+
+def register(sub) -> None:
+    p = sub.add_parser("revoke", help="revoke a device, or the tokens issued for it",
+                       description="--device: the device is refused (`revoked`) from its next message on, by a "
+                                   "running daemon too, and its tokens with it; `fedaigc provision` readmits it with "
+                                   "new keys. --token-of: void the tokens issued for the id (a bundle lost before "
+                                   "use); an enrolled device stays enrolled.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--device", metavar="ID", help="revoke this device and its tokens")
+    which.add_argument("--token-of", metavar="ID", help="revoke the tokens issued for this device id")
+    add_state_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    _, store = open_state(args)
+    try:
+        if args.device is not None:
+            if not store.revoke_device(args.device):
+                print(f"fedaigc revoke: {args.device} was never enrolled (its tokens, if any, are revoked)",
+                      file=sys.stderr)
+                return 1
+            print(f"revoked device {args.device}", file=sys.stderr)
+        else:
+            n = store.revoke_tokens_of(args.token_of)
+            print(f"revoked {n} token(s) of {args.token_of}", file=sys.stderr)
+            return 0 if n else 1
+    finally:
+        store.close()
+    return 0
