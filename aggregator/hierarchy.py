@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aggregator.enrolled import EnrolledIds
 from aggregator.enrolment import admit, announce_keys, open_enrolment, verify_key_of
 from aggregator.inbox import Inbox
 from aggregator.interaction import Spread, interact
-from aggregator.enrolled import EnrolledIds
 from aggregator.keyring import key_path
 from aggregator.state import open_store
 from edge_sdk.artifacts.manifest import model_digest, part_digests
@@ -245,8 +245,7 @@ class CloudAggregator:
         log.info("enrolled edge aggregator %s", env.sender)
 
     def on_report(self, topic: str, data: bytes) -> None:
-        env = self.verifier.open(data, {MessageType.EDGE_REPORT})
-        check_sender(topic, env.sender)
+        env = self.verifier.open(data, {MessageType.EDGE_REPORT}, topic)
         edge = env.sender
         report = EdgeReport.decode(self.identity.decrypt_from(self.store.device(edge).box_key, env.payload))
         self._count(report.round, edge, "up", len(data))

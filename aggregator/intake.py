@@ -47,8 +47,7 @@ class TaskIntake:
         self.first_task_at: float | None = None
 
     def on_task(self, topic: str, data: bytes) -> None:
-        env = self.verifier.open(data, {MessageType.TASK})
-        check_sender(topic, env.sender)
+        env = self.verifier.open(data, {MessageType.TASK}, topic)
         vector = unpack_tensors(self.identity.open_sealed(env.payload), {"task": (EMBEDDING_DIM,)})["task"]
         if float(vector.norm()) == 0.0:
             raise RefusedMessage(Refusal.MALFORMED, "task vector is all zeros")
@@ -92,8 +91,7 @@ class UpdateIntake:
 
     def on_update(self, topic: str, data: bytes) -> None:
         self.follow()  # a worker that does not lead catches up with the leader's rounds first
-        env = self.verifier.open(data, {MessageType.UPDATE})
-        check_sender(topic, env.sender)  # on another's topic it was not put there by its signer: not answered
+        env = self.verifier.open(data, {MessageType.UPDATE}, topic)  # on another device's topic: not answered
         try:
             self._take(env, len(data))
         except RefusedMessage as e:  # authenticated, so the device is told why
@@ -193,8 +191,7 @@ class StatusIntake:
         self.refusals, self.enrolled = refusals, enrolled
 
     def on_status(self, topic: str, data: bytes) -> None:
-        env = self.verifier.open(data, {MessageType.STATUS})
-        check_sender(topic, env.sender)  # on another's topic it was not put there by its signer: not answered
+        env = self.verifier.open(data, {MessageType.STATUS}, topic)  # on another device's topic: not answered
         try:
             rec = self.store.device(env.sender)
             status = DeviceStatus.decode(self.identity.decrypt_from(rec.box_key, env.payload))

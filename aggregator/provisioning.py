@@ -6,21 +6,11 @@ joins a fleet does so with a bundle, pinned to the aggregator's fingerprint.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
-from edge_sdk.protocol.envelope import MAX_SENDER_LENGTH
 from edge_sdk.protocol.provisioning import DeviceCredentials
-
-DEVICE_ID = re.compile(r"[A-Za-z0-9._-]+")  # one topic level, no wildcards, nothing to escape
-
-
-def check_device_id(device_id: str) -> str:
-    if not (DEVICE_ID.fullmatch(device_id) and len(device_id) <= MAX_SENDER_LENGTH):
-        raise ValueError(f"device id must be 1 to {MAX_SENDER_LENGTH} letters, digits, '.', '_' or '-', "
-                         f"got {device_id!r}")
-    return device_id
+from edge_sdk.protocol.topics import check_device_id
 
 
 def without_credentials(url: str) -> str:

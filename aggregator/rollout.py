@@ -43,7 +43,6 @@ from pathlib import Path
 from aggregator.enrolment import verify_key_of
 from aggregator.retained import RetainedGuard
 from aggregator.state import StateStore
-from edge_sdk.protocol import topics
 from edge_sdk.protocol.envelope import EnvelopeVerifier, EnvelopeWriter, MessageType
 from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.messages import RolloutManifest, RolloutReport
@@ -105,8 +104,7 @@ def export_files(export_dir: Path) -> dict[str, bytes]:
 def read_report(verifier: EnvelopeVerifier, identity: Identity, store: StateStore, topic: str,
                 data: bytes) -> tuple[str, RolloutReport]:
     """(device, report) from a signed, encrypted report of an enrolled device; refused otherwise."""
-    env = verifier.open(data, {MessageType.STATUS})
-    topics.check_sender(topic, env.sender)
+    env = verifier.open(data, {MessageType.STATUS}, topic)
     rec = store.device(env.sender)
     return env.sender, RolloutReport.decode(identity.decrypt_from(rec.box_key, env.payload))
 

@@ -33,7 +33,6 @@ from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.protocol.identity import Identity
 from edge_sdk.protocol.messages import MAX_IMAGES_PER_REQUEST, GenerateRequest, GenerateResult
 from edge_sdk.protocol.tensors import pack_tensors, unpack_tensors
-from edge_sdk.protocol.topics import check_sender
 
 log = logging.getLogger("fedaigc.serve")
 
@@ -181,8 +180,7 @@ class GenerationEndpoint:
         self.service = GenerationService(model, self.reply, **service_options)
 
     def on_request(self, topic: str, data: bytes) -> None:
-        env = self.verifier.open(data, {MessageType.GENERATE_REQUEST})
-        check_sender(topic, env.sender)
+        env = self.verifier.open(data, {MessageType.GENERATE_REQUEST}, topic)
         self.telemetry.count(0, env.sender, "up", len(data))
         request_id = ""
         try:

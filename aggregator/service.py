@@ -40,7 +40,7 @@ from aggregator.rollout import read_report, record_report
 from aggregator.rounds import RoundController
 from aggregator.rules import make_rule
 from aggregator.serve import GenerationEndpoint
-from aggregator.state import StateStore, StateUnavailable, open_store
+from aggregator.state import StateStore, StateUnavailable, open_store, state_directory
 from aggregator.telemetry import Telemetry
 from edge_sdk.artifacts.manifest import model_digest, part_digests
 from edge_sdk.protocol import topics
@@ -59,7 +59,7 @@ class AggregatorService:
     def __init__(self, config: AggregatorConfig, store: StateStore | None = None) -> None:
         self.config = c = config
         try:
-            Path(c.state_dir).mkdir(parents=True, exist_ok=True)
+            state_directory(c.state_dir)
             self.store = store or open_store(c.store_url)
             self.identity = KeyRing(key_path(c.state_dir), self.store)
         except OSError as e:

@@ -73,6 +73,15 @@ class StateUnavailable(RuntimeError):
     """The state store cannot be written (disk full, read-only, permissions): nothing was changed."""
 
 
+def state_directory(path: str | Path) -> Path:
+    """The aggregator's state directory, created if absent; ``StateUnavailable`` if it cannot be."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StateUnavailable(f"state directory {path} is not usable: {e}") from e
+    return Path(path)
+
+
 @dataclass(frozen=True)
 class DeviceRecord:
     device_id: str

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edge_sdk.privacy import MIN_SECRET_BYTES, DPConfig
+from edge_sdk.protocol.topics import check_device_id
 from models.digits.unet import BASE_MODEL_DIR
 from models.training import LORA_LR
 
@@ -92,6 +93,7 @@ class DeviceConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_device_id(self.device_id)  # it is a level of this device's topics and its broker user name
         if self.profile not in PROFILES:
             raise ValueError(f"unknown device profile {self.profile!r}; known: {', '.join(PROFILES)}")
         object.__setattr__(self, "data_dir", Path(self.data_dir))

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from edge_sdk.memory import ATTENTION_MATRICES, WORKSPACE_BYTES, activation_bytes_per_sample, activation_parts, estimate_training_bytes
+from edge_sdk.memory import (
+    ATTENTION_MATRICES,
+    WORKSPACE_BYTES,
+    activation_bytes_per_sample,
+    activation_parts,
+    estimate_training_bytes,
+)
 from edge_sdk.quantize import quantize_base, weight_bytes
 from models.lora import add_adapter, lora_config
 from models.stable_diffusion import StableDiffusionBackend

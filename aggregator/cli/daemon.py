@@ -54,18 +54,20 @@ def run(args: argparse.Namespace) -> int:
 
 def preflight(config) -> None:
     """The setup mistakes an operator makes most, found before the model libraries load (seconds):
-    a broker that is not there or will not have us, an unreadable key, a busy metrics port.
+    an unusable state directory or key, a broker that is not there or will not have us, a busy
+    metrics port.
 
     The broker probe is a session of its own that the broker forgets at once (no expiry), so the
     daemon's persistent session is not touched."""
     from dataclasses import replace
-    from pathlib import Path
 
+    from aggregator.keyring import key_path
     from aggregator.metrics import check_port
+    from aggregator.state import state_directory
     from edge_sdk.protocol.identity import Identity
     from edge_sdk.transport import MqttTransport
 
-    key = Path(config.state_dir) / "aggregator.key"
+    key = key_path(state_directory(config.state_dir), config.role)
     if key.exists():
         Identity.load(key)
     probes = [config.mqtt(f"fedaigc-{config.aggregator_id}-preflight")]

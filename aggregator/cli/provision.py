@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 from pathlib import Path
 
@@ -18,7 +19,11 @@ def register(sub) -> None:
     p.add_argument("device_id", metavar="DEVICE_ID", help="the device's id (letters, digits, '.', '_', '-')")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the bundle")
     p.add_argument("--broker-url", help="how devices reach the broker, if not the aggregator's mqtt_url")
-    p.add_argument("--mqtt-username", help="the device's broker account, if the broker has per-device accounts")
+    account = p.add_mutually_exclusive_group()
+    account.add_argument("--broker-passwd", metavar="FILE", help="give the device a broker account of its own in this "
+                         "Mosquitto password file (`fedaigc broker-config` wrote it): user name = DEVICE_ID, a "
+                         "generated password, both in the bundle; reload the broker (SIGHUP) to let it in")
+    account.add_argument("--mqtt-username", help="the device's broker account, made some other way")
     p.add_argument("--mqtt-password", help="... and its password")
     add_state_arguments(p)
     p.set_defaults(func=run)
@@ -34,16 +39,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"fedaigc provision: {out} exists; not overwriting a bundle", file=sys.stderr)
         return 2
     config, store = open_state(args)
+    username, password = args.mqtt_username, args.mqtt_password
+    if args.broker_passwd is not None:
+        username, password = args.device_id, secrets.token_urlsafe(24)
     try:
         identity = Identity.load_or_generate(key_path(config.state_dir, config.role))
         bundle = provision_device(store, identity, config, args.device_id, broker_url=args.broker_url,
-                                  mqtt_username=args.mqtt_username, mqtt_password=args.mqtt_password)
+                                  mqtt_username=username, mqtt_password=password)
+        if args.broker_passwd is not None:
+            from aggregator.broker_auth import add_broker_user
+
+            add_broker_user(Path(args.broker_passwd), args.device_id, password)
     except (ValueError, OSError) as e:
         print(f"fedaigc provision: {e}", file=sys.stderr)
         return 2
     finally:
         store.close()
     bundle.save(out)
-    print(f"provisioned {bundle.device_id}: {out} (aggregator fingerprint {bundle.aggregator_fingerprint})",
-          file=sys.stderr)
+    print(f"provisioned {bundle.device_id}: {out} (aggregator fingerprint {bundle.aggregator_fingerprint})"
+          + (f"; its broker account is in {args.broker_passwd}: reload the broker (SIGHUP)" if args.broker_passwd
+             else ""), file=sys.stderr)
     return 0

@@ -17,6 +17,8 @@ def register(sub) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--device", metavar="ID", help="revoke this device and its tokens")
     which.add_argument("--token-of", metavar="ID", help="revoke the tokens issued for this device id")
+    p.add_argument("--broker-passwd", metavar="FILE", help="with --device: also remove its broker account from this "
+                   "Mosquitto password file (reload the broker, SIGHUP, to disconnect it)")
     add_state_arguments(p)
     p.set_defaults(func=run)
 
@@ -29,7 +31,14 @@ def run(args: argparse.Namespace) -> int:
                 print(f"fedaigc revoke: {args.device} was never enrolled (its tokens, if any, are revoked)",
                       file=sys.stderr)
                 return 1
-            print(f"revoked device {args.device}", file=sys.stderr)
+            if args.broker_passwd is not None:
+                from pathlib import Path
+
+                from aggregator.broker_auth import remove_broker_user
+
+                remove_broker_user(Path(args.broker_passwd), args.device)
+            print(f"revoked device {args.device}" + (f" and its broker account in {args.broker_passwd}: reload the "
+                                                    "broker (SIGHUP)" if args.broker_passwd else ""), file=sys.stderr)
         else:
             n = store.revoke_tokens_of(args.token_of)
             print(f"revoked {n} token(s) of {args.token_of}", file=sys.stderr)

@@ -71,10 +71,12 @@ def _drawn(lora_json: str, seed: int, base_model: str) -> dict[str, torch.Tensor
 
 class LiteDevice:
     def __init__(self, mqtt_url: str, device_id: str | None = None, token: str = DEMO_TOKEN,
-                 topic_prefix: str = DEFAULT_PREFIX, model: str | None = None, fingerprint: str | None = None) -> None:
+                 topic_prefix: str = DEFAULT_PREFIX, model: str | None = None, fingerprint: str | None = None,
+                 username: str | None = None, password: str | None = None) -> None:
         """``model``: the base model digest to claim at enrolment (default: the one the fleet announces,
         as a model-less device has none of its own). ``fingerprint``: the aggregator keys to accept
-        (None: the first announced, for tests that craft messages against a daemon they started)."""
+        (None: the first announced, for tests that craft messages against a daemon they started).
+        ``username``/``password``: the device's broker account, where the broker has them."""
         self.id = device_id or f"lite-{uuid.uuid4().hex[:8]}"
         self.model = model
         self.fingerprint = fingerprint
@@ -83,8 +85,8 @@ class LiteDevice:
         self.token = token
         self.writer = EnvelopeWriter(self.identity, self.id)
         self.refusals = RefusalCounter()
-        self.transport = MqttTransport(MqttConfig(url=mqtt_url, client_id=f"fedaigc-{self.id}",
-                                                  topic_prefix=topic_prefix), self.refusals)
+        self.transport = MqttTransport(MqttConfig(url=mqtt_url, client_id=f"fedaigc-{self.id}", username=username,
+                                                  password=password, topic_prefix=topic_prefix), self.refusals)
         self.topics = self.transport.topics
         self.aggregator: PublicIdentity | None = None
         self.aggregator_id = None
@@ -93,9 +95,10 @@ class LiteDevice:
 
     @classmethod
     def from_bundle(cls, bundle: DeviceCredentials, **kwargs) -> "LiteDevice":
-        """A provisioned device: the bundle's id, broker, prefix and token, pinned to its fingerprint."""
+        """A provisioned device: the bundle's id, broker (and account), prefix and token, pinned to its fingerprint."""
         return cls(bundle.broker_url, bundle.device_id, bundle.token, bundle.topic_prefix,
-                   fingerprint=bundle.aggregator_fingerprint, **kwargs)
+                   fingerprint=bundle.aggregator_fingerprint, username=bundle.mqtt_username,
+                   password=bundle.mqtt_password, **kwargs)
 
     def start(self, timeout: float = 10) -> "LiteDevice":
         self.transport.subscribe(self.topics.aggregator_keys, self._on_keys)  # before connecting: see session.start

@@ -30,12 +30,12 @@ import msgpack
 
 from edge_sdk.protocol.errors import Refusal, RefusedMessage
 from edge_sdk.protocol.identity import Identity, verify_signature
+from edge_sdk.protocol.topics import MAX_DEVICE_ID, check_device_id, check_sender
 
 PROTOCOL_VERSION = 1
 NONCE_BYTES = 16
 SIGNATURE_BYTES = 64
 DEFAULT_MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
-MAX_SENDER_LENGTH = 128
 
 
 class MessageType(str, Enum):
@@ -88,7 +88,7 @@ class EnvelopeWriter:
     """Builds signed envelopes for one sender, with a monotonic sequence number."""
 
     def __init__(self, identity: Identity, sender: str) -> None:
-        _check_sender(sender)
+        check_device_id(sender)  # a sender id is a level of its topics
         self.identity = identity
         self.sender = sender
         self._seq = int(time.time() * 1000)  # monotonic across restarts without persisting a counter
@@ -124,7 +124,7 @@ def parse_envelope(data: bytes, max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES) -> 
         raise RefusedMessage(Refusal.WRONG_VERSION, f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
     checks = [
         (isinstance(mtype, str), "message type is not a string"),
-        (isinstance(sender, str) and 0 < len(sender) <= MAX_SENDER_LENGTH, "sender id is not a short string"),
+        (isinstance(sender, str) and 0 < len(sender) <= MAX_DEVICE_ID, "sender id is not a short string"),
         (_is_uint(rnd), "round is not a non-negative integer"),
         (_is_uint(seq), "sequence is not a non-negative integer"),
         (isinstance(nonce, bytes) and len(nonce) == NONCE_BYTES, "nonce is not 16 bytes"),
@@ -149,11 +149,6 @@ def parse_envelope(data: bytes, max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES) -> 
 
 def _is_uint(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
-
-
-def _check_sender(sender: str) -> None:
-    if not isinstance(sender, str) or not 0 < len(sender) <= MAX_SENDER_LENGTH or "/" in sender or "+" in sender or "#" in sender:
-        raise ValueError(f"sender id must be 1-{MAX_SENDER_LENGTH} characters without MQTT wildcards or '/', got {sender!r}")
 
 
 class ReplayGuard:
@@ -196,9 +191,13 @@ class EnvelopeVerifier:
         self.clock = clock
         self.replays = ReplayGuard(window_ms)
 
-    def open(self, data: bytes, expect: set[MessageType] | None = None) -> Envelope:
-        """Parse and authenticate with the sender's enrolled key."""
+    def open(self, data: bytes, expect: set[MessageType] | None = None, topic: str | None = None) -> Envelope:
+        """Parse and authenticate with the sender's enrolled key. On a per-device ``topic`` the sender must
+        be that device, checked first: a copy of a device's envelope on another topic must not spend the
+        original's nonce (the original would then be refused as a replay)."""
         env = self.parse(data, expect)
+        if topic is not None:
+            check_sender(topic, env.sender)
         self.authenticate(env, self.lookup(env.sender))
         return env
 

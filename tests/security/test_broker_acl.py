@@ -31,7 +31,9 @@ from aggregator.broker_auth import (
     verify_password,
     write_broker_config,
 )
+from aggregator.cli import main as cli_main
 from aggregator.simulation.lite import LiteDevice
+from edge_sdk.protocol.provisioning import DeviceCredentials
 from edge_sdk.protocol.topics import LAYOUT, Topics, TopicSpec
 from edge_sdk.transport import MqttConfig, MqttTransport
 from tests.polling import wait_until
@@ -279,6 +281,37 @@ def test_the_daemon_and_devices_enrol_and_finish_a_round_through_the_acls(secure
     finally:
         for d in devices:
             d.stop()
+        service.stop()
+
+
+def test_a_device_provisioned_with_a_broker_account_enrols_and_loses_it_when_revoked(secured, tmp_path):
+    """The operator's path end to end: ``fedaigc provision --broker-passwd`` gives the device its account in
+    the broker's password file and its bundle; after a reload it enrols through the ACLs; ``fedaigc revoke
+    --device --broker-passwd`` takes the account away again."""
+    agg = secured.aggregator
+    service = make_service(tmp_path, secured.url, mqtt_username=agg["mqtt_username"],
+                           mqtt_password=agg["mqtt_password"], mqtt_topic_prefix=secured.prefix, tokens=(),
+                           expected_devices=1, clustering="single")
+    config = tmp_path / "aggregator.toml"
+    config.write_text(f'[aggregator]\naggregator_id = "{service.config.aggregator_id}"\nmqtt_url = "{secured.url}"\n'
+                      f'mqtt_topic_prefix = "{secured.prefix}"\nstate_dir = "{service.config.state_dir}"\n')
+    bundle_file, passwd = tmp_path / "devP.json", str(secured.files.passwd)
+    try:
+        assert cli_main(["provision", "devP", "--out", str(bundle_file), "--config", str(config),
+                         "--broker-passwd", passwd]) == 0
+        bundle = DeviceCredentials.load(bundle_file)
+        assert (bundle.mqtt_username, bundle.aggregator_fingerprint) == ("devP", service.identity.public.fingerprint)
+        reload_broker(secured.broker.process.pid)
+        device = LiteDevice.from_bundle(bundle).start()
+        try:
+            device.join(np.random.default_rng(0).normal(size=384))
+            device.round_start()  # enrolled, grouped, round 1 opened: every step through the ACLs
+        finally:
+            device.stop()
+        assert cli_main(["revoke", "--device", "devP", "--config", str(config), "--broker-passwd", passwd]) == 0
+        reload_broker(secured.broker.process.pid)
+        assert secured.connack("devP", bundle.mqtt_password) == "Not authorized"
+    finally:
         service.stop()
 
 
