@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
 
 from aggregator.cloud_step import CloudStep
 from aggregator.config import AggregatorConfig
