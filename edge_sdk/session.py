@@ -183,6 +183,8 @@ class FederatedSession:
                                                          f"has {self.client.model_sha256()[:16]} "
                                                          f"({self.client.config.base_model}); not enrolling")
         known = self.client.aggregator
+        if known == keys and self.enrolled.is_set():
+            return  # the daemon's periodic re-announcement: nothing changed, no re-enrolment
         pin = known.fingerprint if known is not None else self.client.config.aggregator_fingerprint
         if pin is not None and keys.fingerprint != pin:
             chain = body.chain if isinstance(body, KeyHandover) else []

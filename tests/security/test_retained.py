@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from aggregator.retained import RetainedGuard
-from aggregator.simulation.lite import LiteDevice
+from aggregator.simulation.lite import DEMO_TOKEN, LiteDevice
 from edge_sdk.protocol.envelope import EnvelopeWriter, MessageType
 from edge_sdk.protocol.errors import RefusalCounter
 from edge_sdk.protocol.identity import Identity
@@ -92,6 +92,41 @@ def test_the_daemon_announces_its_keys_again_every_interval(tmp_path, mqtt_url):
         assert all(read_signed_keys(p) == read_signed_keys(watcher.seen[0]) for p in watcher.seen)
         assert service.refusals["retained_altered"] == 0  # its own re-announcements are not tampering
     finally:
+        watcher.close()
+        service.stop()
+        with MqttTransport(MqttConfig(url=mqtt_url, topic_prefix=prefix)) as t:
+            t.clear_retained(t.topics.aggregator_keys)
+
+
+def test_a_device_does_not_enrol_again_when_the_same_keys_are_announced_again(tmp_path, mqtt_url):
+    """Re-announcement keeps the retained keys in place; it is not a reason for a whole fleet to re-enrol."""
+    import torch
+
+    from edge_sdk import DeviceConfig, EdgeClient, FederatedSession, LocalData
+    from edge_sdk.protocol.topics import Topics
+
+    prefix = f"ret{uuid.uuid4().hex[:8]}"
+    service = make_service(tmp_path, mqtt_url, mqtt_topic_prefix=prefix, expected_devices=None,
+                           announce_interval_s=0.5)
+    watcher = KeysWatcher(mqtt_url, prefix)
+    enrolments: list[bytes] = []
+    spy = MqttTransport(MqttConfig(url=mqtt_url, topic_prefix=prefix, session_expiry_s=0))
+    spy.subscribe(Topics(prefix).enrol("dev-once"), lambda t, p: enrolments.append(p))
+    spy.connect()
+    client = EdgeClient(DeviceConfig(data_dir=tmp_path / "device", device_id="dev-once", profile="simulator",
+                                     enrolment_token=DEMO_TOKEN,
+                                     aggregator_fingerprint=service.identity.public.fingerprint))
+    session = FederatedSession(client, LocalData(torch.rand(4, 1, 16, 16), ["a chunky 7"] * 4),
+                               MqttConfig(url=mqtt_url, topic_prefix=prefix))
+    try:
+        session.start()
+        assert session.enrolled.wait(30)
+        seen = len(watcher.seen)
+        wait_until(lambda: len(watcher.seen) >= seen + 3, 10, "three more announcements")
+        assert len(enrolments) == 1
+    finally:
+        session.stop()
+        spy.close()
         watcher.close()
         service.stop()
         with MqttTransport(MqttConfig(url=mqtt_url, topic_prefix=prefix)) as t:
