@@ -449,7 +449,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             runs[v.name][s] = run_federated(cfg, v)
             seconds[f"{v.name}:{s}"] = time.monotonic() - t
-        out.write({"runs": {n: {str(s): r for s, r in per.items()} for n, per in runs.items()}}, partial=True)
+        out.write({"runs": {n: {str(s): r for s, r in per.items()} for n, per in runs.items()},
+                   "local_runs": {str(k): {str(s): r for s, r in per.items()} for k, per in locals_.items()}},
+                  partial=True)
     table = summarize(runs, locals_, variants, base_cfg, seeds)
     result = {"config": {k: str(x) for k, x in base_cfg.__dict__.items()}, "seeds": seeds,
               "variants": {v.name: asdict(v) for v in variants}, "table": table,
