@@ -87,6 +87,7 @@ class Variant:
     lr: float = LORA_LR
     local_steps: int | None = None    # None: the fleet's
     split: str | None = None          # None: the product's factorisation
+    server_lr: float = 1.0            # the cluster moves server_lr x the mean ΔW change (FedOpt's server step)
 
 
 def variant(name: str) -> Variant:
@@ -103,6 +104,8 @@ def variant(name: str) -> Variant:
         return Variant(name, lr=float(name[2:]))
     if name.startswith("steps"):
         return Variant(name, local_steps=int(name[5:]))
+    if name.startswith("server"):
+        return Variant(name, server_lr=float(name[6:]))
     if name.startswith("split_"):
         return Variant(name, split=name[6:])
     if "+" in name:  # combinations: "fp32+split_init"
@@ -123,7 +126,7 @@ def split(kind: str | None):
         return
     import aggregator.rules.exact as exact
 
-    def factorize_as(delta, rank, a_shape, b_shape, scale):
+    def factorize_as(delta, rank, a_shape, b_shape, scale, a_row_norm=None):
         u, s, vh = torch.linalg.svd(delta / scale, full_matrices=False)
         k = min(rank, s.shape[0])
         if kind == "balanced":
@@ -211,7 +214,7 @@ def run_federated(cfg: FleetConfig, v: Variant) -> dict:
     versions = {c: 0 for c in clusters}
     exact_model = GlobalModel(lora_config(v.rank * cfg.devices)) if v.exact_eval else None
     opt_memory: dict = {}
-    curves, exact_curves, losses, truncation = {}, {}, {}, {}
+    curves, exact_curves, losses, truncation, agreement = {}, {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="fedaigc-diag-") as root:
         clients = devices_of(cfg, v, Path(root), lora)
         feedback = {d: ErrorFeedback(make_codec(cfg.codec, seed=c.config.seed)) for d, c in zip(ids, clients)}
@@ -240,14 +243,15 @@ def run_federated(cfg: FleetConfig, v: Variant) -> dict:
                         exact_adapters[cid] = untruncated(ups, lora, v.rank * cfg.devices)
                     result = rule.aggregate(clusters[cid], ups, lora)
                     truncation.setdefault(rnd, {})[cid] = truncation_error(ups, result.adapter, lora)
-                    clusters[cid] = result.adapter
+                    agreement.setdefault(rnd, {})[cid] = update_agreement(ups, clusters[cid], lora)
+                    clusters[cid] = server_step(clusters[cid], result.adapter, v.server_lr, lora)
                     versions[cid] += 1
             n = sum(s for s, _, _ in reported)
             losses[rnd] = {"before": sum(s * b for s, b, _ in reported) / n, "after": sum(s * a for s, _, a in reported) / n}
             curves[rnd] = score(model, clusters, groups, persona_of, cfg)
             if exact_model is not None:
                 exact_curves[rnd] = score(exact_model, exact_adapters, groups, persona_of, cfg)
-    out = {"curves": curves, "losses": losses, "truncation": truncation}
+    out = {"curves": curves, "losses": losses, "truncation": truncation, "agreement": agreement}
     if exact_model is not None:
         out["exact_curves"] = exact_curves
     return out
@@ -314,6 +318,41 @@ def truncation_error(updates, adapter, lora) -> float:
         err += float((mean - got).norm() ** 2)
         tot += float(mean.norm() ** 2)
     return (err / max(tot, 1e-30)) ** 0.5
+
+
+def server_step(current, aggregated, lr: float, lora):
+    """ΔW_now + lr·(ΔW_aggregated - ΔW_now), re-factorised like the rule does (lr 1: the aggregate itself)."""
+    if lr == 1.0:
+        return aggregated
+    from aggregator.rules.exact import refactorize
+    from models.lora import row_norm
+
+    scale = lora_scale(lora)
+    out = {}
+    for module in lora_modules(current):
+        ka, kb = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        dw = lambda ad: scale * (ad[kb].reshape(ad[kb].shape[0], -1).double()  # noqa: E731
+                                 @ ad[ka].reshape(ad[ka].shape[0], -1).double())
+        target = dw(current) + lr * (dw(aggregated) - dw(current))
+        out[ka], out[kb] = refactorize(target, aggregated[ka], aggregated[kb], scale,
+                                       a_row_norm=row_norm(aggregated[ka]))
+    return out
+
+
+def update_agreement(updates, current, lora) -> float:
+    """||mean of the devices' ΔW changes|| / mean of their norms, over all modules: 1 when the devices
+    moved alike, 1/sqrt(n) when their changes were orthogonal (the average then moves that much less)."""
+    scale = lora_scale(lora)
+    w = _weights(updates) / _weights(updates).sum()
+    changes = []
+    for module in lora_modules(current):
+        ka, kb, a, b = _stacks(updates, module)
+        now = scale * (current[kb].reshape(current[kb].shape[0], -1).double()
+                       @ current[ka].reshape(current[ka].shape[0], -1).double())
+        changes.append((scale * torch.bmm(b, a) - now).reshape(len(updates), -1))
+    flat = torch.cat(changes, dim=1)
+    mean = (w[:, None] * flat).sum(0)
+    return float(mean.norm() / (w * flat.norm(dim=1)).sum())
 
 
 def score(model: GlobalModel, adapters: dict, groups: dict, persona_of: dict, cfg: FleetConfig) -> dict:
