@@ -24,8 +24,10 @@ A variant changes one thing against ``base`` (ours_intra as the product runs it)
 * ``keep_opt``    each device keeps its AdamW state across rounds (the product resets it);
 * ``lr<x>``, ``steps<n>``  learning rate / local steps per round (local with the same);
 * ``split_<s>``   how the SVD puts the singular values into A and B: ``balanced`` (sqrt(s) in
-                  each), ``init`` (A's rows at the norm of a fresh adapter's A, B takes the rest),
-                  ``b`` (A orthonormal rows, B = U·S);
+                  each: the product before issue 18), ``init`` (A's rows at the norm of a fresh
+                  adapter's A, B takes the rest), ``b`` (A orthonormal rows, B = U·S); the product
+                  now gives A's rows the devices' own A row norm;
+* ``server<x>``   the cluster moves x times the mean ΔW change (FedOpt's server learning rate);
 * ``fedavg``      one adapter for all, factors averaged (the FedAvg baseline).
 
 ``local`` (each device alone, ``federation.in_process``'s loop) runs once per (lr, steps, rank,
@@ -455,8 +457,8 @@ def plot(runs: dict, locals_: dict, variants: list[Variant], cfg: FleetConfig, s
     out.save_figure(fig, "variants")
 
 
-DEFAULT_VARIANTS = ("base", "fp32", "exact_eval", "rank4", "no_downlink", "keep_opt", "lr0.005", "lr0.02",
-                    "steps20", "split_init", "split_b", "fedavg")
+DEFAULT_VARIANTS = ("base", "split_balanced", "fp32", "exact_eval", "rank4", "no_downlink", "keep_opt", "lr0.005",
+                    "lr0.02", "steps20", "split_init", "split_b", "server2", "fedavg")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -470,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     base_cfg = FleetConfig(**(SMOKE_FLEET if args.smoke else QUICK_FLEET))
     if args.smoke:
         base_cfg = replace(base_cfg, eval_samples=4)
-    names = (args.variants or ("base,fp32,split_init" if args.smoke else ",".join(DEFAULT_VARIANTS))).split(",")
+    names = (args.variants or ("base" if args.smoke else ",".join(DEFAULT_VARIANTS))).split(",")
     variants = [variant(n) for n in names if n]
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.monotonic()
