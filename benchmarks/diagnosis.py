@@ -465,6 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=None, help=f"comma-separated (default {','.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--seeds", default="0", help="comma-separated fleet seeds (default 0)")
+    parser.add_argument("--eval-samples", type=int, default=None,
+                        help="images per style and round (default federation.py --quick's 24; more: less noise)")
     add_arguments(parser)
     args = parser.parse_args(argv)
     out = Output.of(parser, args, "diagnosis")
@@ -472,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     base_cfg = FleetConfig(**(SMOKE_FLEET if args.smoke else QUICK_FLEET))
     if args.smoke:
         base_cfg = replace(base_cfg, eval_samples=4)
+    if args.eval_samples:
+        base_cfg = replace(base_cfg, eval_samples=args.eval_samples)
     names = (args.variants or ("base" if args.smoke else ",".join(DEFAULT_VARIANTS))).split(",")
     variants = [variant(n) for n in names if n]
     seeds = [int(s) for s in args.seeds.split(",")]
