@@ -164,3 +164,14 @@ def test_refactorize_keeps_the_current_factor_balance_by_default():
     a, b = refactorize(product(ad) * 0.5, ad["m.lora_A.weight"], ad["m.lora_B.weight"], lora_scale(SPEC))
     assert row_norm(a) == pytest.approx(0.9, rel=1e-5)
     torch.testing.assert_close(delta_weight(a, b, lora_scale(SPEC)), product(ad) * 0.5, atol=1e-6, rtol=1e-5)
+
+
+def test_one_device_cannot_set_the_clusters_factor_balance():
+    """A huge A with a tiny B is an ordinary ΔW: the row norm the aggregate keeps is the clients' weighted
+    median, so the one device that sends it does not make the next round's steps explode."""
+    from aggregator.rules.exact import clients_row_norm
+
+    honest = [_one_device_adapter(seed=s)["m.lora_A.weight"].double() for s in range(3)]
+    a = torch.stack(honest + [honest[0] * 1e4])
+    assert clients_row_norm(a, torch.ones(4)) == pytest.approx(0.6)
+    assert clients_row_norm(a, torch.tensor([1.0, 1.0, 1.0, 100.0])) == pytest.approx(0.6e4)  # it holds the weight

@@ -64,10 +64,13 @@ def mean_delta(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, scale: f
 
 
 def clients_row_norm(a: torch.Tensor, weights: torch.Tensor) -> float | None:
-    """The weighted root-mean-square row norm of the clients' A factors (stacked on dim 0)."""
-    per_client = a.pow(2).sum(dim=2).mean(dim=1)
-    w = (weights / weights.sum()).to(per_client.dtype)
-    norm = float((w * per_client).sum().sqrt())
+    """The clients' A row norm (root-mean-square over rows) that carries the most weight: the weighted
+    median over clients (A stacked on dim 0), so one device cannot set the cluster's factor balance by
+    sending a huge A with a tiny B (the same ΔW, which clipping and robust rules would let through)."""
+    per_client = a.pow(2).sum(dim=2).mean(dim=1).sqrt()
+    order = torch.argsort(per_client)
+    cumulative = torch.cumsum((weights / weights.sum()).to(per_client.dtype)[order], dim=0)
+    norm = float(per_client[order][int(torch.searchsorted(cumulative, torch.tensor(0.5, dtype=cumulative.dtype)))])
     return norm if norm > 0 and math.isfinite(norm) else None
 
 
