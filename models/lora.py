@@ -195,16 +195,36 @@ def delta_weight(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor
     return scale * (b.reshape(b.shape[0], -1).double() @ a.reshape(a.shape[0], -1).double())
 
 
-def factorize(delta: torch.Tensor, rank: int, a_shape, b_shape, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors (A, B) with scale·B·A ≈ ``delta`` (truncated SVD, balanced)."""
+def factorize(delta: torch.Tensor, rank: int, a_shape, b_shape, scale: float,
+              a_row_norm: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors (A, B) with scale·B·A ≈ ``delta`` (truncated SVD).
+
+    Any split of the singular values between A and B gives the same product, but not the same
+    training afterwards: an optimizer step on B moves ΔW in proportion to A's size and one on A in
+    proportion to B's. ``a_row_norm`` gives A's rows that norm (B carries the singular values), so
+    an adapter keeps the balance it was trained with; ``None`` splits them evenly (sqrt(s) in each),
+    which makes both factors small when ΔW is and slows the next training down (issue 18).
+    """
     u, s, vh = torch.linalg.svd(delta / scale, full_matrices=False)
     k = min(rank, s.shape[0])
-    root = s[:k].sqrt()
+    if a_row_norm is None:
+        left = right = s[:k].sqrt()
+    else:
+        if not (math.isfinite(a_row_norm) and a_row_norm > 0):
+            raise ValueError(f"a_row_norm must be a finite number > 0, got {a_row_norm!r}")
+        left, right = s[:k] / a_row_norm, torch.full_like(s[:k], a_row_norm)
     b = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
     a = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
-    b[:, :k] = u[:, :k] * root
-    a[:k] = root[:, None] * vh[:k]
+    b[:, :k] = u[:, :k] * left
+    a[:k] = right[:, None] * vh[:k]
     return a.reshape(a_shape).float(), b.reshape(b_shape).float()
+
+
+def row_norm(a: torch.Tensor) -> float | None:
+    """The root-mean-square norm of a LoRA A factor's rows (None if A is all zero)."""
+    flat = a.reshape(a.shape[0], -1).double()
+    norm = float(flat.pow(2).sum(dim=1).mean().sqrt())
+    return norm if norm > 0 and math.isfinite(norm) else None
 
 
 def _require(unet: torch.nn.Module, name: str) -> None:

@@ -41,6 +41,7 @@ MAIN_KEYS = {
     "export_training": ("loss_curves", "max_step_loss_abs_diff", "seconds_per_step", "step1_parity"),
     "load": ("4", "meta"),
     "interaction": ("summary", "gain_over_intra", "gate_calibration", "agreement_calibration"),
+    "diagnosis": ("table", "variants", "runs", "local_runs", "seconds"),
 }
 FAST = {"protocol"}  # the rest take more than ~20 s even at smoke size (see the pytest marker)
 TIMEOUT_S = {"export": 1200, "export_training": 900}  # ExecuTorch lowering dominates these two

@@ -178,3 +178,27 @@ def test_a_fleet_rank_above_the_devices_maximum_is_refused_by_name(tmp_path):
     device = EdgeClient(DeviceConfig(data_dir=tmp_path / "d", profile="simulator", max_lora_rank=2))
     with pytest.raises(ValueError, match="max_lora_rank 2"):
         device.adopt_lora(lora_config(4))
+
+
+def test_the_aggregated_adapter_on_the_devices_base_gives_the_loss_the_device_reported(tmp_path):
+    """Issue 18: what a device reports and what the cluster gets back agree. One device's update through
+    the uplink codec and the exact rule (ΔW mean, re-factorised) comes back as the same adapter: on the
+    int8 base it trained against it gives the device's reported loss, and a second round starts there."""
+    from aggregator.global_model import GlobalModel
+    from aggregator.rules import ClientUpdate, make_rule
+    from edge_sdk.protocol.codecs import ErrorFeedback, make_codec
+    from edge_sdk.protocol.tensors import shapes_of
+
+    device = EdgeClient(DeviceConfig(data_dir=tmp_path / "d", profile="simulator", quantization="int8", seed=2))
+    data = LocalData.from_persona(PERSONA)
+    lora = device.shared_lora
+    initial = GlobalModel(lora).initial_adapter(seed=0)
+    update = device.train_round(initial, data, steps=6)
+    codec = make_codec("fp32")
+    delta = codec.decode(ErrorFeedback(codec).encode(update.delta), shapes_of(initial))
+    rule = make_rule("exact", clip=3.0)
+    aggregated = rule.aggregate(initial, [ClientUpdate.from_delta("d", initial, delta, update.samples)], lora).adapter
+    assert device.local_loss(aggregated, data) == pytest.approx(update.loss_after, rel=1e-4)
+    second = device.train_round(aggregated, data, steps=6, version=1)
+    assert second.loss_before == pytest.approx(update.loss_after, rel=1e-4)
+    assert second.loss_after < second.loss_before

@@ -34,3 +34,27 @@ def test_evaluate_refuses_bad_arguments():
         evaluate(torch.zeros(4, 1, 16, 16), [1, 2, 3, 4], "sparkly")
     with pytest.raises(ValueError):
         evaluate(torch.zeros(4, 1, 16, 16), [1, 2], "bold")
+
+
+def test_personas_judged_together_are_judged_on_the_prompts_they_get_one_by_one(monkeypatch):
+    """A cluster's adapter and each device's own are scored on the same held-out prompts: the prompts are
+    taken in turn from each persona, not mostly from the first one (issue 18: a 3-device cluster was judged
+    on 20 of its first device's prompts and 4 of the second's, local-only on 8 of each)."""
+    from types import SimpleNamespace
+
+    from models.digits.backend import DigitsBackend
+    from models.digits.data import make_personas
+    from models.digits.evaluate import sample_for_personas
+
+    asked = []
+    monkeypatch.setattr(DigitsBackend, "encode_prompts", lambda self, prompts: asked.append(list(prompts))
+                        or torch.zeros(len(prompts), 4))
+    monkeypatch.setattr(DigitsBackend, "generate", lambda self, enc, **kw: torch.zeros(enc.shape[0], 1, 16, 16))
+    unet = SimpleNamespace(config=SimpleNamespace(in_channels=1, sample_size=16, cross_attention_dim=4))
+    personas = make_personas(3, 1, seed=0)
+    _, digits = sample_for_personas(unet, personas, samples=24)
+    together = asked.pop()
+    alone = [sample_for_personas(unet, [p], samples=8)[1] for p in personas]
+    assert sorted(together) == sorted(q for _ in personas for q in asked.pop(0))
+    assert together[:3] == [p.test_prompts[0] for p in personas]
+    assert sorted(digits.tolist()) == sorted(torch.cat(alone).tolist())

@@ -114,3 +114,64 @@ def test_clipping_screens_out_a_huge_update_and_clips_moderate_ones():
 def test_trimmed_mean_refuses_a_bad_beta():
     with pytest.raises(ValueError):
         ExactTrimmedMean(0.5)
+
+
+def _one_device_adapter(seed=0, a_norm=0.6, b_std=0.02):
+    """A device's adapter after a short first round: A about as large as a fresh one, B small."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(4, 6, generator=g)
+    a = a / a.norm(dim=1, keepdim=True) * a_norm
+    return adapter(a, torch.randn(5, 4, generator=g) * b_std)
+
+
+def _delta_w_moved_by_one_step(ad, target, lr=0.05):
+    """How far one plain gradient step on ||scale·B·A - target||² moves ΔW, from the factors ``ad``."""
+    a = ad["m.lora_A.weight"].clone().double().requires_grad_(True)
+    b = ad["m.lora_B.weight"].clone().double().requires_grad_(True)
+    scale = lora_scale(SPEC)
+    ((scale * b @ a - target) ** 2).sum().backward()
+    with torch.no_grad():
+        return float((scale * (b - lr * b.grad) @ (a - lr * a.grad) - scale * b @ a).norm())
+
+
+def test_a_one_device_cluster_continues_like_the_device_would():
+    """Issue 18: re-factorising ΔW split the singular values evenly between A and B, so a cluster's adapter
+    had both factors small and its devices' next round moved ΔW a fraction of what the device's own adapter
+    would have (an even split minimises |A| + |B| for a given product). The exact rule now keeps the
+    devices' A row norm: same ΔW, same next step."""
+    from aggregator.rules.exact import clients_row_norm
+    from models.lora import factorize, row_norm
+
+    device = _one_device_adapter()
+    out = ExactLoraAggregation().aggregate(CURRENT, [ClientUpdate("d", device, 60)], SPEC).adapter
+    torch.testing.assert_close(product(out), product(device), atol=1e-6, rtol=1e-5)
+    assert row_norm(out["m.lora_A.weight"]) == pytest.approx(row_norm(device["m.lora_A.weight"]), rel=1e-5)
+    target = torch.randn(5, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    own, aggregated = _delta_w_moved_by_one_step(device, target), _delta_w_moved_by_one_step(out, target)
+    assert 0.6 < aggregated / own < 1.5  # (0.73 here: the basis changed, not the scale)
+    a, b = factorize(product(device), 4, (4, 6), (5, 4), lora_scale(SPEC))  # the even split it replaced
+    assert _delta_w_moved_by_one_step(adapter(a, b), target) / own < 0.25  # (0.09 here)
+    assert clients_row_norm(torch.stack([device["m.lora_A.weight"].double()] * 2), torch.ones(2)) == \
+        pytest.approx(0.6)
+
+
+def test_refactorize_keeps_the_current_factor_balance_by_default():
+    """Interaction's mixing and shrinkage re-factorise an adapter without client factors: A keeps its scale."""
+    from aggregator.rules.exact import refactorize
+    from models.lora import row_norm
+
+    ad = _one_device_adapter(a_norm=0.9)
+    a, b = refactorize(product(ad) * 0.5, ad["m.lora_A.weight"], ad["m.lora_B.weight"], lora_scale(SPEC))
+    assert row_norm(a) == pytest.approx(0.9, rel=1e-5)
+    torch.testing.assert_close(delta_weight(a, b, lora_scale(SPEC)), product(ad) * 0.5, atol=1e-6, rtol=1e-5)
+
+
+def test_one_device_cannot_set_the_clusters_factor_balance():
+    """A huge A with a tiny B is an ordinary ΔW: the row norm the aggregate keeps is the clients' weighted
+    median, so the one device that sends it does not make the next round's steps explode."""
+    from aggregator.rules.exact import clients_row_norm
+
+    honest = [_one_device_adapter(seed=s)["m.lora_A.weight"].double() for s in range(3)]
+    a = torch.stack(honest + [honest[0] * 1e4])
+    assert clients_row_norm(a, torch.ones(4)) == pytest.approx(0.6)
+    assert clients_row_norm(a, torch.tensor([1.0, 1.0, 1.0, 100.0])) == pytest.approx(0.6e4)  # it holds the weight

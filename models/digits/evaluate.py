@@ -229,12 +229,20 @@ def sample_for_personas(
     guidance_scale: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, target digits): what ``unet`` (active adapters as set) draws for the personas'
-    held-out test prompts, cycled to ``samples`` images in all."""
+    held-out test prompts, cycled to ``samples`` images in all.
+
+    The prompts are taken in turn from each persona (its first, then every persona's second, ...),
+    so ``samples`` images of n personas are ``samples / n`` of each one's first prompts: the same
+    prompts whether the personas are judged together (a cluster's adapter) or one by one (each
+    device's own), and no persona's phrasing or digits dominate a cluster's score.
+    """
     from models.digits.backend import DigitsBackend
 
     backend = DigitsBackend(unet)
-    prompts = [pr for p in personas for pr in p.test_prompts]
-    digits = torch.cat([p.test_digits for p in personas])
+    columns = [list(zip(p.test_prompts, p.test_digits.tolist())) for p in personas]
+    pairs = [c[j] for j in range(max(map(len, columns))) for c in columns if j < len(c)]
+    prompts = [pr for pr, _ in pairs]
+    digits = torch.tensor([d for _, d in pairs], dtype=personas[0].test_digits.dtype)
     order = torch.arange(samples) % len(prompts)
     encodings = backend.encode_prompts([prompts[i] for i in order.tolist()])
     images = backend.generate(encodings, steps=steps, seed=seed, guidance_scale=guidance_scale)
