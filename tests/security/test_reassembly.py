@@ -13,12 +13,12 @@ import time
 import uuid
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
 from aggregator.enrolled import EnrolledIds
 from aggregator.state import open_store
+from benchmarks.edge import PeakRss
 from edge_sdk.client import EdgeClient, LocalData
 from edge_sdk.config import DeviceConfig
 from edge_sdk.protocol.chunking import HEADER_BYTES, split_payload
@@ -56,31 +56,6 @@ def flood(url: str, prefix: str, senders: list[str], messages: int, size: int, f
                    check=True, env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=300)
 
 
-class PeakRss:
-    """This process's resident set size, sampled every 20 ms while running."""
-
-    def __init__(self) -> None:
-        self.proc = psutil.Process()
-        self.start = self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __enter__(self) -> "PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def now(self) -> int:
-        return self.proc.memory_info().rss
-
-
 def small_delta(shapes, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(s, generator=g) * 0.01 for k, s in shapes.items()}
@@ -108,6 +83,7 @@ def test_a_flood_stays_within_the_budget_and_a_device_update_gets_through(fed):
     enrolled, strangers = [d.id for d in fed.devices[1:]], [f"stranger{i}-{prefix}" for i in range(2)]
     envelope = fed.devices[0].update_envelope(fed.starts[0], small_delta(service.shapes))
     with PeakRss() as rss:
+        start = rss.now_mb()
         attack = threading.Thread(target=flood, args=(fed.mqtt_url, prefix, enrolled + strangers, 6, 15 * MiB))
         attack.start()
         wait_until(lambda: service.refusals["oversized"] >= 2, 60, "the flood is evicting its own partials")
@@ -116,12 +92,12 @@ def test_a_flood_stays_within_the_budget_and_a_device_update_gets_through(fed):
         wait_until(lambda: service.refusals["unknown_sender"] >= 2 * 6 * 15, 60, "every stranger frame refused")
         acks = [b for _, b in fed.devices[0].wait_for(MessageType.UPDATE_ACK)]
     flooded = 4 * 6 * 15 * (FRAME - HEADER_BYTES)
-    print(f"\nflood of {flooded / MiB:.0f} MiB: RSS {rss.start / MiB:.0f} -> peak {rss.peak / MiB:.0f} MiB, "
+    print(f"\nflood of {flooded / MiB:.0f} MiB: RSS {start:.0f} -> peak {rss.peak_mb:.0f} MiB, "
           f"reserved {service.transport.reassembler.reserved() / MiB:.0f} MiB, refusals {service.refusals.counts()}")
     assert len(acks) == 1
     assert service.store.reported(1) == {fed.devices[0].id}
     assert service.transport.reassembler.reserved() <= 64 * MiB
-    assert rss.peak - rss.start < 64 * MiB + 32 * MiB  # the budget, plus frames in paho's buffers
+    assert (rss.peak_mb - start) * MiB < 64 * MiB + 32 * MiB  # the budget, plus frames in paho's buffers
     assert service.refusals["oversized"] == 2 * (6 - 2)  # each enrolled attacker holds two, losing the oldest
 
 
@@ -146,14 +122,15 @@ def test_chunks_from_an_unenrolled_sender_are_refused_before_reassembly(fed):
 def test_expired_partials_return_their_memory(fed):
     service, prefix = fed.service, fed.devices[0].topics.prefix
     with PeakRss() as rss:
+        start = rss.now_mb()
         flood(fed.mqtt_url, prefix, [d.id for d in fed.devices[1:]], 2, 15 * MiB)
         wait_until(lambda: service.refusals["incomplete"] == 4, 30, "the partials expired")
-    after = rss.now()
-    print(f"\n60 MiB of partials expired: RSS {rss.start / MiB:.0f} -> peak {rss.peak / MiB:.0f} -> "
-          f"{after / MiB:.0f} MiB, refusals {service.refusals.counts()}")
+    after = rss.now_mb()
+    print(f"\n60 MiB of partials expired: RSS {start:.0f} -> peak {rss.peak_mb:.0f} -> "
+          f"{after:.0f} MiB, refusals {service.refusals.counts()}")
     assert service.transport.reassembler.reserved() == 0
-    assert rss.peak - rss.start > 30 * MiB  # the partials were really held ...
-    assert after - rss.start < 16 * MiB  # ... and their memory is back
+    assert (rss.peak_mb - start) * MiB > 30 * MiB  # the partials were really held ...
+    assert (after - start) * MiB < 16 * MiB  # ... and their memory is back
 
 
 def test_intake_keeps_its_pace_after_twenty_thousand_chunk_frames(fed):
@@ -190,13 +167,14 @@ def test_a_devices_downlink_refuses_partials_beyond_its_budget_and_its_memory_st
     reassembler = session.transport.reassembler
     try:
         with PeakRss() as rss:
+            start = rss.now_mb()
             flood(mqtt_url, prefix, [client.device_id], 16, 4 * MiB, topic="down")  # 4 frames each, all refused
             flood(mqtt_url, prefix, [client.device_id], 64, MiB, 64 * 1024, topic="down")  # each evicts the last
             wait_until(lambda: session.refusals["oversized"] >= 16 * 4 + 63, 30, "the flood refused")
         print(f"\ndevice downlink flood of 128 MiB, budget {reassembler.budget / MiB:.1f} MiB: RSS "
-              f"{rss.start / MiB:.0f} -> peak {rss.peak / MiB:.0f} MiB, refusals {session.refusals.counts()}")
+              f"{start:.0f} -> peak {rss.peak_mb:.0f} MiB, refusals {session.refusals.counts()}")
         assert reassembler.reserved() <= reassembler.max_sender_bytes
-        assert rss.peak - rss.start < reassembler.budget + 16 * MiB  # frames in flight in paho's buffers
+        assert (rss.peak_mb - start) * MiB < reassembler.budget + 16 * MiB  # frames in flight in paho's buffers
     finally:
         session.stop()
 
