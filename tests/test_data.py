@@ -63,6 +63,9 @@ def test_uneven_groups_follow_sizes():
     {"n_clients": 0, "n_styles": 2, "seed": 0},
     {"n_clients": 4, "n_styles": 2, "seed": 0, "sizes": [3, 3]},
     {"n_clients": 2, "n_styles": 1, "seed": 0, "styles": ["no-such-style"]},
+    {"n_clients": 2, "n_styles": 1, "seed": 0, "classes_per_client": 10},
+    {"n_clients": 2, "n_styles": 1, "seed": 0, "held_out": 0},
+    {"n_clients": 2, "n_styles": 1, "seed": 0, "unseen": 4},
 ])
 def test_bad_persona_arguments_raise_value_error(kwargs):
     with pytest.raises(ValueError):
@@ -72,3 +75,36 @@ def test_bad_persona_arguments_raise_value_error(kwargs):
 def test_unknown_style_raises_value_error():
     with pytest.raises(ValueError, match="unknown style"):
         apply_style(torch.zeros(1, 1, 16, 16), "sparkly")
+
+
+FEW = {"n_clients": 6, "n_styles": 2, "seed": 3, "images_per_client": 8, "classes_per_client": 3, "held_out": 6,
+       "unseen": 10}
+
+
+def test_few_class_personas_own_exactly_their_classes_spread_evenly():
+    for p in make_personas(**FEW):
+        counts = torch.bincount(p.train_digits, minlength=10)
+        assert len(p.train_images) == 8 and int((counts > 0).sum()) == 3
+        assert int(counts.max() - counts[counts > 0].min()) <= 1
+        assert set(p.test_digits.tolist()) <= set(p.train_digits.tolist())
+
+
+def test_held_out_images_are_extra_and_never_training_images():
+    for p in make_personas(**FEW):
+        assert len(p.test_images) == len(p.test_prompts) == 6
+        train = {tuple(r.flatten().tolist()) for r in p.train_images}
+        assert not any(tuple(r.flatten().tolist()) in train for r in p.test_images)
+
+
+def test_unseen_prompts_ask_for_other_digits_in_words_the_persona_never_used():
+    for p in make_personas(**FEW):
+        assert len(p.unseen_prompts) == len(p.unseen_digits) == 10
+        assert not set(p.unseen_digits.tolist()) & set(p.train_digits.tolist())
+        assert len(set(p.unseen_digits.tolist())) == 7  # every digit it does not own
+        for prompt, d in zip(p.unseen_prompts, p.unseen_digits.tolist()):
+            assert str(d) in prompt or DIGIT_WORDS[d] in prompt, prompt
+            assert not any(t.format(d=w) == prompt for t in p.templates for w in (str(d), DIGIT_WORDS[d])), prompt
+
+
+def test_default_personas_have_no_unseen_prompts():
+    assert all(p.unseen_prompts == () and len(p.unseen_digits) == 0 for p in make_personas(4, 2, seed=0))

@@ -4,7 +4,10 @@ scikit-learn's handwritten digits ship with the library, so nothing is downloade
 1,797 8x8 images are upscaled to 16x16 and split once, by a fixed permutation, into a
 *public* half (what the vendor may use: base-model pretraining, the evaluators) and a
 *private* half from which every simulated persona draws its images. A persona owns one
-visual style, a skewed subset of digits and its own way of asking for images.
+visual style, a skewed subset of digits and its own way of asking for images. It is judged
+on held-out prompts for the digits it owns ("seen") and, where asked for, on prompts for
+digits it never had in phrasings it never used ("unseen"): what a personalisation user asks
+for after photographing a few subjects.
 
 Images are ``float32`` tensors shaped ``(n, 1, 16, 16)`` with ink at 1 and paper at 0.
 """
@@ -221,6 +224,9 @@ class Persona:
     test_images: torch.Tensor
     test_digits: torch.Tensor
     test_prompts: tuple[str, ...]
+    # digits it owns no image of, each asked for in its style's other templates and wordings
+    unseen_digits: torch.Tensor = torch.zeros(0, dtype=torch.long)
+    unseen_prompts: tuple[str, ...] = ()
 
     @property
     def digits(self) -> tuple[int, ...]:
@@ -249,6 +255,9 @@ def make_personas(
     digit_concentration: float = 0.6,
     sizes: Sequence[int] | None = None,
     styles: Sequence[str] | None = None,
+    classes_per_client: int | None = None,
+    held_out: int | None = None,
+    unseen: int = 0,
 ) -> list[Persona]:
     """Build ``n_clients`` personas over ``n_styles`` styles, deterministic for ``seed``.
 
@@ -256,6 +265,13 @@ def make_personas(
     styles round-robin, or by ``sizes`` (clients per style) for uneven groups. Each
     persona's digits follow a Dirichlet(``digit_concentration``) draw: small values give
     strongly skewed digit mixes, the non-IID regime federated learning has to survive.
+
+    ``classes_per_client`` instead gives each persona that many digit classes, its images
+    spread evenly over them (a user who photographed a few subjects). ``held_out`` sets the
+    number of test images apart from the ``images_per_client`` it trains on (default: a
+    ``test_fraction`` of them). ``unseen`` adds that many prompts for digits the persona owns
+    no image of, phrased with the style's templates and digit wordings the persona never
+    uses (needs ``classes_per_client``, so that such digits exist).
     """
     if n_clients < 1:
         raise ValueError(f"n_clients must be >= 1, got {n_clients}")
@@ -278,6 +294,12 @@ def make_personas(
         raise ValueError(f"images_per_client must be >= 4, got {images_per_client}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if classes_per_client is not None and not 1 <= classes_per_client <= 9:
+        raise ValueError(f"classes_per_client must be between 1 and 9, got {classes_per_client}")
+    if held_out is not None and held_out < 1:
+        raise ValueError(f"held_out must be >= 1, got {held_out}")
+    if unseen and classes_per_client is None:
+        raise ValueError("unseen prompts need classes_per_client (a Dirichlet mix may own every digit)")
 
     pool_x, pool_y = private_digits()
     by_digit = [torch.nonzero(pool_y == d).flatten().numpy() for d in range(10)]
@@ -285,24 +307,68 @@ def make_personas(
     personas = []
     for i, style in enumerate(assignment):
         rng = random.Random(f"{seed}:{i}")
-        weights = np_rng.dirichlet([digit_concentration] * 10)
-        counts = np_rng.multinomial(images_per_client, weights)
-        idx = np.concatenate([np_rng.choice(by_digit[d], size=c, replace=c > len(by_digit[d])) for d, c in enumerate(counts)])
-        np_rng.shuffle(idx)
+        if classes_per_client is None:
+            weights = np_rng.dirichlet([digit_concentration] * 10)
+            counts = np_rng.multinomial(images_per_client, weights)
+        else:
+            weights = np.zeros(10)
+            weights[np_rng.choice(10, size=classes_per_client, replace=False)] = 1.0 / classes_per_client
+            counts = _even_counts(images_per_client, weights, np_rng)
+        if held_out is None:  # the test images are a fraction of the persona's own
+            n_test = max(1, int(round(images_per_client * test_fraction)))
+            idx = np.concatenate([np_rng.choice(by_digit[d], size=c, replace=c > len(by_digit[d]))
+                                  for d, c in enumerate(counts)])
+            np_rng.shuffle(idx)
+        else:  # held_out more images of the same digits, none of them also a training image
+            n_test = held_out
+            test_counts = (np_rng.multinomial(held_out, weights) if classes_per_client is None
+                           else _even_counts(held_out, weights, np_rng))
+            drawn = [np_rng.choice(by_digit[d], size=c + t, replace=c + t > len(by_digit[d]))
+                     for d, (c, t) in enumerate(zip(counts, test_counts))]
+            test_idx = np.concatenate([x[:t] for x, t in zip(drawn, test_counts)])
+            train_idx = np.concatenate([x[t:] for x, t in zip(drawn, test_counts)])
+            np_rng.shuffle(test_idx)
+            np_rng.shuffle(train_idx)
+            idx = np.concatenate([test_idx, train_idx])
         images = apply_style(pool_x[idx], style)
         digits = pool_y[idx]
-        n_test = max(1, int(round(images_per_client * test_fraction)))
         templates = tuple(rng.sample(style_templates(style), k=4))
         wordings = tuple(rng.sample(range(len(_DIGIT_WORDINGS)), k=2))
         tic = rng.choice(_TICS)
         prompts = tuple(_phrase(templates, wordings, tic, int(d), rng) for d in digits)
+        unseen_digits, unseen_prompts = _unseen(style, templates, wordings, digits, unseen, f"{seed}:{i}:unseen")
         personas.append(Persona(
             id=f"persona-{i:03d}", style=style, digit_weights=tuple(float(w) for w in weights),
             templates=templates, wordings=wordings, tic=tic,
             train_images=images[n_test:], train_digits=digits[n_test:], train_prompts=prompts[n_test:],
             test_images=images[:n_test], test_digits=digits[:n_test], test_prompts=prompts[:n_test],
+            unseen_digits=unseen_digits, unseen_prompts=unseen_prompts,
         ))
     return personas
+
+
+def _even_counts(n: int, weights: np.ndarray, np_rng: np.random.Generator) -> np.ndarray:
+    """``n`` images spread evenly over the digits ``weights`` gives a share, the remainder to random ones."""
+    owned = np.flatnonzero(weights)
+    counts = np.zeros(10, dtype=np.int64)
+    counts[owned] = n // len(owned)
+    counts[np_rng.choice(owned, size=n % len(owned), replace=False)] += 1
+    return counts
+
+
+def _unseen(style: str, templates: Sequence[str], wordings: Sequence[int], digits: torch.Tensor, n: int,
+            seed: str) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """``n`` prompts for digits not in ``digits``, in the style's templates and wordings outside the persona's."""
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long), ()
+    rng = random.Random(seed)
+    missing = [d for d in range(10) if d not in set(digits.tolist())]
+    other_templates = [t for t in style_templates(style) if t not in templates]
+    other_wordings = [w for w in range(len(_DIGIT_WORDINGS)) if w not in wordings]
+    chosen = [missing[j % len(missing)] for j in range(n)]
+    rng.shuffle(chosen)
+    prompts = tuple(_phrase(other_templates, other_wordings, "", d, rng) for d in chosen)
+    return torch.tensor(chosen, dtype=torch.long), prompts
 
 
 def calibration_samples(n: int, seed: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:

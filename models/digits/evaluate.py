@@ -119,9 +119,12 @@ class Evaluator:
         if len(digits) != len(images):
             raise ValueError(f"{len(images)} images but {len(digits)} target digits")
         digit_pred, style_pred = self.predict(images)
+        digit_ok, style_ok = digit_pred == digits, style_pred == STYLES.index(style)
         return {
-            "digit_acc": float((digit_pred == digits).float().mean()),
-            "style_acc": float((style_pred == STYLES.index(style)).float().mean()),
+            "digit_acc": float(digit_ok.float().mean()),
+            "style_acc": float(style_ok.float().mean()),
+            # what a user counts: the image is only right if it shows the digit asked for in their style
+            "joint_acc": float((digit_ok & style_ok).float().mean()),
             "frechet": self.frechet(images, digits, style),
         }
 
@@ -216,7 +219,7 @@ def load_evaluator() -> Evaluator:
 
 
 def evaluate(images: torch.Tensor, digits, style: str) -> dict[str, float]:
-    """``{digit_acc, style_acc, frechet}`` of ``images`` meant to show ``digits`` in ``style``."""
+    """``{digit_acc, style_acc, joint_acc, frechet}`` of ``images`` meant to show ``digits`` in ``style``."""
     return load_evaluator().evaluate(images, digits, style)
 
 
@@ -227,9 +230,11 @@ def sample_for_personas(
     seed: int = 0,
     steps: int = 20,
     guidance_scale: float = 2.0,
+    which: str = "seen",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, target digits): what ``unet`` (active adapters as set) draws for the personas'
-    held-out test prompts, cycled to ``samples`` images in all.
+    held-out test prompts (``which="seen"``: digits they own, in their words; ``"unseen"``: digits
+    they never had, in words they never used), cycled to ``samples`` images in all.
 
     The prompts are taken in turn from each persona (its first, then every persona's second, ...),
     so ``samples`` images of n personas are ``samples / n`` of each one's first prompts: the same
@@ -238,8 +243,13 @@ def sample_for_personas(
     """
     from models.digits.backend import DigitsBackend
 
+    if which not in ("seen", "unseen"):
+        raise ValueError(f"which must be 'seen' or 'unseen', got {which!r}")
     backend = DigitsBackend(unet)
-    columns = [list(zip(p.test_prompts, p.test_digits.tolist())) for p in personas]
+    columns = [list(zip(p.test_prompts, p.test_digits.tolist())) if which == "seen"
+               else list(zip(p.unseen_prompts, p.unseen_digits.tolist())) for p in personas]
+    if not any(columns):
+        raise ValueError(f"the personas have no {which} prompts (make_personas(unseen=...) adds unseen ones)")
     pairs = [c[j] for j in range(max(map(len, columns))) for c in columns if j < len(c)]
     prompts = [pr for pr, _ in pairs]
     digits = torch.tensor([d for _, d in pairs], dtype=personas[0].test_digits.dtype)
