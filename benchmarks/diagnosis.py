@@ -2,15 +2,11 @@
 
     python -m benchmarks.diagnosis [--smoke] [--variants base,fp32,...] [--seeds 0,1] [--out DIR]
 
-One process, no broker: each device is a real ``EdgeClient`` (the ``simulator`` profile of
-``benchmarks/federation.py``'s fleet: int8 base, batch 16, its seed) that trains with
-``train_round``; its delta goes through the uplink codec with error feedback (what
-``seal_update`` sends), the aggregator's rule (``make_rule`` with the aggregator's defaults:
-exact ΔW mean re-factorised by SVD, clipping, sample bounds) combines each cluster's updates
-from ``ClientUpdate.from_delta`` like ``RoundController.aggregate_records``, and the next
-adapter reaches every device through a ``DownlinkMirror`` decoded like ``FederatedSession``
-does. Personas, seeds, rounds, local steps and the per-round evaluation (``score_styles`` on
-the held-out prompts, 24 images and 8 sampling steps per style) are ``federation.py --quick``'s.
+One process, no broker: ``benchmarks.inprocess`` (real ``EdgeClient`` devices on the int8 base,
+the uplink codec with error feedback, the aggregator's rule with its defaults, the
+``DownlinkMirror``). Personas, seeds, rounds, local steps and the per-round evaluation
+(``score_styles`` on the held-out prompts, 24 images and 8 sampling steps per style) are those
+of ``federation.py --fleet --quick``.
 Devices are grouped by their true style: the real ``ours_intra`` fleet reaches that grouping
 after its first-round refinement (ARI 1.0), and every cluster starts round 1 from the same
 adapter, so round 1 regrouped equals round 1 trained in these groups.
@@ -30,7 +26,7 @@ A variant changes one thing against ``base`` (ours_intra as the product runs it)
 * ``server<x>``   the cluster moves x times the mean ΔW change (FedOpt's server learning rate);
 * ``fedavg``      one adapter for all, factors averaged (the FedAvg baseline).
 
-``local`` (each device alone, ``federation.in_process``'s loop) runs once per (lr, steps, rank,
+``local`` (each device alone, ``inprocess.run_alone``) runs once per (lr, steps, rank,
 seed) with the same number of rounds. Writes benchmarks/results/diagnosis.json and diagnosis.png.
 """
 
@@ -38,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import matplotlib
 
@@ -51,71 +45,51 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from aggregator.config import AggregatorConfig  # noqa: E402
-from aggregator.downlink import DownlinkMirror  # noqa: E402
-from aggregator.global_model import GlobalModel, adapter_name  # noqa: E402
-from aggregator.rules import ClientUpdate, make_rule  # noqa: E402
-from aggregator.rules.exact import ExactLoraAggregation, mean_delta  # noqa: E402
-from aggregator.simulation.fleet import FleetConfig, score_styles  # noqa: E402
+from aggregator.global_model import GlobalModel  # noqa: E402
+from aggregator.rules.exact import mean_delta  # noqa: E402
+from aggregator.simulation.fleet import FleetConfig  # noqa: E402
 from benchmarks._results import Output, add_arguments  # noqa: E402
-from benchmarks.federation import FEDERATED, QUICK_FLEET, SMOKE_FLEET  # noqa: E402
-from edge_sdk.protocol.codecs import ErrorFeedback, decode_payload, make_codec  # noqa: E402
-from edge_sdk.protocol.messages import SEEDED_CODEC, SeededAdapter  # noqa: E402
-from edge_sdk.protocol.tensors import shapes_of  # noqa: E402
-from models.digits.backend import DigitsBackend  # noqa: E402
-from models.lora import (  # noqa: E402
-    add_adapter,
-    factorize,
-    get_adapter_state,
-    lora_config,
-    lora_modules,
-    lora_scale,
-    set_mix,
-)
-from models.training import LORA_LR, TrainConfig, train_adapters  # noqa: E402
+from benchmarks.federation import QUICK_FLEET, SMOKE_FLEET  # noqa: E402
+from benchmarks.inprocess import InProcessFederation, Variant, run_alone, true_style_groups  # noqa: E402
+from models.lora import factorize, lora_config, lora_modules, lora_scale  # noqa: E402
 
 METRICS = ("style_acc", "digit_acc", "frechet")
 
 
 @dataclass(frozen=True)
-class Variant:
-    name: str
-    method: str = "ours_intra"        # ours_intra | fedavg
-    quantization: str = "int8"        # the devices' base
-    rank: int = 2
+class Knobs(Variant):
+    """A run's variant, with the knobs only a diagnosis turns."""
+
     exact_eval: bool = False
-    downlink_deltas: bool = True
     keep_optimizer: bool = False
-    lr: float = LORA_LR
-    local_steps: int | None = None    # None: the fleet's
     split: str | None = None          # None: the product's factorisation
     server_lr: float = 1.0            # the cluster moves server_lr x the mean ΔW change (FedOpt's server step)
 
 
-def variant(name: str) -> Variant:
+def variant(name: str) -> Knobs:
     """A variant by name (see the module docstring)."""
-    fixed = {"base": Variant("base"), "fp32": Variant("fp32", quantization="none"),
-             "exact_eval": Variant("exact_eval", exact_eval=True),
-             "no_downlink": Variant("no_downlink", downlink_deltas=False),
-             "keep_opt": Variant("keep_opt", keep_optimizer=True), "fedavg": Variant("fedavg", method="fedavg")}
+    fixed = {"base": Knobs("base"), "fp32": Knobs("fp32", quantization="none"),
+             "exact_eval": Knobs("exact_eval", exact_eval=True),
+             "no_downlink": Knobs("no_downlink", downlink_deltas=False),
+             "keep_opt": Knobs("keep_opt", keep_optimizer=True), "fedavg": Knobs("fedavg", method="fedavg")}
     if name in fixed:
         return fixed[name]
     if name.startswith("rank"):
-        return Variant(name, rank=int(name[4:]))
+        return Knobs(name, rank=int(name[4:]))
     if name.startswith("lr"):
-        return Variant(name, lr=float(name[2:]))
+        return Knobs(name, lr=float(name[2:]))
     if name.startswith("steps"):
-        return Variant(name, local_steps=int(name[5:]))
+        return Knobs(name, local_steps=int(name[5:]))
     if name.startswith("server"):
-        return Variant(name, server_lr=float(name[6:]))
+        return Knobs(name, server_lr=float(name[6:]))
     if name.startswith("split_"):
-        return Variant(name, split=name[6:])
+        return Knobs(name, split=name[6:])
     if "+" in name:  # combinations: "fp32+split_init"
         parts = [variant(p) for p in name.split("+")]
         merged = {}
         for p in parts:
-            merged |= {k: v for k, v in asdict(p).items() if k != "name" and v != getattr(Variant("x"), k)}
-        return Variant(name, **merged)
+            merged |= {k: v for k, v in asdict(p).items() if k != "name" and v != getattr(Knobs("x"), k)}
+        return Knobs(name, **merged)
     raise SystemExit(f"unknown variant {name!r}")
 
 
@@ -181,106 +155,47 @@ def kept_optimizer(memory: dict, key: str, enabled: bool):
 
 
 # ------------------------------------------------------------------ the federation, in one process
-def devices_of(cfg: FleetConfig, v: Variant, root: Path, lora):
-    from edge_sdk import DeviceConfig, EdgeClient
+class Diagnosis(InProcessFederation):
+    """The product's federation in one process, grouped by true style, with a variant's knobs turned and
+    the statistics a diagnosis reads (truncation error, update agreement, the untruncated mean's scores)."""
 
-    clients = []
-    for i in range(cfg.devices):
-        client = EdgeClient(DeviceConfig(
-            data_dir=root / f"d{i}", device_id=f"d{i}", profile="simulator", local_steps=cfg.local_steps,
-            task_noise=cfg.task_noise, personalization=cfg.personalization, seed=cfg.seed + i,
-            quantization=v.quantization, lr=v.lr, max_lora_rank=max(8, v.rank)))
-        client.adopt_lora(lora)  # what the first round start does
-        clients.append(client)
-    return clients
+    def __init__(self, cfg: FleetConfig, v: Knobs) -> None:
+        personas = cfg.personas()
+        groups = true_style_groups({f"d{i}": p for i, p in enumerate(personas)})
+        super().__init__(cfg, v, personas, groups={d: 0 for d in groups} if v.method == "fedavg" else groups)
+        self.opt_memory: dict = {}
+        self.exact_model = GlobalModel(lora_config(v.rank * cfg.devices)) if v.exact_eval else None
+        self.exact_adapters: dict = {}
+        self.stats = {"truncation": {}, "agreement": {}, "exact_curves": {}}
+
+    def train(self, device, client, start, data, version):
+        with kept_optimizer(self.opt_memory, device, self.v.keep_optimizer):
+            return super().train(device, client, start, data, version)
+
+    def aggregate(self, rnd, cid, current, updates):
+        with split(self.v.split):
+            if self.exact_model is not None:
+                self.exact_adapters[cid] = untruncated(updates, self.lora, self.v.rank * self.cfg.devices)
+            adapter = super().aggregate(rnd, cid, current, updates)
+        self.stats["truncation"].setdefault(rnd, {})[cid] = truncation_error(updates, adapter, self.lora)
+        self.stats["agreement"].setdefault(rnd, {})[cid] = update_agreement(updates, current, self.lora)
+        return server_step(current, adapter, self.v.server_lr, self.lora)
+
+    def after_round(self, rnd, updates, adapters):
+        if self.exact_model is not None:
+            model, self.model = self.model, self.exact_model
+            self.stats["exact_curves"][rnd] = self.score(self.exact_adapters, true_style_groups(self.persona_of))
+            self.model = model
 
 
-def run_federated(cfg: FleetConfig, v: Variant) -> dict:
-    from edge_sdk import LocalData
-
-    personas = cfg.personas()
-    ids = [f"d{i}" for i in range(cfg.devices)]
-    persona_of = dict(zip(ids, personas))
-    styles = sorted({p.style for p in personas})
-    groups = {d: (0 if v.method == "fedavg" else styles.index(persona_of[d].style)) for d in ids}
-    overrides = dict(FEDERATED[v.method]) | {"seed": cfg.seed}
-    overrides.pop("clustering"), overrides.pop("interaction")
-    agg = AggregatorConfig(**overrides, lora=lora_config(v.rank))
-    lora = agg.lora
-    rule = make_rule(agg.rule, agg.clip, agg.sample_bound)
-    model = GlobalModel(lora)
-    initial = model.initial_adapter(seed=agg.seed)
-    mirror = DownlinkMirror(agg.downlink_codec, deltas=v.downlink_deltas, seeded=(agg.seed, initial))
-    steps = v.local_steps or cfg.local_steps
-    clusters = {c: {k: t.clone() for k, t in initial.items()} for c in set(groups.values())}
-    versions = {c: 0 for c in clusters}
-    exact_model = GlobalModel(lora_config(v.rank * cfg.devices)) if v.exact_eval else None
-    opt_memory: dict = {}
-    curves, exact_curves, losses, truncation, agreement = {}, {}, {}, {}, {}
-    with tempfile.TemporaryDirectory(prefix="fedaigc-diag-") as root:
-        clients = devices_of(cfg, v, Path(root), lora)
-        feedback = {d: ErrorFeedback(make_codec(cfg.codec, seed=c.config.seed)) for d, c in zip(ids, clients)}
-        held: dict = {}
-        curves[0] = score(model, clusters, groups, persona_of, cfg)
-        if exact_model is not None:
-            exact_curves[0] = curves[0]
-        for rnd in range(1, cfg.rounds + 1):
-            updates: dict[int, list] = {c: [] for c in clusters}
-            reported = []
-            for d, client in zip(ids, clients):
-                cid = groups[d]
-                start = received(mirror, held, client, d, cid, versions[cid], clusters[cid], lora)
-                with kept_optimizer(opt_memory, d, v.keep_optimizer):
-                    up = client.train_round(start, LocalData.from_persona(persona_of[d]), steps=steps,
-                                            version=versions[cid])
-                mirror.confirm(d, cid, versions[cid])
-                data = feedback[d].encode(up.delta)  # what seal_update puts in the body
-                delta = decode_payload(cfg.codec, data, shapes_of(clusters[cid]))
-                updates[cid].append(ClientUpdate.from_delta(d, clusters[cid], delta, up.samples))
-                reported.append((up.samples, up.loss_before, up.loss_after))
-            exact_adapters = {}
-            with split(v.split):
-                for cid, ups in updates.items():
-                    if exact_model is not None:
-                        exact_adapters[cid] = untruncated(ups, lora, v.rank * cfg.devices)
-                    result = rule.aggregate(clusters[cid], ups, lora)
-                    truncation.setdefault(rnd, {})[cid] = truncation_error(ups, result.adapter, lora)
-                    agreement.setdefault(rnd, {})[cid] = update_agreement(ups, clusters[cid], lora)
-                    clusters[cid] = server_step(clusters[cid], result.adapter, v.server_lr, lora)
-                    versions[cid] += 1
-            n = sum(s for s, _, _ in reported)
-            losses[rnd] = {"before": sum(s * b for s, b, _ in reported) / n, "after": sum(s * a for s, _, a in reported) / n}
-            curves[rnd] = score(model, clusters, groups, persona_of, cfg)
-            if exact_model is not None:
-                exact_curves[rnd] = score(exact_model, exact_adapters, groups, persona_of, cfg)
-    out = {"curves": curves, "losses": losses, "truncation": truncation, "agreement": agreement}
-    if exact_model is not None:
-        out["exact_curves"] = exact_curves
+def run_federated(cfg: FleetConfig, v: Knobs) -> dict:
+    run = Diagnosis(cfg, v)
+    out = run.run()
+    out = {"curves": out["curves"], "losses": out["losses"], "truncation": run.stats["truncation"],
+           "agreement": run.stats["agreement"]}
+    if v.exact_eval:
+        out["exact_curves"] = {0: out["curves"][0]} | run.stats["exact_curves"]
     return out
-
-
-def received(mirror: DownlinkMirror, held: dict, client, device: str, cid: int, version: int, adapter, lora):
-    """The round start's adapter as the device decodes it (``FederatedSession._on_round``)."""
-    from edge_sdk.client import SHARED
-
-    payload = mirror.payload(device, cid, version, adapter)
-    expected = shapes_of(get_adapter_state(client.unet, SHARED))
-    if payload.codec == SEEDED_CODEC:
-        seeded = SeededAdapter.decode(payload.data)
-        start = client.seeded_adapter(seeded.seed, lora)
-        if not seeded.matches(start):
-            raise RuntimeError("the seeded adapter does not match the aggregator's")
-    elif payload.base_version < 0:
-        start = decode_payload(payload.codec, payload.data, expected)
-    else:
-        base = held[device]
-        if (base[0], base[1]) != (payload.base_cluster, payload.base_version):
-            raise RuntimeError(f"{device} holds {base[:2]}, the delta is against "
-                               f"{(payload.base_cluster, payload.base_version)}")
-        decoded = decode_payload(payload.codec, payload.data, expected)
-        start = {k: base[2][k] + decoded[k] for k in decoded}
-    held[device] = (cid, version, start)
-    return start
 
 
 def _stacks(updates, module):
@@ -357,44 +272,9 @@ def update_agreement(updates, current, lora) -> float:
     return float(mean.norm() / (w * flat.norm(dim=1)).sum())
 
 
-def score(model: GlobalModel, adapters: dict, groups: dict, persona_of: dict, cfg: FleetConfig) -> dict:
-    """``RoundEvaluator.score``: each style judged on the cluster adapter its devices get."""
-    def model_of(cid):
-        model.set_cluster(cid, adapters[cid], 0)
-        set_mix(model.unet, {adapter_name(cid): 1.0})
-        return model.unet
-
-    return score_styles(model_of, groups, persona_of, cfg.eval_samples, cfg.seed, cfg.eval_steps)
-
-
-def run_local(cfg: FleetConfig, v: Variant) -> dict:
-    """``federation.in_process(cfg, pooled=False)``, with the variant's learning rate, steps and rank."""
-    personas = cfg.personas()
-    ids = [f"d{i}" for i in range(len(personas))]
-    persona_of = dict(zip(ids, personas))
-    backend = DigitsBackend.from_pretrained()
-    unet = backend.denoiser
-    unet.requires_grad_(False)
-    data = {}
-    for d in ids:
-        add_adapter(unet, f"g-{d}", lora_config(v.rank), seed=cfg.seed)
-        p = persona_of[d]
-        data[d] = (backend.encode_images(p.train_images), backend.encode_prompts(list(p.train_prompts)))
-    model = GlobalModel(lora_config(v.rank))
-    index = {d: i for i, d in enumerate(ids)}
-    groups = {d: d for d in ids}
-    steps = v.local_steps or cfg.local_steps
-    curves, adapters = {}, {}
-    for rnd in range(cfg.rounds + 1):
-        for d, (samples, enc) in data.items():
-            if rnd > 0:
-                set_mix(unet, {f"g-{d}": 1.0})
-                train_adapters(backend, [f"g-{d}"], samples, enc,
-                               TrainConfig(steps=steps, batch_size=16, lr=v.lr, seed=cfg.seed + rnd))
-            adapters[index[d]] = get_adapter_state(unet, f"g-{d}")
-        curves[rnd] = score(model, adapters, {d: index[d] for d in ids}, persona_of, cfg)
-    del groups
-    return {"curves": curves}
+def run_local(cfg: FleetConfig, v: Knobs) -> dict:
+    """``local`` (``run_alone``), with the variant's learning rate, steps and rank."""
+    return run_alone(cfg, pooled=False, rank=v.rank, lr=v.lr, local_steps=v.local_steps)
 
 
 # ------------------------------------------------------------------ summaries

@@ -1,8 +1,16 @@
-"""The paper's comparison on styled digits, over the real protocol path.
+"""Does federation beat a device training alone? The data-scarcity sweep, and the fleet comparison.
 
-    python -m benchmarks.federation [--quick | --smoke] [--out DIR]      (or: fedaigc bench federation)
+    python -m benchmarks.federation [--quick | --smoke] [--images 4,8,16] [--seeds N] [--workers 2] [--out DIR]
+    python -m benchmarks.federation --fleet [--quick | --smoke] [--out DIR]      (or: fedaigc bench federation)
 
-Methods, same personas, seeds, rounds and local steps:
+The default is the sweep of ``benchmarks/scarcity.py``: images per device 4/8/16/32/80, 5 seeds
+at <= 16 images and 3 above, every method in one process over the product's code, each device
+judged on seen and unseen prompts by joint accuracy and Fréchet distance; the headline is the
+scarcest setting. Writes benchmarks/results/federation.json and federation*.png.
+
+``--fleet`` runs the methods as real fleets over the real protocol path instead (device worker
+processes, aggregator, broker; bytes are MQTT payload bytes counted by the aggregator), scored on
+the personas' held-out prompts per true style (benchmarks/results/federation_fleet.json):
 
 * ``local``      - every device trains alone (nothing crosses the broker);
 * ``fedavg``     - one shared LoRA for everyone, factors averaged (FedIT-style);
@@ -10,19 +18,13 @@ Methods, same personas, seeds, rounds and local steps:
                    (Ghosh et al., 2020), k = the true number of styles;
 * ``ours_intra`` - task clustering from sealed, noised task vectors + CFL refinement,
                    exact ΔW aggregation, no inter-cluster interaction;
-* ``ours``       - the same plus inter-cluster knowledge interaction: gated mixing and the
-                   global component by shrinkage (``global_shrinkage``; the product's default
-                   leaves shrinkage off, and its gate lets no different style lend, so the
-                   default equals ``ours_intra`` here);
+* ``ours``       - the same plus the product's default inter-cluster interaction (ΔW-gated
+                   mixing; global shrinkage stays off, as in the product);
 * ``central``    - one adapter per style on the pooled data of its devices, with the same
                    number of optimizer steps per round as that style's devices together.
 
-Federated methods run as real fleets (device worker processes, aggregator, broker);
-bytes are MQTT payload bytes counted by the aggregator. Quality is judged per true style
-on the devices' held-out prompts with the adapter each device would use. Sizes fit the
-60-minute budget on 2 cores: 12 devices over 4 styles with groups of 4/3/3/2, 16x16
-images, rank-2 LoRA. Writes benchmarks/results/federation.json and federation*.png (and, while it
-runs, federation.partial.json with every finished method).
+The full fleet run is 12 devices over 4 styles in groups of 4/3/3/2, 16x16 images, rank-2
+LoRA, 3 seeds (about an hour on 2 cores); ``--quick`` is 8 devices, 3 rounds, 1 seed.
 """
 
 from __future__ import annotations
@@ -37,63 +39,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
-from aggregator.global_model import GlobalModel, adapter_name  # noqa: E402
-from aggregator.simulation.fleet import FleetConfig, run_federation, score_styles  # noqa: E402
+from aggregator.simulation.fleet import FleetConfig, run_federation  # noqa: E402
+from benchmarks import scarcity  # noqa: E402
 from benchmarks._results import Output, add_arguments  # noqa: E402
-from models.digits.backend import DigitsBackend  # noqa: E402
-from models.lora import add_adapter, get_adapter_state, lora_config, set_mix  # noqa: E402
-from models.training import LORA_LR, TrainConfig, train_adapters  # noqa: E402
+from benchmarks.inprocess import FEDERATED, run_alone  # noqa: E402
 
-FEDERATED = {
-    "fedavg": {"clustering": "single", "rule": "fedavg", "interaction": False, "clip": None},
-    "ifca": {"clustering": "ifca", "rule": "fedavg", "interaction": False, "clip": None},
-    "ours_intra": {"clustering": "tasks", "rule": "exact", "interaction": False},
-    # the full method, global shrinkage included (off in the product's defaults: see README)
-    "ours": {"clustering": "tasks", "rule": "exact", "interaction": True, "global_shrinkage": True},
-}
-METHODS = ("local", "fedavg", "ifca", "ours_intra", "ours", "central")
+METHODS = scarcity.METHODS
 # a fleet is slow to start even at smoke size (its device processes load torch and the model): the smoke
 # runs the baseline and the full method as fleets, and checks every method's settings (check_methods)
 SMOKE_METHODS = ("local", "fedavg", "ours", "central")
-
-
-def in_process(cfg: FleetConfig, pooled: bool) -> dict:
-    """``local`` (one adapter per device) or ``central`` (one per style, pooled data), per round."""
-    personas = cfg.personas()
-    ids = [f"d{i}" for i in range(len(personas))]
-    persona_of = dict(zip(ids, personas))
-    groups = {d: (p.style if pooled else d) for d, p in persona_of.items()}
-    backend = DigitsBackend.from_pretrained()
-    unet = backend.denoiser
-    unet.requires_grad_(False)
-    data = {}
-    for g in sorted(set(groups.values())):
-        members = [persona_of[d] for d in ids if groups[d] == g]
-        add_adapter(unet, f"g-{g}", lora_config(), seed=cfg.seed)
-        samples = backend.encode_images(torch.cat([p.train_images for p in members]))
-        enc = backend.encode_prompts([q for p in members for q in p.train_prompts])
-        data[g] = (samples, enc, len(members))
-    model = GlobalModel(lora_config())
-    index = {g: i for i, g in enumerate(sorted(set(groups.values())))}
-
-    def model_of(g):
-        set_mix(model.unet, {adapter_name(index[g]): 1.0})
-        return model.unet
-
-    curves = {}
-    for rnd in tqdm(range(0, cfg.rounds + 1), desc="central" if pooled else "local", leave=False):
-        for g, (samples, enc, n) in data.items():
-            name = f"g-{g}"
-            if rnd > 0:
-                set_mix(unet, {name: 1.0})
-                train_adapters(backend, [name], samples, enc, TrainConfig(steps=cfg.local_steps * n, batch_size=16,
-                                                                           lr=LORA_LR, seed=cfg.seed + rnd))
-            model.set_cluster(index[g], get_adapter_state(unet, name), rnd)
-        curves[rnd] = score_styles(model_of, groups, persona_of, cfg.eval_samples, cfg.seed, cfg.eval_steps)
-    return {"curves": curves, "traffic": {}, "ari": None, "ari_text": None, "seconds": None}
 
 
 def aggregator_overrides(method: str, cfg: FleetConfig) -> dict:
@@ -122,8 +77,8 @@ def check_methods(methods: list[str], cfg: FleetConfig) -> None:
 def run_method(method: str, cfg: FleetConfig) -> dict:
     started = time.monotonic()
     if method in ("local", "central"):
-        out = in_process(cfg, pooled=method == "central")
-        out["seconds"] = time.monotonic() - started
+        out = run_alone(cfg, pooled=method == "central")
+        out |= {"traffic": {}, "ari": None, "ari_text": None, "seconds": time.monotonic() - started}
         return out
     result = run_federation(cfg, aggregator=aggregator_overrides(method, cfg), progress=False)
     # round 0 is the starting point; the final adapters are evaluated with the per-round budget too
@@ -253,21 +208,44 @@ def fleet_config(args: argparse.Namespace) -> tuple[FleetConfig, list[int]]:
     if args.smoke or args.quick:
         return FleetConfig(**(SMOKE_FLEET if args.smoke else QUICK_FLEET), mqtt_url=args.mqtt_url), [0]
     return FleetConfig(devices=12, styles=4, sizes=(4, 3, 3, 2), rounds=args.rounds, local_steps=args.local_steps,
-                       eval_samples=32, eval_steps=8, mqtt_url=args.mqtt_url, task_noise=0.3), list(range(args.seeds))
+                       eval_samples=32, eval_steps=8, mqtt_url=args.mqtt_url,
+                       task_noise=0.3), list(range(args.seeds or 3))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 8 devices, 3 rounds (<= 5 min)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--local-steps", type=int, default=12)
+    parser.add_argument("--fleet", action="store_true",
+                        help="run the methods as real fleets over the broker instead of the in-process sweep")
+    parser.add_argument("--quick", action="store_true",
+                        help="sweep: 4 and 16 images, 2 seeds, 3 rounds (<= 10 min); "
+                             "fleet: 1 seed, 8 devices, 3 rounds")
+    parser.add_argument("--images", default=None,
+                        help="sweep: comma-separated images per device (default 4,8,16,32,80)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="sweep: seeds per setting (default 5 at <= 16 images, 3 above); fleet: default 3")
+    parser.add_argument("--workers", type=int, default=2, help="sweep: worker processes (default 2)")
+    parser.add_argument("--rounds", type=int, default=6, help="fleet: rounds (default 6)")
+    parser.add_argument("--local-steps", type=int, default=12, help="fleet: local steps per round (default 12)")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} "
-                                                           f"(default all; --smoke: {','.join(SMOKE_METHODS)})")
-    parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
+                                                           f"(default all; fleet --smoke: {','.join(SMOKE_METHODS)})")
+    parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883", help="fleet: the broker")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.fleet:
+        return run_fleets(args, Output.of(parser, args, "federation_fleet"))
     out = Output.of(parser, args, "federation")
+    sweep = scarcity.sized(scarcity.SMOKE if args.smoke else scarcity.QUICK if args.quick else scarcity.Sweep(),
+                           args.images, args.seeds, args.methods)
+    started = time.monotonic()
+    runs = scarcity.run(sweep, args.workers, lambda runs: out.write(scarcity.recorded(runs), partial=True))
+    result = scarcity.result(runs, sweep, time.monotonic() - started)
+    out.write(result)
+    scarcity.plot(result, sweep, out)
+    print(json.dumps(result["headline"], indent=2, default=str))
+
+
+def run_fleets(args: argparse.Namespace, out: Output) -> None:
+    """The comparison over the real protocol path (``--fleet``)."""
     cfg, seeds = fleet_config(args)
     methods = [m for m in (args.methods or ",".join(SMOKE_METHODS if args.smoke else METHODS)).split(",") if m]
     check_methods(methods, cfg)

@@ -33,7 +33,7 @@ MAIN_KEYS = {
     "edge": ("small", "tiny_sd", "quality_after_one_round", "device_profiles"),
     "personalization": ("runs", "final"),
     "serve": ("modes", "requests_per_s", "p95_ms"),
-    "federation": ("methods", "final", "rounds_ratio_vs_fedavg", "frechet_ratio_vs_central", "ari", "bytes_total"),
+    "federation": ("headline", "table", "methods", "interaction", "ari", "cpu_seconds"),
     "comm": ("per_setting", "baseline_bytes", "best_setting", "two_tier", "runs"),
     "privacy": ("settings", "attacks", "default", "dp"),
     "export": ("parity", "step_seconds", "sampling_seconds_20_steps_8_prompts", "quality", "coreml", "memory_mb",

@@ -89,12 +89,13 @@ class FederationResult:
                    for v in per.values())
 
 
-def score_styles(model_of, assignment: dict, persona_of: dict, samples: int, seed: int, steps: int) -> dict:
+def score_styles(model_of, assignment: dict, persona_of: dict, samples: int, seed: int, steps: int,
+                 which: str = "seen") -> dict:
     """``{"styles": {style: metrics}, "clusters": {group: {style: devices}}}`` for any grouping.
 
     ``model_of(group)`` returns the network (adapters set) that the devices of ``group`` use;
     a style's ``samples`` images are split over its groups in proportion to its devices there
-    and judged together.
+    and judged together, on the personas' ``which`` prompts (``sample_for_personas``).
     """
     per_style: dict[str, int] = {}
     for d in assignment:
@@ -110,7 +111,7 @@ def score_styles(model_of, assignment: dict, persona_of: dict, samples: int, see
         unet = model_of(group)
         for style, g in by_style.items():
             k = max(1, round(samples * len(g) / per_style[style]))
-            images.setdefault(style, []).append(sample_for_personas(unet, g, k, seed, steps))
+            images.setdefault(style, []).append(sample_for_personas(unet, g, k, seed, steps, which=which))
     styles = {}
     for style, parts in images.items():
         styles[style] = evaluate(torch.cat([i for i, _ in parts]), torch.cat([d for _, d in parts]), style)
