@@ -15,7 +15,7 @@ are ``run_alone``. The scarcest setting is also scored after every round (rounds
 central's joint accuracy).
 
 The interaction experiment puts a clustering mistake and genuinely different tasks in one fleet:
-the 4-device style is split into two clusters of 2, beside a 2-device cluster of its own style,
+the 4-device style is split into two clusters of 2, beside a 2-device cluster of another style,
 and it compares ``ours`` with ``ours_intra`` on the fixed groups for the 2-device clusters.
 
 Means over seeds come with 95% t-intervals; gains are paired per seed.
@@ -83,7 +83,7 @@ class Sweep:
 QUICK = Sweep(images=(4, 16), seeds_scarce=2, seeds_plenty=1, rounds=3, interaction_seeds=2)
 SMOKE = Sweep(images=(4,), seeds_scarce=1, seeds_plenty=1, sizes=(2, 1), held_out=2, unseen=2, rounds=2,
               local_steps=1, eval_samples=2, eval_steps=2, interaction_seeds=1)
-# the interaction fleet: style 0's devices split in two clusters by a clustering mistake, beside
+# the interaction fleet: the largest style's devices split in two clusters by a clustering mistake, beside
 # genuinely different tasks; the 2-device clusters are the ones interaction is for
 SPLIT_STYLES = ("bold", "thin", "slanted", "framed")
 
@@ -115,11 +115,12 @@ def run_job(job: tuple) -> tuple[tuple, dict]:
 
 
 def split_groups(persona_of: dict) -> dict[str, int]:
-    """True-style groups, except that the first style's devices are split over two clusters."""
+    """True-style groups, except that the largest style's devices are split over two clusters."""
     groups = true_style_groups(persona_of)
-    first = [d for d in persona_of if groups[d] == 0]
+    largest = max(set(groups.values()), key=lambda g: (list(groups.values()).count(g), -g))
+    members = [d for d in persona_of if groups[d] == largest]
     top = max(groups.values())
-    return {d: (top + 1 if d in first[len(first) // 2:] else g) for d, g in groups.items()}
+    return {d: (top + 1 if d in members[len(members) // 2:] else g) for d, g in groups.items()}
 
 
 def cluster_scorer(cfg: FleetConfig):
@@ -193,7 +194,7 @@ def small_clusters(runs: dict, sweep: Sweep) -> dict:
     sizes = {cid: list(intra0["groups"].values()).count(cid) for cid in set(intra0["groups"].values())}
     smallest = sorted(c for c, k in sizes.items() if k == min(sizes.values()))
     out: dict = {"cluster_sizes": {str(c): k for c, k in sizes.items()}, "smallest": [str(c) for c in smallest],
-                 "split_clusters": [str(c) for c in (0, max(sizes))], "per_cluster": {}}
+                 "split_clusters": [str(c) for c in split_of(intra0["groups"], sizes)], "per_cluster": {}}
     for kind in KINDS:
         for cid in map(str, sizes):
             def get(m, key):
@@ -208,6 +209,15 @@ def small_clusters(runs: dict, sweep: Sweep) -> dict:
                                for c in smallest]) for s in seeds]
         out.setdefault("smallest_joint_gain", {})[kind] = interval(mean_small)
     return out
+
+
+def split_of(groups: dict, sizes: dict) -> list[int]:
+    """The two clusters ``split_groups`` made of one style: the newest id and the one its devices came from."""
+    newest = max(sizes)
+    devices = sorted(groups, key=lambda d: int(d[1:]))
+    first = next(d for d in devices if groups[d] == newest)
+    before = devices[devices.index(first) - 1]
+    return [groups[before], newest]
 
 
 def headline(runs: dict, sweep: Sweep) -> dict:

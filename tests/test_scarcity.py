@@ -1,0 +1,60 @@
+"""The data-scarcity sweep's pieces: its groups, its statistics and its in-process federation."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from aggregator.simulation.fleet import FleetConfig
+from benchmarks.inprocess import InProcessFederation, Variant, run_alone, seen_and_unseen_scorer
+from benchmarks.scarcity import SMOKE, interval, split_groups, split_of
+from models.digits.data import make_personas
+
+
+def test_split_groups_put_the_largest_styles_devices_in_two_clusters_and_keep_the_rest():
+    personas = make_personas(7, 3, seed=0, sizes=(1, 4, 2), styles=("bold", "slanted", "thin"))
+    groups = split_groups({f"d{i}": p for i, p in enumerate(personas)})
+    assert [groups[f"d{i}"] for i in range(7)] == [0, 1, 1, 3, 3, 2, 2]
+    assert split_of(groups, {g: list(groups.values()).count(g) for g in set(groups.values())}) == [1, 3]
+
+
+def test_interval_is_the_mean_with_a_95_percent_t_half_width():
+    out = interval([0.2, 0.4, 0.6])
+    assert out["mean"] == pytest.approx(0.4)
+    assert out["ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * 0.2 / math.sqrt(3))
+    assert interval([0.5])["ci95"] is None
+
+
+@pytest.fixture(scope="module")
+def scarce():
+    cfg = FleetConfig(devices=4, styles=2, sizes=(2, 2), rounds=1, local_steps=2, eval_samples=4, eval_steps=2,
+                      task_noise=0.0, seed=0)
+    personas = make_personas(4, 2, seed=0, sizes=(2, 2), images_per_client=4, classes_per_client=3, held_out=2,
+                             unseen=4)
+    return cfg, personas
+
+
+@pytest.mark.slow
+def test_the_in_process_federation_groups_devices_by_task_and_scores_seen_and_unseen(scarce):
+    cfg, personas = scarce
+    out = InProcessFederation(cfg, Variant("ours", method="ours"), personas, scorer=seen_and_unseen_scorer(cfg)).run()
+    assert out["ari"] == 1.0
+    assert set(out["curves"]) == {0, 1}
+    for kind in ("seen", "unseen"):
+        styles = out["curves"][1][kind]["styles"]
+        assert set(styles) == {p.style for p in personas}
+        assert all(0.0 <= m["joint_acc"] <= min(m["digit_acc"], m["style_acc"]) for m in styles.values())
+    assert out["losses"][1]["after"] < out["losses"][1]["before"]
+
+
+@pytest.mark.slow
+def test_local_scores_only_the_rounds_asked_for_and_the_last(scarce):
+    cfg, personas = scarce
+    out = run_alone(cfg, pooled=False, personas=personas, scorer=seen_and_unseen_scorer(cfg), eval_rounds=[])
+    assert set(out["curves"]) == {cfg.rounds}
+    assert np.isfinite(out["curves"][1]["unseen"]["styles"][personas[0].style]["frechet"])
+
+
+def test_the_smoke_sweep_is_scored_in_its_scarcest_setting():
+    assert SMOKE.headline_images == min(SMOKE.images) <= 16
