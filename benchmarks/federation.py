@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=None,
                         help="sweep: seeds per setting (default 5 at <= 16 images, 3 above); fleet: default 3")
     parser.add_argument("--workers", type=int, default=2, help="sweep: worker processes (default 2)")
+    parser.add_argument("--resume", action="store_true",
+                        help="sweep: reuse the runs of an earlier partial or finished result at --out that ran "
+                             "under the same settings (a --quick result's runs are all part of the default's)")
     parser.add_argument("--rounds", type=int, default=6, help="fleet: rounds (default 6)")
     parser.add_argument("--local-steps", type=int, default=12, help="fleet: local steps per round (default 12)")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} "
@@ -236,10 +239,17 @@ def main(argv: list[str] | None = None) -> None:
     out = Output.of(parser, args, "federation")
     sweep = scarcity.sized(scarcity.SMOKE if args.smoke else scarcity.QUICK if args.quick else scarcity.Sweep(),
                            args.images, args.seeds, args.methods)
+    earlier = None
+    if args.resume:
+        earlier = (json.loads(out.partial_path.read_text()) if out.partial_path.exists() else out.previous())
+    done = scarcity.reusable(earlier, sweep)
+    if args.resume:
+        print(f"reusing {len(done)} runs recorded under the same settings", flush=True)
     started = time.monotonic()
-    runs = scarcity.run(sweep, args.workers, lambda runs: out.write(scarcity.recorded(runs), partial=True))
+    runs = scarcity.run(sweep, args.workers, lambda runs: out.write(scarcity.recorded(runs, sweep), partial=True,
+                                                                    kept_from=earlier if done else None), done)
     result = scarcity.result(runs, sweep, time.monotonic() - started)
-    out.write(result)
+    out.write(result, kept_from=earlier if done else None)
     scarcity.plot(result, sweep, out)
     print(json.dumps(result["headline"], indent=2, default=str))
 

@@ -53,7 +53,7 @@ class Sweep:
     classes_per_device: int = 3
     held_out: int = 6
     unseen: int = 12
-    rounds: int = 4
+    rounds: int = 3
     local_steps: int = 10
     eval_samples: int = 24           # images per style and kind (seen / unseen)
     eval_steps: int = 8
@@ -63,6 +63,12 @@ class Sweep:
 
     def seeds(self, n: int) -> list[int]:
         return list(range(self.seeds_scarce if n <= 16 else self.seeds_plenty))
+
+    def settings(self) -> dict:
+        """What a run's outcome depends on (not how many settings and seeds the sweep covers): runs
+        recorded under equal settings are the same runs and can be reused (``--resume``)."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("images", "seeds_scarce", "seeds_plenty", "methods", "interaction_seeds")}
 
     @property
     def headline_images(self) -> int:
@@ -80,7 +86,7 @@ class Sweep:
                              held_out=self.held_out, unseen=self.unseen)
 
 
-QUICK = Sweep(images=(4, 16), seeds_scarce=2, seeds_plenty=1, rounds=3, interaction_seeds=2)
+QUICK = Sweep(images=(4, 16), seeds_scarce=2, interaction_seeds=2)  # a subset of the default's runs
 SMOKE = Sweep(images=(4,), seeds_scarce=1, seeds_plenty=1, sizes=(2, 1), held_out=2, unseen=2, rounds=2,
               local_steps=1, eval_samples=2, eval_steps=2, interaction_seeds=1)
 # the interaction fleet: the largest style's devices split in two clusters by a clustering mistake, beside
@@ -157,9 +163,8 @@ def summarize(runs: dict, sweep: Sweep) -> dict:
     """Per images-per-device setting and method: each metric's mean and interval, for unseen and seen."""
     table: dict = {}
     for n in sweep.images:
-        seeds = sweep.seeds(n)
         for m in sweep.methods:
-            per = [runs[("sweep", n, s, m)] for s in seeds]
+            per = [runs[("sweep", n, s, m)] for s in sweep.seeds(n)]
             table.setdefault(str(n), {})[m] = {kind: {k: interval([fleet_mean(r, sweep.rounds, kind, k) for r in per])
                                                       for k in METRICS} for kind in KINDS}
     return table
@@ -240,18 +245,37 @@ def headline(runs: dict, sweep: Sweep) -> dict:
 
 # ------------------------------------------------------------------ the run
 def jobs(sweep: Sweep) -> list[tuple]:
-    """Every run, the slowest first (so two workers finish together)."""
-    out = [("sweep", n, s, m, sweep) for n in sweep.images for s in sweep.seeds(n) for m in sweep.methods]
+    """Every run: the headline setting's first, then the interaction fleet's, then the rest, scarce first."""
+    n0 = sweep.headline_images
+    out = [("sweep", n0, s, m, sweep) for s in sweep.seeds(n0) for m in sweep.methods]
     if sweep.interaction_seeds:
-        out += [("split", sweep.headline_images, s, m, sweep) for s in range(sweep.interaction_seeds)
-                for m in ("ours_intra", "ours")]
-    return sorted(out, key=lambda j: -j[1])
+        out += [("split", n0, s, m, sweep) for s in range(sweep.interaction_seeds) for m in ("ours_intra", "ours")]
+    return out + [("sweep", n, s, m, sweep) for n in sweep.images if n != n0 for s in sweep.seeds(n)
+                  for m in sweep.methods]
 
 
-def run(sweep: Sweep, workers: int, on_result=None) -> dict:
-    """All runs, ``workers`` processes at a time; ``on_result(runs)`` after each one (to keep partial results)."""
-    runs: dict = {}
-    todo = jobs(sweep)
+def reusable(recorded_result: dict | None, sweep: Sweep) -> dict:
+    """The runs of an earlier (partial or finished) result with the same settings, keyed like ``run``'s."""
+    if not recorded_result or recorded_result.get("settings") != json_safe(sweep.settings()):
+        return {}
+    out = {}
+    for key, r in recorded_result.get("runs", {}).items():
+        experiment, n, seed, method = key.split("/")
+        r = dict(r, curves={int(k): v for k, v in r["curves"].items()})
+        out[(experiment, int(n), int(seed), method)] = r
+    return out
+
+
+def json_safe(x):
+    import json
+
+    return json.loads(json.dumps(x, default=str))
+
+
+def run(sweep: Sweep, workers: int, on_result=None, done: dict | None = None) -> dict:
+    """All runs not in ``done``, ``workers`` processes at a time; ``on_result(runs)`` after each one."""
+    runs: dict = {k: v for k, v in (done or {}).items() if k in {j[:4] for j in jobs(sweep)}}
+    todo = [j for j in jobs(sweep) if j[:4] not in runs]
     if workers <= 1:
         results = map(run_job, todo)
         pool = None
@@ -272,7 +296,7 @@ def run(sweep: Sweep, workers: int, on_result=None) -> dict:
 
 def result(runs: dict, sweep: Sweep, seconds: float) -> dict:
     n = sweep.headline_images
-    return {"sweep": asdict(sweep), "seconds": seconds,
+    return {"sweep": asdict(sweep), "seconds": seconds} | recorded(runs, sweep) | {
             "cpu_seconds": float(sum(r["seconds"] for r in runs.values())),
             "table": summarize(runs, sweep), "headline": headline(runs, sweep),
             "interaction": small_clusters(runs, sweep) if sweep.interaction_seeds else None,
@@ -286,9 +310,9 @@ def result(runs: dict, sweep: Sweep, seconds: float) -> dict:
                             for s in sweep.seeds(n)} for m in sweep.methods}}
 
 
-def recorded(runs: dict) -> dict:
-    """Every finished run, keyed "experiment/images/seed/method" (the partial file's content)."""
-    return {"runs": {"/".join(map(str, k)): v for k, v in runs.items()}}
+def recorded(runs: dict, sweep: Sweep) -> dict:
+    """Every finished run, keyed "experiment/images/seed/method", with the settings they ran under."""
+    return {"settings": sweep.settings(), "runs": {"/".join(map(str, k)): v for k, v in runs.items()}}
 
 
 def plot(res: dict, sweep: Sweep, out) -> None:
