@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fleet", action="store_true",
                         help="run the methods as real fleets over the broker instead of the in-process sweep")
     parser.add_argument("--quick", action="store_true",
-                        help="sweep: 4 and 16 images, 2 seeds, 3 rounds (<= 10 min); "
+                        help="sweep: 4 and 16 images, 1 seed, the interaction fleet once (about 10 min); "
                              "fleet: 1 seed, 8 devices, 3 rounds")
     parser.add_argument("--images", default=None,
                         help="sweep: comma-separated images per device (default 4,8,16,32,80)")

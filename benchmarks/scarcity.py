@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import signal
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -86,7 +87,7 @@ class Sweep:
                              held_out=self.held_out, unseen=self.unseen)
 
 
-QUICK = Sweep(images=(4, 16), seeds_scarce=2, interaction_seeds=2)  # a subset of the default's runs
+QUICK = Sweep(images=(4, 16), seeds_scarce=1, interaction_seeds=1)  # a subset of the default's runs
 SMOKE = Sweep(images=(4,), seeds_scarce=1, seeds_plenty=1, sizes=(2, 1), held_out=2, unseen=2, rounds=2,
               local_steps=1, eval_samples=2, eval_steps=2, interaction_seeds=1)
 # the interaction fleet: the largest style's devices split in two clusters by a clustering mistake, beside
@@ -282,16 +283,26 @@ def run(sweep: Sweep, workers: int, on_result=None, done: dict | None = None) ->
     else:
         pool = mp.get_context("spawn").Pool(workers, maxtasksperchild=4)
         results = pool.imap_unordered(run_job, todo)
+    previous = signal.signal(signal.SIGTERM, _interrupted)  # a stopped sweep must not leave its workers running
     try:
         for key, out in tqdm(results, total=len(todo), desc="federation sweep", unit="run"):
             runs[key] = out
             if on_result is not None:
                 on_result(runs)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if pool is not None:
             pool.close()
             pool.join()
     return runs
+
+
+def _interrupted(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def result(runs: dict, sweep: Sweep, seconds: float) -> dict:
