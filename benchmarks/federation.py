@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="sweep: reuse the runs of an earlier partial or finished result at --out that ran "
                              "under the same settings (a --quick result's runs are all part of the default's)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="sweep: run nothing; write the result and plots from the runs recorded at --out (a "
+                             "sweep stopped early: each setting with the seeds that every method finished)")
     parser.add_argument("--rounds", type=int, default=6, help="fleet: rounds (default 6)")
     parser.add_argument("--local-steps", type=int, default=12, help="fleet: local steps per round (default 12)")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} "
@@ -240,14 +243,20 @@ def main(argv: list[str] | None = None) -> None:
     sweep = scarcity.sized(scarcity.SMOKE if args.smoke else scarcity.QUICK if args.quick else scarcity.Sweep(),
                            args.images, args.seeds, args.methods)
     earlier = None
+    if args.report_only:
+        args.resume = True
     if args.resume:
         earlier = (json.loads(out.partial_path.read_text()) if out.partial_path.exists() else out.previous())
     done = scarcity.reusable(earlier, sweep)
     if args.resume:
         print(f"reusing {len(done)} runs recorded under the same settings", flush=True)
     started = time.monotonic()
-    runs = scarcity.run(sweep, args.workers, lambda runs: out.write(scarcity.recorded(runs, sweep), partial=True,
-                                                                    kept_from=earlier if done else None), done)
+    if args.report_only:  # what the recorded runs cover, nothing run
+        sweep = scarcity.covered(done, sweep)
+        runs = {k: v for k, v in done.items() if k in {j[:4] for j in scarcity.jobs(sweep)}}
+    else:
+        runs = scarcity.run(sweep, args.workers, lambda runs: out.write(scarcity.recorded(runs, sweep), partial=True,
+                                                                        kept_from=earlier if done else None), done)
     result = scarcity.result(runs, sweep, time.monotonic() - started)
     out.write(result, kept_from=earlier if done else None)
     scarcity.plot(result, sweep, out)

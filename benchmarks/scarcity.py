@@ -61,15 +61,19 @@ class Sweep:
     task_noise: float = 0.3
     methods: tuple[str, ...] = METHODS
     interaction_seeds: int = 8
+    headline_seeds: int | None = None  # seeds of the scarcest setting, where not seeds_scarce (a sweep stopped early)
 
     def seeds(self, n: int) -> list[int]:
+        if n == self.headline_images and self.headline_seeds is not None:
+            return list(range(self.headline_seeds))
         return list(range(self.seeds_scarce if n <= 16 else self.seeds_plenty))
 
     def settings(self) -> dict:
         """What a run's outcome depends on (not how many settings and seeds the sweep covers): runs
         recorded under equal settings are the same runs and can be reused (``--resume``)."""
         return {k: v for k, v in asdict(self).items()
-                if k not in ("images", "seeds_scarce", "seeds_plenty", "methods", "interaction_seeds")}
+                if k not in ("images", "seeds_scarce", "seeds_plenty", "methods", "interaction_seeds",
+                             "headline_seeds")}
 
     @property
     def headline_images(self) -> int:
@@ -246,13 +250,36 @@ def headline(runs: dict, sweep: Sweep) -> dict:
 
 # ------------------------------------------------------------------ the run
 def jobs(sweep: Sweep) -> list[tuple]:
-    """Every run: the headline setting's first, then the interaction fleet's, then the rest, scarce first."""
+    """Every run: the headline setting's first, then the interaction fleet's, then the other settings
+    seed by seed (so a sweep stopped early covers every setting with its first seeds)."""
     n0 = sweep.headline_images
     out = [("sweep", n0, s, m, sweep) for s in sweep.seeds(n0) for m in sweep.methods]
     if sweep.interaction_seeds:
         out += [("split", n0, s, m, sweep) for s in range(sweep.interaction_seeds) for m in ("ours_intra", "ours")]
-    return out + [("sweep", n, s, m, sweep) for n in sweep.images if n != n0 for s in sweep.seeds(n)
-                  for m in sweep.methods]
+    most = max(len(sweep.seeds(n)) for n in sweep.images)
+    return out + [("sweep", n, s, m, sweep) for s in range(most) for n in sweep.images
+                  if n != n0 and s in sweep.seeds(n) for m in sweep.methods]
+
+
+def covered(runs: dict, sweep: Sweep) -> Sweep:
+    """The sweep the recorded ``runs`` complete: per setting the seeds every method ran (a setting's
+    seed count is the smallest of them), the interaction fleet's complete seeds."""
+    def complete(n, s):
+        return all(("sweep", n, s, m) in runs for m in sweep.methods)
+
+    counts = {n: next((s for s in range(len(sweep.seeds(n)) + 1) if s == len(sweep.seeds(n)) or not complete(n, s)))
+              for n in sweep.images}
+    n0 = sweep.headline_images
+    if not counts[n0]:
+        raise SystemExit("no complete seed of the scarcest setting is recorded yet")
+    others = [n for n in sweep.images if n != n0 and counts[n] > 0]
+    scarce = min((counts[n] for n in others if n <= 16), default=counts[n0])
+    plenty = min((counts[n] for n in others if n > 16), default=sweep.seeds_plenty)
+    images = (n0, *(n for n in others if counts[n] >= (scarce if n <= 16 else plenty)))
+    inter = next(s for s in range(sweep.interaction_seeds + 1) if s == sweep.interaction_seeds
+                 or not all(("split", sweep.headline_images, s, m) in runs for m in ("ours_intra", "ours")))
+    return replace(sweep, images=tuple(sorted(images)), seeds_scarce=scarce, seeds_plenty=plenty,
+                   interaction_seeds=inter, headline_seeds=counts[n0])
 
 
 def reusable(recorded_result: dict | None, sweep: Sweep) -> dict:

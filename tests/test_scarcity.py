@@ -58,3 +58,14 @@ def test_local_scores_only_the_rounds_asked_for_and_the_last(scarce):
 
 def test_the_smoke_sweep_is_scored_in_its_scarcest_setting():
     assert SMOKE.headline_images == min(SMOKE.images) <= 16
+
+
+def test_a_sweep_stopped_early_reports_each_setting_with_the_seeds_every_method_finished():
+    from benchmarks.scarcity import Sweep, covered, jobs
+
+    sweep = Sweep()
+    finished = {j[:4]: {} for j in jobs(sweep)[:82]}  # the headline's 5 seeds, the interaction fleet, 2 of the rest
+    got = covered(finished, sweep)
+    assert got.seeds(4) == list(range(5)) and got.interaction_seeds == 8
+    assert got.seeds(8) == got.seeds(16) == [0, 1] and got.seeds(80) == [0]
+    assert {j[:4] for j in jobs(got)} <= set(finished)
