@@ -2,7 +2,7 @@
 
     python -m benchmarks.diagnosis [--smoke] [--variants base,fp32,...] [--seeds 0,1] [--out DIR]
 
-One process, no broker: ``benchmarks.inprocess`` (real ``EdgeClient`` devices on the int8 base,
+One process, no broker: ``benchmarks._inprocess`` (real ``EdgeClient`` devices on the int8 base,
 the uplink codec with error feedback, the aggregator's rule with its defaults, the
 ``DownlinkMirror``). Personas, seeds, rounds, local steps and the per-round evaluation
 (``score_styles`` on the held-out prompts, 24 images and 8 sampling steps per style) are those
@@ -26,7 +26,7 @@ A variant changes one thing against ``base`` (ours_intra as the product runs it)
 * ``server<x>``   the cluster moves x times the mean ΔW change (FedOpt's server learning rate);
 * ``fedavg``      one adapter for all, factors averaged (the FedAvg baseline).
 
-``local`` (each device alone, ``inprocess.run_alone``) runs once per (lr, steps, rank,
+``local`` (each device alone, ``_inprocess.run_alone``) runs once per (lr, steps, rank,
 seed) with the same number of rounds. Writes benchmarks/results/diagnosis.json and diagnosis.png.
 """
 
@@ -48,9 +48,9 @@ from tqdm.auto import tqdm  # noqa: E402
 from aggregator.global_model import GlobalModel  # noqa: E402
 from aggregator.rules.exact import mean_delta  # noqa: E402
 from aggregator.simulation.fleet import FleetConfig  # noqa: E402
+from benchmarks._inprocess import InProcessFederation, Variant, run_alone, true_style_groups  # noqa: E402
 from benchmarks._results import Output, add_arguments  # noqa: E402
 from benchmarks.federation import QUICK_FLEET, SMOKE_FLEET  # noqa: E402
-from benchmarks.inprocess import InProcessFederation, Variant, run_alone, true_style_groups  # noqa: E402
 from models.lora import factorize, lora_config, lora_modules, lora_scale  # noqa: E402
 
 METRICS = ("style_acc", "digit_acc", "frechet")

@@ -3,7 +3,7 @@
     python -m benchmarks.federation [--quick | --smoke] [--images 4,8,16] [--seeds N] [--workers 2] [--out DIR]
     python -m benchmarks.federation --fleet [--quick | --smoke] [--out DIR]      (or: fedaigc bench federation)
 
-The default is the sweep of ``benchmarks/scarcity.py``: images per device 4/8/16/32/80, 5 seeds
+The default is the sweep of ``benchmarks/_scarcity.py``: images per device 4/8/16/32/80, 5 seeds
 at <= 16 images and 3 above, every method in one process over the product's code, each device
 judged on seen and unseen prompts by joint accuracy and Fréchet distance; the headline is the
 scarcest setting. Writes benchmarks/results/federation.json and federation*.png.
@@ -41,9 +41,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from aggregator.simulation.fleet import FleetConfig, run_federation  # noqa: E402
-from benchmarks import scarcity  # noqa: E402
+from benchmarks import _scarcity as scarcity  # noqa: E402
+from benchmarks._inprocess import FEDERATED, run_alone  # noqa: E402
 from benchmarks._results import Output, add_arguments  # noqa: E402
-from benchmarks.inprocess import FEDERATED, run_alone  # noqa: E402
 
 METHODS = scarcity.METHODS
 # a fleet is slow to start even at smoke size (its device processes load torch and the model): the smoke

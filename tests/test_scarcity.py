@@ -7,8 +7,8 @@ import pytest
 from scipy import stats
 
 from aggregator.simulation.fleet import FleetConfig
-from benchmarks.inprocess import InProcessFederation, Variant, run_alone, seen_and_unseen_scorer
-from benchmarks.scarcity import SMOKE, interval, split_groups, split_of
+from benchmarks._inprocess import InProcessFederation, Variant, run_alone, seen_and_unseen_scorer
+from benchmarks._scarcity import SMOKE, interval, split_groups, split_of
 from models.digits.data import make_personas
 
 
@@ -61,7 +61,7 @@ def test_the_smoke_sweep_is_scored_in_its_scarcest_setting():
 
 
 def test_a_sweep_stopped_early_reports_each_setting_with_the_seeds_every_method_finished():
-    from benchmarks.scarcity import Sweep, covered, jobs
+    from benchmarks._scarcity import Sweep, covered, jobs
 
     sweep = Sweep()
     finished = {j[:4]: {} for j in jobs(sweep)[:82]}  # the headline's 5 seeds, the interaction fleet, 2 of the rest

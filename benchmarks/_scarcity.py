@@ -7,7 +7,7 @@ for the 7 digits it never had, in its style's templates and digit wordings it ne
 its digit and its style are right; with it the Fréchet distance to real images of that style
 and digit mix. The fleet is 12 devices over 4 styles in groups of 4/3/3/2.
 
-Every federated method runs in one process over the product's code (``benchmarks.inprocess``):
+Every federated method runs in one process over the product's code (``benchmarks._inprocess``):
 ``fedavg``, ``ifca``, ``ours_intra`` (task clustering from the sealed, noised task vectors, CFL
 refinement after round 1, exact ΔW aggregation) and ``ours`` (the same with the product's
 default interaction: ΔW-gated mixing between clusters, no shrinkage); ``local`` and ``central``
@@ -35,7 +35,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from aggregator.simulation.fleet import FleetConfig
-from benchmarks.inprocess import InProcessFederation, Variant, run_alone, seen_and_unseen_scorer, true_style_groups
+from benchmarks._inprocess import InProcessFederation, Variant, run_alone, seen_and_unseen_scorer, true_style_groups
 from models.digits.data import make_personas
 
 METHODS = ("local", "fedavg", "ifca", "ours_intra", "ours", "central")
