@@ -191,7 +191,9 @@ def rounds_to_target(runs: dict, sweep: Sweep, kind: str) -> dict:
         target = 0.9 * fleet_mean(runs[("sweep", n, s, "central")], sweep.rounds, kind, "joint_acc")
         for m in sweep.methods:
             run = runs[("sweep", n, s, m)]
-            hit = [r for r in sorted(run["curves"]) if r > 0 and fleet_mean(run, r, kind, "joint_acc") >= target]
+            # a target of 0 (central learnt nothing) would be "reached" by every method in round 1
+            hit = [r for r in sorted(run["curves"]) if r > 0 and target > 0
+                   and fleet_mean(run, r, kind, "joint_acc") >= target]
             out["per_method"].setdefault(m, []).append(hit[0] if hit else None)
     return out
 
@@ -290,6 +292,8 @@ def reusable(recorded_result: dict | None, sweep: Sweep) -> dict:
     for key, r in recorded_result.get("runs", {}).items():
         experiment, n, seed, method = key.split("/")
         r = dict(r, curves={int(k): v for k, v in r["curves"].items()})
+        if experiment == "sweep" and int(n) == sweep.headline_images and len(r["curves"]) < sweep.rounds + 1:
+            continue  # scored at its last round only (another setting was the headline): rounds_to_target needs all
         out[(experiment, int(n), int(seed), method)] = r
     return out
 

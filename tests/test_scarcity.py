@@ -69,3 +69,15 @@ def test_a_sweep_stopped_early_reports_each_setting_with_the_seeds_every_method_
     assert got.seeds(4) == list(range(5)) and got.interaction_seeds == 8
     assert got.seeds(8) == got.seeds(16) == [0, 1] and got.seeds(80) == [0]
     assert {j[:4] for j in jobs(got)} <= set(finished)
+
+
+def test_resume_does_not_reuse_headline_runs_scored_only_at_their_last_round():
+    from benchmarks._scarcity import Sweep, json_safe, reusable
+
+    sweep = Sweep()
+    recorded_result = {"settings": json_safe(sweep.settings()), "runs": {
+        "sweep/4/0/local": {"curves": {str(r): {} for r in range(sweep.rounds + 1)}},
+        "sweep/4/1/local": {"curves": {str(sweep.rounds): {}}},
+        "sweep/8/0/local": {"curves": {str(sweep.rounds): {}}}}}
+    assert set(reusable(recorded_result, sweep)) == {("sweep", 4, 0, "local"), ("sweep", 8, 0, "local")}
+    assert reusable(recorded_result | {"settings": {}}, sweep) == {}
