@@ -130,8 +130,15 @@ def _convert(hint: Any, value: Any) -> tuple[bool, Any]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return number, float(value) if number else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, None
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            return False, None
+        # an integer a float cannot hold exactly would be changed without a word
+        exact = math.isfinite(number) and (isinstance(value, float) or number == value)
+        return exact, number if exact else None
     if hint is Path:
         path = isinstance(value, os.PathLike) or (isinstance(value, str) and value != "")
         return path, Path(value) if path else None

@@ -197,10 +197,16 @@ def test_nothing_else_is_an_integer_setting(value):
         check_value("rounds", int, value)
 
 
-@given(st.one_of(st.integers(), st.floats(allow_nan=False, allow_infinity=False)))
+@given(st.one_of(st.integers(min_value=-2**53, max_value=2**53), st.floats(allow_nan=False, allow_infinity=False)))
 def test_a_number_setting_takes_integers_and_finite_floats_as_floats(x):
     value = check_value("borrow", float, x)
     assert isinstance(value, float) and value == x
+
+
+@pytest.mark.parametrize("x", [2**53 + 1, -(2**53 + 1), 10**400])
+def test_a_number_setting_refuses_an_integer_no_float_holds_exactly(x):
+    with pytest.raises(ConfigError, match=r"^borrow must be a number"):
+        check_value("borrow", float, x)
 
 
 @given(st.sampled_from([float("nan"), float("inf"), True, "1.0"]))
