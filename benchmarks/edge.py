@@ -11,7 +11,7 @@ two published architectures built from their configs with random weights (nothin
 downloaded): BK-SDM-Tiny's UNet and Stable Diffusion 1.5's 860M-parameter UNet, one step at
 batch 1 on 64x64 latents with 77-token CLIP conditioning (the latents are drawn at random: a
 step's cost does not depend on their values). ``--smoke`` runs the digits UNet and the tiny
-test pipeline (``tiny-sd``) for a step or two.
+test pipeline (``tiny-sd``) for one step per worker (two interleaved, the first untimed).
 
 Memory: each (size, mode) runs in a fresh subprocess; its training memory is the peak RSS
 during training minus the RSS with the model loaded in its training form (the torch runtime
@@ -316,7 +316,7 @@ def main() -> None:
     out = Output.of(parser, args, "edge")
     sizes = args.sizes or (SMOKE_SIZES if args.smoke else FULL_SIZES)
     previous = out.previous() if args.sizes and not args.smoke else None
-    steps, quality_steps, samples = (2, 2, 4) if args.smoke else (3, 20, 32) if args.quick else (4, 60, 32)
+    steps, quality_steps, samples = (1, 1, 4) if args.smoke else (3, 20, 32) if args.quick else (4, 60, 32)
     machine_mb = psutil.virtual_memory().total / 2**20
     result: dict = {k: v for k, v in (previous or {}).items() if k in SIZES or k == "quality_after_one_round"}
     result["rank"] = RANK

@@ -147,6 +147,7 @@ def export_coreml(
     parts = export_encoder_packages(backend, out) if encoders else {}
     manifest.record_files(out, [PACKAGE, *parts])
     manifest.parity = {"validated": validate_package(package, manifest), "max_abs_err": None,
+                       "single_function_bytes": single_sizes,
                        "note": "no Core ML prediction on Linux; run predict() on macOS to measure parity", **parts}
     manifest.save(out)
     return manifest

@@ -98,18 +98,24 @@ def test_a_broker_restart_mid_stream_loses_no_qos1_message(tmp_path):
 
 def test_falls_back_to_mqtt_311_on_a_broker_without_v5(tmp_path):
     broker = EmbeddedBroker("127.0.0.1", free_port(), kind="amqtt", state_dir=tmp_path).start()
+    sub, pub = MqttTransport(MqttConfig(url=broker.url)), MqttTransport(MqttConfig(url=broker.url))
     try:
         inbox = Inbox()
         t = topic("v311")
-        with MqttTransport(MqttConfig(url=broker.url)) as sub, MqttTransport(MqttConfig(url=broker.url)) as pub:
-            assert not sub.v5
-            sub.subscribe(t, inbox)
-            time.sleep(0.3)
-            pub.publish(t, b"hello", expiry_s=60)  # v5 extras are skipped, not fatal
-            assert inbox.wait_for(1)
-            with pytest.raises(RuntimeError, match="shared subscriptions need MQTT v5"):
-                sub.subscribe("$share/g/" + t, inbox)
+        # amqtt never answers a v5 CONNECT: each client waits out its v5 attempt (3 s here, 10 s by
+        # default), then connects with MQTT 3.1.1
+        sub.connect(timeout=3)
+        pub.connect(timeout=3)
+        assert not sub.v5
+        sub.subscribe(t, inbox)
+        time.sleep(0.3)
+        pub.publish(t, b"hello", expiry_s=60)  # v5 extras are skipped, not fatal
+        assert inbox.wait_for(1)
+        with pytest.raises(RuntimeError, match="shared subscriptions need MQTT v5"):
+            sub.subscribe("$share/g/" + t, inbox)
     finally:
+        sub.close()
+        pub.close()
         broker.close()
 
 
