@@ -370,8 +370,11 @@ def plot(res: dict, sweep: Sweep, out) -> None:
             mu = np.array([c["mean"] for c in cells])
             half = np.array([c["ci95"] or 0.0 for c in cells])
             ax.plot(xs, mu, marker="o", ms=3, label=m, ls="--" if m in ("local", "central") else "-")
-            ax.fill_between(xs, mu - half, mu + half, alpha=0.12)
-        ax.set(xscale="log", xlabel="images per device", ylabel=label, xticks=xs, xticklabels=[str(x) for x in xs])
+            low, high = (0.0, 1.0) if key != "frechet" else (mu.min() / 4, mu.max() * 4)  # bands of 2 seeds are wide
+            ax.fill_between(xs, np.clip(mu - half, low, high), np.clip(mu + half, low, high), alpha=0.12)
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set(xlabel="images per device", ylabel=label, xticks=xs, xticklabels=[str(x) for x in xs])
         if key == "frechet":
             ax.set_yscale("log")
         else:
