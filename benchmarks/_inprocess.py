@@ -237,12 +237,15 @@ class InProcessFederation:
         sizes = {cid: int((labels == cid).sum()) for cid in adapters}
         return CloudStep(self.agg).local(rnd, adapters, cents, sizes, spreads)
 
-    def score(self, adapters: dict, assignment: dict) -> dict:
-        """Each device judged on its cluster's adapter (``RoundEvaluator.score``)."""
+    def score(self, adapters: dict, assignment: dict, model: GlobalModel | None = None) -> dict:
+        """Each device judged on its cluster's adapter (``RoundEvaluator.score``), held by ``model``
+        (default: the run's own, at the fleet's rank)."""
+        model = model or self.model
+
         def model_of(cid):
-            self.model.set_cluster(cid, adapters[cid], 0)
-            set_mix(self.model.unet, {adapter_name(cid): 1.0})
-            return self.model.unet
+            model.set_cluster(cid, adapters[cid], 0)
+            set_mix(model.unet, {adapter_name(cid): 1.0})
+            return model.unet
 
         return self.scorer(model_of, assignment, self.persona_of)
 

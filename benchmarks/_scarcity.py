@@ -216,10 +216,8 @@ def small_clusters(runs: dict, sweep: Sweep) -> dict:
                 "frechet_ratio": interval(get("ours", "frechet") / get("ours_intra", "frechet")),
                 "intra_joint": interval(get("ours_intra", "joint_acc")),
             }
-        mean_small = [np.mean([runs[("split", n, s, "ours")]["curves"][sweep.rounds][kind][str(c)]["joint_acc"]
-                               - runs[("split", n, s, "ours_intra")]["curves"][sweep.rounds][kind][str(c)]["joint_acc"]
-                               for c in smallest]) for s in seeds]
-        out.setdefault("smallest_joint_gain", {})[kind] = interval(mean_small)
+        gains = np.array([out["per_cluster"][kind][str(c)]["joint_gain"]["per_seed"] for c in smallest])
+        out.setdefault("smallest_joint_gain", {})[kind] = interval(gains.mean(axis=0))
     return out
 
 
@@ -232,7 +230,8 @@ def split_of(groups: dict, sizes: dict) -> list[int]:
     return [groups[before], newest]
 
 
-def headline(runs: dict, sweep: Sweep) -> dict:
+def headline(runs: dict, sweep: Sweep, small: dict | None) -> dict:
+    """The scarcest setting's comparison of ours with local and central; ``small`` is ``small_clusters``'s."""
     n = sweep.headline_images
     seeds = sweep.seeds(n)
     out = {"images_per_device": n, "seeds": len(seeds),
@@ -243,8 +242,7 @@ def headline(runs: dict, sweep: Sweep) -> dict:
            "frechet_ratio_vs_central": {k: paired(runs, n, seeds, "ours", "central", k, "frechet", ratio=True)
                                         for k in KINDS},
            "rounds_to_target": {k: rounds_to_target(runs, sweep, k) for k in KINDS}}
-    if sweep.interaction_seeds:
-        small = small_clusters(runs, sweep)
+    if small is not None:
         out["small_cluster_interaction_gain"] = small["smallest_joint_gain"]["unseen"]["mean"]
         out["small_cluster_interaction_ci"] = small["smallest_joint_gain"]["unseen"]["ci95"]
     return out
@@ -338,10 +336,10 @@ def _interrupted(signum, frame) -> None:
 
 def result(runs: dict, sweep: Sweep, seconds: float) -> dict:
     n = sweep.headline_images
+    small = small_clusters(runs, sweep) if sweep.interaction_seeds else None
     return {"sweep": asdict(sweep), "seconds": seconds} | recorded(runs, sweep) | {
             "cpu_seconds": float(sum(r["seconds"] for r in runs.values())),
-            "table": summarize(runs, sweep), "headline": headline(runs, sweep),
-            "interaction": small_clusters(runs, sweep) if sweep.interaction_seeds else None,
+            "table": summarize(runs, sweep), "headline": headline(runs, sweep, small), "interaction": small,
             "ari": {m: interval([runs[("sweep", k, s, m)]["ari"] for k in sweep.images for s in sweep.seeds(k)])
                     for m in ("ours_intra", "ours") if m in sweep.methods},
             "ari_text": {m: interval([runs[("sweep", k, s, m)]["ari_text"] for k in sweep.images

@@ -183,9 +183,8 @@ class Diagnosis(InProcessFederation):
 
     def after_round(self, rnd, updates, adapters):
         if self.exact_model is not None:
-            model, self.model = self.model, self.exact_model
-            self.stats["exact_curves"][rnd] = self.score(self.exact_adapters, true_style_groups(self.persona_of))
-            self.model = model
+            self.stats["exact_curves"][rnd] = self.score(self.exact_adapters, true_style_groups(self.persona_of),
+                                                         self.exact_model)
 
 
 def run_federated(cfg: FleetConfig, v: Knobs) -> dict:
