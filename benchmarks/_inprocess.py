@@ -2,7 +2,7 @@
 downlink code, without a broker.
 
 Each device is a real ``EdgeClient`` (the ``simulator`` profile: int8 base, batch 16, its own
-seed) that trains with ``train_round``; its delta goes through the uplink codec with error
+seed, ``device_seed``) that trains with ``train_round``; its delta goes through the uplink codec with error
 feedback (what ``seal_update`` sends) and reaches the rule as ``ClientUpdate.from_delta``, as in
 ``RoundController.aggregate_records``. The clustering policy (``aggregator.policies``) groups the
 devices from their task vectors and may regroup them on their first updates, as in
@@ -14,7 +14,8 @@ broker, the state store and the worker processes add is tested over the real pro
 and seeds fit a benchmark's budget.
 
 ``local`` (each device alone) and ``central`` (one adapter per style on the pooled data) are
-``run_alone``. Every run is scored by a ``Scorer`` on the adapter each device would use.
+``run_alone``, trained on the same int8 base as the devices. Every run is scored by a ``Scorer``
+on the adapter each device would use.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from aggregator.simulation.fleet import FleetConfig, score_styles
 from edge_sdk.protocol.codecs import ErrorFeedback, decode_payload, make_codec
 from edge_sdk.protocol.messages import SEEDED_CODEC, SeededAdapter
 from edge_sdk.protocol.tensors import shapes_of
+from edge_sdk.quantize import quantize_base
 from models.digits.backend import DigitsBackend
 from models.lora import add_adapter, get_adapter_state, lora_config, set_mix
 from models.training import LORA_LR, TrainConfig, train_adapters
@@ -80,6 +82,13 @@ def seen_and_unseen_scorer(cfg: FleetConfig) -> Scorer:
     return lambda model_of, groups, persona_of: {
         which: score_styles(model_of, groups, persona_of, cfg.eval_samples, cfg.seed, cfg.eval_steps, which=which)
         for which in ("seen", "unseen")}
+
+
+def device_seed(seed: int, i: int) -> int:
+    """Device ``i``'s seed in the fleet of ``seed``: distinct across the fleets of a sweep's seeds (``seed + i``
+    would give device 1 of fleet 0 the seed of device 0 of fleet 1), with room for a round count
+    per device (its training seed is this plus the round's version)."""
+    return 10_000 * seed + 100 * i
 
 
 def true_style_groups(persona_of: dict) -> dict[str, int]:
@@ -132,7 +141,8 @@ class InProcessFederation:
         for i, d in enumerate(self.ids):
             client = EdgeClient(DeviceConfig(
                 data_dir=root / d, device_id=d, profile="simulator", local_steps=self.steps,
-                task_noise=self.cfg.task_noise, personalization=self.cfg.personalization, seed=self.cfg.seed + i,
+                task_noise=self.cfg.task_noise, personalization=self.cfg.personalization,
+                seed=device_seed(self.cfg.seed, i),
                 quantization=self.v.quantization, lr=self.v.lr, max_lora_rank=max(8, self.v.rank)))
             client.adopt_lora(self.lora)  # what the first round start does
             clients.append(client)
@@ -146,7 +156,9 @@ class InProcessFederation:
         with tempfile.TemporaryDirectory(prefix="fedaigc-inproc-") as root:
             clients = dict(zip(self.ids, self.devices(Path(root))))
             data = {d: LocalData.from_persona(self.persona_of[d]) for d in self.ids}
-            vectors = np.stack([clients[d].task_vector(list(self.persona_of[d].train_prompts)) for d in self.ids])
+            # seeded per device (a device keys these draws by its own secret, new with each data directory)
+            vectors = np.stack([clients[d].task_vector(list(self.persona_of[d].train_prompts),
+                                                       seed=clients[d].config.seed) for d in self.ids])
             state = ClusterState()
             labels = (np.array([self.fixed_groups[d] for d in self.ids]) if self.fixed_groups is not None
                       else self.policy.form_clusters(vectors))
@@ -282,9 +294,11 @@ def received(mirror: DownlinkMirror, held: dict, client, device: str, cid: int, 
 
 def run_alone(cfg: FleetConfig, pooled: bool, personas: Sequence | None = None, *, rank: int = 2,
               lr: float = LORA_LR, local_steps: int | None = None, scorer: Scorer | None = None,
-              eval_rounds: Sequence[int] | None = None) -> dict:
+              eval_rounds: Sequence[int] | None = None, quantization: str = "int8") -> dict:
     """``local`` (one adapter per device, its own data) or ``central`` (one per style on its devices' pooled
-    data, with as many optimizer steps per round as that style's devices take together), on the fp32 base."""
+    data, with as many optimizer steps per round as that style's devices take together), trained on the
+    base the devices train on (``quantization``: the ``simulator`` profile's int8, or ``"none"``) and,
+    like every method, scored on the fp32 one."""
     personas = list(cfg.personas() if personas is None else personas)
     scorer = scorer or seen_scorer(cfg)
     rounds_scored = set(range(cfg.rounds + 1) if eval_rounds is None else eval_rounds) | {cfg.rounds}
@@ -292,9 +306,13 @@ def run_alone(cfg: FleetConfig, pooled: bool, personas: Sequence | None = None, 
     ids = [f"d{i}" for i in range(len(personas))]
     persona_of = dict(zip(ids, personas))
     groups = {d: (p.style if pooled else d) for d, p in persona_of.items()}
+    if quantization not in ("int8", "none"):
+        raise ValueError(f"quantization must be 'int8' or 'none', got {quantization!r}")
     backend = DigitsBackend.from_pretrained()
     unet = backend.denoiser
     unet.requires_grad_(False)
+    if quantization == "int8":
+        quantize_base(unet)
     index = {g: i for i, g in enumerate(sorted(set(groups.values())))}
     data = {}
     for g in index:
@@ -315,7 +333,8 @@ def run_alone(cfg: FleetConfig, pooled: bool, personas: Sequence | None = None, 
             if rnd > 0:
                 set_mix(unet, {f"g-{g}": 1.0})
                 train_adapters(backend, [f"g-{g}"], samples, enc,
-                               TrainConfig(steps=steps * n, batch_size=16, lr=lr, seed=cfg.seed + rnd))
+                               TrainConfig(steps=steps * n, batch_size=16, lr=lr,
+                                           seed=device_seed(cfg.seed, index[g]) + rnd))
             if rnd in rounds_scored:
                 model.set_cluster(index[g], get_adapter_state(unet, f"g-{g}"), rnd)
         if rnd in rounds_scored:

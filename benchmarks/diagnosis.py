@@ -272,8 +272,8 @@ def update_agreement(updates, current, lora) -> float:
 
 
 def run_local(cfg: FleetConfig, v: Knobs) -> dict:
-    """``local`` (``run_alone``), with the variant's learning rate, steps and rank."""
-    return run_alone(cfg, pooled=False, rank=v.rank, lr=v.lr, local_steps=v.local_steps)
+    """``local`` (``run_alone``), with the variant's learning rate, steps, rank and base."""
+    return run_alone(cfg, pooled=False, rank=v.rank, lr=v.lr, local_steps=v.local_steps, quantization=v.quantization)
 
 
 # ------------------------------------------------------------------ summaries
@@ -290,7 +290,7 @@ def per_style_last(run: dict, cfg: FleetConfig) -> dict:
 
 
 def local_key(v: Variant) -> tuple:
-    return (v.lr, v.local_steps, v.rank)
+    return (v.lr, v.local_steps, v.rank, v.quantization)
 
 
 def summarize(runs: dict, locals_: dict, variants: list[Variant], cfg: FleetConfig, seeds: list[int]) -> dict:

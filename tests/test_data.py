@@ -96,6 +96,16 @@ def test_held_out_images_are_extra_and_never_training_images():
         assert not any(tuple(r.flatten().tolist()) in train for r in p.test_images)
 
 
+def test_a_persona_given_more_images_keeps_its_digits_test_set_and_earlier_images():
+    few, more = make_personas(**FEW), make_personas(**(FEW | {"images_per_client": 32}))
+    for a, b in zip(few, more):
+        assert a.digits and set(a.digits) == set(b.digits)
+        assert torch.equal(a.test_images, b.test_images) and a.test_prompts == b.test_prompts
+        assert a.unseen_prompts == b.unseen_prompts
+        larger = {tuple(r.flatten().tolist()) for r in b.train_images}
+        assert all(tuple(r.flatten().tolist()) in larger for r in a.train_images)
+
+
 def test_unseen_prompts_ask_for_other_digits_in_words_the_persona_never_used():
     for p in make_personas(**FEW):
         assert len(p.unseen_prompts) == len(p.unseen_digits) == 10

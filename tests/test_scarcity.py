@@ -19,6 +19,21 @@ def test_split_groups_put_the_largest_styles_devices_in_two_clusters_and_keep_th
     assert split_of(groups, {g: list(groups.values()).count(g) for g in set(groups.values())}) == [1, 3]
 
 
+def test_device_seeds_do_not_repeat_across_the_fleets_of_a_sweep():
+    from benchmarks._inprocess import device_seed
+
+    seeds = [device_seed(fleet, i) + rnd for fleet in range(8) for i in range(12) for rnd in range(4)]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_seen_prompt_overlap_grows_with_the_images_a_persona_phrased():
+    from benchmarks._scarcity import Sweep, seen_prompt_overlap
+
+    sweep = Sweep(headline_seeds=1, seeds_scarce=1, seeds_plenty=1)
+    shares = [seen_prompt_overlap(sweep, n) for n in (4, 80)]
+    assert 0.0 <= shares[0] < shares[1] <= 1.0
+
+
 def test_interval_is_the_mean_with_a_95_percent_t_half_width():
     out = interval([0.2, 0.4, 0.6])
     assert out["mean"] == pytest.approx(0.4)

@@ -89,13 +89,18 @@ class FederationResult:
                    for v in per.values())
 
 
+PART_SEED_STRIDE = 7919  # between the sampler seeds of a style's parts (a prime: no overlap with nearby seeds)
+
+
 def score_styles(model_of, assignment: dict, persona_of: dict, samples: int, seed: int, steps: int,
                  which: str = "seen") -> dict:
     """``{"styles": {style: metrics}, "clusters": {group: {style: devices}}}`` for any grouping.
 
     ``model_of(group)`` returns the network (adapters set) that the devices of ``group`` use;
     a style's ``samples`` images are split over its groups in proportion to its devices there
-    and judged together, on the personas' ``which`` prompts (``sample_for_personas``).
+    and judged together, on the personas' ``which`` prompts (``sample_for_personas``). Each of a
+    style's parts draws its own noise: parts sharing one seed would repeat their starting noise,
+    and a style split over many groups (each device alone) would be judged on less varied images.
     """
     per_style: dict[str, int] = {}
     for d in assignment:
@@ -111,7 +116,8 @@ def score_styles(model_of, assignment: dict, persona_of: dict, samples: int, see
         unet = model_of(group)
         for style, g in by_style.items():
             k = max(1, round(samples * len(g) / per_style[style]))
-            images.setdefault(style, []).append(sample_for_personas(unet, g, k, seed, steps, which=which))
+            part = len(images.setdefault(style, []))
+            images[style].append(sample_for_personas(unet, g, k, seed + PART_SEED_STRIDE * part, steps, which=which))
     styles = {}
     for style, parts in images.items():
         styles[style] = evaluate(torch.cat([i for i, _ in parts]), torch.cat([d for _, d in parts]), style)

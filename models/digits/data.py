@@ -303,17 +303,20 @@ def make_personas(
 
     pool_x, pool_y = private_digits()
     by_digit = [torch.nonzero(pool_y == d).flatten().numpy() for d in range(10)]
-    np_rng = np.random.default_rng(seed)
+    shared_rng = np.random.default_rng(seed)
     personas = []
     for i, style in enumerate(assignment):
         rng = random.Random(f"{seed}:{i}")
         if classes_per_client is None:
+            np_rng = shared_rng
             weights = np_rng.dirichlet([digit_concentration] * 10)
             counts = np_rng.multinomial(images_per_client, weights)
-        else:
+        else:  # its own generator: the same digits (and held-out images) whatever the image count
+            np_rng = np.random.default_rng([seed, i])
             weights = np.zeros(10)
             weights[np_rng.choice(10, size=classes_per_client, replace=False)] = 1.0 / classes_per_client
-            counts = _even_counts(images_per_client, weights, np_rng)
+            # the remainder's digits from a generator of their own, so that the draws below do not move with n
+            counts = _even_counts(images_per_client, weights, np.random.default_rng([seed, i, 1]))
         if held_out is None:  # the test images are a fraction of the persona's own
             n_test = max(1, int(round(images_per_client * test_fraction)))
             idx = np.concatenate([np_rng.choice(by_digit[d], size=c, replace=c > len(by_digit[d]))
@@ -323,12 +326,7 @@ def make_personas(
             n_test = held_out
             test_counts = (np_rng.multinomial(held_out, weights) if classes_per_client is None
                            else _even_counts(held_out, weights, np_rng))
-            drawn = [np_rng.choice(by_digit[d], size=c + t, replace=c + t > len(by_digit[d]))
-                     for d, (c, t) in enumerate(zip(counts, test_counts))]
-            test_idx = np.concatenate([x[:t] for x, t in zip(drawn, test_counts)])
-            train_idx = np.concatenate([x[t:] for x, t in zip(drawn, test_counts)])
-            np_rng.shuffle(test_idx)
-            np_rng.shuffle(train_idx)
+            test_idx, train_idx = _held_out_split(by_digit, counts, test_counts, np_rng)
             idx = np.concatenate([test_idx, train_idx])
         images = apply_style(pool_x[idx], style)
         digits = pool_y[idx]
@@ -345,6 +343,22 @@ def make_personas(
             unseen_digits=unseen_digits, unseen_prompts=unseen_prompts,
         ))
     return personas
+
+
+def _held_out_split(by_digit: list[np.ndarray], counts: np.ndarray, test_counts: np.ndarray,
+                    np_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(test, train) image indices per digit, disjoint. Each digit's images are permuted once, test
+    first: a persona given more training images keeps its test images and its earlier training ones."""
+    test, train = [], []
+    for d, (c, t) in enumerate(zip(counts, test_counts)):
+        pool = np_rng.permutation(by_digit[d])
+        test.append(pool[:t])
+        rest = pool[t:] if t < len(pool) else pool
+        train.append(rest[:c] if c <= len(rest) else np_rng.choice(rest, size=c, replace=True))
+    test_idx, train_idx = np.concatenate(test), np.concatenate(train)
+    np_rng.shuffle(test_idx)
+    np_rng.shuffle(train_idx)
+    return test_idx, train_idx
 
 
 def _even_counts(n: int, weights: np.ndarray, np_rng: np.random.Generator) -> np.ndarray:
