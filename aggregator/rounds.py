@@ -45,17 +45,16 @@ from aggregator.interaction import update_spread
 from aggregator.membership import Membership
 from aggregator.outbox import Outbox
 from aggregator.policies import RoundPlan
-from aggregator.rank_split import make_split
+from aggregator.rank_split import RankShares, make_split
 from aggregator.rules import AggregateResult, AggregationRule, ClientUpdate
 from aggregator.rules.quarantine import aggregate_or_quarantine
 from aggregator.state import StateStore, StateUnavailable
 from edge_sdk.protocol.envelope import MessageType
 from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.protocol.messages import ClusterAssign, RoundStart, UpdateAck
-from edge_sdk.protocol.digest import tensor_digest
 from edge_sdk.protocol.tensors import pack_tensors, unpack_tensors
 from models.lora import LoraConfig, lora_scale, lora_to_dict
-from models.lora_ranks import energy_spectrum, lora_at_rank, pad_rank, shapes_at_rank
+from models.lora_ranks import energy_spectrum, lora_at_rank, shapes_at_rank
 
 log = logging.getLogger("fedaigc.aggregator")
 RANKS = "lora_rank/"  # store key prefix: a device's LoRA rank, kept for devices below the fleet's
@@ -96,9 +95,9 @@ class RoundController:
         self.global_model, self.initial, self.downlink, self.outbox = global_model, initial, downlink, outbox
         self.cloud, self.refusals, self.persist, self.is_leader = cloud, refusals, persist, is_leader
         self.shapes = {k: tuple(v.shape) for k, v in initial.items()}
-        self.split = make_split(config.rank_split)
+        self.shares = RankShares(make_split(config.rank_split), lora,
+                                 lambda at: global_model.initial_adapter(config.seed, lora=at), downlink)
         self._ranks: dict[str, int] = {}  # device -> the rank it enrolled with, cached from the store
-        self._splits: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # (rank, adapter digest) -> split
         self.done = threading.Event()
         self.events = RoundEvents()
 
@@ -144,22 +143,8 @@ class RoundController:
         return self.shapes if rank == self.lora.r else shapes_at_rank(self.shapes, rank)
 
     def at_rank(self, adapter: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
-        """A cluster adapter as a device of ``rank`` holds it: the rank-split rule's share of it, computed
-        once per adapter and rank; the fleet's seeded round-1 adapter is the seeded draw at that rank
-        (zero ΔW either way), so a lower-rank device still draws its start instead of receiving it."""
-        if rank == self.lora.r:
-            return adapter
-        key = (rank, tensor_digest(adapter))
-        if key not in self._splits:
-            if len(self._splits) >= 64:
-                self._splits.pop(next(iter(self._splits)))
-            if self.downlink.is_seeded(adapter):
-                split = self.global_model.initial_adapter(self.config.seed, lora=lora_at_rank(self.lora, rank))
-                self.downlink.add_seeded(split)
-            else:
-                split = self.split.split(adapter, rank, lora_scale(self.lora))
-            self._splits[key] = split
-        return self._splits[key]
+        """A cluster adapter as a device of ``rank`` holds it (``RankShares.at_rank``)."""
+        return self.shares.at_rank(adapter, rank)
 
     def rebase(self, device: str, cid: int, start: dict[str, torch.Tensor] | None,
                delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -173,11 +158,7 @@ class RoundController:
         if start is None and rank == self.lora.r:
             return delta
         current, _ = self.cluster_adapter(cid)
-        start = self.at_rank(current, rank) if start is None else start
-        trained = {k: start[k] + delta[k] for k in delta}
-        if rank != self.lora.r:
-            trained = pad_rank(trained, self.lora.r)
-        return {k: trained[k] - current[k] for k in current}
+        return self.shares.to_fleet(self.at_rank(current, rank) if start is None else start, delta, current)
 
     def restore(self) -> None:
         """The global model's adapters and the finished flag, from the store."""

@@ -13,7 +13,8 @@ SCALE = 0.5
 def adapter(rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A linear module (5 x 6) and a 3x3 convolution (7 out, 3 in), random factors of ``rank``."""
     g = torch.Generator().manual_seed(seed)
-    return {"lin.lora_A.weight": torch.randn(rank, 6, generator=g), "lin.lora_B.weight": torch.randn(5, rank, generator=g),
+    return {"lin.lora_A.weight": torch.randn(rank, 6, generator=g),
+            "lin.lora_B.weight": torch.randn(5, rank, generator=g),
             "conv.lora_A.weight": torch.randn(rank, 3, 3, 3, generator=g),
             "conv.lora_B.weight": torch.randn(7, rank, 1, 1, generator=g)}
 

@@ -52,12 +52,14 @@ class RecordingClient(EdgeClient):
 def mixed(tmp_path_factory, mqtt_url):
     """Three SDK devices of max_lora_rank 1, 2 and 4 in a rank-4 fleet, two rounds, one cluster."""
     tmp = tmp_path_factory.mktemp("ranks")
-    agg = service(tmp, mqtt_url)
+    prefix = f"ranks-{uuid.uuid4().hex[:6]}"  # its own topics: it runs beside the other tests' aggregators
+    agg = service(tmp, mqtt_url, mqtt_topic_prefix=prefix)
     clients = {rank: RecordingClient(DeviceConfig(
         data_dir=tmp / f"dev{rank}", device_id=f"rank{rank}-{uuid.uuid4().hex[:6]}", profile="simulator",
         max_lora_rank=rank, personalization="none", enrolment_token=DEMO_TOKEN, seed=rank,
         aggregator_fingerprint=agg.identity.public.fingerprint)) for rank in (1, 2, 4)}
-    sessions = {rank: FederatedSession(c, DATA, MqttConfig(url=mqtt_url)) for rank, c in clients.items()}
+    sessions = {rank: FederatedSession(c, DATA, MqttConfig(url=mqtt_url, topic_prefix=prefix))
+                for rank, c in clients.items()}
     try:
         for s in sessions.values():
             s.start()

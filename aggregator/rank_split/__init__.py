@@ -1,6 +1,7 @@
 """Rank-split rules, one per file behind ``RankSplit`` (see ``base.py``)."""
 
 from aggregator.rank_split.base import RankSplit
+from aggregator.rank_split.shares import RankShares
 from aggregator.rank_split.svd import SvdSplit
 from aggregator.rank_split.zero_pad import ZeroPadSplit
 
@@ -14,4 +15,4 @@ def make_split(name: str) -> RankSplit:
     return SPLITS[name]()
 
 
-__all__ = ["RankSplit", "SPLITS", "SvdSplit", "ZeroPadSplit", "make_split"]
+__all__ = ["RankShares", "RankSplit", "SPLITS", "SvdSplit", "ZeroPadSplit", "make_split"]
