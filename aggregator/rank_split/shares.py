@@ -14,7 +14,6 @@ from typing import Protocol
 import torch
 
 from aggregator.rank_split.base import Adapter, RankSplit
-from edge_sdk.protocol.digest import tensor_digest
 from models.lora import LoraConfig, lora_scale
 from models.lora_ranks import adapter_rank, lora_at_rank, pad_rank
 
@@ -34,24 +33,27 @@ class RankShares:
                  seeds: SeedDraws) -> None:
         """``draw(lora)``: the fleet's seeded adapter drawn at ``lora``'s rank; ``seeds`` learns of each draw."""
         self.split, self.lora, self.draw, self.seeds = split, lora, draw, seeds
-        self._memo: dict[tuple[int, str], Adapter] = {}
+        # (rank, id(adapter)) -> (adapter, its share): keyed by identity like the downlink mirror's encodings
+        # (a round's start to thousands of devices shares one adapter object), which the entry keeps alive
+        self._memo: dict[tuple[int, int], tuple[Adapter, Adapter]] = {}
 
-    def at_rank(self, adapter: Mapping[str, torch.Tensor], rank: int) -> Adapter:
-        """``adapter`` as a device of ``rank`` holds it. The fleet's seeded round-1 adapter (B = 0: no ΔW)
-        is the seed's draw at that rank instead, so that device too draws its start rather than receiving it."""
+    def at_rank(self, adapter: Adapter, rank: int) -> Adapter:
+        """``adapter`` as a device of ``rank`` holds it (the same object at the fleet's rank). The fleet's
+        seeded round-1 adapter (B = 0: no ΔW) is the seed's draw at that rank instead, so that device too
+        draws its start rather than receiving it."""
         if rank == self.lora.r:
-            return dict(adapter)
-        key = (rank, tensor_digest(adapter))
+            return adapter
+        key = (rank, id(adapter))
         if key not in self._memo:
             if len(self._memo) >= MEMO:
                 self._memo.pop(next(iter(self._memo)))
-            if self.seeds.is_seeded(dict(adapter)):
+            if self.seeds.is_seeded(adapter):
                 share = self.draw(lora_at_rank(self.lora, rank))
                 self.seeds.add_seeded(share)
             else:
                 share = self.split.split(adapter, rank, lora_scale(self.lora))
-            self._memo[key] = share
-        return self._memo[key]
+            self._memo[key] = (adapter, share)
+        return self._memo[key][1]
 
     def to_fleet(self, start: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
                  current: Mapping[str, torch.Tensor]) -> Adapter:
