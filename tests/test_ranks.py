@@ -3,6 +3,7 @@ and the cluster's adapter is the exact ΔW mean of theirs (at the fleet's rank) 
 
 import uuid
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,8 @@ from aggregator.simulation.lite import DEMO_TOKEN, LiteDevice, start_adapter
 from aggregator.status import read_status, render_status
 from edge_sdk import SHARED, DeviceConfig, EdgeClient, LocalData
 from edge_sdk.protocol.envelope import MessageType
-from edge_sdk.protocol.messages import SEEDED_CODEC, EnrolAck
+from edge_sdk.protocol.errors import RefusedMessage
+from edge_sdk.protocol.messages import SEEDED_CODEC, Enrol, EnrolAck
 from edge_sdk.protocol.tensors import unpack_tensors
 from edge_sdk.session import FederatedSession
 from edge_sdk.transport import MqttConfig
@@ -160,3 +162,14 @@ def test_a_lower_rank_device_draws_its_seeded_start_and_gets_deltas_at_its_rank(
         for d in devices:
             d.stop()
         agg.stop()
+
+
+def test_an_enrolment_stays_readable_across_versions():
+    fields = {"token": "t", "verify_key": b"v" * 32, "box_key": b"b" * 32, "profile": "simulator", "model": "m"}
+    assert Enrol.decode(msgpack.packb(fields, use_bin_type=True)).lora_rank == 0  # an older device: the fleet's rank
+    assert set(msgpack.unpackb(Enrol(*fields.values()).encode())) == set(fields)  # what an older aggregator reads
+    assert Enrol.decode(Enrol(*fields.values(), lora_rank=2).encode()).lora_rank == 2
+    with pytest.raises(RefusedMessage, match="lora_rank = -1"):
+        Enrol.decode(msgpack.packb(fields | {"lora_rank": -1}, use_bin_type=True))
+    with pytest.raises(RefusedMessage, match="fields"):
+        Enrol.decode(msgpack.packb(fields | {"rank": 2}, use_bin_type=True))
