@@ -89,6 +89,9 @@ class AggregatorConfig:
     # learning
     rule: str = _setting("exact", "Aggregation inside a cluster: `fedavg`, `exact`, `median` or `trimmed_mean` "
                                   "(docs/algorithms.md).")
+    rank_split: str = _setting("svd", "How a device of a rank below the fleet's (`lora.r`) gets its cluster's "
+                                      "adapter: `svd` (the best approximation at its rank, FlexLoRA) or `zero_pad` "
+                                      "(the factors' largest rank slots, HetLoRA) (docs/algorithms.md).")
     clip: float | None = _setting(3.0, "Clip updates at this multiple of the round's median update norm "
                                        "(and screen those far beyond it); none: off.")
     max_samples: int = _setting(SampleBound.max_samples, "A device's update weighs at most this many samples, "
@@ -173,12 +176,15 @@ class AggregatorConfig:
     def _check_with_models(self) -> None:
         """What only the model libraries know: rule and policy names, the base model's family, the LoRA table."""
         from aggregator.policies import make_policy
+        from aggregator.rank_split import SPLITS
         from aggregator.rules import RULES
         from models.backend import family_of
         from models.lora import DEFAULT_TARGETS, LoraConfig, lora_config, lora_from_dict
 
         if self.rule not in RULES:
             raise ConfigError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.rank_split not in SPLITS:
+            raise ConfigError(f"rank_split must be one of {', '.join(SPLITS)}, got {self.rank_split!r}")
         try:
             make_policy(self.clustering, self.k, self.refine_after_round)  # refuses unknown names, IFCA without k
             targets = DEFAULT_TARGETS[family_of(self.base_model)]  # reads the directory's files, loads nothing

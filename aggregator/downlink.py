@@ -12,6 +12,11 @@ Every device can draw the fleet's initial adapter from its seed, so a device tha
 nothing yet gets that adapter as the seed plus a digest (``SeededAdapter``): the first round
 costs a few dozen bytes per device instead of an encoded adapter. A device whose draw does
 not match the digest (another torch build, say) asks for a full adapter like any other.
+
+A device of a rank below the fleet's holds its cluster's adapter at its own rank, so its mirror
+entry is at that rank and its deltas are against its own previous adapter; its seeded start is
+the draw from the same seed at its rank (``add_seeded``). A held copy of another shape (the
+device enrolled again at another rank) is not a base for a delta: it gets the whole adapter.
 """
 
 from __future__ import annotations
@@ -49,7 +54,10 @@ class DownlinkMirror:
         self.codec = codec
         self.deltas = deltas
         self.seeded = seeded if deltas else None
-        self._seeded_data = None if self.seeded is None else SeededAdapter.of(*self.seeded).encode()
+        # the seed's draws by layout (one per rank), each with its SeededAdapter body
+        self._seeded: dict[tuple, tuple[Adapter, bytes]] = {}
+        if self.seeded is not None:
+            self.add_seeded(self.seeded[1])
         self._unseeded: set[str] = set()  # devices that asked for a full adapter: their draw may differ
         self.confirmed: dict[str, Held] = {}
         self.pending: dict[str, Held] = {}
@@ -72,6 +80,8 @@ class DownlinkMirror:
         base = self.confirmed.get(device) if self.deltas else None
         if base is not None and base.cluster == cluster and base.version == version:
             base = None  # it already holds exactly this: a full resend is the safe answer to a repeat request
+        if base is not None and _layout(base.adapter) != _layout(adapter):
+            base = None  # held at another rank: no delta applies
         seedable = base is None and device not in self._unseeded
         memo = (cluster, version, id(adapter), id(base.adapter) if base else None, seedable)
         if memo not in self._encoded:
@@ -87,8 +97,9 @@ class DownlinkMirror:
                 seedable: bool) -> tuple[Payload, Adapter]:
         """What to send and what the device will hold after decoding it."""
         shapes = {k: tuple(v.shape) for k, v in adapter.items()}
-        if seedable and self._is_seeded(adapter):
-            return Payload(-1, -1, SEEDED_CODEC, self._seeded_data), {k: v.clone() for k, v in adapter.items()}
+        if seedable and self.is_seeded(adapter):
+            data = self._seeded[_layout(adapter)][1]
+            return Payload(-1, -1, SEEDED_CODEC, data), {k: v.clone() for k, v in adapter.items()}
         if base is None:
             out = self.full(cluster, version, adapter)
             return out, make_codec(out.codec).decode(out.data, shapes)
@@ -98,10 +109,16 @@ class DownlinkMirror:
         decoded = codec.decode(out.data, shapes)
         return out, {k: base.adapter[k] + decoded[k] for k in adapter}
 
-    def _is_seeded(self, adapter: Adapter) -> bool:
-        initial = None if self.seeded is None else self.seeded[1]
-        return initial is not None and initial.keys() == adapter.keys() and all(
-            initial[k].shape == v.shape and torch.equal(initial[k], v) for k, v in adapter.items())
+    def add_seeded(self, adapter: Adapter) -> None:
+        """Another draw from the fleet's seed (at another rank) that devices can draw themselves
+        (without seeded round starts: nothing to do)."""
+        if self.seeded is not None:
+            self._seeded[_layout(adapter)] = (adapter, SeededAdapter.of(self.seeded[0], adapter).encode())
+
+    def is_seeded(self, adapter: Adapter) -> bool:
+        """Whether ``adapter`` is, value for value, a draw from the fleet's seed (at its layout's rank)."""
+        drawn = self._seeded.get(_layout(adapter))
+        return drawn is not None and all(torch.equal(drawn[0][k], v) for k, v in adapter.items())
 
     def confirm(self, device: str, cluster: int, version: int) -> Adapter | None:
         """The adapter the device started from, if its update matches what we last sent it."""
@@ -118,3 +135,7 @@ class DownlinkMirror:
         self._unseeded.add(device)
         self.confirmed.pop(device, None)
         self.pending.pop(device, None)
+
+
+def _layout(adapter: Adapter) -> tuple:
+    return tuple(sorted((k, tuple(v.shape)) for k, v in adapter.items()))

@@ -69,8 +69,9 @@ def open_enrolment(identity: Identity, verifier: EnvelopeVerifier, env: Envelope
     return body
 
 
-def admit(store, env: Envelope, body: Enrol, model: str, kind: str = "device") -> None:
-    """Admit an opened enrolment: the fleet's model, then the token and keys (``StateStore.enrol``).
+def admit(store, env: Envelope, body: Enrol, model: str, kind: str = "device", max_rank: int | None = None) -> None:
+    """Admit an opened enrolment: the fleet's model and (``max_rank``) LoRA rank, then the token and keys
+    (``StateStore.enrol``); a rank it cannot serve is refused before the token is spent.
 
     A provisioned token enrols its own id once; enrolling again with the same keys is
     idempotent (a lost acknowledgement); another id or other keys are refused ``bad_token``.
@@ -78,4 +79,8 @@ def admit(store, env: Envelope, body: Enrol, model: str, kind: str = "device") -
     if body.model != model:
         raise RefusedMessage(Refusal.MODEL_MISMATCH, f"model mismatch: fleet runs {model[:16]}, "
                                                      f"{kind} {env.sender} has {body.model[:16]}")
+    if max_rank is not None and body.lora_rank > max_rank:
+        raise RefusedMessage(Refusal.RANK_ABOVE_FLEET,
+                             f"{kind} {env.sender} would train LoRA rank {body.lora_rank}, above the fleet's maximum "
+                             f"{max_rank}: lower its max_lora_rank, or raise r in [aggregator.lora]")
     store.enrol(env.sender, body.verify_key, body.box_key, body.profile, body.token)

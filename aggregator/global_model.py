@@ -73,11 +73,12 @@ class GlobalModel:
             set_adapter_state(self.unet, name, adapter)
             self.versions[int(cluster_id)] = int(version)
 
-    def initial_adapter(self, seed: int, b_std: float = 0.0) -> dict[str, torch.Tensor]:
+    def initial_adapter(self, seed: int, b_std: float = 0.0, lora: LoraConfig | None = None) -> dict[str, torch.Tensor]:
         """A fresh adapter, deterministic for ``seed``: A random, B zero (no effect yet) unless
-        ``b_std`` > 0 asks for small random B too (IFCA's k starting points must differ)."""
+        ``b_std`` > 0 asks for small random B too (IFCA's k starting points must differ); ``lora``
+        (default: the fleet's) draws it at a device's lower rank."""
         with self._lock:
-            state = draw_adapter(self.unet, self.lora, seed)
+            state = draw_adapter(self.unet, lora or self.lora, seed)
         if b_std > 0:
             g = torch.Generator().manual_seed(seed)
             state = {k: torch.randn(v.shape, generator=g) * b_std if ".lora_B." in k else v for k, v in state.items()}

@@ -114,10 +114,8 @@ class UpdateIntake:
         if self.policy.report_scope(cid) is None and \
                 device in self.store.reported(env.round) - self.store.reported(env.round, cid):
             raise RefusedMessage(Refusal.STALE_ROUND, f"{device} already chose another cluster in round {env.round}")
-        start = self.downlink.confirm(device, cid, body.base_version)
-        if start is not None:  # the device started from its (possibly lossy) copy: rebase onto ours
-            current, _ = self.rounds.cluster_adapter(cid)
-            delta = {k: start[k] + delta[k] - current[k] for k in delta}
+        # against the device's (possibly lossy) copy of its start, at its rank: rebased onto ours, at the fleet's
+        delta = self.rounds.rebase(device, cid, self.downlink.confirm(device, cid, body.base_version), delta)
         samples = min(body.samples, self.config.max_samples)  # a claim, stored capped (the rule caps it again)
         if samples < body.samples:
             log.warning("%s claims %d samples in round %d; weighted as at most %d", device, body.samples, env.round,
@@ -145,7 +143,7 @@ class UpdateIntake:
             raise RefusedMessage(Refusal.NON_FINITE, f"{device} reports a non-finite loss")
         if not (body.epsilon == -1.0 or body.epsilon >= 0) or not (body.dp_delta == 0 or 0 < body.dp_delta < 1):
             raise RefusedMessage(Refusal.MALFORMED, f"{device} reports epsilon {body.epsilon} at delta {body.dp_delta}")
-        return decode_payload(body.codec, body.tensors, self.rounds.shapes, set(self.config.uplink_codecs))
+        return decode_payload(body.codec, body.tensors, self.rounds.shapes_of(device), set(self.config.uplink_codecs))
 
 
 class EnrolmentIntake:
@@ -162,16 +160,17 @@ class EnrolmentIntake:
         check_sender(topic, env.sender)
         body = open_enrolment(self.identity, self.verifier, env)
         try:
-            admit(self.store, env, body, self.model)
+            admit(self.store, env, body, self.model, max_rank=self.rounds.lora.r)
         except RefusedMessage as e:
-            if e.reason in (Refusal.MODEL_MISMATCH, Refusal.BAD_TOKEN, Refusal.REVOKED):
+            if e.reason in (Refusal.MODEL_MISMATCH, Refusal.RANK_ABOVE_FLEET, Refusal.BAD_TOKEN, Refusal.REVOKED):
                 self.outbox.refuse_enrolment(env.sender, body.box_key, str(e))
             raise
+        self.rounds.set_rank(env.sender, body.lora_rank)
         self.telemetry.count(0, env.sender, "up", len(data))
         self.enrolled.add(env.sender)
         self.telemetry.set_online(env.sender, True)  # its retained "online" came before it was enrolled
         self.outbox.send(env.sender, MessageType.ENROL_ACK, EnrolAck(True, "").encode())
-        log.info("enrolled %s (%s)", env.sender, body.profile)
+        log.info("enrolled %s (%s, LoRA rank %d)", env.sender, body.profile, self.rounds.rank_of(env.sender))
         self.rounds.resume_device(env.sender)
 
 

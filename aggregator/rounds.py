@@ -45,6 +45,7 @@ from aggregator.interaction import update_spread
 from aggregator.membership import Membership
 from aggregator.outbox import Outbox
 from aggregator.policies import RoundPlan
+from aggregator.rank_split import RankShares, make_split
 from aggregator.rules import AggregateResult, AggregationRule, ClientUpdate
 from aggregator.rules.quarantine import aggregate_or_quarantine
 from aggregator.state import StateStore, StateUnavailable
@@ -52,9 +53,11 @@ from edge_sdk.protocol.envelope import MessageType
 from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.protocol.messages import ClusterAssign, RoundStart, UpdateAck
 from edge_sdk.protocol.tensors import pack_tensors, unpack_tensors
-from models.lora import LoraConfig, lora_to_dict
+from models.lora import LoraConfig, lora_scale, lora_to_dict
+from models.lora_ranks import energy_spectrum, lora_at_rank, shapes_at_rank
 
 log = logging.getLogger("fedaigc.aggregator")
+RANKS = "lora_rank/"  # store key prefix: a device's LoRA rank, kept for devices below the fleet's
 
 
 class Phase(str, Enum):
@@ -92,6 +95,9 @@ class RoundController:
         self.global_model, self.initial, self.downlink, self.outbox = global_model, initial, downlink, outbox
         self.cloud, self.refusals, self.persist, self.is_leader = cloud, refusals, persist, is_leader
         self.shapes = {k: tuple(v.shape) for k, v in initial.items()}
+        self.shares = RankShares(make_split(config.rank_split), lora,
+                                 lambda at: global_model.initial_adapter(config.seed, lora=at), downlink)
+        self._ranks: dict[str, int] = {}  # device -> the rank it enrolled with, cached from the store
         self.done = threading.Event()
         self.events = RoundEvents()
 
@@ -116,6 +122,43 @@ class RoundController:
         deadline = next((row.deadline for row in self.store.rounds() if (row.round, row.cluster_id) == (rnd, cid)),
                         time.time())
         return RoundContext(adapter, version, deadline, plan or self.membership.plan(cid))
+
+    # ---------------------------------------------------------------- devices of lower rank
+    def set_rank(self, device: str, rank: int) -> None:
+        """Record the LoRA rank a device enrolled with (0: the fleet's); it trains at it from its next round start."""
+        rank = rank or self.lora.r
+        if rank != self.rank_of(device):
+            self.store.put(RANKS + device, rank)
+        self._ranks[device] = rank
+
+    def rank_of(self, device: str) -> int:
+        """The rank a device trains at: what it enrolled with (read once from the store), else the fleet's."""
+        if device not in self._ranks:
+            self._ranks[device] = int(self.store.get(RANKS + device, self.lora.r))
+        return self._ranks[device]
+
+    def shapes_of(self, device: str) -> dict[str, tuple[int, ...]]:
+        """The adapter layout a device trains and sends: the fleet's at the device's rank."""
+        rank = self.rank_of(device)
+        return self.shapes if rank == self.lora.r else shapes_at_rank(self.shapes, rank)
+
+    def at_rank(self, adapter: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+        """A cluster adapter as a device of ``rank`` holds it (``RankShares.at_rank``)."""
+        return self.shares.at_rank(adapter, rank)
+
+    def rebase(self, device: str, cid: int, start: dict[str, torch.Tensor] | None,
+               delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A device's update as a delta against the cluster's current adapter at the fleet's rank.
+
+        ``start`` is what the device trained from (the downlink mirror's copy; None: the cluster's current
+        adapter at its rank). A lower-rank device's trained adapter is zero-padded to the fleet's rank,
+        which keeps its ΔW exactly, so every rule averages it with the others in ΔW space.
+        """
+        rank = self.rank_of(device)
+        if start is None and rank == self.lora.r:
+            return delta
+        current, _ = self.cluster_adapter(cid)
+        return self.shares.to_fleet(self.at_rank(current, rank) if start is None else start, delta, current)
 
     def restore(self) -> None:
         """The global model's adapters and the finished flag, from the store."""
@@ -162,12 +205,15 @@ class RoundController:
 
     def send_round_start(self, device: str, rnd: int, context: RoundContext, cid: int,
                          install_only: bool = False) -> None:
+        rank = self.rank_of(device)
+        adapter = self.at_rank(context.adapter, rank)
         # a device choosing among candidates keeps none of them: deltas against one held adapter do not apply
         if context.plan.candidates > 1:
-            payload = self.downlink.full(cid, context.version, context.adapter)
+            payload = self.downlink.full(cid, context.version, adapter)
         else:
-            payload = self.downlink.payload(device, cid, context.version, context.adapter)
-        body = RoundStart(rnd, cid, context.version, lora_to_dict(self.lora), payload.base_cluster, payload.base_version,
+            payload = self.downlink.payload(device, cid, context.version, adapter)
+        lora = lora_at_rank(self.lora, rank)
+        body = RoundStart(rnd, cid, context.version, lora_to_dict(lora), payload.base_cluster, payload.base_version,
                           float(context.deadline), 0 if install_only else self.config.local_steps,
                           1 if install_only else context.plan.candidates, payload.codec, payload.data)
         self.outbox.send(device, MessageType.ROUND_START, body.encode(), rnd)
@@ -232,7 +278,8 @@ class RoundController:
                 return
             cur, records = closing  # no update can be accepted for (rnd, cid) until this commits
             adapter, summary, quarantined = self.aggregate_records(rnd, cid, current, records)
-            summary |= {"members": members, "closed_at": time.time()}
+            summary |= {"members": members, "closed_at": time.time(),
+                        "spectrum": energy_spectrum(adapter, lora_scale(self.lora))}
             self.store.close_round(rnd, cid, pack_tensors(adapter), version + 1, summary, cur=cur)
         for device, reason in summary["rejected"].items():
             detail = quarantined.get(device, "screened out at aggregation")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from aggregator.rollout import REPORTS
+from aggregator.rounds import RANKS
 from aggregator.state import open_store
 from aggregator.telemetry import merged_refusals
 
@@ -36,6 +37,8 @@ def read_status(state_url: str) -> dict:
             "privacy": store.get("privacy", {}),
             "versions": store.get("versions", {}),
             "rollout": rollout_status(store.get("rollout"), store.get_prefixed(REPORTS)),
+            "ranks": {str(r): n for r, n in sorted(Counter(store.get_prefixed(RANKS).values()).items())},
+            "spectrum": latest_spectra(store.round_summaries()),
         }
     finally:
         store.close()
@@ -53,11 +56,26 @@ def render_status(s: dict) -> str:
     open_rounds = [r for r in s["rounds"] if r["state"] == "open"]
     if open_rounds:
         lines.append("open: " + ", ".join(f"round {r['round']} cluster {r['cluster']}" for r in open_rounds))
+    if s["ranks"]:
+        lines.append("LoRA ranks: " + ", ".join(f"{n} device{'s' if n != 1 else ''} at rank {r}"
+                                               for r, n in s["ranks"].items()) + " (others at the fleet's)")
+    lines += [f"spectrum cluster {c} (round {v['round']}): " + " ".join(f"{x:.2f}" for x in v["shares"])
+              for c, v in s["spectrum"].items()]
     lines += privacy_lines(s["privacy"])
     if s["versions"]:
         lines.append("versions: " + ", ".join(f"{k}: {v}" for k, v in sorted(s["versions"].items())))
     lines += rollout_lines(s["rollout"])
     return "\n".join(lines)
+
+
+def latest_spectra(summaries: list) -> dict[str, dict]:
+    """Per cluster, its last closed round's ΔW energy share per singular direction (``energy_spectrum``):
+    shares piling into the first directions, the ranks every device shares, is rank collapse."""
+    spectra = {}
+    for rnd, cid, summary in summaries:
+        if "spectrum" in summary and rnd >= spectra.get(str(cid), {}).get("round", 0):
+            spectra[str(cid)] = {"round": rnd, "shares": summary["spectrum"]}
+    return dict(sorted(spectra.items()))
 
 
 def rollout_status(state: dict | None, reports: dict[str, dict]) -> dict:

@@ -7,7 +7,9 @@ feedback (what ``seal_update`` sends) and reaches the rule as ``ClientUpdate.fro
 ``RoundController.aggregate_records``. The clustering policy (``aggregator.policies``) groups the
 devices from their task vectors and may regroup them on their first updates, as in
 ``RoundController.regroup``; the interaction step is ``CloudStep.local``; the next adapter reaches
-each device through a ``DownlinkMirror``, decoded as ``FederatedSession`` decodes it. What the
+each device through a ``DownlinkMirror``, decoded as ``FederatedSession`` decodes it. Devices of a
+rank below the fleet's (``Variant.device_ranks``) get their share of it and send back updates padded to
+the fleet's rank through ``RankShares``, as ``RoundController`` does. What the
 broker, the state store and the worker processes add is tested over the real protocol
 (``tests/test_federation.py``, ``fedaigc bench federation --fleet``); here a federated run of a
 12-device fleet costs seconds to minutes instead of tens of minutes, so sweeps over data sizes
@@ -34,6 +36,7 @@ from aggregator.downlink import DownlinkMirror
 from aggregator.global_model import GlobalModel, adapter_name
 from aggregator.interaction import update_spread
 from aggregator.policies import POLICIES
+from aggregator.rank_split import RankShares, make_split
 from aggregator.rules import ClientUpdate, make_rule
 from aggregator.simulation.fleet import FleetConfig, score_styles
 from edge_sdk.protocol.codecs import ErrorFeedback, decode_payload, make_codec
@@ -42,6 +45,7 @@ from edge_sdk.protocol.tensors import shapes_of
 from edge_sdk.quantize import quantize_base
 from models.digits.backend import DigitsBackend
 from models.lora import add_adapter, get_adapter_state, lora_config, set_mix
+from models.lora_ranks import lora_at_rank, pad_rank
 from models.training import LORA_LR, TrainConfig, train_adapters
 
 # each method's aggregator settings (over the product's defaults); ``ours`` is what the product ships
@@ -64,7 +68,8 @@ class Variant:
     name: str
     method: str = "ours_intra"        # one of FEDERATED
     quantization: str = "int8"        # the devices' base
-    rank: int = 2
+    rank: int = 2                     # the fleet's (its maximum, with device_ranks)
+    device_ranks: tuple[int, ...] = ()  # each device's rank, by device index (empty: every device at ``rank``)
     downlink_deltas: bool = True
     lr: float = LORA_LR
     local_steps: int | None = None    # None: the fleet's
@@ -120,6 +125,11 @@ class InProcessFederation:
         self.model = GlobalModel(self.lora)
         self.initial = self.model.initial_adapter(seed=self.agg.seed)
         self.steps = v.local_steps or cfg.local_steps
+        if v.device_ranks and len(v.device_ranks) != len(self.ids):
+            raise ValueError(f"device_ranks names {len(v.device_ranks)} ranks for {len(self.ids)} devices")
+        self.rank_of = dict(zip(self.ids, v.device_ranks or [v.rank] * len(self.ids)))
+        self.uplink_bytes = {d: 0 for d in self.ids}  # what each device's updates cost, all rounds
+        self.shares: RankShares | None = None  # per run, over its downlink mirror
 
     # ---------------------------------------------------------------- what a diagnosis may change
     def train(self, device: str, client, start: Adapter, data, version: int):
@@ -144,7 +154,7 @@ class InProcessFederation:
                 task_noise=self.cfg.task_noise, personalization=self.cfg.personalization,
                 seed=device_seed(self.cfg.seed, i),
                 quantization=self.v.quantization, lr=self.v.lr, max_lora_rank=max(8, self.v.rank)))
-            client.adopt_lora(self.lora)  # what the first round start does
+            client.adopt_lora(lora_at_rank(self.lora, self.rank_of[d]))  # what the first round start does
             clients.append(client)
         return clients
 
@@ -170,6 +180,8 @@ class InProcessFederation:
             versions = {cid: 0 for cid in clusters}
             mirror = DownlinkMirror(self.agg.downlink_codec, deltas=self.v.downlink_deltas,
                                     seeded=(self.agg.seed, self.initial))
+            self.shares = RankShares(make_split(self.agg.rank_split), self.lora,
+                                     lambda at: self.model.initial_adapter(self.agg.seed, lora=at), mirror)
             feedback = {d: ErrorFeedback(make_codec(cfg.codec, seed=clients[d].config.seed)) for d in self.ids}
             held: dict = {}
             if 0 in self.eval_rounds:
@@ -186,7 +198,10 @@ class InProcessFederation:
                     else:  # it chose another candidate (IFCA): that one is the adapter it uses
                         assignment = {**assignment, d: cid}
                     encoded = feedback[d].encode(up.delta)  # what seal_update puts in the body
-                    deltas[d] = decode_payload(cfg.codec, encoded, shapes_of(clusters[cid]))
+                    self.uplink_bytes[d] += len(encoded)
+                    deltas[d] = decode_payload(cfg.codec, encoded, shapes_of(start))
+                    if self.rank_of[d] != self.lora.r:  # padded to the fleet's rank from where it started
+                        deltas[d] = self.shares.to_fleet(start, deltas[d], clusters[cid])
                     updates[cid].append(ClientUpdate.from_delta(d, clusters[cid], deltas[d], up.samples))
                     reported.append((up.samples, up.loss_before, up.loss_after))
                 adapters = {cid: self.aggregate(rnd, cid, clusters[cid], ups) if ups else clusters[cid]
@@ -206,7 +221,7 @@ class InProcessFederation:
                 if rnd in self.eval_rounds:
                     curves[rnd] = self.score(clusters, assignment)
         return {"curves": curves, "losses": losses, "assignment": assignment, "text_assignment": text_assignment,
-                "ari": self.ari(assignment), "ari_text": self.ari(text_assignment)}
+                "ari": self.ari(assignment), "ari_text": self.ari(text_assignment), "uplink_bytes": self.uplink_bytes}
 
     def round_start(self, mirror: DownlinkMirror, held: dict, client, device: str, cid: int, clusters: dict,
                     versions: dict, data) -> tuple[int, Adapter]:
@@ -214,11 +229,13 @@ class InProcessFederation:
         its cluster's adapter through the downlink, or with several candidates (IFCA) the one whose
         loss on its own data is lowest."""
         plan = self.policy.configure_round(cid, [], [], len(clusters))
+        rank = self.rank_of[device]
         if plan.candidates > 1:  # full adapters go down: a held one would not match every candidate
-            losses = {c: client.local_loss(a, data) for c, a in sorted(clusters.items())}
+            shares = {c: self.shares.at_rank(a, rank) for c, a in sorted(clusters.items())}
+            losses = {c: client.local_loss(a, data) for c, a in shares.items()}
             best = min(losses, key=losses.get)
-            return best, {k: t.clone() for k, t in clusters[best].items()}
-        return cid, received(mirror, held, client, device, cid, versions[cid], clusters[cid])
+            return best, {k: t.clone() for k, t in shares[best].items()}
+        return cid, received(mirror, held, client, device, cid, versions[cid], self.shares.at_rank(clusters[cid], rank))
 
     def regroup(self, rnd: int, state: ClusterState, vectors: np.ndarray, deltas: dict, updates: dict,
                 assignment: dict, versions: dict):
@@ -251,15 +268,21 @@ class InProcessFederation:
 
     def score(self, adapters: dict, assignment: dict, model: GlobalModel | None = None) -> dict:
         """Each device judged on its cluster's adapter (``RoundEvaluator.score``), held by ``model``
-        (default: the run's own, at the fleet's rank)."""
+        (default: the run's own, at the fleet's rank). With device ranks, on its cluster's adapter at
+        its rank (zero-padded back to the fleet's: the same ΔW): groups are (cluster, rank) pairs."""
         model = model or self.model
+        fleet = self.lora.r
+        ranked = bool(self.v.device_ranks)
+        groups = {d: cid * (fleet + 1) + self.rank_of[d] for d, cid in assignment.items()} if ranked else assignment
 
-        def model_of(cid):
-            model.set_cluster(cid, adapters[cid], 0)
-            set_mix(model.unet, {adapter_name(cid): 1.0})
+        def model_of(group):
+            cid, rank = divmod(group, fleet + 1) if ranked else (group, fleet)
+            model.set_cluster(group, pad_rank(self.shares.at_rank(adapters[cid], rank), fleet) if ranked
+                              else adapters[cid], 0)
+            set_mix(model.unet, {adapter_name(group): 1.0})
             return model.unet
 
-        return self.scorer(model_of, assignment, self.persona_of)
+        return self.scorer(model_of, groups, self.persona_of)
 
     def ari(self, assignment: dict) -> float:
         from sklearn.metrics import adjusted_rand_score

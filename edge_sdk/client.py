@@ -270,7 +270,8 @@ class EdgeClient:
         return evaluation_loss(self.backend, samples[probe], conditioning[probe], seed=seed, repeats=4)
 
     def adopt_lora(self, lora: LoraConfig) -> None:
-        """Shape the shared adapter by the fleet's LoRA config (every round start carries it).
+        """Shape the shared adapter by the LoRA config round starts carry: the fleet's, at the rank this
+        device enrolled with (``enrolment_rank``).
 
         A config over this device's ``max_lora_rank`` is refused: the profile says what the device
         can afford to train. A changed config starts the shared adapter afresh (the next round
@@ -287,6 +288,13 @@ class EdgeClient:
         delete_adapter(self.unet, SHARED)
         add_adapter(self.unet, SHARED, lora, seed=self.config.seed)
         self.check_memory(self.config.effective("batch_size"))  # a larger adapter may no longer fit
+
+    def enrolment_rank(self, fleet: LoraConfig) -> int:
+        """The rank this device asks to train the fleet's shared adapter at: as high as its ``max_lora_rank``
+        allows, up to the fleet's (``fleet.r``); 0 when that is the fleet's own, the enrolment of a device
+        that predates ranks, which any aggregator reads. Round starts then carry the config at that rank."""
+        rank = min(self.config.effective("max_lora_rank"), fleet.r)
+        return 0 if rank == fleet.r else rank
 
     def seeded_adapter(self, seed: int, lora: LoraConfig) -> dict[str, torch.Tensor]:
         """The fresh adapter of config ``lora`` that ``add_adapter`` draws from ``seed`` (what the aggregator

@@ -193,9 +193,13 @@ class FederatedSession:
                                                             f"{pin} and not handed over from them; not trusting them")
             log.info("%s: following the aggregator's hand-over from %s to %s", self.client.device_id, pin,
                      keys.fingerprint)
+        try:
+            rank = self.client.enrolment_rank(lora_from_dict(body.lora))
+        except ValueError as e:
+            raise RefusedMessage(Refusal.MALFORMED, f"the aggregator's LoRA config: {e}") from None
         self._trust(body.aggregator_id, keys, handed_over_from=self.client.config.aggregator_fingerprint)
         self._persist()
-        self._work.put(self._enrol)
+        self._work.put(lambda: self._enrol(rank))
         self.rollout.retry_pending()
 
     def _trusted(self) -> tuple[str, PublicIdentity] | None:
@@ -208,10 +212,10 @@ class FederatedSession:
         """A rolled-out export must load and must have been made from this device's base model."""
         check_export(export_dir, self.client.base_sha256())
 
-    def _enrol(self) -> None:
+    def _enrol(self, rank: int) -> None:
         pub = self.client.identity.public
         body = Enrol(self.client.config.enrolment_token, pub.verify_key, pub.box_key, self.client.config.profile,
-                     self.client.model_sha256())
+                     self.client.model_sha256(), rank)
         sealed = seal_to(self.client.aggregator.box_key, body.encode())
         self.transport.publish(self.topics.enrol(self.client.device_id), self.writer.build(MessageType.ENROL, sealed))
 

@@ -42,6 +42,8 @@ MAIN_KEYS = {
     "load": ("4", "meta"),
     "interaction": ("summary", "gain_over_intra", "gate_calibration", "agreement_calibration"),
     "diagnosis": ("table", "variants", "runs", "local_runs", "seconds"),
+    "ranks": ("mixed_low_rank_vs_uniform2", "mixed_rank8_vs_uniform8", "summary", "bytes_per_device_round",
+              "training_memory_mb"),
 }
 FAST = {"protocol"}  # the rest take more than ~20 s even at smoke size (see the pytest marker)
 TIMEOUT_S = {"export": 1200, "export_training": 900}  # ExecuTorch lowering dominates these two

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ("clustering", "protocol", "edge", "personalization", "central", "serve", "federation", "comm",
-              "privacy", "export", "export_training", "load", "interaction", "diagnosis")
+              "privacy", "export", "export_training", "load", "interaction", "diagnosis", "ranks")
 
 
 def register(sub) -> None:

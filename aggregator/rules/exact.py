@@ -67,7 +67,9 @@ def clients_row_norm(a: torch.Tensor, weights: torch.Tensor) -> float | None:
     """The clients' A row norm (root-mean-square over rows) that carries the most weight: the weighted
     median over clients (A stacked on dim 0), so one device cannot set the cluster's factor balance by
     sending a huge A with a tiny B (the same ΔW, which clipping and robust rules would let through)."""
-    per_client = a.pow(2).sum(dim=2).mean(dim=1).sqrt()
+    # over the rows each client has: a lower-rank device's zero padding (models.lora_ranks) is not a short row
+    rows = a.pow(2).sum(dim=2)
+    per_client = (rows.sum(dim=1) / (rows > 0).sum(dim=1).clamp(min=1)).sqrt()
     order = torch.argsort(per_client)
     cumulative = torch.cumsum((weights / weights.sum()).to(per_client.dtype)[order], dim=0)
     norm = float(per_client[order][int(torch.searchsorted(cumulative, torch.tensor(0.5, dtype=cumulative.dtype)))])

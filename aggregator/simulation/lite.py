@@ -154,9 +154,11 @@ class LiteDevice:
     def send(self, topic: str, envelope: bytes) -> None:
         self.transport.wait_published(self.transport.publish(topic, envelope))
 
-    def enrol(self) -> None:
+    def enrol(self, lora_rank: int = 0) -> None:
+        """Enrol with the fleet token; ``lora_rank``: the rank to train at (0: the fleet's)."""
         pub = self.identity.public
-        body = Enrol(self.token, pub.verify_key, pub.box_key, "lite", self.model or self.fleet_model).encode()
+        body = Enrol(self.token, pub.verify_key, pub.box_key, "lite", self.model or self.fleet_model,
+                     lora_rank).encode()
         self.send(self.topics.enrol(self.id), self.writer.build(MessageType.ENROL, seal_to(self.aggregator.box_key, body)))
 
     def send_task(self, vector: np.ndarray) -> None:
@@ -208,7 +210,7 @@ class LiteDevice:
                     raise TimeoutError(f"no generation result within {timeout} s")
                 self.cond.wait(0.05)
 
-    def join(self, vector: np.ndarray) -> None:
-        self.enrol()
+    def join(self, vector: np.ndarray, lora_rank: int = 0) -> None:
+        self.enrol(lora_rank)
         self.wait_for(MessageType.ENROL_ACK)
         self.send_task(vector)

@@ -37,6 +37,7 @@ class Refusal(str, Enum):
     QUARANTINED = "quarantined"        # accepted update set aside because aggregating it failed
     UNAVAILABLE = "unavailable"        # receiver cannot take it now (e.g. state store unwritable)
     MODEL_MISMATCH = "model_mismatch"  # the sender runs another base model than the fleet
+    RANK_ABOVE_FLEET = "rank_above_fleet"  # the sender would train a LoRA rank above the fleet's maximum
     RETAINED_ALTERED = "retained_altered"  # someone else replaced or cleared a retained message this side publishes
     BUSY = "busy"                      # over the receiver's queue bound or the sender's rate: retry later
 

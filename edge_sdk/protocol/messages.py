@@ -3,11 +3,15 @@
 Each body type declares its fields and their Python types once; ``decode`` refuses any
 body with a missing, extra or mistyped field, or a value out of its range (``check``), so
 handlers only ever see clean values.
+
+A field added to a body after its first release has a default, which is how the message stays
+compatible both ways: ``encode`` leaves it out while it holds the default (an older receiver
+reads the body it knows), and ``decode`` takes its absence as the default (an older sender).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, ClassVar, TypeVar, get_type_hints
 
 import msgpack
@@ -26,7 +30,9 @@ class Body:
     kind: ClassVar[str] = "body"
 
     def encode(self) -> bytes:
-        return msgpack.packb(asdict(self), use_bin_type=True)
+        later = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        return msgpack.packb({k: v for k, v in asdict(self).items() if k not in later or v != later[k]},
+                             use_bin_type=True)
 
     @classmethod
     def decode(cls: type[T], data: bytes) -> T:
@@ -38,9 +44,10 @@ class Body:
             raise RefusedMessage(Refusal.MALFORMED, f"{cls.kind} body is not a map")
         hints = get_type_hints(cls)
         names = {f.name for f in fields(cls)}
-        if set(raw) != names:
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        if not required <= set(raw) <= names:
             raise RefusedMessage(Refusal.MALFORMED, f"{cls.kind} body fields {sorted(map(str, raw))} != {sorted(names)}")
-        for name in names:
+        for name in set(raw):
             if not _type_ok(raw[name], hints[name]):
                 raise RefusedMessage(Refusal.MALFORMED, f"{cls.kind}.{name} has type {type(raw[name]).__name__}")
         body = cls(**raw)
@@ -103,6 +110,10 @@ class Enrol(Body):
     box_key: bytes
     profile: str
     model: str          # the base model the sender runs (model_digest): a fleet runs one
+    lora_rank: int = 0  # the shared adapter's rank it trains at; 0 (and older devices): the fleet's
+
+    def check(self) -> None:
+        _check_range(self.kind, "lora_rank", self.lora_rank, 0, INT32_MAX)
 
 
 @dataclass(frozen=True)
