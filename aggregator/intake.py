@@ -132,6 +132,8 @@ class UpdateIntake:
             raise RefusedMessage(Refusal.STALE_ROUND,
                                  f"{device}: round {env.round} of cluster {cid} closed meanwhile") from None
         self.telemetry.count(env.round, device, "up", size)
+        if not new:
+            self.telemetry.duplicate_updates += 1  # the handler thread alone writes it
         self.telemetry.record_privacy(env.round, device, body.epsilon, body.dp_delta)
         self.membership.assignment[device] = cid  # the cluster it answered (a choice, under IFCA)
         self.outbox.send(device, MessageType.UPDATE_ACK, UpdateAck(env.round, True, "" if new else "duplicate").encode(),
