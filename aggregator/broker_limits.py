@@ -31,7 +31,7 @@ class BrokerLimits:
     max_packet_bytes: int = 1024 * 1024  # above the transport's 256 KiB frames; stated in the v5 CONNACK
     max_queued_messages: int = 10_000    # per client session, QoS 1, beyond those in flight
     max_queued_bytes: int = 256 * 1024 * 1024
-    max_inflight_messages: int = 100     # per session: sent, not yet PUBACKed (unless a v5 CONNECT states a Receive Maximum)
+    max_inflight_messages: int = 100     # per session: sent, not PUBACKed (unless a v5 CONNECT states Receive Maximum)
     session_expiry: str = "7d"           # sessions of clients gone longer are dropped
 
     def __post_init__(self) -> None:

@@ -64,9 +64,9 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from aggregator.broker_limits import BrokerLimits, drop_notices, local_broker_conf  # noqa: E402
 from aggregator.global_model import adapter_shapes  # noqa: E402
 from aggregator.simulation.lite import DEMO_TOKEN  # noqa: E402
-from aggregator.broker_limits import BrokerLimits, drop_notices, local_broker_conf  # noqa: E402
 from benchmarks._results import ROOT, Output, add_arguments  # noqa: E402
 from edge_sdk.retry import RetryPolicy  # noqa: E402
 from edge_sdk.transport import discard_session  # noqa: E402
@@ -444,7 +444,8 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
             result["broker_dropped_for"] = sorted(set(dropped_for))
         else:
             result["broker_drop_notices"] = None
-            result["broker_drop_notices_reason"] = f"the broker at {mqtt_url} is not this benchmark's: its log is not read"
+            result["broker_drop_notices_reason"] = (f"the broker at {mqtt_url} is not this benchmark's: "
+                                                    "its log is not read")
         return result
 
 

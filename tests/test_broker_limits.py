@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import shutil
 import threading
+import tomllib
 import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-import tomllib
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 

@@ -14,8 +14,8 @@ def register(sub) -> None:
                        description="Write mosquitto.conf, acl and passwd (all 0600) to DIR: no anonymous clients, "
                                    "devices log in as their device id and may publish only on their own topics, "
                                    "only the aggregator account publishes the keys and rollouts. The aggregator's "
-                                   "generated password goes to DIR/aggregator.toml; queues, in-flight window, packet size and "
-                                   "persistence are sized for a round's burst (--devices); add devices with "
+                                   "generated password goes to DIR/aggregator.toml; queues, in-flight window, packet "
+                                   "size and persistence are sized for a round's burst (--devices); add devices with "
                                    "aggregator.broker_auth.add_broker_user and SIGHUP the broker.")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write (created)")
     add_topic_prefix_argument(p)
