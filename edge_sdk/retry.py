@@ -36,7 +36,7 @@ log = logging.getLogger("fedaigc.retry")
 class RetryPolicy:
     """When an unacknowledged update is sent again (``MqttConfig.update_retry``)."""
 
-    first_s: float = 15.0            # the first re-send, this long after the update was published
+    first_s: float = 20.0            # the first re-send, this long after the update was published
     factor: float = 2.0              # each wait this many times the previous one ...
     max_s: float = 120.0             # ... and never longer than this
     jitter: float = 0.5              # each wait shortened by a uniform random share in [0, jitter)

@@ -53,8 +53,8 @@ def test_the_mqtt_config_takes_the_policy_as_a_table():
 
 
 def test_no_resend_is_scheduled_within_the_margin_of_the_deadline():
-    resender = Resender(RetryPolicy(first_s=10, deadline_margin_s=5))
-    resender.track("round-1", lambda: None, deadline=time.time() + 12)  # 10 s (at most) lands inside the margin
+    resender = Resender(RetryPolicy(first_s=10, jitter=0.0, deadline_margin_s=5))
+    resender.track("round-1", lambda: None, deadline=time.time() + 12)  # in 10 s: inside the 5 s margin
     assert resender.pending() == 0
     resender.close()
 
