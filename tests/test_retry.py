@@ -121,3 +121,50 @@ def test_a_refused_update_is_not_resent(one_device):
     assert not device.acks()[0].accepted
     assert resender.pending() == 0
     assert service.refusals["stale_round"] >= 1
+
+
+def test_a_session_resends_while_the_aggregator_is_busy_and_each_resend_is_a_counted_duplicate(tmp_path, mqtt_url):
+    """``FederatedSession`` end to end: its update waits in a busy aggregator's inbox (the handler thread
+    held by a job), so no ack can come; the session re-sends its attempts, then the aggregator takes the
+    original and acknowledges every re-send ``duplicate``. Gates hold the session's worker (so the aggregator
+    is busy before the update arrives) and the aggregator's handler thread; nothing else is stubbed."""
+    import threading
+    import uuid
+
+    import torch
+
+    from aggregator.simulation.lite import DEMO_TOKEN
+    from edge_sdk import DeviceConfig, EdgeClient, FederatedSession, LocalData
+
+    prefix = f"rty{uuid.uuid4().hex[:8]}"
+    service = make_service(tmp_path, mqtt_url, mqtt_topic_prefix=prefix, expected_devices=2, rounds=1,
+                           round_timeout_s=600, local_steps=1, interaction=False, clustering="single")
+    lite = LiteDevice(mqtt_url, topic_prefix=prefix).start()
+    client = EdgeClient(DeviceConfig(data_dir=tmp_path / "device", device_id=f"dev-{prefix}", profile="simulator",
+                                     enrolment_token=DEMO_TOKEN,
+                                     aggregator_fingerprint=service.identity.public.fingerprint))
+    policy = RetryPolicy(first_s=0.01, factor=1.0, max_s=0.01, jitter=0.0, max_attempts=3, deadline_margin_s=0.0)
+    session = FederatedSession(client, LocalData(torch.rand(4, 1, 16, 16), ["a chunky 7"] * 4),
+                               MqttConfig(url=mqtt_url, topic_prefix=prefix, update_retry=policy))
+    session_gate, aggregator_gate = threading.Event(), threading.Event()
+    try:
+        session.start()
+        wait_until(lambda: service.store.task_count() == 1, 60, "the session's task vector")
+        session._work.put(session_gate.wait)  # its round start will queue behind this
+        lite.join(np.random.default_rng(0).normal(size=384))
+        lite.round_start()  # round 1 is open
+        service.inbox.post(aggregator_gate.wait, "test: a busy aggregator")
+        session_gate.set()
+        wait_until(lambda: session.resender.retries == policy.max_attempts, 60, "every re-send made")
+        aggregator_gate.set()
+        wait_until(lambda: any(r.accepted for r in session.rounds), 30, "the ack")
+        wait_until(lambda: service.telemetry.duplicate_updates == policy.max_attempts, 30, "the duplicates")
+        assert service.refusals["replayed"] == 0
+        assert [u.device_id for u in service.store.updates(1)] == [client.device_id]
+        assert session.resender.pending() == 0
+    finally:
+        session_gate.set()
+        aggregator_gate.set()
+        session.stop()
+        lite.stop()
+        service.stop()
