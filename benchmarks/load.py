@@ -300,9 +300,9 @@ class _Sampler(threading.Thread):
 
 def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round_timeout_s: float,
              aggregator_workers: int = 1, pg_url: str = "", broker_log: Path | None = None,
-             retry: RetryPolicy = RetryPolicy()) -> dict:
+             retry: RetryPolicy = RetryPolicy(), no_log: str | None = None) -> dict:
     """One round of ``n`` devices. ``broker_log``: the log of the broker this benchmark started (its drop
-    notices are counted for the run); None: someone else's broker."""
+    notices are counted for the run); None: a broker whose log is not read, for the reason ``no_log``."""
     log_offset = broker_log.stat().st_size if broker_log is not None and broker_log.exists() else 0
     run = uuid.uuid4().hex[:6]
     aggregator_id = f"load-{run}"
@@ -444,8 +444,7 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
             result["broker_dropped_for"] = sorted(set(dropped_for))
         else:
             result["broker_drop_notices"] = None
-            result["broker_drop_notices_reason"] = (f"the broker at {mqtt_url} is not this benchmark's: "
-                                                    "its log is not read")
+            result["broker_drop_notices_reason"] = no_log or "the broker's log is not read"
         return result
 
 
@@ -501,7 +500,13 @@ def main() -> None:
     from aggregator.broker import EmbeddedBroker, ensure_broker, free_port
 
     retry = RetryPolicy(max_attempts=0) if args.no_retry else RetryPolicy()
-    broker_log = None
+    broker_log, no_log = None, None
+    if args.mqtt_url is not None and args.max_queued_messages is not None:
+        parser.error("--max-queued-messages sets the queue of the broker this benchmark starts; not with --mqtt-url")
+    if args.mqtt_url is None and not shutil.which("mosquitto"):
+        args.mqtt_url = "mqtt://127.0.0.1:1883"
+        no_log = "no mosquitto binary: the benchmark could not start a broker of its own"
+        print(f"benchmarks.load: {no_log}; using {args.mqtt_url}", file=sys.stderr)
     if args.mqtt_url is None:  # our own Mosquitto, with what `fedaigc broker-config` ships
         limits = BrokerLimits.for_fleet(max(sizes))
         if args.max_queued_messages is not None:
@@ -517,6 +522,7 @@ def main() -> None:
         mqtt_url = args.mqtt_url
         broker = ensure_broker(mqtt_url)
         broker_meta = {"broker": mqtt_url}
+        no_log = no_log or f"the broker at {mqtt_url} is not this benchmark's: its log is not read"
     # a partial run (--sizes, --workers) updates the recorded results instead of replacing them
     previous = out.previous() if args.sizes or args.workers > 1 else None
     results: dict = dict(previous or {})
@@ -524,7 +530,7 @@ def main() -> None:
     try:
         for n in sizes:
             r = run_size(n, mqtt_url, args.codec, args.seed, args.timeout, args.round_timeout,
-                         args.workers, args.pg_url, broker_log, retry)
+                         args.workers, args.pg_url, broker_log, retry, no_log)
             r.update(broker_meta)
             target[str(n)] = r
             print(json.dumps({str(n): {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}}),
