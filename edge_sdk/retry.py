@@ -94,8 +94,8 @@ class Resender:
         with self._cond:
             if self._closed:
                 return
-            old = self._pending.get(key)
-            entry = _Pending(send, deadline, rng or random.Random(), generation=(old.generation + 1) if old else 0)
+            # a generation no earlier schedule of any key had: their queued attempts no longer match
+            entry = _Pending(send, deadline, rng or random.Random(), generation=next(self._order))
             self._pending[key] = entry
             self._schedule(key, entry)
             if self._thread is None:
