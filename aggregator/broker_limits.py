@@ -85,14 +85,12 @@ def drop_notices(log_file: Path, offset: int = 0) -> tuple[int, list[str]]:
 
 
 def local_broker_conf(port: int, state_dir: Path, limits: BrokerLimits = BrokerLimits(), host: str = "127.0.0.1",
-                      run_as: str | None = None, sys_interval_s: int = 10) -> str:
+                      run_as: str | None = None) -> str:
     """An anonymous Mosquitto on ``host:port`` with the production delivery limits, persistence and log
     (``state_dir/mosquitto.log``): for the broker a benchmark or test starts of its own. Accounts and
-    ACLs change who may connect, not how messages queue, so what it measures is what ships.
-    ``sys_interval_s``: how often ``$SYS`` (the dropped-message count among it) is refreshed."""
+    ACLs change who may connect, not how messages queue, so what it measures is what ships."""
     import getpass
 
-    lines = delivery_lines(limits, state_dir / "data", state_dir / "mosquitto.log")
-    lines = [line if not line.startswith("sys_interval ") else f"sys_interval {sys_interval_s}" for line in lines]
-    return "\n".join([f"listener {port} {host}", "allow_anonymous true", *lines,
+    return "\n".join([f"listener {port} {host}", "allow_anonymous true",
+                      *delivery_lines(limits, state_dir / "data", state_dir / "mosquitto.log"),
                       f"user {run_as or getpass.getuser()}"]) + "\n"

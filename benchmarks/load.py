@@ -29,9 +29,8 @@ The broker: by default the benchmark starts its own Mosquitto on a free port wit
 limits ``fedaigc broker-config`` ships (``aggregator.broker_limits``, queues sized for the largest
 N; ``--max-queued-messages`` overrides, e.g. 1000, Mosquitto's default, to see what it drops) and
 reads that broker's log: ``broker_drop_notices`` is the number of "Outgoing messages are being
-dropped" lines of the run (one per episode per client, not per message), and
-``broker_dropped_messages`` the messages its ``$SYS/broker/publish/messages/dropped`` counted
-meanwhile. With ``--mqtt-url`` the broker is someone else's: both are null (its log is not ours),
+dropped" lines of the run (one per episode per client, not per message). With ``--mqtt-url``
+the broker is someone else's: ``broker_drop_notices`` is null (its log is not ours to read),
 devices pin the keys of the aggregator started here (read from its key file) rather than
 trusting the retained keys topic, refusals may include other people's traffic, and the
 persistent MQTT sessions of the run are discarded at the end (so the broker keeps no queue for
@@ -72,40 +71,10 @@ from benchmarks._results import ROOT, Output, add_arguments  # noqa: E402
 from edge_sdk.retry import RetryPolicy  # noqa: E402
 from edge_sdk.transport import discard_session  # noqa: E402
 
-SYS_INTERVAL_S = 1  # our own broker refreshes $SYS (its dropped-message count) this often
 DEVICES_PER_PROCESS = 300  # paho select()s its sockets: ~340 clients fill FD_SETSIZE (3 fds each)
 
 
 # ---------------------------------------------------------------------------------------- devices
-def broker_dropped_messages(mqtt_url: str, timeout: float = 3.0) -> int:
-    """Mosquitto's ``$SYS/broker/publish/messages/dropped`` (retained; absent until the first drop): QoS-1
-    messages it dropped for full queues since it started, every client together."""
-    import paho.mqtt.client as mqtt
-
-    from edge_sdk.transport import MqttConfig
-
-    config = MqttConfig(url=mqtt_url)
-    seen: list[int] = []
-    done = threading.Event()
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-
-    def on_message(c, userdata, message) -> None:
-        seen.append(int(message.payload))
-        done.set()
-
-    client.on_message = on_message
-    client.on_subscribe = lambda *args: threading.Timer(0.5, done.set).start()  # retained comes first, if any
-    client.connect(config.host, config.port)
-    client.subscribe("$SYS/broker/publish/messages/dropped", qos=0)
-    client.loop_start()
-    try:
-        done.wait(timeout)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return seen[0] if seen else 0
-
-
 def fleet_model() -> str:
     """The digest of the base model the daemons run (the default one): what a pinned device enrols with, as it
     reads no key announcement."""
@@ -335,7 +304,6 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
     """One round of ``n`` devices. ``broker_log``: the log of the broker this benchmark started (its drop
     notices are counted for the run); None: a broker whose log is not read, for the reason ``no_log``."""
     log_offset = broker_log.stat().st_size if broker_log is not None and broker_log.exists() else 0
-    dropped_before = broker_dropped_messages(mqtt_url) if broker_log is not None else None
     run = uuid.uuid4().hex[:6]
     aggregator_id = f"load-{run}"
     with tempfile.TemporaryDirectory(prefix="fedaigc-load-") as tmp_name:
@@ -474,10 +442,8 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
         if broker_log is not None:
             result["broker_drop_notices"], dropped_for = drop_notices(broker_log, log_offset)
             result["broker_dropped_for"] = sorted(set(dropped_for))
-            time.sleep(SYS_INTERVAL_S + 1)  # $SYS is refreshed every SYS_INTERVAL_S
-            result["broker_dropped_messages"] = broker_dropped_messages(mqtt_url) - dropped_before
         else:
-            result["broker_drop_notices"] = result["broker_dropped_messages"] = None
+            result["broker_drop_notices"] = None
             result["broker_drop_notices_reason"] = no_log or "the broker's log is not read"
         return result
 
@@ -547,8 +513,7 @@ def main() -> None:
             limits = replace(limits, max_queued_messages=args.max_queued_messages)
         broker_dir = Path(tempfile.mkdtemp(prefix="fedaigc-load-broker-"))
         port = free_port()
-        (broker_dir / "mosquitto.conf").write_text(local_broker_conf(port, broker_dir, limits,
-                                                                     sys_interval_s=SYS_INTERVAL_S))
+        (broker_dir / "mosquitto.conf").write_text(local_broker_conf(port, broker_dir, limits))
         broker = EmbeddedBroker("127.0.0.1", port, config=broker_dir / "mosquitto.conf", state_dir=broker_dir).start()
         mqtt_url, broker_log = broker.url, broker_dir / "mosquitto.log"
         broker_meta = {"broker": "own mosquitto, aggregator.broker_limits", "max_queued_messages":
