@@ -67,7 +67,8 @@ def delivery_lines(limits: BrokerLimits, data_dir: Path, log_file: Path | None) 
              f"max_queued_messages {limits.max_queued_messages}", f"max_queued_bytes {limits.max_queued_bytes}",
              f"max_inflight_messages {limits.max_inflight_messages}", "queue_qos0_messages false",
              f"persistent_client_expiration {limits.session_expiry}",
-             # the drop notices, among others, are "notice"; $SYS/broker/publish/messages/dropped counts them
+             # the drop notices are "notice". $SYS/broker/publish/messages/dropped is no substitute: Mosquitto
+             # 2.0.11 counts there only what it drops for sessions that are away, not for a slow connected reader
              "log_type error", "log_type warning", "log_type notice", "log_type information",
              "log_timestamp_format %Y-%m-%dT%H:%M:%S", "sys_interval 10"]
     if log_file is not None:
@@ -88,7 +89,8 @@ def local_broker_conf(port: int, state_dir: Path, limits: BrokerLimits = BrokerL
                       run_as: str | None = None) -> str:
     """An anonymous Mosquitto on ``host:port`` with the production delivery limits, persistence and log
     (``state_dir/mosquitto.log``): for the broker a benchmark or test starts of its own. Accounts and
-    ACLs change who may connect, not how messages queue, so what it measures is what ships."""
+    ACLs change who may connect, not how messages queue, so what it measures is what ships. The caller
+    creates ``state_dir/data`` (the persistence location)."""
     import getpass
 
     return "\n".join([f"listener {port} {host}", "allow_anonymous true",

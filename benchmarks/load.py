@@ -512,6 +512,7 @@ def main() -> None:
         if args.max_queued_messages is not None:
             limits = replace(limits, max_queued_messages=args.max_queued_messages)
         broker_dir = Path(tempfile.mkdtemp(prefix="fedaigc-load-broker-"))
+        (broker_dir / "data").mkdir()  # its persistence_location
         port = free_port()
         (broker_dir / "mosquitto.conf").write_text(local_broker_conf(port, broker_dir, limits))
         broker = EmbeddedBroker("127.0.0.1", port, config=broker_dir / "mosquitto.conf", state_dir=broker_dir).start()
