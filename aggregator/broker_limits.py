@@ -67,8 +67,7 @@ def delivery_lines(limits: BrokerLimits, data_dir: Path, log_file: Path | None) 
              f"max_queued_messages {limits.max_queued_messages}", f"max_queued_bytes {limits.max_queued_bytes}",
              f"max_inflight_messages {limits.max_inflight_messages}", "queue_qos0_messages false",
              f"persistent_client_expiration {limits.session_expiry}",
-             # the drop notices are "notice". $SYS/broker/publish/messages/dropped is no substitute: Mosquitto
-             # 2.0.11 counts there only what it drops for sessions that are away, not for a slow connected reader
+             # the drop notices are "notice"; $SYS/broker/publish/messages/dropped counts drops broker-wide
              "log_type error", "log_type warning", "log_type notice", "log_type information",
              "log_timestamp_format %Y-%m-%dT%H:%M:%S", "sys_interval 10"]
     if log_file is not None:
