@@ -88,6 +88,7 @@ class UpdateIntake:
         self.membership, self.rounds, self.downlink, self.outbox = membership, rounds, downlink, outbox
         self.telemetry, self.refusals, self.follow = telemetry, refusals, follow
         self.policy = membership.policy
+        self._stored: dict[tuple[int, int], set[str]] = {}  # open (round, cluster) -> devices this worker stored
 
     def on_update(self, topic: str, data: bytes) -> None:
         self.follow()  # a worker that does not lead catches up with the leader's rounds first
@@ -110,6 +111,11 @@ class UpdateIntake:
         if cid is None or body.cluster != cid or (env.round, cid) not in open_rounds:
             raise RefusedMessage(Refusal.STALE_ROUND, f"{device}: round {env.round} of cluster {body.cluster} "
                                                       f"is not open")
+        for closed in self._stored.keys() - open_rounds:
+            del self._stored[closed]
+        if device in self._stored.get((env.round, cid), ()):  # a re-send: acked without decoding or a transaction
+            self._acknowledge(env, device, size, new=False)
+            return
         delta = self._checked_delta(device, body)
         if self.policy.report_scope(cid) is None and \
                 device in self.store.reported(env.round) - self.store.reported(env.round, cid):
@@ -129,13 +135,20 @@ class UpdateIntake:
         except ValueError:  # another worker closed the round since we looked
             raise RefusedMessage(Refusal.STALE_ROUND,
                                  f"{device}: round {env.round} of cluster {cid} closed meanwhile") from None
-        self.telemetry.count(env.round, device, "up", size)
+        self._stored.setdefault((env.round, cid), set()).add(device)
         self.telemetry.record_privacy(env.round, device, body.epsilon, body.dp_delta)
         self.membership.assignment[device] = cid  # the cluster it answered (a choice, under IFCA)
-        self.outbox.send(device, MessageType.UPDATE_ACK, UpdateAck(env.round, True, "" if new else "duplicate").encode(),
-                         env.round)
+        self._acknowledge(env, device, size, new)
         if new:
             self.rounds.maybe_close(env.round, cid)
+
+    def _acknowledge(self, env: Envelope, device: str, size: int, new: bool) -> None:
+        """Count the bytes and ack; a duplicate (a device's re-send, a QoS-1 redelivery) is acked as such."""
+        self.telemetry.count(env.round, device, "up", size)
+        if not new:
+            self.telemetry.duplicate_updates += 1  # the handler thread alone writes it
+        self.outbox.send(device, MessageType.UPDATE_ACK, UpdateAck(env.round, True, "" if new else "duplicate").encode(),
+                         env.round)
 
     def _checked_delta(self, device: str, body: UpdateBody):
         # samples in [1, 2**63 - 1] and steps >= 0: UpdateBody.decode refused the rest

@@ -37,6 +37,8 @@ class ServiceCollector:
         for reason, n in sorted(s.refusals.counts().items()):
             refusals.add_metric([reason], n)
         yield refusals
+        yield CounterMetricFamily("fedaigc_duplicate_updates", "Updates already stored, acknowledged 'duplicate' "
+                                  "(device re-sends, QoS-1 redelivery)", value=s.telemetry.duplicate_updates)
         wire = CounterMetricFamily("fedaigc_payload_bytes", "MQTT payload bytes (envelopes and chunk headers)",
                                    labels=["direction"])
         for direction, n in s.telemetry.totals().items():

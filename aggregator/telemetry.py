@@ -48,6 +48,7 @@ class Telemetry:
         self.traffic: dict[int, dict[str, dict[str, int]]] = {}  # round -> device -> {"up", "down"}
         self.privacy: dict[int, dict[str, dict]] = {}  # round -> device -> {"epsilon", "delta"} as reported
         self.online: dict[str, bool] = {}
+        self.duplicate_updates = 0  # updates stored already (a device's re-send, a QoS-1 redelivery): re-acknowledged
         self._lock = threading.Lock()
         self._persisted_at = 0.0
 

@@ -1,6 +1,7 @@
 """Load: N model-free devices deliver one round of updates to the aggregator daemon over the real broker.
 
     python -m benchmarks.load [--quick | --smoke] [--sizes 100,500,2000] [--codec int8] [--out DIR]
+                              [--mqtt-url URL] [--max-queued-messages N] [--no-retry]
 
 For each N the aggregator runs as its own process (``python -m aggregator.cli aggregator``,
 SQLite state, one cluster, quorum 1.0) so its RSS and CPU are measured alone. N
@@ -16,16 +17,24 @@ every update committed and the aggregate written), ``accepted`` (rows in the sta
 ``rss_mb`` (peak) and CPU, refusals. ``--smoke`` runs N = 4. Writes benchmarks/results/load.json
 and load.png.
 
-Devices behave like ``edge_sdk.session``: a device re-invited at the round deadline
-(``--round-timeout``, counted from the round's opening) re-sends its stored update; the count
-is ``resent_after_reinvite``. That is how an update the broker dropped still arrives (Mosquitto
-drops QoS-1 messages beyond ``max_queued_messages``, 1000 by default, queued for a subscriber
-that falls behind); ``lost`` counts updates never accepted at all.
+Devices behave like ``edge_sdk.session``: an update not acknowledged is re-sent on the product's
+jittered exponential backoff (``edge_sdk.retry``, default policy; ``--no-retry`` turns it off),
+counted as ``early_retries``; a device re-invited at the round deadline (``--round-timeout``,
+counted from the round's opening) re-sends as well, counted (devices) as ``resent_after_reinvite``.
+Both are how an update the broker dropped still arrives (Mosquitto drops QoS-1 messages beyond
+``max_queued_messages`` queued for a subscriber that falls behind); ``lost`` counts updates never
+accepted at all.
 
-The broker is shared with whatever else runs on it: devices pin the keys of the aggregator
-started here (read from its key file) rather than trusting the retained keys topic, refusals
-may include other people's traffic, the load average is recorded, and the persistent MQTT
-sessions of the run are discarded at the end (so the broker keeps no queue for them).
+The broker: by default the benchmark starts its own Mosquitto on a free port with the delivery
+limits ``fedaigc broker-config`` ships (``aggregator.broker_limits``, queues sized for the largest
+N; ``--max-queued-messages`` overrides, e.g. 1000, Mosquitto's default, to see what it drops) and
+reads that broker's log: ``broker_drop_notices`` is the number of "Outgoing messages are being
+dropped" lines of the run (one per episode per client, not per message). With ``--mqtt-url``
+the broker is someone else's: ``broker_drop_notices`` is null (its log is not ours to read),
+devices pin the keys of the aggregator started here (read from its key file) rather than
+trusting the retained keys topic, refusals may include other people's traffic, and the
+persistent MQTT sessions of the run are discarded at the end (so the broker keeps no queue for
+them). The load average is recorded either way.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -54,9 +64,11 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from aggregator.broker_limits import BrokerLimits, drop_notices, local_broker_conf  # noqa: E402
 from aggregator.global_model import adapter_shapes  # noqa: E402
 from aggregator.simulation.lite import DEMO_TOKEN  # noqa: E402
 from benchmarks._results import ROOT, Output, add_arguments  # noqa: E402
+from edge_sdk.retry import RetryPolicy  # noqa: E402
 from edge_sdk.transport import discard_session  # noqa: E402
 
 DEVICES_PER_PROCESS = 300  # paho select()s its sockets: ~340 clients fill FD_SETSIZE (3 fds each)
@@ -74,17 +86,21 @@ def fleet_model() -> str:
 
 
 def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_key: bytes, aggregator_id: str,
-                    codec: str, seed: int, model: str) -> None:
+                    codec: str, seed: int, model: str, retry: RetryPolicy) -> None:
     """Runs in a child process: drives ``ids`` through enrolment, then one update each on command."""
+    import random
+
     import torch
 
     from aggregator.simulation.lite import LiteDevice, start_adapter
     from edge_sdk.protocol.envelope import EnvelopeVerifier, MessageType
     from edge_sdk.protocol.identity import PublicIdentity
     from edge_sdk.protocol.messages import RoundStart, UpdateAck
+    from edge_sdk.retry import Resender
     from models.lora import lora_from_dict
 
     keys = PublicIdentity(verify_key, box_key)
+    resender = Resender(retry)  # one timer thread for the process's devices, as edge_sdk.session has one each
 
     class PinnedDevice(LiteDevice):
         """Trusts exactly the aggregator started by this benchmark; records when its ack arrives."""
@@ -95,7 +111,7 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
             self.verifier = EnvelopeVerifier(lambda sender: keys.verify_key)
             self.acked_at: float | None = None
             self.ack_ok = False
-            self.answer: bytes | None = None
+            self.answer: bytes | None = None  # the sealed update (each send a fresh envelope)
             self.resent = 0
             self.started_at: float | None = None
             self.sizes: dict[str, int] = {}  # bytes of the first envelope of each type received
@@ -114,7 +130,8 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
                 self.started_at = time.time()
             elif env.type == MessageType.ROUND_START and self.answer is not None and self.acked_at is None:
                 # re-invited at the deadline: our update never arrived (like edge_sdk.session, re-send it)
-                self.transport.publish(self.topics.update(self.id), self.answer)
+                start = RoundStart.decode(body)
+                self.publish_update(start.round, self.answer, resender, start.deadline, self.rng)
                 self.resent += 1
 
     def wait_all(devices, mtype, timeout):
@@ -147,29 +164,32 @@ def _device_process(conn, mqtt_url: str, ids: list[str], verify_key: bytes, box_
         starts = [RoundStart.decode(d.wait_for(MessageType.ROUND_START)[0][1]) for d in devices]
         shapes = adapter_shapes(lora_from_dict(starts[0].lora))  # the fleet's LoRA config rides in the round start
         start_adapter(starts[0], shapes)  # the round start carries our adapter (round 1: as its seed)
-        envelopes = []
+        envelopes, sealed = [], []
         for i, (d, start) in enumerate(zip(devices, starts)):
             g = torch.Generator().manual_seed(seed * 100_003 + i)
             delta = {k: torch.randn(s, generator=g) * 0.01 for k, s in shapes.items()}
-            envelopes.append(d.update_envelope(start, delta, codec=codec))
+            sealed.append(d.seal_update(start, delta, codec=codec))
+            envelopes.append(d.writer.build(MessageType.UPDATE, sealed[-1], start.round))  # signed before "go"
+            d.rng = random.Random(f"{d.id}/{seed}")
         conn.send(("ready", ([len(e) for e in envelopes], max(d.started_at or 0.0 for d in devices))))
         assert conn.recv() == "go"
         published_at, infos = [], []
-        for d, env in zip(devices, envelopes):
-            d.answer = env
+        for d, start, body, env in zip(devices, starts, sealed, envelopes):
+            d.answer = body
             published_at.append(time.time())
-            infos.append(d.transport.publish(d.topics.update(d.id), env))
+            infos.append(d.publish_update(start.round, body, resender, start.deadline, d.rng, envelope=env))
         pubacked = [d.transport.wait_published(i, timeout=120) for d, i in zip(devices, infos)]
         conn.send(("published", len(devices)))
         deadline = time.monotonic() + float(conn.recv())  # how long to wait for acks
         while time.monotonic() < deadline and any(d.acked_at is None for d in devices):
             time.sleep(0.05)
-        conn.send(("acks", [(d.id, published_at[i], pubacked[i], d.acked_at, d.ack_ok, d.resent, d.sizes)
-                            for i, d in enumerate(devices)]))
+        conn.send(("acks", ([(d.id, published_at[i], pubacked[i], d.acked_at, d.ack_ok, d.resent, d.sizes)
+                             for i, d in enumerate(devices)], resender.retries)))
         conn.recv()  # "stop"
     except Exception as e:  # report, do not hang the parent
         conn.send(("error", f"{type(e).__name__}: {e}"))
     finally:
+        resender.close()
         for d in devices:
             try:
                 d.stop()
@@ -279,7 +299,11 @@ class _Sampler(threading.Thread):
 
 
 def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round_timeout_s: float,
-             aggregator_workers: int = 1, pg_url: str = "") -> dict:
+             aggregator_workers: int = 1, pg_url: str = "", broker_log: Path | None = None,
+             retry: RetryPolicy = RetryPolicy(), no_log: str | None = None) -> dict:
+    """One round of ``n`` devices. ``broker_log``: the log of the broker this benchmark started (its drop
+    notices are counted for the run); None: a broker whose log is not read, for the reason ``no_log``."""
+    log_offset = broker_log.stat().st_size if broker_log is not None and broker_log.exists() else 0
     run = uuid.uuid4().hex[:6]
     aggregator_id = f"load-{run}"
     with tempfile.TemporaryDirectory(prefix="fedaigc-load-") as tmp_name:
@@ -296,7 +320,7 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
                 parent, child = ctx.Pipe()
                 w = ctx.Process(target=_device_process, daemon=True,
                                 args=(child, mqtt_url, ids[p::procs], keys.verify_key, keys.box_key, aggregator_id,
-                                      codec, seed * 1000 + p, model))
+                                      codec, seed * 1000 + p, model, retry))
                 w.start()
                 workers.append((w, parent))
         except BaseException:  # the daemons must not outlive a failed start
@@ -361,7 +385,9 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
             collect("published", limit=time.monotonic() - started + 120)
             for _, conn in workers:
                 conn.send(str(30.0 if closed_at else 5.0))
-            acks = sum(collect("acks", limit=time.monotonic() - started + 60), [])
+            replies = collect("acks", limit=time.monotonic() - started + 60)
+            acks = sum((r[0] for r in replies), [])
+            early_retries = sum(r[1] for r in replies)
             for _, conn in workers:
                 conn.send("stop")
             finished = True
@@ -398,6 +424,8 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
             "lost": len(lost),
             "acks_received": sum(1 for *_, t, ok, _, _ in acks if t is not None and ok),
             "resent_after_reinvite": sum(1 for *_, resent, _ in acks if resent),
+            "early_retries": early_retries,  # re-sends before any re-invitation (edge_sdk.retry), all devices
+            "retry_policy": None if retry.max_attempts == 0 else retry.__dict__,
             "round_start_bytes": acks[0][-1].get("round_start"),  # full fp32 adapter, boxed and signed
             "update_ack_bytes": acks[0][-1].get("update_ack"),
             "updates_per_s": len(accepted_at) / max(1e-9, last_accept - first),
@@ -411,6 +439,12 @@ def run_size(n: int, mqtt_url: str, codec: str, seed: int, timeout: float, round
             "round_start_fanout_s": last_start - opened_at,  # round opened -> last device has its round start
             "load_average": [round(load_before, 1), round(load_after, 1)],  # the machine is shared
         })
+        if broker_log is not None:
+            result["broker_drop_notices"], dropped_for = drop_notices(broker_log, log_offset)
+            result["broker_dropped_for"] = sorted(set(dropped_for))
+        else:
+            result["broker_drop_notices"] = None
+            result["broker_drop_notices_reason"] = no_log or "the broker's log is not read"
         return result
 
 
@@ -440,7 +474,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N = 100 only")
     parser.add_argument("--sizes", default=None, help="comma-separated device counts (default 100,500,2000)")
     parser.add_argument("--codec", default="int8", help="uplink codec of the updates")
-    parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
+    parser.add_argument("--mqtt-url", default=None,
+                        help="use this broker (e.g. mqtt://127.0.0.1:1883); default: start a Mosquitto of our own "
+                             "with the shipped delivery limits and count its drop notices")
+    parser.add_argument("--max-queued-messages", type=int, default=None,
+                        help="our own broker's per-session queue (default: sized for the largest N, as "
+                             "`fedaigc broker-config --devices N` does; 1000 is Mosquitto's default)")
+    parser.add_argument("--no-retry", action="store_true",
+                        help="devices re-send only when re-invited at the deadline (no early re-sends)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per N")
     parser.add_argument("--round-timeout", type=float, default=60.0,
                         help="round deadline: updates the broker dropped are re-sent when devices are re-invited")
@@ -454,25 +495,55 @@ def main() -> None:
     out = Output.of(parser, args, "load")
     default = "4" if args.smoke else "100" if args.quick else "100,500,2000"
     sizes = [int(s) for s in (args.sizes or default).split(",")]
-    from aggregator.broker import ensure_broker
+    from dataclasses import replace
 
-    broker = ensure_broker(args.mqtt_url)
+    from aggregator.broker import EmbeddedBroker, ensure_broker, free_port
+
+    retry = RetryPolicy(max_attempts=0) if args.no_retry else RetryPolicy()
+    broker_log, no_log = None, None
+    if args.mqtt_url is not None and args.max_queued_messages is not None:
+        parser.error("--max-queued-messages sets the queue of the broker this benchmark starts; not with --mqtt-url")
+    if args.mqtt_url is None and not shutil.which("mosquitto"):
+        args.mqtt_url = "mqtt://127.0.0.1:1883"
+        no_log = "no mosquitto binary: the benchmark could not start a broker of its own"
+        print(f"benchmarks.load: {no_log}; using {args.mqtt_url}", file=sys.stderr)
+    if args.mqtt_url is None:  # our own Mosquitto, with what `fedaigc broker-config` ships
+        limits = BrokerLimits.for_fleet(max(sizes))
+        if args.max_queued_messages is not None:
+            limits = replace(limits, max_queued_messages=args.max_queued_messages)
+        broker_dir = Path(tempfile.mkdtemp(prefix="fedaigc-load-broker-"))
+        (broker_dir / "data").mkdir()  # its persistence_location
+        port = free_port()
+        (broker_dir / "mosquitto.conf").write_text(local_broker_conf(port, broker_dir, limits))
+        broker = EmbeddedBroker("127.0.0.1", port, config=broker_dir / "mosquitto.conf", state_dir=broker_dir).start()
+        mqtt_url, broker_log = broker.url, broker_dir / "mosquitto.log"
+        broker_meta = {"broker": "own mosquitto, aggregator.broker_limits", "max_queued_messages":
+                       limits.max_queued_messages, "max_inflight_messages": limits.max_inflight_messages}
+    else:
+        mqtt_url = args.mqtt_url
+        broker = ensure_broker(mqtt_url)
+        broker_meta = {"broker": mqtt_url}
+        no_log = no_log or f"the broker at {mqtt_url} is not this benchmark's: its log is not read"
     # a partial run (--sizes, --workers) updates the recorded results instead of replacing them
     previous = out.previous() if args.sizes or args.workers > 1 else None
     results: dict = dict(previous or {})
     target = results.setdefault("scale_out", {}).setdefault(str(args.workers), {}) if args.workers > 1 else results
     try:
         for n in sizes:
-            r = run_size(n, args.mqtt_url, args.codec, args.seed, args.timeout, args.round_timeout,
-                         args.workers, args.pg_url)
+            r = run_size(n, mqtt_url, args.codec, args.seed, args.timeout, args.round_timeout,
+                         args.workers, args.pg_url, broker_log, retry, no_log)
+            r.update(broker_meta)
             target[str(n)] = r
             print(json.dumps({str(n): {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}}),
                   flush=True)
     finally:
         if broker is not None:
             broker.close()
-    results["meta"] = {"cpus": os.cpu_count(), "mqtt_url": args.mqtt_url, "python": sys.version.split()[0],
-                       "round_timeout_s": args.round_timeout, "codec": args.codec}
+        if broker_log is not None:
+            shutil.rmtree(broker_log.parent, ignore_errors=True)
+    results["meta"] = {"cpus": os.cpu_count(), "mqtt_url": mqtt_url, "python": sys.version.split()[0],
+                       "round_timeout_s": args.round_timeout, "codec": args.codec, "retry": not args.no_retry,
+                       **broker_meta}
     out.write(results, kept_from=previous)
     plot(results, out)
     big = target.get("2000")

@@ -5,9 +5,12 @@ keys from the retained announcement (pinned by fingerprint, usually from a provi
 bundle, or trusted on first use when the app opts in; then pinned on disk, and moved only
 by a hand-over the pinned key signed), enrols, uploads the sealed task vector, and answers every
 round start with a trained, compressed, encrypted update. Training runs on the
-session's own worker thread, never on paho's network thread. A round start it has
-already answered is answered again with the same bytes, so a lost update is simply
-resent (the aggregator ignores duplicates).
+session's own worker thread, never on paho's network thread. An update the aggregator
+has not acknowledged is sent again on a jittered exponential backoff
+(``MqttConfig.update_retry``, ``edge_sdk.retry``) well before the round's deadline, and a
+round start it has already answered (a re-invitation at the deadline) is answered again:
+each time a fresh envelope around the same sealed update, which the aggregator stores once
+and acknowledges as a duplicate.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import random
 import threading
 import uuid
 from dataclasses import dataclass
@@ -46,6 +50,7 @@ from edge_sdk.protocol.messages import (
 )
 from edge_sdk.protocol.tensors import pack_tensors, shapes_of, unpack_tensors
 from edge_sdk.protocol.topics import Topics
+from edge_sdk.retry import Resender
 from edge_sdk.rollout import Check, RolloutAgent, check_export
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.lora import get_adapter_state, lora_from_dict
@@ -83,7 +88,9 @@ class FederatedSession:
         self.enrolled = threading.Event()
         self.finished = threading.Event()
         self.rounds: list[RoundRecord] = []
-        self._answers: dict[int, bytes] = {}  # round -> the update envelope we sent
+        self._answers: dict[int, bytes] = {}  # round -> the sealed update we sent (each send a fresh envelope)
+        self.resender = Resender(self.mqtt.update_retry)  # .retries: re-sends before any re-invitation
+        self._jitter = random.Random(f"{client.device_id}/{client.config.seed}")  # decorrelates the fleet's re-sends
         self._work: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name=f"session-{client.device_id}", daemon=True)
@@ -122,6 +129,7 @@ class FederatedSession:
     def stop(self) -> None:
         self._stop.set()
         self._work.put(None)
+        self.resender.close()
         self.rollout.stop()
         self.transport.close()
         self._worker.join(30)
@@ -248,6 +256,7 @@ class FederatedSession:
                 waiter[0].set()
         elif env.type == MessageType.UPDATE_ACK:
             ack = UpdateAck.decode(body)
+            self.resender.acknowledged(ack.round)  # accepted, duplicate or refused: re-sending changes nothing
             for rec in self.rounds:
                 if rec.round == ack.round:
                     rec.accepted = ack.accepted
@@ -329,7 +338,7 @@ class FederatedSession:
             self.finished.set()
             return
         if start.round in self._answers:  # asked again: our update was lost or not yet counted
-            self.transport.publish(self.topics.update(self.client.device_id), self._answers[start.round])
+            self._send_update(start.round, start.deadline)
             return
         if start.choices > 1:  # IFCA: wait for every candidate, then train the one that fits our data best
             candidates = self._candidates.setdefault(start.round, {})
@@ -340,10 +349,25 @@ class FederatedSession:
             start, adapter = candidates[min(losses, key=losses.get)]
             self._candidates = {}
         update = self.client.train_round(adapter, self.data, steps=start.local_steps, version=start.version)
-        sealed = self.client.seal_update(update, start.cluster, self.feedback)
-        envelope = self.writer.build(MessageType.UPDATE, sealed, start.round)
-        self._answers = {start.round: envelope}
-        self.transport.publish(self.topics.update(self.client.device_id), envelope)
-        self.rounds.append(RoundRecord(start.round, start.cluster, update.loss_before, update.loss_after, len(envelope)))
+        self._answers = {start.round: self.client.seal_update(update, start.cluster, self.feedback)}
+        size = self._send_update(start.round, start.deadline)
+        self.rounds.append(RoundRecord(start.round, start.cluster, update.loss_before, update.loss_after, size))
         log.info("%s: round %d trained (loss %.4f -> %.4f), sent %d bytes", self.client.device_id, start.round,
-                 update.loss_before, update.loss_after, len(envelope))
+                 update.loss_before, update.loss_after, size)
+
+    def _send_update(self, rnd: int, deadline: float) -> int:
+        """Publish round ``rnd``'s sealed update in a fresh envelope and (re)start its re-sends until the
+        aggregator acknowledges it; returns the envelope's size."""
+        envelope = self._publish_update(rnd)
+        self.resender.track(rnd, lambda: self._publish_update(rnd), deadline, self._jitter)
+        return len(envelope)
+
+    def _publish_update(self, rnd: int) -> bytes:
+        """A new nonce and timestamp each time: a copy crossing the original is a duplicate, not a replay."""
+        sealed = self._answers.get(rnd)
+        if sealed is None:  # a later round replaced it: that round's update is what counts now
+            self.resender.acknowledged(rnd)
+            return b""
+        envelope = self.writer.build(MessageType.UPDATE, sealed, rnd)
+        self.transport.publish(self.topics.update(self.client.device_id), envelope)
+        return envelope

@@ -35,6 +35,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edge_sdk.protocol.chunking import DEFAULT_TIMEOUT_S, Reassembler, is_chunk, split_payload, wire_size
 from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.protocol.topics import DEFAULT_PREFIX, Topics, check_prefix, device_of
+from edge_sdk.retry import RetryPolicy
 
 log = logging.getLogger("fedaigc.transport")
 
@@ -67,9 +68,11 @@ class MqttConfig:
     max_reassembly_bytes: int | None = None  # all partial chunked messages together; None: 4 x max_message_bytes
     reassembly_timeout_s: float = DEFAULT_TIMEOUT_S  # a partial message with no new chunk this long is dropped
     topic_prefix: str = DEFAULT_PREFIX  # the fleet's topics lie under {topic_prefix}/v1 (edge_sdk.protocol.topics)
+    update_retry: RetryPolicy = RetryPolicy()  # re-sending an update the aggregator has not acknowledged (or a table)
 
     def __post_init__(self) -> None:
         check_prefix(self.topic_prefix)
+        object.__setattr__(self, "update_retry", RetryPolicy.of(self.update_retry))
         parsed = urlparse(self.url)
         if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise ValueError(f"MQTT url must start with mqtt:// or mqtts://, got {self.url!r}")

@@ -36,6 +36,7 @@ from edge_sdk.protocol.messages import (
 from edge_sdk.protocol.provisioning import DeviceCredentials
 from edge_sdk.protocol.tensors import Shapes, pack_tensors, unpack_tensors
 from edge_sdk.protocol.topics import DEFAULT_PREFIX
+from edge_sdk.retry import Resender
 from edge_sdk.transport import MqttConfig, MqttTransport
 from models.digits.unet import BASE_MODEL_DIR
 
@@ -92,6 +93,7 @@ class LiteDevice:
         self.aggregator_id = None
         self.inbox: list = []
         self.cond = threading.Condition()
+        self.resender: Resender | None = None  # set by publish_update(..., resender=): re-sends until acknowledged
 
     @classmethod
     def from_bundle(cls, bundle: DeviceCredentials, **kwargs) -> "LiteDevice":
@@ -128,6 +130,8 @@ class LiteDevice:
     def _on_down(self, topic, data):
         env = self.verifier.open(data)
         body = self.identity.decrypt_from(self.aggregator.box_key, env.payload)
+        if env.type == MessageType.UPDATE_ACK and self.resender is not None:
+            self.resender.acknowledged((self.id, UpdateAck.decode(body).round))
         with self.cond:
             self.inbox.append((env, body))
             self.cond.notify_all()
@@ -166,13 +170,31 @@ class LiteDevice:
         payload = seal_to(self.aggregator.box_key, pack_tensors({"task": v / v.norm()}))
         self.send(self.topics.task(self.id), self.writer.build(MessageType.TASK, payload))
 
+    def seal_update(self, start: RoundStart, delta: dict[str, torch.Tensor], codec: str = "fp32",
+                    samples: int = 10, epsilon: float = -1.0, dp_delta: float = 0.0) -> bytes:
+        """The update body for ``start``'s cluster, boxed to the aggregator (what an envelope carries)."""
+        body = UpdateBody(start.cluster, codec, make_codec(codec, seed=0).encode(delta), samples, 5, 1.0, 0.5,
+                          start.version, epsilon, dp_delta)
+        return self.identity.encrypt_to(self.aggregator.box_key, body.encode())
+
     def update_envelope(self, start: RoundStart, delta: dict[str, torch.Tensor], codec: str = "fp32",
                         samples: int = 10, round: int | None = None, epsilon: float = -1.0,
                         dp_delta: float = 0.0) -> bytes:
-        body = UpdateBody(start.cluster, codec, make_codec(codec, seed=0).encode(delta), samples, 5, 1.0, 0.5,
-                          start.version, epsilon, dp_delta)
-        sealed = self.identity.encrypt_to(self.aggregator.box_key, body.encode())
+        sealed = self.seal_update(start, delta, codec, samples, epsilon, dp_delta)
         return self.writer.build(MessageType.UPDATE, sealed, start.round if round is None else round)
+
+    def publish_update(self, rnd: int, sealed: bytes, resender: Resender | None = None,
+                       deadline: float | None = None, rng=None, envelope: bytes | None = None) -> list:
+        """Publish round ``rnd``'s ``sealed`` update in a fresh envelope (or ``envelope``, built beforehand);
+        with ``resender``, re-send it in fresh envelopes until the aggregator acknowledges it, like
+        ``edge_sdk.session`` (keyed ``(device id, round)``, so one resender serves many devices)."""
+        topic = self.topics.update(self.id)
+        infos = self.transport.publish(topic, envelope or self.writer.build(MessageType.UPDATE, sealed, rnd))
+        if resender is not None:
+            self.resender = resender
+            resender.track((self.id, rnd), lambda: self.transport.publish(
+                topic, self.writer.build(MessageType.UPDATE, sealed, rnd)), deadline, rng)
+        return infos
 
     def generate(self, encoding: np.ndarray, mix: dict[int, float], n: int = 1, seed: int = 0,
                  timeout: float = 120.0) -> torch.Tensor:
