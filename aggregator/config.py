@@ -105,7 +105,8 @@ class AggregatorConfig:
                                  ">= 1")
     refine_after_round: int = _setting(1, "Regroup once on task and update similarity after this round (0: never).",
                                      ">= 0")
-    interaction: bool = _setting(True, "Let clusters borrow from each other between rounds.")
+    interaction: bool = _setting(False, "Let clusters borrow from each other between rounds (off by default: its "
+                                 "measured gain is within noise of zero).")
     borrow: float = _setting(1.0, "How much a cluster borrows, in device-equivalents.", ">= 0")
     temperature: float = _setting(0.1, "Softmax temperature over lenders' similarity.", "> 0")
     interaction_min_agreement: float | None = _setting(0.5, "A lender's ΔW cosine with the borrower's must reach "

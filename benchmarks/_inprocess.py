@@ -48,7 +48,8 @@ from models.lora import add_adapter, get_adapter_state, lora_config, set_mix
 from models.lora_ranks import lora_at_rank, pad_rank
 from models.training import LORA_LR, TrainConfig, train_adapters
 
-# each method's aggregator settings (over the product's defaults); ``ours`` is what the product ships
+# each method's aggregator settings (over the product's defaults); ``ours_intra`` is what the product ships,
+# ``ours`` the same with interaction on (``interaction = true``)
 FEDERATED = {
     "fedavg": {"clustering": "single", "rule": "fedavg", "interaction": False, "clip": None},
     "ifca": {"clustering": "ifca", "rule": "fedavg", "interaction": False, "clip": None},

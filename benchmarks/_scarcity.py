@@ -9,9 +9,9 @@ and digit mix. The fleet is 12 devices over 4 styles in groups of 4/3/3/2.
 
 Every federated method runs in one process over the product's code (``benchmarks._inprocess``):
 ``fedavg``, ``ifca``, ``ours_intra`` (task clustering from the sealed, noised task vectors, CFL
-refinement after round 1, exact ΔW aggregation) and ``ours`` (the same with the product's
-default interaction: ΔW-gated mixing between clusters, no shrinkage); ``local`` and ``central``
-are ``run_alone``. The scarcest setting is also scored after every round (rounds to reach 90% of
+refinement after round 1, exact ΔW aggregation: the product's default) and ``ours`` (the same
+with ``interaction = true``: ΔW-gated mixing between clusters, no shrinkage); ``local`` and
+``central`` are ``run_alone``. The scarcest setting is also scored after every round (rounds to reach 90% of
 central's joint accuracy).
 
 The interaction experiment puts a clustering mistake and genuinely different tasks in one fleet:
