@@ -22,6 +22,9 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 SAMPLERS = ("ddim", "dpm", "ddpm")
+# samplers whose step reads only the current sample (DDIM at eta 0 draws no noise): a run split at any step
+# resumes exactly; DPM-Solver++ keeps earlier model outputs and DDPM draws fresh noise from the generator
+SPLIT_SAMPLERS = ("ddim",)
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -130,16 +133,30 @@ class DiffusionBackend(ABC):
     @torch.no_grad()
     def sample(self, conditioning: torch.Tensor, steps: int = 20, seed: int = 0, *, guidance_scale: float = 2.0,
                sampler: str = "ddim", batch_size: int = 256, denoiser: Denoiser | None = None,
-               noise: torch.Tensor | None = None) -> torch.Tensor:
+               noise: torch.Tensor | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``(n, *sample_shape)`` samples, one per conditioning row; same seed, same samples.
 
         ``noise`` replaces the seeded starting noise, so callers that batch unrelated requests keep
         each request's samples independent of its batch-mates; ``denoiser(x, t, conditioning)``
         replaces the eager network (an exported program, say) while keeping this exact loop.
+
+        ``start`` / ``stop`` run only steps ``[start, stop)`` of the ``steps``-step schedule, so two
+        parties can share one sampling run (hybrid inference: a server runs the first steps, a device the
+        rest): with ``start > 0``, ``noise`` is the sample after ``start`` steps, and the result after
+        ``stop`` steps is what an uninterrupted run holds there. Only samplers whose step depends on
+        the current sample alone can be resumed (``SPLIT_SAMPLERS``).
         """
         conditioning = self.check_conditioning(conditioning)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        stop = steps if stop is None else stop
+        if not 0 <= start <= stop <= steps:
+            raise ValueError(f"steps [{start}, {stop}) are not within a {steps}-step schedule")
+        if (start, stop) != (0, steps) and sampler not in SPLIT_SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} cannot run part of a schedule (it carries state between "
+                             f"steps); split runs use {', '.join(SPLIT_SAMPLERS)}")
+        if start > 0 and noise is None:
+            raise ValueError(f"resuming at step {start} needs the sample reached there (noise=)")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         call = denoiser or self.predict
@@ -150,15 +167,16 @@ class DiffusionBackend(ABC):
         elif tuple(noise.shape) != (n, *self.sample_shape):
             raise ValueError(f"noise must have shape {(n, *self.sample_shape)}, got {tuple(noise.shape)}")
         outputs = []
-        for start in range(0, n, batch_size):
-            cond = conditioning[start:start + batch_size]
-            x = noise[start:start + batch_size]
+        for first in range(0, n, batch_size):
+            cond = conditioning[first:first + batch_size]
+            x = noise[first:first + batch_size]
             scheduler = self.sampler(sampler)
             scheduler.set_timesteps(steps)
-            x = x * scheduler.init_noise_sigma
+            if start == 0:
+                x = x * scheduler.init_noise_sigma
             guided = guidance_scale != 1.0
             context = torch.cat([cond, self.unconditional(len(cond))]) if guided else cond
-            for t in scheduler.timesteps:
+            for t in scheduler.timesteps[start:stop]:
                 model_in = torch.cat([x, x]) if guided else x
                 out = call(scheduler.scale_model_input(model_in, t), t.expand(model_in.shape[0]), context)
                 if guided:
