@@ -104,8 +104,15 @@ class GlobalModel:
                  guidance_scale: float = 2.0, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Images for the base model's conditioning (``backend.conditioning_shape`` per row) from the
         weighted mix of cluster adapters."""
+        return self.backend.decode(self.sample(conditioning, mix, seed, steps, guidance_scale, noise))
+
+    def sample(self, conditioning: torch.Tensor, mix: Mapping[int, float], seed: int = 0, steps: int = 20,
+               guidance_scale: float = 2.0, noise: torch.Tensor | None = None,
+               stop: int | None = None) -> torch.Tensor:
+        """Undecoded samples after the first ``stop`` of ``steps`` steps (all when None): a hybrid request's
+        share of a run the device finishes (``DiffusionBackend.sample``)."""
         weights = self.check_mix(mix)
         with self._lock:
             set_mix(self.unet, weights)
-            return self.backend.generate(conditioning, steps=steps, seed=seed, guidance_scale=guidance_scale,
-                                         noise=noise)
+            return self.backend.sample(conditioning, steps=steps, seed=seed, guidance_scale=guidance_scale,
+                                       noise=noise, stop=stop)

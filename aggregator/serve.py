@@ -11,6 +11,11 @@ Sampling is the costliest thing a device can ask for, so it is metered: at most 
 images wait, and each device draws from its own token bucket (``aggregator/ratelimit.py``). A
 request over either is answered ``busy`` at once, never queued. Every refused request gets a
 ``GenerateResult`` with the reason, so no device waits for its timeout.
+
+A hybrid request (``server_steps`` of ``steps``) is served the same way, but only its first steps run
+here and it is answered with the undecoded samples, which the device finishes with its own adapters
+(``EdgeClient.generate``). Requests with another step count or split batch apart: one sampling call
+walks one schedule.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from aggregator.telemetry import Telemetry
 from edge_sdk.protocol.envelope import EnvelopeVerifier, MessageType
 from edge_sdk.protocol.errors import Refusal, RefusalCounter, RefusedMessage
 from edge_sdk.protocol.identity import Identity
-from edge_sdk.protocol.messages import MAX_IMAGES_PER_REQUEST, GenerateRequest, GenerateResult
+from edge_sdk.protocol.messages import MAX_IMAGES_PER_REQUEST, MAX_SAMPLING_STEPS, GenerateRequest, GenerateResult
 from edge_sdk.protocol.tensors import pack_tensors, unpack_tensors
 
 log = logging.getLogger("fedaigc.serve")
@@ -46,10 +51,16 @@ class Request:
     n: int
     seed: int
     received: float
+    steps: int = 0         # 0: the service's own
+    server_steps: int = 0  # hybrid: the steps run here, answered as undecoded samples; 0: finished images
+
+    @property
+    def hybrid(self) -> bool:
+        return self.server_steps > 0
 
 
 Reply = Callable[[Request, torch.Tensor | None, RefusedMessage | None], None]
-"""Images for a request, or None and the refusal that stopped them."""
+"""Images (samples, for a hybrid request) for a request, or None and the refusal that stopped them."""
 
 
 class GenerationService:
@@ -89,6 +100,9 @@ class GenerationService:
         if not 1 <= request.n <= MAX_IMAGES_PER_REQUEST:
             raise RefusedMessage(Refusal.MALFORMED, f"n must be between 1 and {MAX_IMAGES_PER_REQUEST}, "
                                                     f"got {request.n}")
+        if not 0 <= request.server_steps <= (request.steps or self.steps) <= MAX_SAMPLING_STEPS:
+            raise RefusedMessage(Refusal.MALFORMED, f"server_steps {request.server_steps} of {request.steps} steps: "
+                                                    f"need 0 <= server_steps <= steps <= {MAX_SAMPLING_STEPS}")
         expected = self.model.backend.conditioning_shape
         if tuple(request.encoding.shape) != expected:
             raise RefusedMessage(Refusal.BAD_TENSORS, f"conditioning must have shape {expected}, "
@@ -136,20 +150,22 @@ class GenerationService:
             if batch is None:
                 return
             groups: dict[tuple, list[Request]] = {}
-            for r in batch:
-                groups.setdefault(tuple(sorted(r.mix.items())), []).append(r)
-            for key, requests in groups.items():
-                self._serve_group(dict(key), requests)
+            for r in batch:  # one sampling call runs one schedule: requests of other step counts wait apart
+                groups.setdefault((tuple(sorted(r.mix.items())), r.steps or self.steps, r.server_steps), []).append(r)
+            for (mix, steps, server_steps), requests in groups.items():
+                self._serve_group(dict(mix), requests, steps, server_steps)
 
-    def _serve_group(self, mix: dict[int, float], requests: list[Request]) -> None:
+    def _serve_group(self, mix: dict[int, float], requests: list[Request], steps: int, server_steps: int) -> None:
+        """One batched sampling call; ``server_steps`` > 0 stops there and answers samples, not images."""
         conditioning = torch.cat([r.encoding.expand(r.n, *r.encoding.shape) for r in requests])
         # each request's starting noise comes from its own seed: its images do not depend on its batch-mates
         shape = self.model.backend.sample_shape
         noise = torch.cat([torch.randn((r.n, *shape), generator=torch.Generator().manual_seed(r.seed))
                            for r in requests])
         try:
-            images = self.model.generate(conditioning, mix, steps=self.steps, guidance_scale=self.guidance_scale,
-                                         noise=noise)
+            samples = self.model.sample(conditioning, mix, steps=steps, guidance_scale=self.guidance_scale,
+                                        noise=noise, stop=server_steps or steps)
+            images = samples if server_steps else self.model.backend.decode(samples)
         except Exception as e:  # a failed sampling call must not take the service down
             log.exception("generation failed")
             refusal = RefusedMessage(Refusal.UNAVAILABLE, f"generation failed: {type(e).__name__}")
@@ -197,16 +213,17 @@ class GenerationEndpoint:
             mix = {int(c): float(w) for c, w in body.mix.items()}
         except ValueError:
             raise RefusedMessage(Refusal.MALFORMED, f"mix keys must be cluster ids, got {list(body.mix)[:3]}") from None
-        return Request(device, body.request_id, encoding, mix, body.n, body.seed, time.monotonic())
+        return Request(device, body.request_id, encoding, mix, body.n, body.seed, time.monotonic(), body.steps,
+                       body.server_steps)
 
     def reply(self, request: Request, images: torch.Tensor | None, refusal: RefusedMessage | None) -> None:
-        self._answer(request.device, request.request_id, images, refusal)
+        self._answer(request.device, request.request_id, images, refusal, "samples" if request.hybrid else "images")
 
     def _answer(self, device: str, request_id: str, images: torch.Tensor | None,
-                refusal: RefusedMessage | None) -> None:
+                refusal: RefusedMessage | None, name: str = "images") -> None:
         if refusal is not None:
             self.refusals.record(refusal, f"generation request {request_id[:32]!r} of {device}")
-        payload = b"" if images is None else pack_tensors({"images": images})
+        payload = b"" if images is None else pack_tensors({name: images})
         reason = "" if refusal is None else str(refusal)[:500]
         self.outbox.send(device, MessageType.GENERATE_RESULT,
                          GenerateResult(request_id, images is not None, reason, payload).encode())

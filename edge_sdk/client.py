@@ -17,6 +17,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from edge_sdk.privacy import (
     task_vector_from_encodings,
 )
 from edge_sdk.protocol.codecs import ErrorFeedback, make_codec
+from edge_sdk.protocol.errors import RefusedMessage
 from edge_sdk.protocol.files import atomic_write_bytes
 from edge_sdk.protocol.identity import Identity, PublicIdentity, seal_to
 from edge_sdk.protocol.messages import UpdateBody
@@ -63,6 +65,26 @@ log = logging.getLogger("fedaigc.edge")
 
 SHARED = "shared"
 PERSONAL = "personal"
+
+
+class HybridServer(Protocol):
+    """What runs the first steps of a hybrid generation: a ``FederatedSession`` while it is started."""
+
+    def sample_remote(self, encoding: torch.Tensor, n: int, seed: int, steps: int, server_steps: int,
+                      timeout: float) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How the last ``EdgeClient.generate`` call was served, so an app can tell a fallback from a hybrid run.
+
+    ``local``: the device ran every step (``server_steps=0``); ``hybrid``: the aggregator ran the first
+    ``server_steps`` and the device the rest; ``fallback``: a hybrid call the server did not serve
+    (``reason`` says why), sampled locally instead.
+    """
+    mode: Literal["local", "hybrid", "fallback"]
+    server_steps: int
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,6 +159,8 @@ class EdgeClient:
         self.shared_version = 0
         self._executorch = None  # the exported program (inference_backend="executorch"), loaded on first use
         self._trainer = None  # the exported training program (training_backend="executorch"), loaded on first use
+        self.hybrid_server: HybridServer | None = None  # set by a started FederatedSession
+        self.last_generation: Generation | None = None
         self.load()
         self.check_memory(config.effective("batch_size"))  # a model the profile cannot train is refused now
 
@@ -373,17 +397,47 @@ class EdgeClient:
         set_adapter_state(self.unet, name, tensors)
 
     def generate(self, prompt: str, n: int = 8, mix: Mapping[str, float] | None = None,
-                 seed: int = 0, steps: int = 20, guidance_scale: float = 2.0) -> torch.Tensor:
-        """``n`` images for ``prompt``; ``mix`` weights named adapters (default: shared + personal)."""
+                 seed: int = 0, steps: int = 20, guidance_scale: float = 2.0, server_steps: int = 0,
+                 timeout: float = 30.0) -> torch.Tensor:
+        """``n`` images for ``prompt``; ``mix`` weights named adapters (default: shared + personal).
+
+        ``server_steps`` = k > 0 makes it hybrid: the aggregator runs the first k of the ``steps`` denoising
+        steps with this device's cluster adapter (it receives the sealed conditioning and the seed, never
+        the text), the device the remaining ones with ``mix`` and decodes. A server that is not connected,
+        refuses or does not answer within ``timeout`` seconds leaves the whole run to the device.
+        ``last_generation`` says which happened. k = 0 never contacts the server.
+        """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if not 0 <= server_steps <= steps:
+            raise ValueError(f"server_steps must be between 0 and steps ({steps}), got {server_steps}")
         if mix is None:
             mix = self.default_mix()
-        set_mix(self.unet, mix)
         conditioning = self.conditioning([prompt] * n)
-        denoiser = self._exported_denoiser(mix) if self.config.inference_backend == "executorch" else None
-        return self.backend.generate(conditioning, steps=steps, seed=seed, guidance_scale=guidance_scale,
-                                     denoiser=denoiser)
+        samples, how = None, Generation("local", 0)
+        if server_steps:
+            samples, how = self._server_samples(conditioning[0], n, seed, steps, server_steps, timeout)
+        if samples is None or how.server_steps < steps:
+            set_mix(self.unet, mix)
+            denoiser = self._exported_denoiser(mix) if self.config.inference_backend == "executorch" else None
+            samples = self.backend.sample(conditioning, steps=steps, seed=seed, guidance_scale=guidance_scale,
+                                          denoiser=denoiser, noise=samples, start=how.server_steps)
+        self.last_generation = how
+        return self.backend.decode(samples)
+
+    def _server_samples(self, encoding: torch.Tensor, n: int, seed: int, steps: int, server_steps: int,
+                        timeout: float) -> tuple[torch.Tensor | None, Generation]:
+        """The server's share of a hybrid run, or None and the reason it is left to this device."""
+        if self.hybrid_server is None:
+            reason = "no session with an aggregator is running"
+        else:
+            try:
+                samples = self.hybrid_server.sample_remote(encoding, n, seed, steps, server_steps, timeout)
+                return samples, Generation("hybrid", server_steps)
+            except (TimeoutError, RefusedMessage) as e:
+                reason = str(e)
+        log.warning("%s: hybrid generation falls back to local sampling: %s", self.device_id, reason)
+        return None, Generation("fallback", 0, reason)
 
     def _exported_denoiser(self, mix: Mapping[str, float]):
         """The exported program with ``mix`` of this device's adapters as its adapter data (no re-export)."""

@@ -124,9 +124,11 @@ class FederatedSession:
         self.rollout.start()
         self.transport.connect(timeout)
         self.transport.publish(self.topics.status(self.client.device_id), b"online", retain=True)
+        self.client.hybrid_server = self
         return self
 
     def stop(self) -> None:
+        self.client.hybrid_server = None
         self._stop.set()
         self._work.put(None)
         self.resender.close()
@@ -275,10 +277,35 @@ class FederatedSession:
         later), another reason when the request itself cannot be served. A refusal the aggregator
         could not address to one request (it could not read the body) fails every waiting call.
         """
-        request_id = uuid.uuid4().hex
         encoding = self.client.conditioning([prompt])[0]
-        body = GenerateRequest(request_id, pack_tensors({"encoding": encoding}),
-                               {str(c): float(w) for c, w in mix.items()}, n, seed)
+        return self._ask(encoding, {str(c): float(w) for c, w in mix.items()}, n, seed, timeout, "images",
+                         self.client.backend.image_shape)
+
+    def sample_remote(self, encoding: torch.Tensor, n: int, seed: int, steps: int, server_steps: int,
+                      timeout: float) -> torch.Tensor:
+        """The first ``server_steps`` of a ``steps``-step run, sampled by the aggregator with this device's
+        cluster adapter: ``(n, *sample_shape)`` undecoded samples the device finishes (``EdgeClient.generate``).
+
+        Raises ``TimeoutError`` when no answer comes within ``timeout``, ``RequestRefused`` when the
+        aggregator refuses or this device has no cluster yet, and ``RefusedMessage`` (counted) when the
+        answer's samples are not shaped as asked.
+        """
+        if self.cluster is None:
+            raise RequestRefused(Refusal.UNAVAILABLE, "this device has no cluster yet")
+        try:
+            return self._ask(encoding, {str(self.cluster): 1.0}, n, seed, timeout, "samples",
+                             self.client.backend.sample_shape, steps=steps, server_steps=server_steps)
+        except RequestRefused:
+            raise
+        except RefusedMessage as e:
+            self.refusals.record(e, "hybrid samples")
+            raise
+
+    def _ask(self, encoding: torch.Tensor, mix: dict[str, float], n: int, seed: int, timeout: float,
+             name: str, shape: tuple[int, ...], **hybrid: int) -> torch.Tensor:
+        """Send one generation request and wait for its answer: ``(n, *shape)`` tensors called ``name``."""
+        request_id = uuid.uuid4().hex
+        body = GenerateRequest(request_id, pack_tensors({"encoding": encoding}), mix, n, seed, **hybrid)
         waiter = [threading.Event(), None]
         with self._results_lock:
             self._results[request_id] = waiter
@@ -294,7 +321,7 @@ class FederatedSession:
         result: GenerateResult = waiter[1]
         if not result.ok:
             raise RequestRefused.from_reply(result.reason)
-        return unpack_tensors(result.images)["images"]
+        return unpack_tensors(result.images, {name: (n, *shape)})[name]
 
     def _send_task(self) -> None:
         payload = self.client.task_payload(self.task_prompts)

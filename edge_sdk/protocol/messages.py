@@ -203,6 +203,7 @@ class UpdateAck(Body):
 
 
 MAX_IMAGES_PER_REQUEST = 16  # GenerateRequest.n: also what sizes a device's largest downlink message
+MAX_SAMPLING_STEPS = 200     # GenerateRequest.steps: a request's cost on the server is bounded
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,15 @@ class GenerateRequest(Body):
     mix: dict[str, float]     # cluster id (as text) -> weight
     n: int
     seed: int
+    # hybrid inference: run the first ``server_steps`` of ``steps`` and answer the undecoded samples, which
+    # the device finishes. steps 0 (and older devices): the service's own count; server_steps 0: every
+    # step, answered as finished images
+    steps: int = 0
+    server_steps: int = 0
+
+    def check(self) -> None:
+        _check_range(self.kind, "steps", self.steps, 0, MAX_SAMPLING_STEPS)
+        _check_range(self.kind, "server_steps", self.server_steps, 0, self.steps)
 
 
 @dataclass(frozen=True)
@@ -221,7 +231,7 @@ class GenerateResult(Body):
     request_id: str
     ok: bool
     reason: str
-    images: bytes             # safetensors {"images": (n, C, H, W) in [0, 1]}
+    images: bytes             # safetensors {"images": (n, C, H, W) in [0, 1]}, or {"samples": (n, *sample_shape)}
 
 
 @dataclass(frozen=True)
