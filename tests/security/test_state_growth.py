@@ -232,7 +232,7 @@ class SamplingFails:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def generate(self, *args, **kwargs):
+    def sample(self, *args, **kwargs):
         raise RuntimeError("out of memory")
 
 
