@@ -60,13 +60,13 @@ def hybrid(tmp_path, mqtt_url):
     session.start()
     assert session.enrolled.wait(30)
     session.cluster = 0
-    yield service, client
+    yield service, client, session
     session.stop()
     service.stop()
 
 
 def test_all_server_steps_equal_the_servers_own_sampling(hybrid):
-    service, client = hybrid
+    service, client, _ = hybrid
     images = client.generate("a bold 7", n=2, seed=5, steps=4, server_steps=4, guidance_scale=2.0)
     assert client.last_generation.mode == "hybrid"
     served = service.global_model.generate(client.conditioning(["a bold 7"] * 2), {0: 1.0}, seed=5, steps=4,
@@ -75,7 +75,7 @@ def test_all_server_steps_equal_the_servers_own_sampling(hybrid):
 
 
 def test_a_half_split_call_returns_images_and_says_hybrid(hybrid):
-    service, client = hybrid
+    service, client, _ = hybrid
     images = client.generate("a bold 7", n=2, seed=5, steps=4, server_steps=2)
     assert client.last_generation.mode == "hybrid" and client.last_generation.server_steps == 2
     assert images.shape == (2, *client.backend.image_shape)
@@ -83,7 +83,7 @@ def test_a_half_split_call_returns_images_and_says_hybrid(hybrid):
 
 
 def test_zero_server_steps_is_local_sampling_bit_for_bit_and_sends_nothing(hybrid):
-    service, client = hybrid
+    service, client, _ = hybrid
     before = list(service.generation.service.batches)
     images = client.generate("a bold 7", n=2, seed=5, steps=4, server_steps=0)
     assert client.last_generation.mode == "local"
@@ -92,12 +92,23 @@ def test_zero_server_steps_is_local_sampling_bit_for_bit_and_sends_nothing(hybri
 
 
 def test_a_silent_server_falls_back_to_local_within_the_timeout_and_says_so(hybrid):
-    service, client = hybrid
+    service, client, _ = hybrid
     service.generation.service.stop()  # the aggregator still takes requests and never answers them
     begun = time.monotonic()
     images = client.generate("a bold 7", n=2, seed=5, steps=4, server_steps=2, timeout=1.0)
     assert time.monotonic() - begun < 10
     assert client.last_generation.mode == "fallback" and "within 1.0 s" in client.last_generation.reason
+    assert torch.equal(images, client.generate("a bold 7", n=2, seed=5, steps=4))
+
+
+def test_samples_of_the_wrong_shape_are_refused_counted_and_sampled_locally(hybrid):
+    service, client, session = hybrid
+    endpoint = service.generation
+    endpoint.service.reply = lambda r, samples, refusal: endpoint._answer(r.device, r.request_id, samples[:, :, :8],
+                                                                           refusal, "samples")
+    images = client.generate("a bold 7", n=2, seed=5, steps=4, server_steps=2)
+    assert client.last_generation.mode == "fallback" and "bad_tensors" in client.last_generation.reason
+    assert session.refusals[Refusal.BAD_TENSORS] == 1
     assert torch.equal(images, client.generate("a bold 7", n=2, seed=5, steps=4))
 
 
