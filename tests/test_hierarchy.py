@@ -32,7 +32,8 @@ def sites(tmp_path):
     brokers = [EmbeddedBroker(port=free_port(), kind="mosquitto").start() for _ in range(3)]
     cloud_url = brokers[0].url
     cloud = CloudAggregator(AggregatorConfig(aggregator_id="cloud", role="cloud", mqtt_url=cloud_url,
-                                             state_dir=tmp_path / "cloud", expected_edges=2, borrow=2.0)).start()
+                                             state_dir=tmp_path / "cloud", expected_edges=2, borrow=2.0,
+                                             interaction=True)).start()
     edges, devices = [], []
     vector = np.random.default_rng(0).normal(size=384)
     for i, broker in enumerate(brokers[1:]):
