@@ -114,7 +114,10 @@ class GenerationService:
         with self._waiting_lock:
             if self.waiting + request.n > self.max_queue:
                 raise RefusedMessage(Refusal.BUSY, f"{self.waiting} images are waiting (at most {self.max_queue})")
-            if self.rate is not None and not self.rate.take(request.device, request.n):
+            # an image costs its share of the steps run here: a device asking for more steps than the
+            # service's own pays for them (never less than one image's worth)
+            cost = request.n * max(1.0, (request.server_steps or request.steps or self.steps) / self.steps)
+            if self.rate is not None and not self.rate.take(request.device, cost):
                 raise RefusedMessage(Refusal.BUSY, f"{request.device} asked for more than "
                                                    f"{self.rate.per_second * 60:g} images a minute")
             self.waiting += request.n

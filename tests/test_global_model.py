@@ -93,3 +93,12 @@ def test_bad_requests_are_refused_with_a_reason(model):
         service.submit(Request("d", "r", enc, {9: 1.0}, 1, 0, 0.0))
     with pytest.raises(RefusedMessage, match="bad_tensors: .*shape"):
         service.submit(Request("d", "r", torch.zeros(5), {0: 1.0}, 1, 0, 0.0))
+
+
+def test_a_request_for_more_steps_than_the_services_draws_that_many_more_images_from_the_bucket(model):
+    service = GenerationService(model, lambda *a: None, steps=4, device_rate=1.0, device_burst=4)
+    enc = torch.zeros(384)
+    service.submit(Request("d", "long", enc, {0: 1.0}, 1, 0, 0.0, steps=16))  # 16 steps: 4 images' worth
+    with pytest.raises(RefusedMessage, match="busy"):
+        service.submit(Request("d", "short", enc, {0: 1.0}, 1, 0, 0.0))
+    service.submit(Request("e", "short", enc, {0: 1.0}, 1, 0, 0.0))  # another device's bucket is untouched
